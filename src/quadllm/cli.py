@@ -1,0 +1,210 @@
+"""Command-line interface: ``quadllm quantize | eval | generate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("quadllm")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None, help="offline data directory (default: $QUADLLM_DATA_DIR or ../shared/data)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import KV_BITS, METHODS, MODES, WEIGHT_ALGOS, QuantConfig
+
+    d = QuantConfig()
+    parser = argparse.ArgumentParser(prog="quadllm", description="W4A4 quantization of LLMs with QUAD")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save a quadllm checkpoint")
+    q.add_argument("--model", default=None, help="HF directory, hub id or .gguf file (default: SmolLM2-135M-Instruct)")
+    q.add_argument("--method", choices=METHODS, default="quad")
+    q.add_argument("--rank", type=int, default=None, help="outlier rank r (quad; default 64)")
+    q.add_argument("--mode", choices=MODES, default=d.mode)
+    q.add_argument("--weights", choices=WEIGHT_ALGOS, default=d.weights)
+    q.add_argument("--group-size", type=int, default=d.group_size, help="0 = per channel")
+    q.add_argument("--kv-bits", type=int, choices=KV_BITS, default=d.kv_bits)
+    q.add_argument("--calib", default=None, help="wikitext2, ptb, a .txt or .jsonl file (default: embedded text)")
+    q.add_argument("--calib-samples", type=int, default=d.calib_samples)
+    q.add_argument("--calib-seqlen", type=int, default=d.calib_seqlen)
+    q.add_argument("--seed", type=int, default=d.seed)
+    q.add_argument("--a-clip", type=float, default=d.a_clip, help="activation clip ratio")
+    q.add_argument("--act-order", action="store_true", help="GPTQ act-order")
+    q.add_argument("--damp", type=float, default=d.damp, help="GPTQ damping (fraction of mean diagonal)")
+    q.add_argument("--no-w-clip", action="store_true", help="disable the MSE clipping search for weights")
+    q.add_argument("--moment", choices=("raw", "normalized"), default=d.moment,
+                   help="residual second moment: raw tokens, or each token scaled to unit norm")
+    q.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
+    _add_common(q)
+
+    e = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against the original")
+    e.add_argument("model", nargs="?", default=None, help="quadllm checkpoint or original model (default: SmolLM2)")
+    e.add_argument("--data", default=None, help="wikitext2, ptb, a .txt or .jsonl file (default: embedded text)")
+    e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--reference", nargs="?", const=True, default=None,
+                   help="compare with the original model (a checkpoint knows its own) or with MODEL")
+    e.add_argument("--json", default=None, help="write the results as JSON to this file")
+    _add_common(e)
+
+    g = sub.add_parser("generate", help="generate text (chat template when the model has one)")
+    g.add_argument("model", help="quadllm checkpoint or original model ('default' for SmolLM2)")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    _add_common(g)
+    return parser
+
+
+def _setup_logging(args) -> None:
+    level = logging.DEBUG if args.verbose else (logging.WARNING if args.quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "accelerate", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def open_model(spec: str | None):
+    """A quadllm checkpoint or an original model: ``(model, tokenizer, meta_or_None, source_or_None)``."""
+    from .checkpoint import is_checkpoint, load
+    from .models import load_model
+
+    if spec is not None and spec != "default" and is_checkpoint(spec):
+        model, tok, meta = load(spec)
+        return model, tok, meta, None
+    model, tok, source = load_model(spec)
+    return model, tok, None, source
+
+
+def _estimate(model, samples: torch.Tensor, n_passes: int) -> float:
+    """Seconds for ``n_passes`` forward passes over ``samples``, from one timed small batch."""
+    probe = samples[:1, : min(samples.shape[1], 256)]
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(input_ids=probe, use_cache=False)
+        dt = time.perf_counter() - t0
+    return dt / probe.numel() * samples.numel() * n_passes
+
+
+def cmd_quantize(args) -> int:
+    from .api import calibration_samples
+    from .checkpoint import dir_size, save
+    from .config import QuantConfig
+    from .models import fp16_size_bytes, load_model, model_size_bytes
+    from .pipeline import quantize
+
+    config = QuantConfig(method=args.method, rank=args.rank, mode=args.mode, weights=args.weights,
+                         group_size=args.group_size, kv_bits=args.kv_bits, calib=args.calib,
+                         calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
+                         a_clip=args.a_clip, act_order=args.act_order, damp=args.damp, w_clip=not args.no_w_clip,
+                         moment=args.moment)
+    t0 = time.perf_counter()
+    torch.manual_seed(config.seed)
+    model, tok, source = load_model(args.model)
+    fp16_bytes = fp16_size_bytes(model)
+    log.info("plan: %s", config.describe())
+    samples = calibration_samples(tok, config, args.data_dir) if (config.rank > 0 or config.weights == "gptq") else None
+    if samples is not None:
+        passes = (1 if config.rank > 0 else 0) + (5 if config.weights == "gptq" else 0)
+        log.info("estimated calibration time: about %.0f s (%d passes over %d x %d tokens)",
+                 _estimate(model, samples, passes), passes, *samples.shape)
+    quantize(model, config, samples, progress=not args.quiet)
+    out = save(model, tok, args.out, original=source)
+    size = dir_size(out)
+    summary = {
+        "checkpoint": str(out),
+        "method": config.method, "rank": config.rank, "mode": config.mode,
+        "quantize_seconds": round(model.quadllm_info["timings"]["quantize_s"], 1),
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "peak_memory_mb": round(peak_rss_mb()),
+        "checkpoint_mb": round(size / 1e6, 2),
+        "original_fp16_mb": round(fp16_bytes / 1e6, 2),
+        "original_file_mb": round(model_size_bytes(source) / 1e6, 2),
+        "size_vs_fp16": round(size / fp16_bytes, 3),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .api import evaluate
+    from .models import load_model
+
+    t0 = time.perf_counter()
+    model, tok, meta, source = open_model(args.model)
+    reference = None
+    if args.reference is True:
+        if meta is not None:
+            orig = meta.get("original_model") or {}
+            reference, _, _ = load_model(orig.get("spec"))
+        else:
+            reference = model  # the original against itself: KL 0, agreement 1
+    elif args.reference:
+        reference, _, _ = load_model(args.reference)
+    result: dict[str, Any] = evaluate(model, tok, args.data, args.seqlen, args.max_windows, reference,
+                                      args.data_dir, progress=not args.quiet)
+    result["model"] = args.model or "default"
+    if meta is not None:
+        result["quant_config"] = meta.get("quant_config")
+    result["peak_memory_mb"] = round(peak_rss_mb())
+    result["total_seconds"] = round(time.perf_counter() - t0, 1)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    model, tok, _, _ = open_model(args.model)
+    if getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(args.prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args)
+    from .arch import UnsupportedArchitecture
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .models import ModelError
+
+    handlers = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, DataError, ModelError, CheckpointError, UnsupportedArchitecture, FloatingPointError) as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; nothing was written")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

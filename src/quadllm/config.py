@@ -1,0 +1,141 @@
+"""The configuration object: everything that decides what a quantization run does.
+
+A :class:`QuantConfig` is built from CLI flags or by hand, validated once, and saved
+with every checkpoint and result, so that a run can be reproduced from its output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("quad", "quarot", "rtn")
+MODES = ("w4a4", "w4a4a8", "w4a8", "w4a16")
+WEIGHT_ALGOS = ("gptq", "rtn")
+KV_BITS = (16, 8, 4)
+MOMENTS = ("raw", "normalized")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run, with the reason."""
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    """How the input activations of one linear layer are quantized (per token, dynamic, symmetric)."""
+
+    bits: int = 16
+    clip_ratio: float = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < 16
+
+
+@dataclass
+class QuantConfig:
+    """What a quantization run will do.
+
+    ``method``: ``quad`` (outlier subspace of rank ``rank`` kept in full precision, plus
+    Hadamard rotations), ``quarot`` (the same pipeline with rank 0), ``rtn`` (no rotation,
+    no decomposition: plain round-to-nearest, the naive baseline).
+    ``mode``: which activations are quantized to how many bits (weights are always INT4):
+    ``w4a4`` everything at 4 bits; ``w4a4a8`` o_proj and down_proj inputs at 8 bits;
+    ``w4a8``; ``w4a16`` (weight-only).
+    """
+
+    method: str = "quad"
+    rank: int | None = None  # None: 64 for quad, 0 otherwise
+    mode: str = "w4a4"
+    weights: str = "gptq"
+    w_bits: int = 4
+    group_size: int = 0  # 0: per output channel
+    w_clip: bool = True  # MSE clipping search for weight scales
+    act_order: bool = False
+    damp: float = 0.01
+    gptq_block: int = 128
+    true_sequential: bool = True  # GPTQ: re-run the layer after each group of linears
+    a_clip: float = 0.9
+    kv_bits: int = 16
+    kv_clip: float = 1.0
+    moment: str = "raw"  # how the residual second moment weights tokens
+    calib: str | None = None
+    calib_samples: int = 32
+    calib_seqlen: int = 512
+    calib_batch: int = 8
+    seed: int = 0
+    dtype: str = "float32"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method in ("quarot", "rtn"):
+            if self.rank not in (None, 0):
+                raise ConfigError(f"--method {self.method} means rank 0; use --method quad for rank {self.rank}")
+            self.rank = 0
+        elif self.rank is None:
+            self.rank = 64
+        self.validate()
+
+    def validate(self) -> None:
+        def choice(name: str, value: Any, allowed: tuple) -> None:
+            if value not in allowed:
+                raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+        choice("method", self.method, METHODS)
+        choice("mode", self.mode, MODES)
+        choice("weights", self.weights, WEIGHT_ALGOS)
+        choice("kv_bits", self.kv_bits, KV_BITS)
+        choice("moment", self.moment, MOMENTS)
+        if self.rank < 0:
+            raise ConfigError(f"rank must be >= 0, got {self.rank}")
+        if self.w_bits not in (2, 3, 4, 8):
+            raise ConfigError(f"w_bits must be 2, 3, 4 or 8, got {self.w_bits}")
+        if self.group_size < 0:
+            raise ConfigError(f"group_size must be >= 0 (0 = per channel), got {self.group_size}")
+        if not 0.0 < self.a_clip <= 1.0:
+            raise ConfigError(f"a_clip must be in (0, 1], got {self.a_clip}")
+        if not 0.0 < self.kv_clip <= 1.0:
+            raise ConfigError(f"kv_clip must be in (0, 1], got {self.kv_clip}")
+        if self.calib_samples < 1 or self.calib_seqlen < 8:
+            raise ConfigError("calib_samples must be >= 1 and calib_seqlen >= 8")
+        if self.dtype not in ("float32", "float64", "bfloat16"):
+            raise ConfigError(f"dtype must be float32, float64 or bfloat16, got {self.dtype}")
+
+    # --- derived ---------------------------------------------------------------------------
+    @property
+    def rotate(self) -> bool:
+        return self.method in ("quad", "quarot")
+
+    def act_spec(self, role: str) -> ActSpec:
+        """Activation quantization for a linear of the given role (``reader`` of the residual
+        stream, ``o_proj`` or ``down_proj``)."""
+        main = {"w4a4": 4, "w4a4a8": 4, "w4a8": 8, "w4a16": 16}[self.mode]
+        bits = 8 if (self.mode == "w4a4a8" and role in ("o_proj", "down_proj")) else main
+        return ActSpec(bits=bits, clip_ratio=self.a_clip if bits < 16 else 1.0)
+
+    # --- persistence -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown configuration keys: {sorted(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def describe(self) -> str:
+        """One line saying what will happen."""
+        rot = {"quad": f"QUAD rank {self.rank} + Hadamard", "quarot": "QuaRot (Hadamard, rank 0)",
+               "rtn": "no rotation (plain RTN baseline)"}[self.method]
+        grp = f"group {self.group_size}" if self.group_size else "per-channel"
+        return (f"{rot}; {self.mode}; weights INT{self.w_bits} {self.weights.upper()} {grp}"
+                f"{' act-order' if self.act_order else ''}; activations clip {self.a_clip}; "
+                f"KV {self.kv_bits}-bit; calibration {self.calib_samples}x{self.calib_seqlen} "
+                f"tokens from {self.calib or 'the embedded default'}; seed {self.seed}")

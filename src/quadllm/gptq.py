@@ -1,0 +1,143 @@
+"""GPTQ (Frantar et al., 2022) with full-precision columns.
+
+Weights are quantized column by column; the error of each quantized column is spread over
+the columns not yet processed through the inverse Hessian of the layer inputs. Columns
+listed as full precision (QUAD's outlier columns) are processed last and never quantized,
+so they absorb part of the quantization error of the others.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .quantizers import qrange, weight_scales
+
+__all__ = ["GPTQResult", "gptq_quantize", "rtn_quantize", "HessianAccumulator"]
+
+
+@dataclass
+class GPTQResult:
+    """Integer codes of the quantized columns (original order), their scales [out, G], and the
+    (updated) full-precision columns."""
+
+    codes: torch.Tensor  # int8 [out, n_quant]
+    scales: torch.Tensor  # [out, G]
+    fp_columns: torch.Tensor  # [out, n_fp]
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n * sum x xᵀ`` over the rows of the inputs a linear layer sees."""
+
+    def __init__(self, n: int, device: torch.device | str = "cpu") -> None:
+        self.H = torch.zeros(n, n, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        if not torch.isfinite(x).all():
+            raise FloatingPointError("non-finite values in GPTQ calibration activations")
+        n = x.shape[0]
+        self.H *= self.count / (self.count + n)
+        self.count += n
+        x = x * math.sqrt(2.0 / self.count)
+        self.H += x.T @ x
+
+
+def _codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    qmin, qmax = qrange(bits)
+    return torch.clamp(torch.round(w / scale), qmin, qmax)
+
+
+def rtn_quantize(w: torch.Tensor, n_fp: int, bits: int = 4, group_size: int = 0, mse: bool = True) -> GPTQResult:
+    """Round-to-nearest: the first ``n_fp`` columns stay in full precision, the rest are
+    quantized with (optionally MSE-searched) symmetric scales."""
+    wq = w[:, n_fp:]
+    scales = weight_scales(wq, bits, group_size, mse)
+    g = wq.shape[1] // scales.shape[1]
+    codes = _codes(wq.reshape(wq.shape[0], -1, g), scales.unsqueeze(-1), bits).reshape(wq.shape)
+    return GPTQResult(codes.to(torch.int8), scales.to(w.dtype), w[:, :n_fp].clone())
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    n_fp: int,
+    bits: int = 4,
+    group_size: int = 0,
+    mse: bool = True,
+    act_order: bool = False,
+    damp: float = 0.01,
+    block: int = 128,
+) -> GPTQResult:
+    """GPTQ on ``w`` [out, in] with Hessian ``H`` [in, in].
+
+    The first ``n_fp`` input columns are kept in full precision: they are moved to the end of
+    the processing order and receive error compensation but no rounding. With
+    ``act_order`` the quantized columns are processed by decreasing Hessian diagonal; with
+    groups and act-order the group scales are computed up front ("static groups") so that
+    groups remain contiguous in the original column order.
+    """
+    out, inp = w.shape
+    nq = inp - n_fp
+    if nq <= 0:
+        raise ValueError("nothing to quantize: all columns are full precision")
+    if group_size and nq % group_size:
+        raise ValueError(f"{nq} quantized columns are not a multiple of group size {group_size}")
+    W = w.to(torch.float64).clone()
+    H = H.to(torch.float64).clone()
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    qcols = torch.arange(n_fp, inp)
+    if act_order:
+        qcols = qcols[torch.argsort(torch.diag(H)[n_fp:], descending=True)]
+    perm = torch.cat([qcols, torch.arange(0, n_fp)])
+    W = W[:, perm]
+    H = H[perm][:, perm]
+
+    # damped inverse Hessian, upper Cholesky factor
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(inp, dtype=H.dtype)
+    try:
+        L = torch.linalg.cholesky(H)
+    except torch.linalg.LinAlgError as exc:  # pragma: no cover - damp makes this rare
+        raise FloatingPointError("GPTQ: Hessian is not positive definite; raise --damp") from exc
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+    G = (nq // group_size) if group_size else 1
+    scales = torch.zeros(out, G, dtype=torch.float64)
+    static = bool(group_size and act_order)
+    if not group_size:
+        scales[:, 0] = weight_scales(W[:, :nq], bits, 0, mse)[:, 0]
+    elif static:
+        scales = weight_scales(w.to(torch.float64)[:, n_fp:], bits, group_size, mse)
+
+    codes = torch.zeros(out, nq, dtype=torch.float64)
+    for i1 in range(0, nq, block):
+        i2 = min(i1 + block, nq)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            orig = int(perm[col]) - n_fp  # index among quantized columns, original order
+            gi = (orig // group_size) if group_size else 0
+            if group_size and not static and orig % group_size == 0:
+                upcoming = torch.cat([W1[:, i:], W[:, i2:nq]], 1)[:, :group_size]
+                scales[:, gi] = weight_scales(upcoming, bits, 0, mse)[:, 0]
+            s = scales[:, gi]
+            w_col = W1[:, i]
+            c = _codes(w_col, s, bits)
+            codes[:, orig] = c
+            err = (w_col - c * s) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    fp = W[:, nq:]  # the full-precision columns, in original order 0..n_fp-1
+    return GPTQResult(codes.to(torch.int8), scales.to(w.dtype), fp.to(w.dtype))

@@ -1,0 +1,147 @@
+"""Quantizers as pure functions: weight scales (with MSE clipping search), fake quantization
+of weights, per-token activations and KV heads, and INT4 packing.
+
+Conventions: symmetric signed integers with ``qmax = 2**(bits-1) - 1`` and
+``qmin = -(qmax + 1)`` (INT4: -8..7), ``x ≈ q * scale``. Scales are per output channel
+(``group_size == 0``) or per contiguous group of ``group_size`` input columns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "qrange",
+    "weight_scales",
+    "quantize_weight",
+    "dequantize_weight",
+    "fake_quant_act",
+    "fake_quant_kv",
+    "pack_int4",
+    "unpack_int4",
+]
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """(qmin, qmax) of a signed symmetric ``bits``-bit integer."""
+    qmax = 2 ** (bits - 1) - 1
+    return -(qmax + 1), qmax
+
+
+def _group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[out, in] -> [out, n_groups, g]."""
+    out, inp = w.shape
+    g = group_size or inp
+    if inp % g:
+        raise ValueError(f"input size {inp} is not a multiple of group size {g}")
+    return w.reshape(out, inp // g, g)
+
+
+def weight_scales(
+    w: torch.Tensor,
+    bits: int = 4,
+    group_size: int = 0,
+    mse: bool = True,
+    grid: int = 100,
+    max_shrink: float = 0.8,
+    norm: float = 2.4,
+) -> torch.Tensor:
+    """Symmetric scales, shape [out, n_groups].
+
+    Without ``mse`` the scale maps the largest magnitude of each row (group) to ``qmax``.
+    With ``mse`` (GPTQ's clipping search) the range is shrunk by factors
+    ``1 - i/grid`` for ``i < max_shrink*grid`` and the factor minimising
+    ``sum |Q(w) - w|**norm`` is kept per row (group).
+    """
+    _, qmax = qrange(bits)
+    wg = _group_view(w.float() if w.dtype in (torch.float16, torch.bfloat16) else w, group_size)
+    wmax = wg.abs().amax(dim=-1).clamp_min(1e-12)  # [out, G]
+    best = wmax / qmax
+    if not mse:
+        return best
+    best_err = torch.full_like(wmax, float("inf"))
+    for i in range(int(max_shrink * grid)):
+        p = 1.0 - i / grid
+        s = (p * wmax / qmax)
+        err = (_fq(wg, s.unsqueeze(-1), bits) - wg).abs().pow(norm).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, s, best)
+    return best
+
+
+def _fq(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    qmin, qmax = qrange(bits)
+    return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+
+
+def quantize_weight(w: torch.Tensor, scales: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Integer codes (int8 tensor, values in [qmin, qmax]) of ``w`` [out, in] for ``scales`` [out, G]."""
+    qmin, qmax = qrange(bits)
+    out, inp = w.shape
+    g = inp // scales.shape[1]
+    q = torch.round(w.reshape(out, -1, g) / scales.unsqueeze(-1).to(w.dtype))
+    return torch.clamp(q, qmin, qmax).reshape(out, inp).to(torch.int8)
+
+
+def dequantize_weight(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Float weight [out, in] from codes ``q`` and ``scales`` [out, G]."""
+    out, inp = q.shape
+    g = inp // scales.shape[1]
+    return (q.to(dtype).reshape(out, -1, g) * scales.to(dtype).unsqueeze(-1)).reshape(out, inp)
+
+
+def fake_quant_act(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:
+    """Per-token (last dimension) dynamic symmetric quantize-dequantize.
+
+    ``scale = clip_ratio * max|x| / qmax``; values beyond the clipped range saturate.
+    """
+    if bits >= 16:
+        return x
+    qmin, qmax = qrange(bits)
+    scale = (x.abs().amax(dim=-1, keepdim=True) * clip_ratio / qmax).clamp_min(1e-8)
+    return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+
+
+def fake_quant_kv(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:
+    """Asymmetric per-token, per-head quantize-dequantize of a KV tensor [..., head_dim].
+
+    The grid spans ``[min, max] * clip_ratio`` with ``2**bits`` levels and an integer zero
+    point, as QuaRot does for the KV cache. With ``clip_ratio == 1`` it is idempotent, so
+    re-quantizing cached entries leaves them unchanged.
+    """
+    if bits >= 16:
+        return x
+    levels = 2**bits - 1
+    xmax = x.amax(dim=-1, keepdim=True) * clip_ratio
+    xmin = x.amin(dim=-1, keepdim=True) * clip_ratio
+    scale = ((xmax - xmin) / levels).clamp_min(1e-8)
+    zero = torch.round(-xmin / scale)
+    q = torch.clamp(torch.round(x / scale) + zero, 0, levels)
+    return (q - zero) * scale
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack int8 codes in [-8, 7] of shape [out, in] into uint8 [out, ceil(in/2)]:
+    column ``2j`` in the low nibble, ``2j+1`` in the high nibble (two's complement)."""
+    if q.dtype != torch.int8:
+        raise TypeError(f"pack_int4 expects int8 codes, got {q.dtype}")
+    if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
+        raise ValueError("pack_int4: codes outside [-8, 7]")
+    out, inp = q.shape
+    if inp % 2:
+        q = torch.cat([q, q.new_zeros(out, 1)], dim=1)
+    u = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: uint8 [out, ceil(in/2)] -> int8 codes [out, in_features]."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"unpack_int4 expects uint8, got {packed.dtype}")
+    lo = (packed & 0xF).to(torch.int8)
+    hi = (packed >> 4).to(torch.int8)
+    lo = torch.where(lo > 7, lo - 16, lo)
+    hi = torch.where(hi > 7, hi - 16, hi)
+    out = torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)
+    return out[:, :in_features].contiguous()

@@ -1,0 +1,104 @@
+"""Weight quantization of every QuadLinear: RTN, or GPTQ layer by layer.
+
+GPTQ runs one decoder layer at a time: the layer's inputs are the outputs of the layers before
+it *after* their quantization, so memory holds one layer's activations, never the model's.
+Activation quantization is off while calibrating (as in QuaRot); the outlier columns stay in
+full precision and absorb part of the rounding error (see :mod:`quadllm.gptq`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import ArchAdapter, get_submodule
+from .calibration import capture_layer_inputs, run_layer
+from .config import QuantConfig
+from .gptq import HessianAccumulator, gptq_quantize, rtn_quantize
+from .modules import QuadLinear
+from .transforms import set_act_enabled
+
+log = logging.getLogger(__name__)
+
+
+def _apply(lin: QuadLinear, result, config: QuantConfig) -> None:
+    lin.set_quantized(result.codes, result.scales, result.fp_columns, config.w_bits, config.group_size)
+
+
+def _check_group(lin: QuadLinear, config: QuantConfig, name: str) -> None:
+    nq = lin.in_features - lin.n_outlier
+    if config.group_size and nq % config.group_size:
+        raise ValueError(f"{name}: {nq} quantized input columns are not a multiple of --group-size "
+                         f"{config.group_size}")
+
+
+@torch.no_grad()
+def quantize_rtn(model: nn.Module, adapter: ArchAdapter, config: QuantConfig, progress: bool = True) -> None:
+    for i, layer in enumerate(tqdm(adapter.layers(model), desc="RTN weights", unit="layer", disable=not progress)):
+        for name in adapter.all_linears:
+            lin: QuadLinear = get_submodule(layer, name)
+            _check_group(lin, config, f"layer {i} {name}")
+            _apply(lin, rtn_quantize(lin.weight.detach(), lin.n_outlier, config.w_bits, config.group_size,
+                                     config.w_clip), config)
+
+
+@torch.no_grad()
+def quantize_gptq(model: nn.Module, adapter: ArchAdapter, config: QuantConfig, samples: torch.Tensor,
+                  progress: bool = True) -> None:
+    set_act_enabled(model, False)
+    try:
+        inputs = capture_layer_inputs(model, adapter, samples, config.calib_batch)
+        layers = adapter.layers(model)
+        groups = adapter.sequential_groups if config.true_sequential else (adapter.all_linears,)
+        bar = tqdm(layers, desc="GPTQ", unit="layer", disable=not progress)
+        for i, layer in enumerate(bar):
+            t0 = time.perf_counter()
+            for group in groups:
+                lins = {name: get_submodule(layer, name) for name in group}
+                accs: dict[int, HessianAccumulator] = {}
+                owner: dict[str, int] = {}
+                for name, lin in lins.items():
+                    _check_group(lin, config, f"layer {i} {name}")
+                    key = id(_input_of(layer, name, adapter))
+                    owner[name] = key
+                    if key not in accs:
+                        accs[key] = HessianAccumulator(lin.in_features)
+                        lin.capture = accs[key].add
+                for h, kw in zip(inputs.hidden, inputs.kwargs):
+                    run_layer(layer, h, kw)
+                for lin in lins.values():
+                    lin.capture = None
+                for name, lin in lins.items():
+                    H = accs[owner[name]].H
+                    res = gptq_quantize(lin.weight.detach(), H, lin.n_outlier, config.w_bits, config.group_size,
+                                        config.w_clip, config.act_order, config.damp, config.gptq_block)
+                    _apply(lin, res, config)
+            inputs.hidden = [run_layer(layer, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+            bar.set_postfix(sec=f"{time.perf_counter() - t0:.1f}")
+    finally:
+        set_act_enabled(model, True)
+        for m in model.modules():
+            if isinstance(m, QuadLinear):
+                m.capture = None
+
+
+def _input_of(layer: nn.Module, name: str, adapter: ArchAdapter) -> object:
+    """Linears that read the same tensor share one Hessian: readers of one norm share it."""
+    for group in adapter.reader_groups:
+        if name in group.linears:
+            return get_submodule(layer, group.norm)
+    return get_submodule(layer, name)
+
+
+def quantize_weights(model: nn.Module, adapter: ArchAdapter, config: QuantConfig,
+                     samples: torch.Tensor | None, progress: bool = True) -> None:
+    if config.weights == "rtn":
+        quantize_rtn(model, adapter, config, progress)
+    else:
+        if samples is None:
+            raise ValueError("GPTQ needs calibration samples")
+        quantize_gptq(model, adapter, config, samples, progress)
