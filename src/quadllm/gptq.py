@@ -108,6 +108,9 @@ def gptq_quantize(
         raise FloatingPointError("GPTQ: Hessian is not positive definite; raise --damp") from exc
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
+    if group_size and not act_order:
+        # groups never straddle a block, so a group's scale sees all earlier error updates
+        block = max(1, block // group_size) * group_size
     G = (nq // group_size) if group_size else 1
     scales = torch.zeros(out, G, dtype=torch.float64)
     static = bool(group_size and act_order)

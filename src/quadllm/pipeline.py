@@ -75,7 +75,7 @@ def transform(model: nn.Module, config: QuantConfig, calib_samples: torch.Tensor
                  calib_samples.shape[0], config.rank, 100 * captured)
     if config.rotate or config.rank > 0:
         t0 = time.perf_counter()
-        Q = residual_basis(moment, config.rank, config.seed, rotate=config.rotate)
+        Q = residual_basis(moment, config.rank, config.seed, rotate=config.rotate, hidden_size=adapter.hidden_size)
         apply_residual_transform(model, adapter, Q, config.rank)
         if config.rotate:
             apply_online_transforms(model, adapter)

@@ -107,8 +107,8 @@ def fake_quant_kv(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.
     """Asymmetric per-token, per-head quantize-dequantize of a KV tensor [..., head_dim].
 
     The grid spans ``[min, max] * clip_ratio`` with ``2**bits`` levels and an integer zero
-    point, as QuaRot does for the KV cache. With ``clip_ratio == 1`` it is idempotent, so
-    re-quantizing cached entries leaves them unchanged.
+    point, as QuaRot does for the KV cache (min and max therefore move by up to scale/2). The
+    attention always quantizes the raw cached values, so repeated application never happens.
     """
     if bits >= 16:
         return x

@@ -92,7 +92,8 @@ def prepare_model(model: nn.Module, adapter: ArchAdapter) -> nn.Module:
     return model
 
 
-def residual_basis(moment: torch.Tensor | None, rank: int, seed: int, rotate: bool = True) -> torch.Tensor:
+def residual_basis(moment: torch.Tensor | None, rank: int, seed: int, rotate: bool = True,
+                   hidden_size: int | None = None) -> torch.Tensor:
     """``Q`` [d, d+r], with ``Q Qᵀ = I``.
 
     ``P`` = the ``rank`` eigenvectors of ``moment`` with the largest eigenvalues; the r part is
@@ -101,7 +102,7 @@ def residual_basis(moment: torch.Tensor | None, rank: int, seed: int, rotate: bo
     """
     if moment is None and rank:
         raise ValueError("a second moment is needed for rank > 0")
-    d = moment.shape[0] if moment is not None else None
+    d = moment.shape[0] if moment is not None else hidden_size
     if moment is not None and not torch.isfinite(moment).all():
         raise FloatingPointError("the residual second moment has NaN or Inf entries (bad calibration data?)")
     if rank and rank > d:

