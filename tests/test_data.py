@@ -95,9 +95,13 @@ def test_pydoc_default_calib_eval_disjoint(caplog):
     assert set(eval_keys).isdisjoint(calib_keys)
     assert set(eval_keys) | set(calib_keys) == set(keys)
     assert ev.text == "\n\n".join(topics[k] for k in eval_keys)
-    assert calib.text == "\n\n".join(topics[k] for k in calib_keys)
-    # disjoint by topic key (the topics themselves repeat some paragraphs verbatim,
-    # e.g. "else" is part of "compound", so the texts are not fully disjoint)
+    # the topics repeat some paragraphs verbatim (e.g. "else" is part of "compound"):
+    # the calibration part drops those, so the two parts share no paragraph
+    calib_pars = {p.strip() for p in calib.text.split("\n\n")}
+    eval_pars = {p.strip() for p in ev.text.split("\n\n") if p.strip()}
+    assert not calib_pars & eval_pars
+    full_calib = {p.strip() for k in calib_keys for p in topics[k].split("\n\n") if p.strip()}
+    assert calib_pars == full_calib - eval_pars
     assert load_text("pydoc", "eval") == ev
     assert load_text("PyDoc", "calib") == calib
 
@@ -413,3 +417,25 @@ def test_sample_calibration_hf_on_pydoc(hf_tokenizer):
 def test_module_exports():
     for name in data.__all__:
         assert hasattr(data, name)
+
+
+def test_default_uses_the_papers_data_when_the_hub_is_usable(monkeypatch):
+    calls: list = []
+    table = {"train": ["", " = A = \n"], "test": ["", " = T = \n"]}
+    _fake_datasets(monkeypatch, table, calls)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    assert load_text(None, "eval").text == "\n\n = T = \n"
+    assert load_text(None, "calib").text == "\n\n = A = \n"
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "test"), ("wikitext", "wikitext-2-raw-v1", "train")]
+
+
+def test_default_falls_back_to_embedded_text(monkeypatch):
+    calls: list = []
+    _fake_datasets(monkeypatch, {}, calls, fail=True)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    src = load_text(None, "eval")
+    assert src.name == "pydoc" and len(calls) == 1
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert load_text(None, "calib").name == "pydoc" and len(calls) == 1  # offline: not even tried

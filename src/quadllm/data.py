@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import platform
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -226,6 +227,19 @@ def _missing_local_message(name: str, split: str, expected: Path | None, rel: Pa
     )
 
 
+def _hub_usable() -> bool:
+    """Whether the default may try the Hugging Face hub: `datasets` installed and not offline."""
+    import importlib.util
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or \
+            os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
+        return False
+    try:
+        return importlib.util.find_spec("datasets") is not None
+    except ValueError:  # a module object without a spec (already imported, or a stand-in)
+        return sys.modules.get("datasets") is not None
+
+
 def _hf_load(name: str, hf_args: tuple[str, str], hf_split: str, field: str, sep: str,
              fail: Callable[[str], str]) -> TextSource:
     """Fetch a Hugging Face data set split and join its ``field`` with ``sep``.
@@ -403,13 +417,17 @@ def load_text(
     Args:
         spec: what to load:
 
-            * ``None`` or ``"pydoc"``: the embedded offline text, Python's
+            * ``None``: with the ``datasets`` library installed and no ``HF_HUB_OFFLINE``,
+              the papers' default (WikiText-2 train for calibration, test for
+              evaluation, from the hub); otherwise, or when that fails, ``"pydoc"``.
+            * ``"pydoc"``: the embedded offline text, Python's
               ``pydoc_data.topics.topics`` (values in sorted key order, joined with
               ``"\\n\\n"``), split by key: every 5th key (sorted index ``i % 5 == 0``)
-              is the ``"eval"`` part, the other keys the ``"calib"`` part.  The parts
-              are disjoint by topic, not fully by content (some topics repeat others'
-              paragraphs verbatim, e.g. ``"else"`` inside ``"compound"``), and the text
-              differs between CPython versions (the version is recorded in ``origin``).
+              is the ``"eval"`` part, the other keys the ``"calib"`` part; paragraphs
+              that recur verbatim in the eval part (some topics repeat others, e.g.
+              ``"else"`` inside ``"compound"``) are dropped from the calib part, so the
+              two share no text. The text differs between CPython versions (the
+              version is recorded in ``origin``).
             * ``"wikitext2"``: calib = ``<data_dir>/wikitext2/wiki.valid.tokens`` as is
               (standing in for the train split); eval =
               ``<data_dir>/wikitext2/wiki.test.raw`` with the papers' convention
@@ -436,6 +454,13 @@ def load_text(
     if split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, got {split!r}")
     if spec is None:
+        if allow_download and _hub_usable():
+            try:
+                return _hf_load("wikitext2", ("wikitext", "wikitext-2-raw-v1"),
+                                "train" if split == "calib" else "test", "text", "\n\n", lambda why: why)
+            except DataError as exc:
+                logger.warning("the papers' default (WikiText-2 from the hub) is unavailable (%s); "
+                               "falling back to the embedded text", exc)
         return _load_pydoc(split)
     if not isinstance(spec, str) or not spec.strip():
         raise DataError(f"invalid data spec {spec!r}; {_accepted_forms()}")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,47 +18,86 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def window_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=ids, use_cache=False)
-    return out.logits
+def window_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities (float32) of the next token at every position but the last."""
+    logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+    return F.log_softmax(logits, dim=-1)
+
+
+@dataclass
+class _Tally:
+    nll: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, logp: torch.Tensor, targets: torch.Tensor, ref: torch.Tensor | None) -> None:
+        if not torch.isfinite(logp).all():
+            raise FloatingPointError("non-finite logits")
+        self.nll -= float(logp.gather(1, targets[:, None]).double().sum())
+        self.tokens += targets.numel()
+        if ref is not None:
+            self.kl += float((ref.exp() * (ref - logp)).sum(-1).double().sum())
+            self.agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, reference: nn.Module | None = None,
-               progress: bool = True, desc: str = "eval") -> dict[str, Any]:
-    """Perplexity over non-overlapping ``windows`` [n, seqlen] (loss averaged over every predicted
-    token), and with ``reference`` the mean KL(reference ‖ model) per token, the top-1 agreement
-    and the reference's own perplexity on the same windows."""
+def evaluate_many(models: dict[str, nn.Module], windows: torch.Tensor, reference: nn.Module | None = None,
+                  progress: bool = True, on_window: Callable[[int, dict[str, Any]], None] | None = None,
+                  ) -> dict[str, dict[str, Any]]:
+    """Evaluate several models on the same windows, computing the reference once per window.
+
+    Returns, per model name, ``ppl``, ``tokens``, ``windows``, ``seqlen``, ``seconds`` and, with a
+    reference, ``kl`` (mean KL(reference ‖ model) per token), ``top1_agreement`` and
+    ``reference_ppl``.
+    """
     if windows.ndim != 2 or windows.shape[0] == 0:
         raise ValueError(f"windows must be a non-empty [n, seqlen] tensor, got {tuple(windows.shape)}")
-    t0 = time.perf_counter()
-    nll = 0.0
-    ref_nll = 0.0
-    kl = 0.0
-    agree = 0
-    tokens = 0
-    bar = tqdm(range(windows.shape[0]), desc=desc, unit="window", disable=not progress)
+    tallies = {name: _Tally() for name in models}
+    ref_tally = _Tally()
+    bar = tqdm(range(windows.shape[0]), desc="eval", unit="window", disable=not progress)
     for i in bar:
         ids = windows[i:i + 1]
         targets = ids[0, 1:]
-        logp = F.log_softmax(window_logits(model, ids)[0, :-1].double(), dim=-1)
-        if not torch.isfinite(logp).all():
-            raise FloatingPointError(f"non-finite logits in window {i}")
-        nll -= float(logp.gather(1, targets[:, None]).sum())
-        tokens += targets.numel()
+        ref = None
         if reference is not None:
-            ref_logp = F.log_softmax(window_logits(reference, ids)[0, :-1].double(), dim=-1)
-            ref_nll -= float(ref_logp.gather(1, targets[:, None]).sum())
-            kl += float((ref_logp.exp() * (ref_logp - logp)).sum())
-            agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
-        bar.set_postfix(ppl=f"{math.exp(nll / tokens):.3f}")
-    result: dict[str, Any] = {
-        "ppl": math.exp(nll / tokens),
-        "tokens": tokens,
-        "windows": int(windows.shape[0]),
-        "seqlen": int(windows.shape[1]),
-        "seconds": time.perf_counter() - t0,
-    }
-    if reference is not None:
-        result.update(kl=kl / tokens, top1_agreement=agree / tokens, reference_ppl=math.exp(ref_nll / tokens))
+            t0 = time.perf_counter()
+            ref = window_logprobs(reference, ids)
+            ref_tally.add(ref, targets, None)
+            ref_tally.seconds += time.perf_counter() - t0
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            if model is reference and ref is not None:
+                logp = ref
+            else:
+                logp = window_logprobs(model, ids)
+            tallies[name].add(logp, targets, ref)
+            tallies[name].seconds += time.perf_counter() - t0
+        first = next(iter(tallies.values()))
+        bar.set_postfix(ppl=f"{math.exp(first.nll / first.tokens):.3f}")
+        if on_window is not None:
+            on_window(i, _summaries(tallies, ref_tally, windows, i + 1, reference is not None))
+    return _summaries(tallies, ref_tally, windows, windows.shape[0], reference is not None)
+
+
+def _summaries(tallies, ref_tally, windows, n_done, with_ref) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, t in tallies.items():
+        r: dict[str, Any] = {"ppl": math.exp(t.nll / t.tokens), "tokens": t.tokens, "windows": n_done,
+                             "seqlen": int(windows.shape[1]), "seconds": t.seconds}
+        if with_ref:
+            r.update(kl=t.kl / t.tokens, top1_agreement=t.agree / t.tokens,
+                     reference_ppl=math.exp(ref_tally.nll / ref_tally.tokens))
+        out[name] = r
+    return out
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, reference: nn.Module | None = None,
+               progress: bool = True) -> dict[str, Any]:
+    """Perplexity over non-overlapping ``windows`` [n, seqlen] (loss averaged over every predicted
+    token), and with ``reference`` the KL, top-1 agreement and the reference's perplexity."""
+    t0 = time.perf_counter()
+    result = evaluate_many({"model": model}, windows, reference, progress)["model"]
+    result["seconds"] = time.perf_counter() - t0
     return result
