@@ -96,6 +96,7 @@ def _estimate(model, samples: torch.Tensor, n_passes: int) -> float:
     """Seconds for ``n_passes`` forward passes over ``samples``, from one timed small batch."""
     probe = samples[:1, : min(samples.shape[1], 256)]
     with torch.no_grad():
+        model(input_ids=probe, use_cache=False)  # warm-up
         t0 = time.perf_counter()
         model(input_ids=probe, use_cache=False)
         dt = time.perf_counter() - t0
