@@ -66,7 +66,6 @@ class QuantConfig:
     calib_seqlen: int = 512
     calib_batch: int = 8
     seed: int = 0
-    dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -100,8 +99,6 @@ class QuantConfig:
             raise ConfigError(f"kv_clip must be in (0, 1], got {self.kv_clip}")
         if self.calib_samples < 1 or self.calib_seqlen < 8:
             raise ConfigError("calib_samples must be >= 1 and calib_seqlen >= 8")
-        if self.dtype not in ("float32", "float64", "bfloat16"):
-            raise ConfigError(f"dtype must be float32, float64 or bfloat16, got {self.dtype}")
 
     # --- derived ---------------------------------------------------------------------------
     @property

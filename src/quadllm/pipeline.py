@@ -25,7 +25,6 @@ from .weights import quantize_weights
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
 def use_quad_attention(model: nn.Module) -> None:

@@ -1,0 +1,79 @@
+"""The configuration object, and the evaluation metrics against hand computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import random_ids, tiny_model
+from quadllm.config import ConfigError, QuantConfig
+from quadllm.evaluate import evaluate_many, perplexity
+
+
+def test_method_defaults_and_roles():
+    assert QuantConfig().rank == 64
+    assert QuantConfig(method="quarot").rank == 0
+    assert QuantConfig(method="rtn").rank == 0 and not QuantConfig(method="rtn").rotate
+    c = QuantConfig(mode="w4a4a8")
+    assert c.act_spec("reader").bits == 4 and c.act_spec("o_proj").bits == 8 and c.act_spec("down_proj").bits == 8
+    assert QuantConfig(mode="w4a8").act_spec("reader").bits == 8
+    assert not QuantConfig(mode="w4a16").act_spec("down_proj").enabled
+    assert QuantConfig(a_clip=0.8).act_spec("reader").clip_ratio == 0.8
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="gptq"), "method"),
+    (dict(mode="w3a3"), "mode"),
+    (dict(kv_bits=2), "kv_bits"),
+    (dict(rank=-1), "rank"),
+    (dict(method="quarot", rank=16), "rank 0"),
+    (dict(a_clip=1.5), "a_clip"),
+    (dict(group_size=-4), "group_size"),
+    (dict(calib_samples=0), "calib_samples"),
+])
+def test_bad_configurations(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        QuantConfig(**kwargs)
+
+
+def test_config_round_trip():
+    c = QuantConfig(method="quad", rank=16, mode="w4a4a8", group_size=64, kv_bits=4, seed=3)
+    assert QuantConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ConfigError, match="unknown"):
+        QuantConfig.from_dict({**c.to_dict(), "bogus": 1})
+    assert "QUAD rank 16" in c.describe() and "seed 3" in c.describe()
+
+
+def test_metrics_match_hand_computation():
+    model = tiny_model("llama", torch.float64)
+    other = tiny_model("llama", torch.float64, seed=5)
+    windows = random_ids(3, 12)
+    res = evaluate_many({"a": model, "b": other}, windows, reference=model, progress=False)
+    nll_b, kl_b, agree_b, n = 0.0, 0.0, 0, 0
+    nll_a = 0.0
+    with torch.no_grad():
+        for w in windows:
+            la = F.log_softmax(model(w[None]).logits[0, :-1].float(), -1).double()
+            lb = F.log_softmax(other(w[None]).logits[0, :-1].float(), -1).double()
+            t = w[1:]
+            nll_a -= la[torch.arange(len(t)), t].sum().item()
+            nll_b -= lb[torch.arange(len(t)), t].sum().item()
+            kl_b += (la.exp() * (la - lb)).sum().item()
+            agree_b += (la.argmax(-1) == lb.argmax(-1)).sum().item()
+            n += len(t)
+    assert res["a"]["kl"] == 0 and res["a"]["top1_agreement"] == 1
+    assert res["b"]["ppl"] == pytest.approx(math.exp(nll_b / n), rel=1e-5)
+    assert res["b"]["reference_ppl"] == pytest.approx(math.exp(nll_a / n), rel=1e-5)
+    assert res["b"]["kl"] == pytest.approx(kl_b / n, rel=1e-4)
+    assert res["b"]["top1_agreement"] == pytest.approx(agree_b / n)
+    assert res["b"]["tokens"] == 3 * 11 and res["b"]["windows"] == 3 and res["b"]["seqlen"] == 12
+    single = perplexity(other, windows, progress=False)
+    assert single["ppl"] == pytest.approx(res["b"]["ppl"], rel=1e-9) and "kl" not in single
+
+
+def test_empty_windows_are_an_error():
+    with pytest.raises(ValueError, match="non-empty"):
+        perplexity(tiny_model("llama"), torch.zeros(0, 8, dtype=torch.long), progress=False)
