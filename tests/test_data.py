@@ -420,6 +420,9 @@ def test_module_exports():
 
 
 def test_default_uses_the_papers_data_when_the_hub_is_usable(monkeypatch):
+    import quadllm.data as qd
+
+    monkeypatch.setattr(qd, "_hub_reachable", lambda timeout=2.0: True)
     calls: list = []
     table = {"train": ["", " = A = \n"], "test": ["", " = T = \n"]}
     _fake_datasets(monkeypatch, table, calls)
@@ -431,6 +434,9 @@ def test_default_uses_the_papers_data_when_the_hub_is_usable(monkeypatch):
 
 
 def test_default_falls_back_to_embedded_text(monkeypatch):
+    import quadllm.data as qd
+
+    monkeypatch.setattr(qd, "_hub_reachable", lambda timeout=2.0: True)
     calls: list = []
     _fake_datasets(monkeypatch, {}, calls, fail=True)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -439,3 +445,12 @@ def test_default_falls_back_to_embedded_text(monkeypatch):
     assert src.name == "pydoc" and len(calls) == 1
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert load_text(None, "calib").name == "pydoc" and len(calls) == 1  # offline: not even tried
+
+
+def test_unreachable_hub_falls_back_without_trying(monkeypatch):
+    calls: list = []
+    _fake_datasets(monkeypatch, {}, calls)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    assert load_text(None, "eval").name == "pydoc" and calls == []

@@ -235,9 +235,26 @@ def _hub_usable() -> bool:
             os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
         return False
     try:
-        return importlib.util.find_spec("datasets") is not None
+        have = importlib.util.find_spec("datasets") is not None
     except ValueError:  # a module object without a spec (already imported, or a stand-in)
-        return sys.modules.get("datasets") is not None
+        have = sys.modules.get("datasets") is not None
+    return have and _hub_reachable()
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """A quick TCP check of the hub endpoint, so an offline machine falls back at once instead
+    of waiting for the download library's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        logger.info("the Hugging Face hub (%s) is not reachable; using offline data", endpoint)
+        return False
 
 
 def _hf_load(name: str, hf_args: tuple[str, str], hf_split: str, field: str, sep: str,
