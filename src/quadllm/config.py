@@ -16,6 +16,7 @@ MODES = ("w4a4", "w4a4a8", "w4a8", "w4a16")
 WEIGHT_ALGOS = ("gptq", "rtn")
 KV_BITS = (16, 8, 4)
 MOMENTS = ("raw", "normalized")
+OBSOLETE_KEYS = frozenset({"dtype"})  # written by early 0.1.0 development builds; ignored
 
 
 class ConfigError(ValueError):
@@ -119,6 +120,7 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k not in OBSOLETE_KEYS}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"unknown configuration keys: {sorted(unknown)}")
