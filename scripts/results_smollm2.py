@@ -117,6 +117,8 @@ def main() -> None:
     p.add_argument("--work", default=str(ROOT / "runs" / "smollm2"), help="where checkpoints are written")
     p.add_argument("--out", default=str(ROOT / "results" / "smollm2_wikitext2"))
     p.add_argument("--force", action="store_true", help="re-quantize rows whose checkpoint exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted evaluation from the windows already in the output JSON")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     Path(args.work).mkdir(parents=True, exist_ok=True)
@@ -154,8 +156,17 @@ def main() -> None:
         out.with_suffix(".json").write_text(json.dumps({"meta": m, "rows": results}, indent=2))
         out.with_suffix(".md").write_text(fmt_md(results, m))
 
+    previous = None
+    if args.resume and out.with_suffix(".json").is_file():
+        old = json.loads(out.with_suffix(".json").read_text())
+        same = all(old["meta"][k] == meta[k] for k in ("windows_total", "seqlen", "calib_samples",
+                                                      "calib_seqlen", "seed", "data") if k in old["meta"])
+        if not same:
+            raise SystemExit("--resume: the existing results were made with other settings")
+        previous = {name: {k: v for k, v in r.items() if k != "quantize"} for name, r in old["rows"].items()}
+        log.info("resuming after %d windows", next(iter(previous.values()))["windows"])
     t0 = time.perf_counter()
-    results = evaluate_many(models, windows, reference=fp,
+    results = evaluate_many(models, windows, reference=fp, resume=previous,
                             on_window=lambda i, r: write(r, i + 1) if (i + 1) % 5 == 0 else None)
     write(results, int(windows.shape[0]))
     log.info("evaluated %d models on %d windows in %.0f s", len(models), windows.shape[0], time.perf_counter() - t0)

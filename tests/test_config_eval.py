@@ -77,3 +77,17 @@ def test_metrics_match_hand_computation():
 def test_empty_windows_are_an_error():
     with pytest.raises(ValueError, match="non-empty"):
         perplexity(tiny_model("llama"), torch.zeros(0, 8, dtype=torch.long), progress=False)
+
+
+def test_resumed_evaluation_equals_a_full_one():
+    model = tiny_model("llama", torch.float64)
+    other = tiny_model("llama", torch.float64, seed=5)
+    windows = random_ids(4, 12)
+    full = evaluate_many({"a": model, "b": other}, windows, reference=model, progress=False)
+    half = evaluate_many({"a": model, "b": other}, windows[:2], reference=model, progress=False)
+    resumed = evaluate_many({"a": model, "b": other}, windows, reference=model, progress=False, resume=half)
+    for name in ("a", "b"):
+        for key in ("ppl", "kl", "top1_agreement", "reference_ppl", "tokens", "windows"):
+            assert resumed[name][key] == pytest.approx(full[name][key], rel=1e-9, abs=1e-12), (name, key)
+    with pytest.raises(ValueError, match="cannot resume"):
+        evaluate_many({"a": model}, windows, reference=model, progress=False, resume=half)

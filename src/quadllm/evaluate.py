@@ -45,18 +45,23 @@ class _Tally:
 @torch.no_grad()
 def evaluate_many(models: dict[str, nn.Module], windows: torch.Tensor, reference: nn.Module | None = None,
                   progress: bool = True, on_window: Callable[[int, dict[str, Any]], None] | None = None,
-                  ) -> dict[str, dict[str, Any]]:
+                  resume: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate several models on the same windows, computing the reference once per window.
 
     Returns, per model name, ``ppl``, ``tokens``, ``windows``, ``seqlen``, ``seconds`` and, with a
     reference, ``kl`` (mean KL(reference ‖ model) per token), ``top1_agreement`` and
-    ``reference_ppl``.
+    ``reference_ppl``. ``resume`` takes such a result for the first ``windows`` windows (every
+    model at the same count) and continues from there.
     """
     if windows.ndim != 2 or windows.shape[0] == 0:
         raise ValueError(f"windows must be a non-empty [n, seqlen] tensor, got {tuple(windows.shape)}")
     tallies = {name: _Tally() for name in models}
     ref_tally = _Tally()
-    bar = tqdm(range(windows.shape[0]), desc="eval", unit="window", disable=not progress)
+    start = 0
+    if resume:
+        start, ref_tally = _restore(resume, tallies, reference is not None)
+    bar = tqdm(range(start, windows.shape[0]), desc="eval", unit="window", disable=not progress,
+               initial=start, total=windows.shape[0])
     for i in bar:
         ids = windows[i:i + 1]
         targets = ids[0, 1:]
@@ -79,6 +84,26 @@ def evaluate_many(models: dict[str, nn.Module], windows: torch.Tensor, reference
         if on_window is not None:
             on_window(i, _summaries(tallies, ref_tally, windows, i + 1, reference is not None))
     return _summaries(tallies, ref_tally, windows, windows.shape[0], reference is not None)
+
+
+def _restore(previous: dict[str, dict[str, Any]], tallies: dict[str, _Tally], with_ref: bool) -> tuple[int, _Tally]:
+    """Rebuild the running sums from a summary of the first windows."""
+    if set(previous) != set(tallies):
+        raise ValueError(f"cannot resume: models {sorted(previous)} != {sorted(tallies)}")
+    done = {r["windows"] for r in previous.values()}
+    if len(done) != 1:
+        raise ValueError("cannot resume: the models were evaluated on different numbers of windows")
+    ref_tally = _Tally()
+    for name, r in previous.items():
+        t = tallies[name]
+        t.tokens = int(r["tokens"])
+        t.nll = math.log(r["ppl"]) * t.tokens
+        t.seconds = float(r["seconds"])
+        if with_ref:
+            t.kl = r["kl"] * t.tokens
+            t.agree = round(r["top1_agreement"] * t.tokens)
+            ref_tally = _Tally(nll=math.log(r["reference_ppl"]) * t.tokens, tokens=t.tokens)
+    return done.pop(), ref_tally
 
 
 def _summaries(tallies, ref_tally, windows, n_done, with_ref) -> dict[str, dict[str, Any]]:
