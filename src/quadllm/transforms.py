@@ -194,7 +194,7 @@ def attach_kv_quant(model: nn.Module, adapter: ArchAdapter, bits: int, clip: flo
     for layer in adapter.layers(model):
         attn = get_submodule(layer, adapter.attention)
         dtype = next(layer.parameters()).dtype
-        attn.quad_kv = KVQuant(bits, clip, None if rot is None else rot.to(dtype))
+        attn.quad_kv = KVQuant(bits, clip, None if rot is None else rot.to(dtype).clone())  # one per layer
 
 
 def set_activation_quant(model: nn.Module, adapter: ArchAdapter, config: QuantConfig) -> None:
