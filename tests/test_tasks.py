@@ -148,6 +148,14 @@ def test_offline_decision(monkeypatch):
     assert not is_offline(None)
 
 
+def test_online_uses_the_harness_tasks(monkeypatch):
+    calls = []
+    monkeypatch.setattr("lm_eval.tasks.TaskManager", lambda **kw: calls.append(kw) or kw)
+    assert task_manager(False, "/nowhere") == {} and calls == [{}]
+    tm = task_manager(True, "/some/dir")
+    assert tm == {"include_path": str(OFFLINE_DIR), "include_defaults": False, "metadata": {"data_dir": "/some/dir"}}
+
+
 # -------------------------------------------------------------- (b) errors
 
 

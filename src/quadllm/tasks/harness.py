@@ -140,7 +140,8 @@ def run_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: int | None =
     chosen = {t: m for t, m in ((t, papers_metric(s)) for t, s in scores.items()) if m is not None}
     average = sum(scores[t][m] for t, m in chosen.items()) / len(chosen) if chosen else None
     for task, metrics in scores.items():
-        log.info("%s: %s", task, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if not k.endswith("stderr")))
+        log.info("%s (%s items): %s", task, metrics.get("n", "?"),
+                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "n" and not k.endswith("stderr")))
     log.info("average (%s) = %s in %.1f s", ", ".join(f"{t}:{m}" for t, m in chosen.items()),
              "n/a" if average is None else f"{average:.4f}", seconds)
     return {
