@@ -83,10 +83,11 @@ def papers_metric(metrics: dict[str, float]) -> str | None:
     return None
 
 
-def _summarize(results: dict[str, Any], tasks: list[str]) -> dict[str, dict[str, float]]:
+def _summarize(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` for every leaf task the harness ran (a tag or group such as
+    the harness's ``lambada`` expands to its tasks), without the filter suffix (``acc,none``)."""
     out: dict[str, dict[str, float]] = {}
-    for task in tasks:
-        raw = results["results"][task]
+    for task, raw in results["results"].items():
         metrics: dict[str, float] = {}
         for key, value in raw.items():
             name, _, filt = key.partition(",")
@@ -111,7 +112,8 @@ def run_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: int | None =
     :func:`is_offline`).
 
     Returns ``{"tasks": {task: {metric: value, "<metric>_stderr": ..., "n": items}},
-    "average": mean over tasks of the papers' metric, "average_metrics": {task: metric},
+    "average": mean over the tasks of the papers' metric (:func:`papers_metric`),
+    "average_metrics": {task: metric},
     "samples": {task: [the harness's per-item records]}, "offline", "data_dir", "limit",
     "seed", "seconds", "versions"}``. Accuracies are fractions, as the harness reports them.
     """
@@ -136,7 +138,7 @@ def run_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: int | None =
         bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
         torch_random_seed=seed, fewshot_random_seed=seed)
     seconds = time.perf_counter() - t0
-    scores = _summarize(results, tasks)
+    scores = _summarize(results)
     chosen = {t: m for t, m in ((t, papers_metric(s)) for t, s in scores.items()) if m is not None}
     average = sum(scores[t][m] for t, m in chosen.items()) / len(chosen) if chosen else None
     for task, metrics in scores.items():
@@ -154,5 +156,5 @@ def run_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: int | None =
         "limit": limit,
         "seed": seed,
         "seconds": seconds,
-        "versions": {t: results.get("versions", {}).get(t) for t in tasks},
+        "versions": {t: results.get("versions", {}).get(t) for t in scores},
     }
