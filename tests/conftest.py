@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Tests never reach for the network: the embedded defaults are used unless a test says otherwise.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 ARCHS = ("llama", "llama-untied", "qwen2", "qwen3", "mistral")
 

@@ -18,6 +18,7 @@ train split.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -243,11 +244,15 @@ def _hub_usable() -> bool:
 
 def _hub_reachable(timeout: float = 2.0) -> bool:
     """A quick TCP check of the hub endpoint, so an offline machine falls back at once instead
-    of waiting for the download library's retries."""
+    of waiting for the download library's retries (checked once per endpoint and process)."""
+    return _endpoint_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)
+
+
+@functools.lru_cache(maxsize=8)
+def _endpoint_reachable(endpoint: str, timeout: float) -> bool:
     import socket
     from urllib.parse import urlparse
 
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     url = urlparse(endpoint)
     try:
         with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
