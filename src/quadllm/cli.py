@@ -1,4 +1,4 @@
-"""Command-line interface: ``quadllm quantize | eval | generate``."""
+"""Command-line interface: ``quadllm quantize | eval | compare | generate``."""
 
 from __future__ import annotations
 
@@ -25,6 +25,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="offline data directory (default: $QUADLLM_DATA_DIR or ../shared/data)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+
+
+def _add_tasks(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", default=None, help="comma-separated: zero-shot tasks of lm-evaluation-harness "
+                   "(piqa, arc_easy, arc_challenge, hellaswag, winogrande, lambada_openai, openbookqa, boolq), "
+                   "gsm8k, humaneval")
+    p.add_argument("--limit", type=int, default=None, help="the first N items of each task (harness convention)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="seed of the harness and of GSM8K's few-shot draws")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap on generated tokens for gsm8k / humaneval (default: the harness's 256 / 1024)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,15 +66,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
     _add_common(q)
 
-    e = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against the original")
+    e = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against the original; tasks with --tasks")
     e.add_argument("model", nargs="?", default=None, help="quadllm checkpoint or original model (default: SmolLM2)")
-    e.add_argument("--data", default=None, help="wikitext2, ptb, a .txt or .jsonl file (default: embedded text)")
+    e.add_argument("--data", default=None, help="wikitext2, ptb, a .txt or .jsonl file (default: embedded text; "
+                   "with --tasks, perplexity is computed only when --data is given)")
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--reference", nargs="?", const=True, default=None,
                    help="compare with the original model (a checkpoint knows its own) or with MODEL")
     e.add_argument("--json", default=None, help="write the results as JSON to this file")
+    _add_tasks(e)
+    e.add_argument("--samples", default=None, help="with --tasks: write per-item records to this .jsonl file")
     _add_common(e)
+
+    c = sub.add_parser("compare", help="one table: the FP model, then quantized models and their %% of FP")
+    c.add_argument("models", nargs="+", help="the full-precision reference first ('default' for SmolLM2, a "
+                   "path, a hub id), then quadllm checkpoints or other models")
+    c.add_argument("--data", default=None, help="also perplexity on DATA, and KL / top-1 agreement against "
+                   "the first model (wikitext2, ptb, a .txt or .jsonl file)")
+    c.add_argument("--seqlen", type=int, default=2048)
+    c.add_argument("--max-windows", type=int, default=None)
+    c.add_argument("--out", required=True, help="Markdown file to write (and the same stem .json)")
+    _add_tasks(c)
+    _add_common(c)
 
     g = sub.add_parser("generate", help="generate text (chat template when the model has one)")
     g.add_argument("model", help="quadllm checkpoint or original model ('default' for SmolLM2)")
@@ -143,21 +168,55 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from .api import evaluate
+def _reference_model(args, model, meta):
+    """The model ``--reference`` names (None without the option)."""
     from .models import load_model
 
-    t0 = time.perf_counter()
-    model, tok, meta, source = open_model(args.model)
-    reference = None
     if args.reference is True:
         if meta is not None:
             orig = meta.get("original_model") or {}
-            reference, _, _ = load_model(orig.get("spec"))
-        else:
-            reference = model  # the original against itself: KL 0, agreement 1
-    elif args.reference:
-        reference, _, _ = load_model(args.reference)
+            return load_model(orig.get("spec"))[0]
+        return model  # the original against itself: KL 0, agreement 1
+    if args.reference:
+        return load_model(args.reference)[0]
+    return None
+
+
+def _tasks_of(args) -> list[str] | None:
+    from .data import DataError
+    from .tasks.suite import check_tasks, parse_tasks
+
+    if args.tasks is None:
+        return None
+    try:
+        tasks = parse_tasks(args.tasks)
+    except ValueError as exc:
+        raise DataError(f"--tasks: {exc}") from exc
+    check_tasks(tasks, args.data_dir)  # before loading any model
+    return tasks
+
+
+def _suite(args, model, tok, tasks: list[str]) -> dict[str, Any]:
+    from .tasks.suite import run_suite
+
+    return run_suite(model, tok, tasks, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
+                     data_dir=args.data_dir, max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+
+
+def _write(path: str, text: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+
+
+def cmd_eval(args) -> int:
+    from .api import evaluate
+
+    t0 = time.perf_counter()
+    tasks = _tasks_of(args)
+    if tasks is not None:
+        return _eval_tasks(args, tasks, t0)
+    model, tok, meta, source = open_model(args.model)
+    reference = _reference_model(args, model, meta)
     result: dict[str, Any] = evaluate(model, tok, args.data, args.seqlen, args.max_windows, reference,
                                       args.data_dir, progress=not args.quiet)
     result["model"] = args.model or "default"
@@ -170,6 +229,90 @@ def cmd_eval(args) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text + "\n")
+    return 0
+
+
+def _eval_tasks(args, tasks: list[str], t0: float) -> int:
+    """``quadllm eval --tasks``: a Markdown table on stdout, ``--json`` and ``--samples`` files."""
+    from .api import evaluate
+    from .compare import eval_markdown
+
+    model, tok, meta, _ = open_model(args.model)
+    suite = _suite(args, model, tok, tasks)
+    result: dict[str, Any] = {"model": args.model or "default", "tasks": suite["tasks"], "seconds": suite["seconds"],
+                              "average": suite["average"], "average_metrics": suite["average_metrics"],
+                              "details": suite["details"], "limit": args.limit, "seed": args.seed,
+                              "batch_size": args.batch_size}
+    if args.data is not None:
+        reference = _reference_model(args, model, meta)
+        result["perplexity"] = evaluate(model, tok, args.data, args.seqlen, args.max_windows, reference,
+                                        args.data_dir, progress=not args.quiet)
+    if meta is not None:
+        result["quant_config"] = meta.get("quant_config")
+    if args.samples:
+        lines = [json.dumps({"task": task, **record}, default=str)
+                 for task, records in suite["samples"].items() for record in records]
+        _write(args.samples, "\n".join(lines) + "\n")
+        result["samples_file"] = str(args.samples)
+    result["peak_memory_mb"] = round(peak_rss_mb())
+    result["total_seconds"] = round(time.perf_counter() - t0, 1)
+    if args.json:
+        _write(args.json, json.dumps(result, indent=2, default=str) + "\n")
+    print(eval_markdown(result), end="")
+    return 0
+
+
+def _display_names(specs: list[str]) -> list[str]:
+    """Short, unique column names: a path's last part unless two models would share it."""
+    short = [Path(s).name or s for s in specs]
+    names = [sh if short.count(sh) == 1 else s for sh, s in zip(short, specs)]
+    return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+
+
+def cmd_compare(args) -> int:
+    """``quadllm compare FP Q1 Q2 ...``: tasks per model, perplexity/KL against FP, one table."""
+    from .checkpoint import is_checkpoint
+    from .compare import build_rows, compare_markdown
+    from .data import DataError, load_text, tokenize_windows
+    from .evaluate import evaluate_many
+
+    t0 = time.perf_counter()
+    tasks = _tasks_of(args)
+    if tasks is None and args.data is None:
+        raise DataError("compare needs --tasks, --data or both")
+    names = _display_names(args.models)
+    reference = names[0]
+    if args.models[0] != "default" and is_checkpoint(args.models[0]):
+        log.warning("the first model (%s) is a quadllm checkpoint; percentages are relative to it", args.models[0])
+    results: dict[str, dict[str, Any]] = {}
+    kept: dict[str, Any] = {}
+    ref_tok = None
+    for name, spec in zip(names, args.models):
+        log.info("model %s (%s)", name, spec)
+        model, tok, meta, _ = open_model(spec)
+        if ref_tok is None:
+            ref_tok = tok
+        results[name] = {"model": spec, "quant_config": meta.get("quant_config") if meta else None}
+        if tasks is not None:
+            suite = _suite(args, model, tok, tasks)
+            results[name].update({k: suite[k] for k in ("tasks", "seconds", "average", "average_metrics")})
+        if args.data is not None:
+            kept[name] = model
+        del model
+    if args.data is not None:
+        source = load_text(args.data, "eval", data_dir=args.data_dir)
+        windows = tokenize_windows(ref_tok, source.text, args.seqlen, args.max_windows)
+        for name, ppl in evaluate_many(kept, windows, reference=kept[reference], progress=not args.quiet).items():
+            results[name]["perplexity"] = {**ppl, "data": source.origin}
+    rows = build_rows(results, reference)
+    table = compare_markdown(rows, names, reference)
+    out = Path(args.out)
+    _write(str(out), f"# quadllm compare\n\nFP reference: {args.models[0]}\n\n{table}")
+    summary = {"reference": reference, "models": dict(zip(names, args.models)), "rows": rows, "results": results,
+               "limit": args.limit, "seed": args.seed, "total_seconds": round(time.perf_counter() - t0, 1)}
+    _write(str(out.with_suffix(".json")), json.dumps(summary, indent=2, default=str) + "\n")
+    print(table, end="")
+    log.info("wrote %s and %s", out, out.with_suffix(".json"))
     return 0
 
 
@@ -196,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .models import ModelError
 
-    handlers = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate}
+    handlers = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "generate": cmd_generate}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelError, CheckpointError, UnsupportedArchitecture, FloatingPointError) as exc:

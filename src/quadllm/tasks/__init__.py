@@ -1,13 +1,20 @@
-"""Zero-shot tasks (PIQA, ARC, HellaSwag, WinoGrande, LAMBADA, OpenBookQA, BoolQ) scored by
-lm-evaluation-harness, offline from local copies or online from the harness's datasets.
+"""Task scores for quadllm models.
 
-Needs the optional extra ``quadllm[tasks]`` (``lm-eval==0.4.13``)::
+- Zero-shot tasks (PIQA, ARC, HellaSwag, WinoGrande, LAMBADA, OpenBookQA, BoolQ) scored by
+  lm-evaluation-harness, offline from local copies or online from the harness's datasets
+  (needs the optional extra ``quadllm[tasks]``, ``lm-eval==0.4.13``): :func:`run_tasks`.
+- GSM8K exact match (:func:`quadllm.tasks.gsm8k.run_gsm8k`) and HumanEval pass@1
+  (:func:`quadllm.tasks.humaneval.run_humaneval`, programs run in :mod:`quadllm.tasks.sandbox`),
+  both by greedy generation (:func:`quadllm.tasks.generation.generate`); no lm-eval needed.
+- :func:`run_suite`: any mix of the above, as ``quadllm eval --tasks``::
 
-    from quadllm.tasks import run_tasks
-    res = run_tasks(model, tok, ["piqa", "arc_easy"], limit=100)
-    res["tasks"]["piqa"]["acc_norm"], res["average"]
+    from quadllm.tasks import run_suite
+    res = run_suite(model, tok, ["piqa", "arc_easy", "gsm8k", "humaneval"], limit=100)
+    res["tasks"]["gsm8k"]["exact_match,flexible-extract"], res["tasks"]["humaneval"]["pass@1"]
 """
 
 from .harness import OFFLINE_DIR, OFFLINE_TASKS, PAPER_TASKS, is_offline, papers_metric, run_tasks
+from .suite import GENERATION_TASKS, run_suite
 
-__all__ = ["run_tasks", "is_offline", "papers_metric", "OFFLINE_DIR", "OFFLINE_TASKS", "PAPER_TASKS"]
+__all__ = ["run_tasks", "run_suite", "is_offline", "papers_metric", "OFFLINE_DIR", "OFFLINE_TASKS",
+           "PAPER_TASKS", "GENERATION_TASKS"]
