@@ -265,6 +265,14 @@ def test_sandbox_kills_an_infinite_loop_in_time(own_tmp):
     assert list(own_tmp.iterdir()) == []
 
 
+def test_sandbox_without_waitid(own_tmp, monkeypatch):
+    import os
+
+    monkeypatch.delattr(os, "waitid")  # as on macOS
+    assert run_python("while True:\n    pass\n", timeout=1.0).status == "timeout"
+    assert run_python("assert True\n").passed
+
+
 def test_sandbox_memory_limit(own_tmp):
     r = run_python("x = bytearray(2 * 1024 ** 3)\n", memory_mb=256)
     assert r.status == "memory" and r.detail.startswith("MemoryError")

@@ -237,6 +237,8 @@ def _eval_tasks(args, tasks: list[str], t0: float) -> int:
     from .api import evaluate
     from .compare import eval_markdown
 
+    if args.data is None and args.reference:
+        log.warning("--reference is used with --data (perplexity, KL); ignored for tasks")
     model, tok, meta, _ = open_model(args.model)
     suite = _suite(args, model, tok, tasks)
     result: dict[str, Any] = {"model": args.model or "default", "tasks": suite["tasks"], "seconds": suite["seconds"],

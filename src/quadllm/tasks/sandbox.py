@@ -95,7 +95,14 @@ def run_python(source: str, *, timeout: float = 10.0, memory_mb: int = 1024, cpu
             proc = subprocess.Popen([python or sys.executable, "-I", "-B", os.path.abspath(__file__), json.dumps(config)],
                                     cwd=work, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
                                     start_new_session=True, close_fds=True)
-        timed_out = _wait_unreaped(proc.pid, t0 + timeout)
+        if hasattr(os, "waitid"):
+            timed_out = _wait_unreaped(proc.pid, t0 + timeout)
+        else:  # macOS: wait() reaps the leader, so a reused group id could in principle be hit
+            try:
+                proc.wait(timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
         try:  # the leader is still unreaped, so its group id cannot have been reused
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
