@@ -134,7 +134,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, cach
         path = Path(source.path)
         cdir = _gguf_cache_dir(path)
         if cache and (cdir / "config.json").is_file():
-            model_dir, kwargs = cdir, {}
+            model_dir = cdir
         else:
             model, tok = _convert_gguf(path)
             get_adapter(model.config)
@@ -144,14 +144,14 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, cach
             log.info("loaded %s in %.1f s", source.name, time.perf_counter() - t0)
             return model, tok, source
     else:
-        model_dir, kwargs = source.path, {}
+        model_dir = source.path
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except OSError as exc:
         raise ModelError(f"cannot load the configuration of {source.path}: {exc}") from exc
     get_adapter(config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(model_dir)
     except OSError as exc:
         raise ModelError(f"cannot load model {source.path}: {exc}") from exc

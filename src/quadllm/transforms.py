@@ -40,10 +40,7 @@ def _norm_gain(norm: nn.Module, dim: int) -> torch.Tensor:
     w = getattr(norm, "weight", None)
     if w is None:
         return torch.ones(dim, dtype=torch.float64)
-    g = w.detach().to(torch.float64)
-    if getattr(norm, "_quadllm_offset", False):  # gemma-style (1 + w) gains, not used yet
-        g = 1 + g
-    return g
+    return w.detach().to(torch.float64)
 
 
 def _to_quad_linear(lin: nn.Linear, weight: torch.Tensor, dtype: torch.dtype) -> QuadLinear:

@@ -246,36 +246,22 @@ def load_task(task: str, data_dir: str | Path | None = None, **_: Any):
 
 
 # ``custom_dataset`` entry points (the harness calls them with the task's metadata as keywords).
-def load_piqa(data_dir: str | Path | None = None, **kw: Any):
-    return load_task("piqa", data_dir)
+def _entry(task: str):
+    def load(data_dir: str | Path | None = None, **kw: Any):
+        return load_task(task, data_dir)
+
+    load.__name__ = f"load_{task}"
+    return load
 
 
-def load_arc_easy(data_dir: str | Path | None = None, **kw: Any):
-    return load_task("arc_easy", data_dir)
-
-
-def load_arc_challenge(data_dir: str | Path | None = None, **kw: Any):
-    return load_task("arc_challenge", data_dir)
-
-
-def load_hellaswag(data_dir: str | Path | None = None, **kw: Any):
-    return load_task("hellaswag", data_dir)
-
-
-def load_winogrande(data_dir: str | Path | None = None, **kw: Any):
-    return load_task("winogrande", data_dir)
-
-
-def load_lambada_openai(data_dir: str | Path | None = None, **kw: Any):
-    return load_task("lambada_openai", data_dir)
-
-
-def load_openbookqa(data_dir: str | Path | None = None, **kw: Any):
-    return load_task("openbookqa", data_dir)
-
-
-def load_boolq(data_dir: str | Path | None = None, **kw: Any):
-    return load_task("boolq", data_dir)
+load_piqa = _entry("piqa")
+load_arc_easy = _entry("arc_easy")
+load_arc_challenge = _entry("arc_challenge")
+load_hellaswag = _entry("hellaswag")
+load_winogrande = _entry("winogrande")
+load_lambada_openai = _entry("lambada_openai")
+load_openbookqa = _entry("openbookqa")
+load_boolq = _entry("boolq")
 
 
 # The harness's winogrande/preprocess_winogrande.py (partial evaluation: the choices are the two
