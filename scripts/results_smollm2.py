@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import quadllm  # noqa: E402
-from quadllm.checkpoint import load, read_meta  # noqa: E402
+from quadllm.checkpoint import load  # noqa: E402
 from quadllm.data import load_text, tokenize_windows  # noqa: E402
 from quadllm.evaluate import evaluate_many  # noqa: E402
 from quadllm.models import fp16_size_bytes, load_model  # noqa: E402
@@ -60,8 +60,14 @@ def quantize_row(name: str, flags: list[str], args) -> dict:
            "--seed", str(args.seed), "--out", str(out), "-q"]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
-    summary_file = out.with_suffix(".summary.json")
-    if out.exists() and summary_file.is_file() and not args.force:
+    return run_cli_cached(name, cmd, out, args.force)
+
+
+def run_cli_cached(name: str, cmd: list[str], out: Path, force: bool) -> dict:
+    """Run a `quadllm` CLI command in its own process (so its time and peak memory are its own)
+    and keep its JSON summary beside ``out``; reuse both when ``out`` exists, unless ``force``."""
+    summary_file = out.parent / f"{out.name}.summary.json"
+    if out.exists() and summary_file.is_file() and not force:
         log.info("%s: reusing %s", name, out)
         return json.loads(summary_file.read_text())
     log.info("%s: %s", name, " ".join(cmd[1:]))

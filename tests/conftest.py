@@ -72,3 +72,29 @@ def smollm2():
     except ModelError as exc:
         pytest.skip(f"SmolLM2 unavailable: {exc}")
     return model, tok, source
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def tiny_tokenizer(chat: bool = True, vocab_size: int = 160):
+    """A character-level fast tokenizer (printable ASCII + newline + specials, < vocab_size ids)
+    built offline, with a small chat template, for tests that need real text."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<unk>"]
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    assert len(vocab) <= vocab_size
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.add_special_tokens(specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    if chat:
+        tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok

@@ -69,11 +69,18 @@ def _cli(*args, cwd):
                           timeout=1200)
 
 
-def test_cli_quantize_eval_generate(tmp_path, smollm2):
-    out = tmp_path / "smol-quad"
-    r = _cli("quantize", "--out", str(out), "--calib-samples", "4", "--calib-seqlen", "128", "-q", cwd=tmp_path)
+@pytest.fixture(scope="module")
+def smol_quad(tmp_path_factory, smollm2):
+    """`quadllm quantize` with the defaults (small calibration) through the CLI: (dir, summary)."""
+    tmp = tmp_path_factory.mktemp("smol")
+    out = tmp / "smol-quad"
+    r = _cli("quantize", "--out", str(out), "--calib-samples", "4", "--calib-seqlen", "128", "-q", cwd=tmp)
     assert r.returncode == 0, r.stderr
-    summary = json.loads(r.stdout)
+    return out, json.loads(r.stdout)
+
+
+def test_cli_quantize_eval_generate(tmp_path, smol_quad):
+    out, summary = smol_quad
     assert summary["rank"] == 64 and summary["checkpoint_mb"] < summary["original_fp16_mb"]
     res = tmp_path / "eval.json"
     r = _cli("eval", str(out), "--seqlen", "256", "--max-windows", "2", "--reference", "--json", str(res), "-q",
@@ -86,6 +93,33 @@ def test_cli_quantize_eval_generate(tmp_path, smollm2):
     assert result["reference_ppl"] < result["ppl"] < 10 * result["reference_ppl"]
     assert 0 < result["kl"] < 2 and 0.3 < result["top1_agreement"] < 1
     r = _cli("generate", str(out), "What is 2+2?", "--max-new-tokens", "8", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+def test_cli_finetune_adapter_eval_generate(tmp_path, smol_quad, wiki):
+    """`quadllm finetune` on GSM8K train (a few steps), as an adapter, then eval and generate with it."""
+    base, _ = smol_quad
+    train = wiki / "gsm8k" / "train.jsonl"
+    if not train.is_file():
+        pytest.skip("../shared/data/gsm8k/train.jsonl not available")
+    adapter = tmp_path / "gsm8k.safetensors"
+    r = _cli("finetune", str(base), "--data", str(train), "--limit", "24", "--max-steps", "3", "--batch-size", "2",
+             "--max-seqlen", "256", "--eval-every", "3", "--val-fraction", "0.2", "--lr", "1e-4", "--adapter-only",
+             "--out", str(adapter), "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["steps"] == 3 and summary["data"]["kinds"] == {"gsm8k": 24}
+    # QUAD r=64 on SmolLM2: 30 layers x (576+192+192+1536+1536) outputs x 64 columns, plus one scale per output
+    assert summary["trainable"] == 30 * 4032 * 64 + 30 * (576 + 192 + 192 + 640 + 1536 + 1536 + 640)
+    assert summary["best_val_loss"] <= summary["initial_val_loss"]
+    assert (tmp_path / "gsm8k.finetune_history.json").is_file() and (tmp_path / "gsm8k.finetune_loss.png").is_file()
+    res = tmp_path / "eval.json"
+    r = _cli("eval", str(base), "--adapter", str(adapter), "--seqlen", "256", "--max-windows", "1", "--json",
+             str(res), "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(res.read_text())["ppl"] > 1
+    r = _cli("generate", str(adapter), "What is 2+2?", "--max-new-tokens", "8", "-q", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
 

@@ -77,8 +77,11 @@ def is_checkpoint(path: str | Path) -> bool:
 
 
 def save(model: nn.Module, tokenizer, out_dir: str | Path, original: Any = None,
-         extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` (quantized by :func:`quadllm.quantize`) to ``out_dir`` atomically."""
+         extra: dict[str, Any] | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write ``model`` (quantized by :func:`quadllm.quantize`) to ``out_dir`` atomically.
+
+    ``extra`` goes into ``quadllm_config.json``; ``extra_files`` (name -> bytes) are written
+    into the directory too (a fine-tune's loss curve, for example)."""
     from safetensors.torch import save_file
 
     info = getattr(model, "quadllm_info", None)
@@ -97,6 +100,10 @@ def save(model: nn.Module, tokenizer, out_dir: str | Path, original: Any = None,
             json.dump(hf, f, indent=2, default=str)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, data in (extra_files or {}).items():
+            if Path(name).name != name or name in (WEIGHTS_FILE, CONFIG_FILE, "config.json"):
+                raise CheckpointError(f"invalid extra file name {name!r}")
+            (tmp / name).write_bytes(data)
         if hasattr(original, "to_dict"):
             original = original.to_dict()
         meta = {
@@ -229,10 +236,20 @@ def build_skeleton(model: nn.Module, config: QuantConfig, structure: dict[str, A
     adapter.set_head(model, qhead)
     if structure["kv_bits"] < 16:
         attach_kv_quant(model, adapter, structure["kv_bits"], config.kv_clip, rotate=online)
+    if structure.get("lora"):
+        from .lora import inject_lora
+
+        inject_lora(model, structure["lora"])
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a quadllm checkpoint: ``(model, tokenizer, meta)``; the model is ready to run."""
+def load(path: str | Path, dtype: torch.dtype = torch.float32, adapter: str | Path | None = None,
+         backend: str = "fake"):
+    """Load a quadllm checkpoint: ``(model, tokenizer, meta)``; the model is ready to run.
+
+    ``adapter``: a fine-tuning adapter file (``quadllm finetune --adapter-only``) to apply; it
+    must have been trained on exactly this checkpoint (checked by hash).
+    ``backend``: how quantized linears run (:mod:`quadllm.backends`): ``fake`` (float
+    simulation), ``cpu-int8`` (INT8 GEMM) or ``auto``."""
     from accelerate import init_empty_weights
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -265,7 +282,27 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32):
         for t in m.parameters(recurse=False):
             t.requires_grad_(False)
     use_quad_attention(model)
-    model.quadllm_info = {k: meta[k] for k in ("quant_config", "structure", "timings") if k in meta}
+    model.quadllm_info = {k: meta[k] for k in ("quant_config", "structure", "timings", "finetune") if k in meta}
     model.eval()
+    if adapter is not None:
+        from .adapter import apply_adapter
+
+        meta = dict(meta, adapter=apply_adapter(model, adapter, p))
+    if backend != "fake":
+        from .backends import set_backend
+
+        meta = dict(meta, backend=set_backend(model, backend))
     tok = AutoTokenizer.from_pretrained(p)
     return model, tok, meta
+
+
+def weights_hash(path: str | Path) -> str:
+    """SHA-256 of a checkpoint's weights file: identifies the exact base an adapter belongs to."""
+    import hashlib
+
+    f = Path(path) / WEIGHTS_FILE
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

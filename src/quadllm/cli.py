@@ -27,6 +27,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
 
 
+def _add_backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("fake", "cpu-int8", "auto"), default="fake",
+                   help="how quantized linears run: float simulation (default), INT8 GEMM, or the fastest available")
+
+
 def _add_tasks(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default=None, help="comma-separated: zero-shot tasks of lm-evaluation-harness "
                    "(piqa, arc_easy, arc_challenge, hellaswag, winogrande, lambada_openai, openbookqa, boolq), "
@@ -75,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", nargs="?", const=True, default=None,
                    help="compare with the original model (a checkpoint knows its own) or with MODEL")
     e.add_argument("--json", default=None, help="write the results as JSON to this file")
+    e.add_argument("--adapter", default=None, help="apply this fine-tuning adapter file to the checkpoint")
+    _add_backend(e)
     _add_tasks(e)
     e.add_argument("--samples", default=None, help="with --tasks: write per-item records to this .jsonl file")
     _add_common(e)
@@ -87,15 +94,62 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seqlen", type=int, default=2048)
     c.add_argument("--max-windows", type=int, default=None)
     c.add_argument("--out", required=True, help="Markdown file to write (and the same stem .json)")
+    _add_backend(c)
     _add_tasks(c)
     _add_common(c)
 
     g = sub.add_parser("generate", help="generate text (chat template when the model has one)")
-    g.add_argument("model", help="quadllm checkpoint or original model ('default' for SmolLM2)")
+    g.add_argument("model", help="quadllm checkpoint, adapter file or original model ('default' for SmolLM2)")
     g.add_argument("prompt")
     g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--adapter", default=None, help="apply this fine-tuning adapter file to the checkpoint")
+    _add_backend(g)
     _add_common(g)
+
+    _add_finetune(sub)
+    from . import cli_analysis, cli_bench
+
+    cli_bench.add_parser(sub, _add_common)
+    cli_analysis.add_parsers(sub, _add_common)
     return parser
+
+
+def _add_finetune(sub) -> None:
+    from .finetune_config import FT_METHODS, TRAIN_SETS, FinetuneConfig
+
+    d = FinetuneConfig()
+    f = sub.add_parser("finetune", help="train the full-precision outlier weights (or LoRA) of a checkpoint")
+    f.add_argument("model", help="quadllm checkpoint directory to fine-tune")
+    f.add_argument("--data", required=True, help="Alpaca / chat / GSM8K / text .jsonl, a .txt file, wikitext2 "
+                   "(wiki.valid.tokens), ptb, pydoc, or a hub data set name")
+    f.add_argument("--out", required=True, help="output checkpoint directory, or with --adapter-only a "
+                   ".safetensors file")
+    f.add_argument("--adapter-only", action="store_true", help="write only the trained tensors (tied to the base)")
+    f.add_argument("--method", choices=FT_METHODS, default=d.method,
+                   help="quad: outlier columns (+ scales); lora: peft LoRA with the same budget")
+    f.add_argument("--train", choices=TRAIN_SETS, default=d.train)
+    f.add_argument("--lr", type=float, default=d.lr)
+    f.add_argument("--scales-lr-ratio", type=float, default=d.scales_lr_ratio)
+    f.add_argument("--epochs", type=float, default=d.epochs)
+    f.add_argument("--max-steps", type=int, default=None, help="overrides --epochs")
+    f.add_argument("--batch-size", type=int, default=d.batch_size)
+    f.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    f.add_argument("--max-seqlen", type=int, default=d.max_seqlen)
+    f.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    f.add_argument("--eval-every", type=int, default=d.eval_every, help="held-out loss every N steps")
+    f.add_argument("--warmup", type=float, default=d.warmup, help="share of the steps with linear warmup")
+    f.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm (0: off)")
+    f.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    f.add_argument("--seed", type=int, default=d.seed)
+    f.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype, help="bfloat16: autocast")
+    f.add_argument("--train-on-prompt", action="store_true", help="loss on prompts too, not only responses")
+    f.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default: matched to the budget)")
+    f.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
+    f.add_argument("--save-every", type=int, default=d.save_every, help="save resumable state every N steps")
+    f.add_argument("--limit", type=int, default=None, help="use at most N records")
+    f.add_argument("--resume", action="store_true", help="continue an interrupted run from its saved state")
+    _add_common(f)
+
 
 
 def _setup_logging(args) -> None:
@@ -105,14 +159,20 @@ def _setup_logging(args) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
-def open_model(spec: str | None):
-    """A quadllm checkpoint or an original model: ``(model, tokenizer, meta_or_None, source_or_None)``."""
-    from .checkpoint import is_checkpoint, load
+def open_model(spec: str | None, adapter: str | None = None, backend: str = "fake"):
+    """A quadllm checkpoint (optionally with an adapter), an adapter file (loaded on the base it
+    records) or an original model: ``(model, tokenizer, meta_or_None, source_or_None)``."""
+    from .adapter import is_adapter_file, read_adapter_meta
+    from .checkpoint import CheckpointError, is_checkpoint, load
     from .models import load_model
 
+    if spec is not None and str(spec).endswith(".safetensors") and adapter is None and is_adapter_file(spec):
+        adapter, spec = spec, read_adapter_meta(spec)["base_path"]
     if spec is not None and spec != "default" and is_checkpoint(spec):
-        model, tok, meta = load(spec)
+        model, tok, meta = load(spec, adapter=adapter, backend=backend)
         return model, tok, meta, None
+    if adapter is not None:
+        raise CheckpointError(f"--adapter needs a quadllm checkpoint as the model, not {spec or 'default'}")
     model, tok, source = load_model(spec)
     return model, tok, None, source
 
@@ -215,7 +275,7 @@ def cmd_eval(args) -> int:
     tasks = _tasks_of(args)
     if tasks is not None:
         return _eval_tasks(args, tasks, t0)
-    model, tok, meta, source = open_model(args.model)
+    model, tok, meta, source = open_model(args.model, args.adapter, args.backend)
     reference = _reference_model(args, model, meta)
     result: dict[str, Any] = evaluate(model, tok, args.data, args.seqlen, args.max_windows, reference,
                                       args.data_dir, progress=not args.quiet)
@@ -239,7 +299,7 @@ def _eval_tasks(args, tasks: list[str], t0: float) -> int:
 
     if args.data is None and args.reference:
         log.warning("--reference is used with --data (perplexity, KL); ignored for tasks")
-    model, tok, meta, _ = open_model(args.model)
+    model, tok, meta, _ = open_model(args.model, args.adapter, args.backend)
     suite = _suite(args, model, tok, tasks)
     result: dict[str, Any] = {"model": args.model or "default", "tasks": suite["tasks"], "seconds": suite["seconds"],
                               "average": suite["average"], "average_metrics": suite["average_metrics"],
@@ -291,7 +351,7 @@ def cmd_compare(args) -> int:
     ref_tok = None
     for name, spec in zip(names, args.models):
         log.info("model %s (%s)", name, spec)
-        model, tok, meta, _ = open_model(spec)
+        model, tok, meta, _ = open_model(spec, backend=args.backend)
         if ref_tok is None:
             ref_tok = tok
         results[name] = {"model": spec, "quant_config": meta.get("quant_config") if meta else None}
@@ -319,7 +379,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    model, tok, _, _ = open_model(args.model)
+    model, tok, _, _ = open_model(args.model, args.adapter, args.backend)
     if getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]
@@ -332,6 +392,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from .finetune_config import FinetuneConfig
+    from .finetune_job import run
+
+    config = FinetuneConfig(
+        data=args.data, method=args.method, train=args.train, lr=args.lr, scales_lr_ratio=args.scales_lr_ratio,
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        max_seqlen=args.max_seqlen, val_fraction=args.val_fraction, eval_every=args.eval_every, warmup=args.warmup,
+        clip_grad=args.clip_grad, weight_decay=args.weight_decay, seed=args.seed, dtype=args.dtype,
+        train_on_prompt=args.train_on_prompt, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        save_every=args.save_every, limit=args.limit)
+    summary = run(args.model, config, args.out, adapter_only=args.adapter_only, resume=args.resume,
+                  data_dir=args.data_dir, progress=not args.quiet)
+    summary["peak_memory_mb"] = round(peak_rss_mb())
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args)
@@ -341,10 +419,20 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .models import ModelError
 
-    handlers = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "generate": cmd_generate}
+    from .adapter import AdapterError
+    from .backends import BackendError
+    from .finetune import FinetuneError
+
+    handlers = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "generate": cmd_generate,
+                "finetune": cmd_finetune}
+    from .cli_analysis import HANDLERS
+    from .cli_bench import cmd_bench
+
+    handlers.update(HANDLERS, bench=cmd_bench)
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, ModelError, CheckpointError, UnsupportedArchitecture, FloatingPointError) as exc:
+    except (ConfigError, DataError, ModelError, CheckpointError, UnsupportedArchitecture, FloatingPointError,
+            AdapterError, FinetuneError, BackendError) as exc:
         log.error("%s", exc)
         return 2
     except KeyboardInterrupt:

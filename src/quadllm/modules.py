@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ActSpec
+from .quant_linear import quant_linear
 from .quantizers import dequantize_weight, fake_quant_act, fake_quant_kv, pack_int4, unpack_int4
 
 ATTN_IMPLEMENTATION = "quadllm_sdpa"
@@ -131,6 +132,12 @@ class QuadLinear(nn.Module):
         self.group_size = 0
         self.capture = None  # callable(x) seeing the transformed, unquantized input (calibration)
         self._deq: torch.Tensor | None = None
+        self._deq_key: tuple | None = None
+        # keep the dequantized weight between calls (fast inference); training turns it off
+        # so that no float copy of the weights is held
+        self.cache_dequantized = True
+        # an execution kernel (quadllm.backends) used for inference instead of the float simulation
+        self.kernel = None
 
     # --- construction ---------------------------------------------------------------------
     @property
@@ -168,9 +175,13 @@ class QuadLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """Float weight of the quantized columns (cached until the quantized state changes)."""
-        if self._deq is None or self._deq.dtype != self.scales.dtype:
-            self._deq = dequantize_weight(self.codes(), self.scales, self.scales.dtype)
-        return self._deq
+        key = (self.scales.dtype, self.scales._version, self.qweight._version)
+        if self._deq is not None and self._deq_key == key:
+            return self._deq
+        w = dequantize_weight(self.codes(), self.scales.detach(), self.scales.dtype)
+        if self.cache_dequantized:
+            self._deq, self._deq_key = w, key
+        return w
 
     def full_weight(self) -> torch.Tensor:
         """[out, in]: the float weight, or outlier columns then dequantized columns."""
@@ -190,6 +201,10 @@ class QuadLinear(nn.Module):
             self.capture(x)
         r = self.n_outlier
         quant_act = self.act.enabled and self.act_enabled
+        if self.kernel is not None and quant_act and self.quantized and not (
+                torch.is_grad_enabled() and (x.requires_grad or self.w_outlier.requires_grad
+                                             or self.scales.requires_grad)):
+            return self.kernel(self, x)
         if not self.quantized:
             if quant_act:
                 x = torch.cat([x[..., :r], fake_quant_act(x[..., r:], self.act.bits, self.act.clip_ratio)], -1) \
@@ -198,7 +213,13 @@ class QuadLinear(nn.Module):
         xq = x[..., r:]
         if quant_act:
             xq = fake_quant_act(xq, self.act.bits, self.act.clip_ratio)
-        y = F.linear(xq, self.dequantized_weight(), self.bias)
+        if torch.is_grad_enabled() and (xq.requires_grad or self.scales.requires_grad):
+            # training: dequantize inside forward and backward, keep no float weight around
+            y = quant_linear(xq, self.qweight, self.scales, self.in_features - r, self.w_bits)
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            y = F.linear(xq, self.dequantized_weight(), self.bias)
         if r:
             y = y + F.linear(x[..., :r], self.w_outlier)
         return y

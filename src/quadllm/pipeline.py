@@ -47,9 +47,10 @@ def structure_of(config: QuantConfig, adapter: ArchAdapter) -> dict[str, Any]:
 
 @torch.no_grad()
 def transform(model: nn.Module, config: QuantConfig, calib_samples: torch.Tensor | None,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, moment: torch.Tensor | None = None) -> dict[str, Any]:
     """The exact part: fuse norms, estimate P, move to the expanded rotated basis, add the
-    online transforms. Returns timings and spectrum facts. No quantization happens here."""
+    online transforms. Returns timings and spectrum facts. No quantization happens here.
+    ``moment``: a residual second moment already measured on these samples (then reused)."""
     adapter = get_adapter(model)
     if config.rank > adapter.hidden_size:
         raise ConfigError(f"rank {config.rank} is larger than the hidden size {adapter.hidden_size}")
@@ -59,19 +60,19 @@ def transform(model: nn.Module, config: QuantConfig, calib_samples: torch.Tensor
     use_quad_attention(model)
     info["prepare_s"] = time.perf_counter() - t0
 
-    moment = None
-    if config.rank > 0:
+    if config.rank > 0 and moment is None:
         if calib_samples is None:
             raise ConfigError("QUAD with rank > 0 needs calibration samples")
         t0 = time.perf_counter()
         moment = residual_second_moment(model, adapter, calib_samples, config.calib_batch,
                                         normalized=config.moment == "normalized", progress=progress)
+        info["moment_s"] = time.perf_counter() - t0
+    if config.rank > 0:
         evals = torch.linalg.eigvalsh(moment).flip(0)
         captured = float(evals[:config.rank].sum() / evals.sum())
-        info["moment_s"] = time.perf_counter() - t0
         info["captured_energy"] = captured
-        log.info("residual second moment from %d samples: top-%d eigenvectors hold %.1f%% of the energy",
-                 calib_samples.shape[0], config.rank, 100 * captured)
+        log.info("residual second moment: top-%d eigenvectors hold %.1f%% of the energy", config.rank,
+                 100 * captured)
     if config.rotate or config.rank > 0:
         t0 = time.perf_counter()
         Q = residual_basis(moment, config.rank, config.seed, rotate=config.rotate, hidden_size=adapter.hidden_size)

@@ -16,6 +16,7 @@ __all__ = [
     "quantize_weight",
     "dequantize_weight",
     "fake_quant_act",
+    "ste_round",
     "fake_quant_kv",
     "pack_int4",
     "unpack_int4",
@@ -95,6 +96,9 @@ def fake_quant_act(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch
     """Per-token (last dimension) dynamic symmetric quantize-dequantize.
 
     ``scale = clip_ratio * max|x| / qmax``; values beyond the clipped range saturate.
+    When ``x`` requires a gradient the rounding is a straight-through estimator: the gradient
+    passes unchanged through ``round`` inside the clipping range and is zero outside it
+    (values that saturate), and it also flows through the dynamic scale.
     """
     if bits >= 16:
         return x
@@ -103,8 +107,13 @@ def fake_quant_act(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch
     scale = (torch.maximum(hi, -lo) * clip_ratio / qmax).clamp_min(1e-8)
     q = x / scale
     if torch.is_grad_enabled() and q.requires_grad:
-        return torch.clamp(torch.round(q), qmin, qmax) * scale
+        return torch.clamp(ste_round(q), qmin, qmax) * scale
     return q.round_().clamp_(qmin, qmax).mul_(scale)  # in place: same values, fewer allocations
+
+
+def ste_round(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` forward, identity backward (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
 
 
 def fake_quant_kv(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:

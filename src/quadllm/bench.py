@@ -1,0 +1,182 @@
+"""Speed and memory measurements: quantized linears and whole models against their float originals.
+
+Every figure is a median over repeated runs after warm-up, measured in one process and one run
+so that ratios between backends are meaningful; results are records (dicts) for JSON and
+Markdown. Nothing here asserts a speed: the scripts and the CLI write what they measure.
+
+- :func:`bench_linear`: one ``[M, K] @ [K, N]`` layer as ``nn.Linear`` in float32 and bfloat16, and
+  as a QUAD W4A4 :class:`~quadllm.modules.QuadLinear` (``r`` outlier columns in full precision,
+  per-token INT4 activations, packed INT4 weights; with ``hadamard`` the online Hadamard a
+  down_proj carries) on the ``fake`` and ``cpu-int8`` backends.
+- :func:`bench_model`: prefill and greedy decode with a KV cache for an original model (float32,
+  bfloat16) and a quadllm checkpoint on each backend.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .config import ActSpec
+from .gptq import rtn_quantize
+from .hadamard import OnlineTransform
+from .modules import QuadLinear
+
+log = logging.getLogger(__name__)
+
+__all__ = ["median_ms", "quad_linear", "bench_linear", "bench_model", "records_markdown", "parse_shapes"]
+
+
+def median_ms(fn: Callable[[], Any], warmup: int = 2, repeat: int = 7, min_seconds: float = 0.0) -> float:
+    """Median wall time of ``fn()`` in milliseconds, after ``warmup`` calls; at least ``repeat``
+    runs and, when ``min_seconds`` is set, runs until that much time has passed."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        times = []
+        t_end = time.perf_counter() + min_seconds
+        while len(times) < repeat or time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    """``"2048x4096x4096,1x4096x14336"`` -> ``[(2048, 4096, 4096), (1, 4096, 14336)]`` (M x K x N)."""
+    shapes = []
+    for part in text.split(","):
+        try:
+            m, k, n = (int(v) for v in part.lower().strip().split("x"))
+        except ValueError as exc:
+            raise ValueError(f"shape {part!r} is not MxKxN (three positive integers)") from exc
+        if min(m, k, n) < 1:
+            raise ValueError(f"shape {part!r} has a non-positive size")
+        shapes.append((m, k, n))
+    return shapes
+
+
+def quad_linear(k: int, n: int, rank: int, hadamard: bool, act_bits: int = 4, seed: int = 0) -> QuadLinear:
+    """A quantized QUAD linear with random weights: input ``k + rank`` (the outlier columns come
+    first), INT4 per-channel weights (RTN), per-token activations of ``act_bits`` with clip 0.9."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k + rank, generator=g) / (k + rank) ** 0.5
+    res = rtn_quantize(w, rank, bits=4, mse=False)
+    transform = OnlineTransform.hadamard(k) if hadamard and rank == 0 else None
+    lin = QuadLinear(k + rank, n, n_outlier=rank, act=ActSpec(act_bits, 0.9), transform=transform, allocate=False)
+    lin.set_quantized(res.codes, res.scales, res.fp_columns, 4, 0)
+    return lin
+
+
+def bench_linear(shapes: list[tuple[int, int, int]], rank: int = 64, backends: tuple[str, ...] = (
+        "fp32", "bf16", "fake", "cpu-int8"), repeat: int = 7, min_seconds: float = 0.5,
+        hadamard_from: int = 8192) -> list[dict[str, Any]]:
+    """Records ``{backend, m, k, n, median_ms, gflops, speedup_vs_fp32, ...}`` per shape and backend.
+
+    The QUAD layer reads ``k + rank`` inputs (its outlier columns) when ``k < hadamard_from`` (a
+    residual reader such as q/k/v/gate/up) and carries an online Hadamard over its ``k`` inputs
+    otherwise (a down_proj), as in a QUAD model; both are part of the measured time."""
+    from .backends import Int8Kernel
+
+    records = []
+    for m, k, n in shapes:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(m, k, generator=g)
+        down = k >= hadamard_from
+        r = 0 if down else rank
+        xr = torch.cat([torch.randn(m, r, generator=g) * 10, x], dim=1) if r else x
+        base = None
+        for backend in backends:
+            if backend in ("fp32", "bf16"):
+                dt = torch.float32 if backend == "fp32" else torch.bfloat16
+                layer = nn.Linear(k, n, bias=False).to(dt)
+                xin = x.to(dt)
+                fn = (lambda layer=layer, xin=xin: layer(xin))
+            else:
+                layer = quad_linear(k, n, r, hadamard=down)
+                if backend == "cpu-int8":
+                    layer.kernel = Int8Kernel(cache_weights=True)
+                fn = (lambda layer=layer: layer(xr))
+            ms = median_ms(fn, repeat=repeat, min_seconds=min_seconds)
+            rec = {"backend": backend, "m": m, "k": k, "n": n, "median_ms": round(ms, 4),
+                   "gflops": round(2 * m * k * n / ms / 1e6, 2),
+                   "outlier_columns": r if backend not in ("fp32", "bf16") else 0,
+                   "online_hadamard": down and backend not in ("fp32", "bf16")}
+            if backend == "fp32":
+                base = ms
+            if base is not None:
+                rec["speedup_vs_fp32"] = round(base / ms, 3)
+            records.append(rec)
+            log.info("%s %dx%dx%d: %.3f ms", backend, m, k, n, ms)
+            del layer
+            gc.collect()
+    return records
+
+
+def _prefill_fn(model, ids):
+    return lambda: model(input_ids=ids, use_cache=False)
+
+
+def _decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, repeat: int) -> float:
+    """Median milliseconds per generated token of greedy decoding with a KV cache (the prompt's
+    prefill excluded: timed from the first decode step)."""
+    from transformers import DynamicCache
+
+    def run() -> float:
+        cache = DynamicCache()
+        out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+        return (time.perf_counter() - t0) / new_tokens
+
+    with torch.no_grad():
+        run()
+        return 1000 * statistics.median(run() for _ in range(repeat))
+
+
+def bench_model(variants: dict[str, nn.Module], vocab: int, prefill: list[int], decode: int, batches: list[int],
+                repeat: int = 3, seed: int = 0) -> list[dict[str, Any]]:
+    """Records ``{variant, phase, batch, tokens, median_ms, tokens_per_s, speedup_vs_fp32}``;
+    ``variants`` maps a name (the first is the float32 baseline) to a ready model."""
+    g = torch.Generator().manual_seed(seed)
+    records = []
+    base: dict[tuple, float] = {}
+    for name, model in variants.items():
+        model.eval()
+        for b in batches:
+            for t in prefill:
+                ids = torch.randint(0, vocab, (b, t), generator=g)
+                ms = median_ms(_prefill_fn(model, ids), warmup=1, repeat=repeat)
+                key = ("prefill", b, t)
+                base.setdefault(key, ms)
+                records.append({"variant": name, "phase": "prefill", "batch": b, "tokens": t,
+                                "median_ms": round(ms, 2), "tokens_per_s": round(b * t / ms * 1000, 1),
+                                "speedup_vs_fp32": round(base[key] / ms, 3)})
+                log.info("%s prefill b=%d t=%d: %.1f ms", name, b, t, ms)
+            if decode:
+                prompt = torch.randint(0, vocab, (b, 16), generator=g)
+                ms = _decode_ms_per_token(model, prompt, decode, repeat)
+                key = ("decode", b, decode)
+                base.setdefault(key, ms)
+                records.append({"variant": name, "phase": "decode", "batch": b, "tokens": decode,
+                                "median_ms": round(ms, 3), "tokens_per_s": round(b / ms * 1000, 1),
+                                "speedup_vs_fp32": round(base[key] / ms, 3)})
+                log.info("%s decode b=%d: %.2f ms/token", name, b, ms)
+    return records
+
+
+def records_markdown(records: list[dict[str, Any]], columns: list[str]) -> str:
+    """A Markdown table of ``records`` with ``columns`` (missing values as '-')."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for r in records:
+        lines.append("| " + " | ".join(str(r.get(c, "-")) for c in columns) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,85 @@
+"""Execution backends: the integer path gives the float simulation's results up to rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import random_ids, tiny_model
+from quadllm import QuantConfig, quantize
+from quadllm.backends import BackendError, Int8Kernel, set_backend
+from quadllm.backends.int8 import act_codes, int8_linear, int_mm_available
+from quadllm.modules import QuadLinear
+from quadllm.quantizers import fake_quant_act
+
+pytestmark = pytest.mark.skipif(not int_mm_available(), reason="torch._int_mm does not run on this CPU")
+
+
+def test_act_codes_are_the_fake_quantizers_codes():
+    x = torch.randn(40, 64) * torch.linspace(0.1, 30, 64)
+    for bits in (4, 8):
+        codes, scale = act_codes(x, bits, 0.9)
+        assert codes.dtype == torch.int8
+        assert torch.equal(codes.float() * scale, fake_quant_act(x.clone(), bits, 0.9))
+
+
+def test_int8_linear_matches_its_reference_definition():
+    g = torch.Generator().manual_seed(0)
+    qx = torch.randint(-8, 8, (33, 48), generator=g, dtype=torch.int8)
+    qw = torch.randint(-8, 8, (20, 48), generator=g, dtype=torch.int8)
+    sx, sw = torch.rand(33, 1, generator=g) + 0.1, torch.rand(20, generator=g) + 0.1
+    ref = (qx.double() @ qw.double().t()) * sx.double() * sw.double()
+    out = int8_linear(qx, sx, qw.t().contiguous(), sw)
+    assert torch.allclose(out.double(), ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(method="quad", rank=8, mode="w4a4"),
+    dict(method="quad", rank=8, mode="w4a4a8", kv_bits=4),
+    dict(method="quarot", mode="w4a8"),
+    dict(method="quad", rank=8, mode="w4a16"),
+    dict(method="quad", rank=8, mode="w4a4", group_size=16),
+])
+def test_cpu_int8_backend_matches_fake(arch, cfg):
+    model = tiny_model(arch, torch.float32)
+    quantize(model, QuantConfig(weights="rtn", calib_samples=4, calib_seqlen=16, **cfg), random_ids(4, 16),
+             progress=False)
+    ids = random_ids(3, 24, seed=11)
+    with torch.no_grad():
+        ref = model(ids).logits
+    counts = set_backend(model, "cpu-int8")
+    n = sum(isinstance(m, QuadLinear) for m in model.modules())
+    expect_int8 = 0 if cfg["mode"] == "w4a16" or cfg.get("group_size") else n
+    assert counts.get("cpu-int8", 0) == expect_int8 and sum(counts.values()) == n
+    with torch.no_grad():
+        out = model(ids).logits
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert err < 1e-4, err
+    if expect_int8:
+        assert any(isinstance(m.kernel, Int8Kernel) for m in model.modules() if isinstance(m, QuadLinear))
+    set_backend(model, "fake")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+
+
+def test_weight_cache_is_optional_and_equal():
+    model = tiny_model("llama", torch.float32)
+    quantize(model, QuantConfig(weights="rtn", rank=8, calib_samples=4, calib_seqlen=16), random_ids(4, 16),
+             progress=False)
+    ids = random_ids(2, 20, seed=3)
+    set_backend(model, "cpu-int8", cache_weights=True)
+    with torch.no_grad():
+        a = model(ids).logits
+    set_backend(model, "cpu-int8", cache_weights=False)
+    with torch.no_grad():
+        b = model(ids).logits
+    assert torch.equal(a, b)
+    assert all(m.kernel._wt is None for m in model.modules() if isinstance(m, QuadLinear))
+
+
+def test_unknown_backend_is_a_clear_error():
+    model = tiny_model("llama", torch.float32)
+    quantize(model, QuantConfig(weights="rtn", rank=8, calib_samples=4, calib_seqlen=16), random_ids(4, 16),
+             progress=False)
+    with pytest.raises(BackendError, match="unknown backend"):
+        set_backend(model, "tpu")

@@ -1,0 +1,321 @@
+"""Fine-tuning: straight-through gradients, prompt masking, training, adapters, LoRA, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import random_ids, tiny_model, tiny_tokenizer
+from quadllm import QuantConfig, load, quantize, save
+from quadllm.adapter import AdapterError, apply_adapter, read_adapter_meta
+from quadllm.cli import main
+from quadllm.finetune import (FinetuneError, finetune, lm_loss, logical_param_count, lr_factor, outlier_budget,
+                              select_trainable)
+from quadllm.finetune_config import FinetuneConfig
+from quadllm.finetune_job import run
+from quadllm.modules import QuadLinear
+from quadllm.quant_linear import quant_linear
+from quadllm.quantizers import dequantize_weight, fake_quant_act, pack_int4, ste_round
+from quadllm.training_data import IGNORE, Example, TrainingSet, records_to_set
+
+
+def _quantized(arch="llama", seed=0, **cfg):
+    model = tiny_model(arch, torch.float32, seed=seed)
+    opts = dict(method="quad", rank=8, weights="rtn", calib_samples=4, calib_seqlen=16)
+    opts.update(cfg)
+    quantize(model, QuantConfig(**opts), random_ids(4, 16), progress=False)
+    return model
+
+
+def _pattern_set(n=24, T=24, vocab=160) -> TrainingSet:
+    """Sequences with an easy pattern (token t+1 follows t) that a model can learn."""
+    g = torch.Generator().manual_seed(3)
+    ex = []
+    for _ in range(n):
+        start = int(torch.randint(8, vocab - T - 1, (1,), generator=g))
+        ids = torch.arange(start, start + T)
+        ex.append(Example(ids, ids.clone()))
+    return TrainingSet(ex, {"text": n}, "pattern")
+
+
+# ------------------------------------------------------------------------------- math
+
+
+def test_ste_round_passes_gradients_unchanged():
+    x = torch.tensor([0.2, 1.7, -2.5], requires_grad=True)
+    y = ste_round(x)
+    assert torch.equal(y, torch.round(x.detach()))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones(3))
+
+
+def test_fake_quant_act_with_gradients_matches_inference_values():
+    x = torch.randn(3, 5, 32, dtype=torch.float64)
+    ref = fake_quant_act(x.clone(), 4, 0.9)
+    xg = x.clone().requires_grad_(True)
+    out = fake_quant_act(xg, 4, 0.9)
+    assert torch.equal(out.detach(), ref)
+    out.pow(2).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+def test_quant_linear_matches_its_reference_definition():
+    torch.manual_seed(0)
+    codes = torch.randint(-8, 8, (6, 10), dtype=torch.int8)
+    scales = (torch.rand(6, 2, dtype=torch.float64) + 0.1).requires_grad_(True)
+    x = torch.randn(2, 3, 10, dtype=torch.float64, requires_grad=True)
+    y = quant_linear(x, pack_int4(codes), scales, 10, 4)
+    # reference: dequantize with autograd, then a dense linear
+    s_ref = scales.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = x_ref @ dequantize_weight(codes, s_ref, torch.float64).t()
+    assert torch.allclose(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert torch.allclose(x.grad, x_ref.grad)
+    assert torch.allclose(scales.grad, s_ref.grad)
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    f = [lr_factor(s, 20, 0.1) for s in range(20)]
+    assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[1:], f[2:]))
+    assert lr_factor(20, 20, 0.1) == pytest.approx(0.0)
+
+
+def test_lm_loss_ignores_masked_positions():
+    logits = torch.randn(1, 4, 7)
+    labels = torch.tensor([[1, IGNORE, 3, IGNORE]])
+    loss, n = lm_loss(logits, labels)
+    assert n == 1
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits[0, 1:2], labels[0, 2:3]).item())
+
+
+# -------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("train", ["outliers", "outliers+scales"])
+def test_straight_through_gradients_reach_only_the_trainable_tensors(train):
+    model = _quantized()
+    names, lora = select_trainable(model, FinetuneConfig(data="x", train=train))
+    assert lora is None
+    lins = [m for m in model.modules() if isinstance(m, QuadLinear)]
+    expected = sum(m.w_outlier.numel() for m in lins) + (sum(m.scales.numel() for m in lins) if "scales" in train
+                                                         else 0)
+    assert sum(dict(model.named_parameters())[n].numel() for n in names) == expected == outlier_budget(model, train)
+    ids = random_ids(2, 12, seed=4)
+    loss, _ = lm_loss(model(input_ids=ids).logits, ids)
+    loss.backward()
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        if name in names:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    # every linear reading the residual stream has outlier columns, and all of them got gradients
+    assert sum(n.endswith("w_outlier") for n in names) == sum(m.n_outlier > 0 for m in lins) > 0
+    assert all(n.endswith(("w_outlier", "scales")) for n in names)
+    for m in lins:  # scales are trained only when asked; the INT4 codes never
+        assert isinstance(m.scales, torch.nn.Parameter) == ("scales" in train)
+        assert m.qweight.dtype == torch.uint8
+
+
+def test_training_holds_no_dequantized_weights():
+    model = _quantized()
+    select_trainable(model, FinetuneConfig(data="x"))
+    ids = random_ids(2, 12, seed=4)
+    lm_loss(model(input_ids=ids).logits, ids)[0].backward()
+    assert all(m._deq is None for m in model.modules() if isinstance(m, QuadLinear))
+
+
+def test_rank_zero_has_nothing_to_train_as_outliers():
+    model = _quantized(method="quarot", rank=None)
+    with pytest.raises(FinetuneError, match="nothing to train"):
+        select_trainable(model, FinetuneConfig(data="x", train="outliers"))
+
+
+# ---------------------------------------------------------------------------- masking
+
+
+def _labeled(tok, ex: Example) -> list[int]:
+    return ex.labels[ex.labels != IGNORE].tolist()
+
+
+def test_prompt_masking_with_a_chat_template():
+    tok = tiny_tokenizer()
+    rec = {"instruction": "Add", "input": "1 and 2", "output": "3"}
+    ex = records_to_set([rec], tok, 512, "t").examples[0]
+    assert _labeled(tok, ex) == tok("3<|end|>\n", add_special_tokens=False).input_ids
+    assert tok.decode(ex.input_ids).replace(" ", "").startswith("<|user|>Add")
+    full = records_to_set([rec], tok, 512, "t", train_on_prompt=True).examples[0]
+    assert torch.equal(full.labels, full.input_ids)
+
+
+def test_prompt_masking_of_chats_covers_every_assistant_turn():
+    tok = tiny_tokenizer()
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "dd"}]
+    ex = records_to_set([{"messages": msgs}], tok, 512, "t").examples[0]
+    assert _labeled(tok, ex) == tok("b<|end|>\ndd<|end|>\n", add_special_tokens=False).input_ids
+
+
+def test_prompt_masking_without_a_chat_template_uses_the_alpaca_format():
+    tok = tiny_tokenizer(chat=False)
+    ex = records_to_set([{"question": "1+1?", "answer": "2 #### 2"}], tok, 512, "t").examples[0]
+    assert _labeled(tok, ex) == tok("2 #### 2</s>", add_special_tokens=False).input_ids
+    ex = records_to_set([{"instruction": "Hi", "output": "yo"}], tok, 512, "t").examples[0]
+    text = tok.decode(ex.input_ids).replace(" ", "")
+    assert "###Instruction:" in text and "###Response:" in text
+    assert _labeled(tok, ex) == tok("yo</s>", add_special_tokens=False).input_ids
+
+
+def test_records_errors_are_clear():
+    from quadllm.data import DataError
+
+    tok = tiny_tokenizer()
+    with pytest.raises(DataError, match="no usable fields"):
+        records_to_set([{"foo": 1}], tok, 64, "t")
+    with pytest.raises(DataError, match="no assistant turn"):
+        records_to_set([{"messages": [{"role": "user", "content": "x"}]}], tok, 64, "t")
+    with pytest.raises(DataError, match="no training sequence left"):
+        records_to_set([{"instruction": "x" * 100, "output": "y"}], tok, 20, "t")
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def test_finetune_lowers_the_loss_and_keeps_the_best_weights():
+    model = _quantized()
+    tset = _pattern_set()
+    cfg = FinetuneConfig(data="pattern", max_steps=16, batch_size=4, lr=3e-3, eval_every=4, val_fraction=0.2,
+                         warmup=0.1)
+    res = finetune(model, tset, cfg, pad_id=0, progress=False)
+    assert res.best_val_loss < res.initial_val_loss
+    vals = [h["val_loss"] for h in res.history if "val_loss" in h]
+    assert res.best_val_loss == min(vals) and len(vals) == 5
+    assert res.n_trainable / res.n_model == pytest.approx(res.share) and 0 < res.share < 0.5
+    assert all(not p.requires_grad for p in model.parameters())
+    assert res.n_model == logical_param_count(model)
+
+
+def test_lora_gets_the_matched_budget_and_trains():
+    model = _quantized()
+    budget = outlier_budget(model, "outliers+scales")
+    res = finetune(model, _pattern_set(), FinetuneConfig(data="p", method="lora", max_steps=8, lr=3e-3,
+                                                         eval_every=4, val_fraction=0.2), pad_id=0, progress=False)
+    assert res.lora["rank"] >= 1 and abs(res.n_trainable - budget) <= res.n_trainable / res.lora["rank"]
+    assert res.best_val_loss < res.initial_val_loss
+    assert all("lora_" in n for n in res.trainable)
+
+
+# ------------------------------------------------------------------- checkpoints, adapters
+
+
+@pytest.fixture()
+def tiny_base(tmp_path):
+    tok = tiny_tokenizer()
+    model = _quantized()
+    base = save(model, tok, tmp_path / "base", original={"spec": "tiny"})
+    text = tmp_path / "train.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    return base, text
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _ft(data, **kw):
+    opts = dict(data=str(data), max_steps=6, batch_size=2, max_seqlen=64, lr=3e-3, eval_every=3, save_every=2)
+    opts.update(kw)
+    return FinetuneConfig(**opts)
+
+
+@pytest.mark.parametrize("method", ["quad", "lora"])
+def test_full_checkpoint_and_adapter_round_trips_give_identical_logits(tiny_base, tmp_path, method):
+    base, text = tiny_base
+    ids = random_ids(2, 16, seed=9)
+    summary = run(str(base), _ft(text, method=method), str(tmp_path / "ft"), progress=False)
+    assert summary["best_val_loss"] < summary["initial_val_loss"]
+    ft, _, meta = load(tmp_path / "ft")
+    assert meta["finetune"]["config"]["method"] == method
+    assert (tmp_path / "ft" / "finetune_history.json").is_file() and (tmp_path / "ft" / "finetune_loss.png").is_file()
+    run(str(base), _ft(text, method=method), str(tmp_path / "a.safetensors"), adapter_only=True, progress=False)
+    with_adapter, _, meta2 = load(base, adapter=tmp_path / "a.safetensors")
+    assert torch.equal(_logits(ft, ids), _logits(with_adapter, ids))  # same seed, same data: same weights
+    plain, _, _ = load(base)
+    assert not torch.equal(_logits(plain, ids), _logits(ft, ids))
+    assert meta2["adapter"]["finetune"]["config"]["method"] == method
+    assert (tmp_path / "a.safetensors").stat().st_size < 0.5 * (base / "model.safetensors").stat().st_size
+
+
+def test_adapter_on_the_wrong_base_is_a_clear_error(tiny_base, tmp_path):
+    base, text = tiny_base
+    run(str(base), _ft(text, max_steps=2), str(tmp_path / "a.safetensors"), adapter_only=True, progress=False)
+    other = save(_quantized(seed=5), tiny_tokenizer(), tmp_path / "other", original={"spec": "tiny"})
+    with pytest.raises(AdapterError, match="different base checkpoint"):
+        load(other, adapter=tmp_path / "a.safetensors")
+    model, _, _ = load(other)
+    with pytest.raises(AdapterError, match="different base"):
+        apply_adapter(model, tmp_path / "a.safetensors", other)
+    assert read_adapter_meta(tmp_path / "a.safetensors")["base_path"] == str(base)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(AdapterError, match="corrupt"):
+        load(base, adapter=tmp_path / "junk.safetensors")
+    assert main(["eval", str(other), "--adapter", str(tmp_path / "a.safetensors"), "--data",
+                 str(tmp_path / "train.txt"), "--seqlen", "32", "-q"]) == 2
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tiny_base, tmp_path, monkeypatch):
+    import quadllm.finetune as ft_mod
+
+    base, text = tiny_base
+    cfg = _ft(text, max_steps=6, save_every=2)
+    run(str(base), cfg, str(tmp_path / "straight.safetensors"), adapter_only=True, progress=False)
+    calls = {"n": 0}
+    real = ft_mod._forward_loss
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 9:  # during step 5 (after 1 validation + 4 steps + 1 validation... state at step 4)
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ft_mod, "_forward_loss", flaky)
+    out = tmp_path / "resumed.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        run(str(base), cfg, str(out), adapter_only=True, progress=False)
+    assert not out.exists()
+    state = tmp_path / "resumed.safetensors.finetune-state.pt"
+    assert state.is_file()
+    monkeypatch.setattr(ft_mod, "_forward_loss", real)
+    with pytest.raises(FinetuneError, match="configuration differs"):
+        run(str(base), _ft(text, max_steps=6, save_every=2, lr=1e-3), str(out), adapter_only=True, resume=True,
+            progress=False)
+    summary = run(str(base), cfg, str(out), adapter_only=True, resume=True, progress=False)
+    assert summary["resumed_from"] in (2, 4) and not state.exists()
+    ids = random_ids(2, 16, seed=9)
+    a, _, _ = load(base, adapter=tmp_path / "straight.safetensors")
+    b, _, _ = load(base, adapter=out)
+    assert torch.allclose(_logits(a, ids), _logits(b, ids), atol=1e-5)
+
+
+def test_finetune_cli_errors_and_output_checks(tiny_base, tmp_path, capsys, caplog):
+    base, text = tiny_base
+    assert main(["finetune", str(tmp_path), "--data", str(text), "--out", str(tmp_path / "x"), "-q"]) == 2
+    assert "not a quadllm checkpoint" in caplog.text
+    assert main(["finetune", str(base), "--data", str(text), "--out", str(tmp_path / "x.bin"), "--adapter-only",
+                 "-q"]) == 2
+    assert "must end in .safetensors" in caplog.text
+    assert main(["finetune", str(base), "--data", str(text), "--out", str(base), "-q"]) == 2
+    assert main(["finetune", str(base), "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "y"),
+                 "-q"]) == 2
+    assert "training data file not found" in caplog.text
+    assert main(["finetune", str(base), "--data", str(text), "--out", str(tmp_path / "ok"), "--max-steps", "2",
+                 "--max-seqlen", "32", "--batch-size", "2", "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["trainable"] > 0 and summary["steps"] == 2 and summary["peak_memory_mb"] > 0
