@@ -105,8 +105,12 @@ def fmt_md(results: dict, meta: dict) -> str:
             f"{q.get('peak_memory_mb', '-')} | {q.get('checkpoint_mb', meta['fp16_mb'])} | "
             f"{q.get('size_vs_fp16', 1.0)} |")
     if meta["windows"] < meta["windows_total"]:
-        lines += ["", f"**Subset**: {meta['windows']} of {meta['windows_total']} windows; rerun without "
-                  "`--max-windows` for the papers' full protocol."]
+        if "--max-windows" in meta["command"]:
+            lines += ["", f"**Subset**: {meta['windows']} of {meta['windows_total']} windows; rerun without "
+                      "`--max-windows` for the papers' full protocol."]
+        else:
+            lines += ["", f"**In progress**: the full run has covered {meta['windows']} of {meta['windows_total']} "
+                      "windows so far; `python scripts/results_smollm2.py --resume` continues it from there."]
     return "\n".join(lines) + "\n"
 
 
@@ -125,8 +129,14 @@ def main() -> None:
     p.add_argument("--force", action="store_true", help="re-quantize rows whose checkpoint exists")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted evaluation from the windows already in the output JSON")
+    p.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON and stop")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.render_only:
+        saved = json.loads(Path(args.out).with_suffix(".json").read_text())
+        Path(args.out).with_suffix(".md").write_text(fmt_md(saved["rows"], saved["meta"]))
+        print(Path(args.out).with_suffix(".md").read_text())
+        return
     Path(args.work).mkdir(parents=True, exist_ok=True)
 
     rows = [r for r in ROWS if args.rows is None or r[0] in args.rows.split(",")]

@@ -148,6 +148,8 @@ def _add_finetune(sub) -> None:
     f.add_argument("--save-every", type=int, default=d.save_every, help="save resumable state every N steps")
     f.add_argument("--limit", type=int, default=None, help="use at most N records")
     f.add_argument("--resume", action="store_true", help="continue an interrupted run from its saved state")
+    f.add_argument("--no-grad-checkpointing", action="store_true",
+                   help="keep all activations for backward (faster, far more memory)")
     _add_common(f)
 
 
@@ -402,7 +404,7 @@ def cmd_finetune(args) -> int:
         max_seqlen=args.max_seqlen, val_fraction=args.val_fraction, eval_every=args.eval_every, warmup=args.warmup,
         clip_grad=args.clip_grad, weight_decay=args.weight_decay, seed=args.seed, dtype=args.dtype,
         train_on_prompt=args.train_on_prompt, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-        save_every=args.save_every, limit=args.limit)
+        save_every=args.save_every, limit=args.limit, grad_checkpointing=not args.no_grad_checkpointing)
     summary = run(args.model, config, args.out, adapter_only=args.adapter_only, resume=args.resume,
                   data_dir=args.data_dir, progress=not args.quiet)
     summary["peak_memory_mb"] = round(peak_rss_mb())

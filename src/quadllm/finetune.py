@@ -153,6 +153,9 @@ def select_trainable(model: nn.Module, config: FinetuneConfig) -> tuple[list[str
 def _finish(model: nn.Module) -> None:
     from .pipeline import round_to_storage
 
+    if getattr(model, "is_activation_checkpointing", False):
+        model.activation_checkpointing_disable()
+
     for p in model.parameters():
         p.requires_grad_(False)
     round_to_storage(model)
@@ -311,6 +314,8 @@ def finetune(model: nn.Module, tset: TrainingSet, config: FinetuneConfig, pad_id
 
     log.info("%d training and %d held-out sequences; %d steps of %d sequences", len(train), len(val), total, per_step)
     model.train()  # no dropout in these models; lets transformers take its training paths
+    if config.grad_checkpointing and hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     def validate(at: int) -> None:
         nonlocal best, best_val, best_step, initial_val

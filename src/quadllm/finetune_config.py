@@ -30,7 +30,8 @@ class FinetuneConfig:
     first ``warmup`` share of the steps, then follows a cosine decay to zero; scales use
     ``lr * scales_lr_ratio``. ``val_fraction`` of the sequences are held out: their loss is
     measured before training, every ``eval_every`` steps and at the end, and the weights with
-    the lowest held-out loss are kept.
+    the lowest held-out loss are kept. ``grad_checkpointing`` keeps only each decoder layer's
+    input for the backward pass and recomputes the rest.
     """
 
     data: str = ""
@@ -54,6 +55,7 @@ class FinetuneConfig:
     lora_rank: int | None = None
     lora_alpha: float | None = None  # None: 2 * rank
     save_every: int = 25
+    grad_checkpointing: bool = True  # recompute each decoder layer in backward: far less memory, ~1/3 more time
     limit: int | None = None  # at most this many records (or text windows)
 
     def __post_init__(self) -> None:
