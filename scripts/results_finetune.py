@@ -34,7 +34,7 @@ from quadllm.checkpoint import load  # noqa: E402
 from quadllm.data import load_text, tokenize_windows  # noqa: E402
 from quadllm.evaluate import evaluate_many  # noqa: E402
 from quadllm.models import load_model  # noqa: E402
-from results_smollm2 import quantize_row, run_cli_cached, slug  # noqa: E402
+from results_smollm2 import add_checkpoint_args, quantize_args, quantize_row, run_cli_cached, slug  # noqa: E402
 
 BASE = ("QUAD W4A4 r=64", ["--method", "quad", "--rank", "64"])
 
@@ -145,20 +145,14 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=12)
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--work", default=str(ROOT / "runs" / "smollm2"))
+    add_checkpoint_args(p)
     p.add_argument("--out", default=str(ROOT / "results" / "smollm2_finetune"))
     p.add_argument("--force", action="store_true", help="re-run fine-tunes whose output exists")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     Path(args.work).mkdir(parents=True, exist_ok=True)
 
-    qargs = argparse.Namespace(work=args.work, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                               seed=args.seed, data_dir=args.data_dir, force=False)
-    quantize_row(*BASE, qargs)
+    quantize_row(*BASE, quantize_args(args))
     base = Path(args.work) / slug(BASE[0])
     probes, lrs = probe_lrs(base, args)
     summaries = {name: finetune_row(name, d, flags, base, args) for name, d, flags in finetune_rows(lrs)}

@@ -63,6 +63,21 @@ def quantize_row(name: str, flags: list[str], args) -> dict:
     return run_cli_cached(name, cmd, out, args.force)
 
 
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """The options that decide which checkpoints the results scripts make or reuse."""
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--work", default=str(ROOT / "runs" / "smollm2"), help="where checkpoints are written")
+
+
+def quantize_args(args: argparse.Namespace) -> argparse.Namespace:
+    """What :func:`quantize_row` needs, from another script's arguments (existing rows are reused)."""
+    return argparse.Namespace(work=args.work, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+                              seed=args.seed, data_dir=args.data_dir, force=False)
+
+
 def run_cli_cached(name: str, cmd: list[str], out: Path, force: bool) -> dict:
     """Run a `quadllm` CLI command in its own process (so its time and peak memory are its own)
     and keep its JSON summary beside ``out``; reuse both when ``out`` exists, unless ``force``."""
@@ -118,13 +133,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", default=None)
+    add_checkpoint_args(p)
     p.add_argument("--data", default="wikitext2", help="evaluation text (wikitext2, ptb, a .txt file)")
     p.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
-    p.add_argument("--work", default=str(ROOT / "runs" / "smollm2"), help="where checkpoints are written")
     p.add_argument("--out", default=str(ROOT / "results" / "smollm2_wikitext2"))
     p.add_argument("--force", action="store_true", help="re-quantize rows whose checkpoint exists")
     p.add_argument("--resume", action="store_true",

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from results_finetune import OUTLIER_FT_DIR  # noqa: E402
-from results_smollm2 import ROWS, quantize_row, slug  # noqa: E402
+from results_smollm2 import ROWS, add_checkpoint_args, quantize_args, quantize_row, slug  # noqa: E402
 
 ZERO_SHOT = "piqa,arc_easy,arc_challenge,hellaswag,winogrande,lambada_openai,openbookqa,boolq"
 GENERATIVE = "gsm8k,humaneval"
@@ -86,17 +86,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limit", type=int, default=500, help="items per zero-shot task (first N, the harness's way)")
     p.add_argument("--gen-limit", type=int, default=100, help="items for GSM8K and HumanEval")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--work", default=str(ROOT / "runs" / "smollm2"))
+    add_checkpoint_args(p)
     p.add_argument("--out", default=str(ROOT / "results" / "smollm2_tasks"))
     p.add_argument("--force", action="store_true", help="re-run comparisons whose output exists")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    qargs = argparse.Namespace(work=args.work, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                               seed=args.seed, data_dir=args.data_dir, force=False)
+    qargs = quantize_args(args)
     flags = dict(ROWS)
     models = []
     for name in MODELS:

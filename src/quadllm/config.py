@@ -23,6 +23,12 @@ class ConfigError(ValueError):
     """A configuration that cannot be run, with the reason."""
 
 
+def check_choice(name: str, value: Any, allowed: tuple) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
 @dataclass(frozen=True)
 class ActSpec:
     """How the input activations of one linear layer are quantized (per token, dynamic, symmetric)."""
@@ -79,10 +85,7 @@ class QuantConfig:
         self.validate()
 
     def validate(self) -> None:
-        def choice(name: str, value: Any, allowed: tuple) -> None:
-            if value not in allowed:
-                raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
-
+        choice = check_choice
         choice("method", self.method, METHODS)
         choice("mode", self.mode, MODES)
         choice("weights", self.weights, WEIGHT_ALGOS)

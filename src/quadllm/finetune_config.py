@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ConfigError
+from .config import ConfigError, check_choice
 
 FT_METHODS = ("quad", "lora")
 TRAIN_SETS = ("outliers", "outliers+scales")
@@ -62,10 +62,7 @@ class FinetuneConfig:
         self.validate()
 
     def validate(self) -> None:
-        def choice(name: str, value: Any, allowed: tuple) -> None:
-            if value not in allowed:
-                raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
-
+        choice = check_choice
         choice("method", self.method, FT_METHODS)
         choice("train", self.train, TRAIN_SETS)
         choice("dtype", self.dtype, DTYPES)
