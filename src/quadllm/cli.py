@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_finetune(sub) -> None:
-    from .finetune_config import FT_METHODS, TRAIN_SETS, FinetuneConfig
+    from .finetune_config import FT_METHODS, LOSSES, TRAIN_SETS, FinetuneConfig
 
     d = FinetuneConfig()
     f = sub.add_parser("finetune", help="train the full-precision outlier weights (or LoRA) of a checkpoint")
@@ -128,6 +128,10 @@ def _add_finetune(sub) -> None:
     f.add_argument("--method", choices=FT_METHODS, default=d.method,
                    help="quad: outlier columns (+ scales); lora: peft LoRA with the same budget")
     f.add_argument("--train", choices=TRAIN_SETS, default=d.train)
+    f.add_argument("--loss", choices=LOSSES, default=d.loss,
+                   help="kd: distil the original model (KL to its next-token distribution; default); ce: "
+                   "cross-entropy on the data's labels; kd+ce: both")
+    f.add_argument("--teacher", default=None, help="teacher model for kd (default: the checkpoint's original)")
     f.add_argument("--lr", type=float, default=d.lr)
     f.add_argument("--scales-lr-ratio", type=float, default=d.scales_lr_ratio)
     f.add_argument("--epochs", type=float, default=d.epochs)
@@ -399,7 +403,7 @@ def cmd_finetune(args) -> int:
     from .finetune_job import run
 
     config = FinetuneConfig(
-        data=args.data, method=args.method, train=args.train, lr=args.lr, scales_lr_ratio=args.scales_lr_ratio,
+        data=args.data, method=args.method, train=args.train, loss=args.loss, teacher=args.teacher, lr=args.lr, scales_lr_ratio=args.scales_lr_ratio,
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         max_seqlen=args.max_seqlen, val_fraction=args.val_fraction, eval_every=args.eval_every, warmup=args.warmup,
         clip_grad=args.clip_grad, weight_decay=args.weight_decay, seed=args.seed, dtype=args.dtype,

@@ -34,7 +34,7 @@ from .training_data import IGNORE, Example, TrainingSet, collate
 log = logging.getLogger(__name__)
 
 __all__ = ["FinetuneError", "FinetuneResult", "select_trainable", "logical_param_count", "outlier_budget",
-           "lm_loss", "finetune", "lr_factor"]
+           "lm_loss", "kd_loss", "finetune", "lr_factor"]
 
 
 class FinetuneError(ValueError):
@@ -178,28 +178,56 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, i
     return loss / n, n
 
 
+def kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean KL(teacher ‖ model) of the next-token distributions over the positions whose label is
+    not IGNORE (the positions :func:`lm_loss` scores), and their count."""
+    if teacher_logits.shape != logits.shape:
+        raise FinetuneError(f"the teacher's logits {tuple(teacher_logits.shape)} do not match the model's "
+                            f"{tuple(logits.shape)}: is the teacher the same model family (same vocabulary)?")
+    mask = labels[:, 1:] != IGNORE
+    n = int(mask.sum())
+    if n == 0:
+        return logits.sum() * 0.0, 0
+    student = F.log_softmax(logits[:, :-1][mask].float(), dim=-1)
+    teacher = F.log_softmax(teacher_logits[:, :-1][mask].float(), dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="sum") / n, n
+
+
 def _autocast(dtype: str):
     if dtype == "bfloat16":
         return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
 
 
-def _forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], dtype: str, device) -> tuple[torch.Tensor, int]:
+def _forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], dtype: str, device, loss: str = "ce",
+                  teacher: nn.Module | None = None) -> tuple[torch.Tensor, int]:
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
+              "use_cache": False}
+    labels = batch["labels"].to(device)
     with _autocast(dtype):
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                       use_cache=False).logits
-    return lm_loss(logits, batch["labels"].to(device))
+        logits = model(**inputs).logits
+    if loss == "ce":
+        return lm_loss(logits, labels)
+    if teacher is None:
+        raise FinetuneError(f"loss {loss!r} needs a teacher model")
+    with torch.no_grad(), _autocast(dtype):
+        teacher_logits = teacher(**inputs).logits
+    value, n = kd_loss(logits, teacher_logits, labels)
+    if loss == "kd+ce":
+        value = value + lm_loss(logits, labels)[0]
+    return value, n
 
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, dtype: str = "float32",
-                  device=None) -> float:
-    """Token-weighted mean loss on ``examples``."""
+                  device=None, loss: str = "ce", teacher: nn.Module | None = None) -> float:
+    """Token-weighted mean loss (``ce``, ``kd`` or ``kd+ce``) on ``examples``."""
     device = device or next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        loss, n = _forward_loss(model, collate(examples[i:i + batch_size], pad_id), dtype, device)
-        total += float(loss) * n
+        loss_value, n = _forward_loss(model, collate(examples[i:i + batch_size], pad_id), dtype, device, loss,
+                                      teacher)
+        total += float(loss_value) * n
         count += n
     return total / max(count, 1)
 
@@ -253,13 +281,24 @@ def _state_matches(state: dict[str, Any], config: FinetuneConfig, base_id: str) 
 
 
 def finetune(model: nn.Module, tset: TrainingSet, config: FinetuneConfig, pad_id: int, *,
-             state_path: str | Path | None = None, resume: bool = False, base_id: str = "",
-             progress: bool = True) -> FinetuneResult:
+             teacher: nn.Module | None = None, state_path: str | Path | None = None, resume: bool = False,
+             base_id: str = "", progress: bool = True) -> FinetuneResult:
     """Fine-tune ``model`` (a quantized quadllm model) in place on ``tset``.
 
-    On return the model holds the weights with the lowest held-out loss (the last ones without a
-    held-out split), rounded to what the checkpoint stores, frozen and in eval mode.
+    ``teacher`` (the original model) is needed by the distillation losses (``config.loss`` ``kd``
+    or ``kd+ce``) and ignored by ``ce``. On return the model holds the weights with the lowest
+    held-out loss (the last ones without a held-out split), rounded to what the checkpoint
+    stores, frozen and in eval mode.
     """
+    if config.uses_teacher and teacher is None:
+        raise FinetuneError(f"loss {config.loss!r} distils a teacher (the original model) and none was given; "
+                            "pass one or use loss 'ce'")
+    if not config.uses_teacher:
+        teacher = None
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     t_start = time.perf_counter()
     torch.manual_seed(config.seed)
     device = next(model.parameters()).device
@@ -322,7 +361,7 @@ def finetune(model: nn.Module, tset: TrainingSet, config: FinetuneConfig, pad_id
         if not val:
             return
         model.eval()
-        v = evaluate_loss(model, val, config.batch_size, pad_id, config.dtype, device)
+        v = evaluate_loss(model, val, config.batch_size, pad_id, config.dtype, device, config.loss, teacher)
         model.train()
         history.append({"step": at, "val_loss": v})
         if initial_val is None:
@@ -344,7 +383,8 @@ def finetune(model: nn.Module, tset: TrainingSet, config: FinetuneConfig, pad_id
             epoch, pos = divmod(micro, micro_per_epoch)
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed + 1 + epoch))
             idx = order[pos * config.batch_size:(pos + 1) * config.batch_size].tolist()
-            loss, n = _forward_loss(model, collate([train[i] for i in idx], pad_id), config.dtype, device)
+            loss, n = _forward_loss(model, collate([train[i] for i in idx], pad_id), config.dtype, device,
+                                    config.loss, teacher)
             (loss / config.grad_accum).backward()
             loss_sum += float(loss.detach()) * n
             tok_sum += n

@@ -14,6 +14,7 @@ from .config import ConfigError, check_choice
 FT_METHODS = ("quad", "lora")
 TRAIN_SETS = ("outliers", "outliers+scales")
 DTYPES = ("float32", "bfloat16")
+LOSSES = ("kd", "ce", "kd+ce")
 
 
 @dataclass
@@ -30,12 +31,18 @@ class FinetuneConfig:
     first ``warmup`` share of the steps, then follows a cosine decay to zero; scales use
     ``lr * scales_lr_ratio``. ``val_fraction`` of the sequences are held out: their loss is
     measured before training, every ``eval_every`` steps and at the end, and the weights with
-    the lowest held-out loss are kept. ``grad_checkpointing`` keeps only each decoder layer's
+    the lowest held-out loss are kept. ``loss``: ``kd`` (default) distils the original model: the
+    mean KL divergence from the teacher's next-token distribution (the checkpoint's original
+    model, or ``teacher``) to the quantized model's, on the positions the labels select, so the
+    fine-tune wins back the original's behaviour instead of fitting the training text; ``ce`` is
+    the plain next-token cross-entropy on the labels (no teacher in memory); ``kd+ce`` their sum. ``grad_checkpointing`` keeps only each decoder layer's
     input for the backward pass and recomputes the rest.
     """
 
     data: str = ""
     method: str = "quad"
+    loss: str = "kd"
+    teacher: str | None = None  # kd: the teacher model (None: the checkpoint's original model)
     train: str = "outliers+scales"
     lr: float = 1e-4
     scales_lr_ratio: float = 0.1
@@ -66,6 +73,7 @@ class FinetuneConfig:
         choice("method", self.method, FT_METHODS)
         choice("train", self.train, TRAIN_SETS)
         choice("dtype", self.dtype, DTYPES)
+        choice("loss", self.loss, LOSSES)
         positive = {"lr": self.lr, "epochs": self.epochs, "batch_size": self.batch_size,
                     "grad_accum": self.grad_accum, "max_seqlen": self.max_seqlen, "eval_every": self.eval_every,
                     "save_every": self.save_every}
@@ -96,10 +104,16 @@ class FinetuneConfig:
             raise ConfigError(f"unknown fine-tuning keys: {sorted(unknown)}")
         return cls(**data)
 
+    @property
+    def uses_teacher(self) -> bool:
+        return self.loss in ("kd", "kd+ce")
+
     def describe(self) -> str:
         what = (f"LoRA (rank {self.lora_rank or 'matched to the outlier budget'})" if self.method == "lora"
                 else self.train.replace("+", " + "))
         steps = f"{self.max_steps} steps" if self.max_steps else f"{self.epochs:g} epoch(s)"
-        return (f"fine-tuning {what} on {self.data}: {steps} of {self.batch_size}x{self.grad_accum} sequences "
+        loss = {"kd": "distillation (KL to the teacher)", "ce": "cross-entropy", "kd+ce": "distillation + "
+                "cross-entropy"}[self.loss]
+        return (f"fine-tuning {what} on {self.data} with {loss}: {steps} of {self.batch_size}x{self.grad_accum} sequences "
                 f"of at most {self.max_seqlen} tokens, lr {self.lr:g} (warmup {self.warmup:g}, cosine), "
                 f"clip {self.clip_grad:g}, {self.dtype}, seed {self.seed}")

@@ -41,6 +41,18 @@ def check_output(base: Path, out: Path, adapter_only: bool) -> None:
         raise CheckpointError(f"{out} exists and is not a quadllm checkpoint; refusing to overwrite it")
 
 
+def load_teacher(config: FinetuneConfig, meta: dict[str, Any]) -> torch.nn.Module:
+    """The distillation teacher: ``config.teacher``, else the original model the checkpoint records."""
+    from .models import load_model
+
+    spec = config.teacher or (meta.get("original_model") or {}).get("spec")
+    if not config.teacher and not meta.get("original_model"):
+        raise CheckpointError("this checkpoint does not record its original model; pass --teacher MODEL "
+                              "or use --loss ce")
+    log.info("distillation teacher: %s", spec or "the embedded default (SmolLM2-135M-Instruct)")
+    return load_model(spec)[0]
+
+
 def state_path_for(out: Path) -> Path:
     return out.parent / f"{out.name}.finetune-state.pt"
 
@@ -63,8 +75,12 @@ def run(base: str, config: FinetuneConfig, out: str, *, adapter_only: bool = Fal
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     log.info("training on %s", device)
     model.to(device)
-    result = finetune(model, tset, config, pad_id, state_path=state_path, resume=resume, base_id=base_id,
-                      progress=progress)
+    teacher = None
+    if config.uses_teacher:
+        teacher = load_teacher(config, meta).to(device)
+    result = finetune(model, tset, config, pad_id, teacher=teacher, state_path=state_path, resume=resume,
+                      base_id=base_id, progress=progress)
+    del teacher
     model.to("cpu")
     record = result.record(config)
     record["base"] = {"path": str(base_p.resolve()), "weights_sha256": base_id}
