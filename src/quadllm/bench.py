@@ -123,33 +123,46 @@ def _prefill_fn(model, ids):
     return lambda: model(input_ids=ids, use_cache=False)
 
 
-def _decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, repeat: int) -> float:
+def _decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, repeat: int) -> tuple[float, int]:
     """Median milliseconds per generated token of greedy decoding with a KV cache (the prompt's
-    prefill excluded: timed from the first decode step)."""
+    prefill excluded: timed from the first decode step), and the bytes the cache holds at the
+    end. Models that quantize their KV cache decode with the integer cache
+    (:class:`quadllm.kv_cache.IntKVCache`), others with transformers' ``DynamicCache``."""
     from transformers import DynamicCache
 
+    from .kv_cache import cache_kwarg, cache_nbytes, make_cache
+
+    held = [0]
+    name = cache_kwarg(model)
+
     def run() -> float:
-        cache = DynamicCache()
-        out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        cache = make_cache(model) or DynamicCache()
+        out = model(input_ids=prompt, use_cache=True, **{name: cache})
         nxt = out.logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=nxt, use_cache=True, **{name: cache})
             nxt = out.logits[:, -1:].argmax(-1)
-        return (time.perf_counter() - t0) / new_tokens
+        dt = (time.perf_counter() - t0) / new_tokens
+        held[0] = cache_nbytes(cache)
+        return dt
 
     with torch.no_grad():
         run()
-        return 1000 * statistics.median(run() for _ in range(repeat))
+        ms = 1000 * statistics.median(run() for _ in range(repeat))
+    return ms, held[0]
 
 
 def bench_model(variants: dict[str, nn.Module], vocab: int, prefill: list[int], decode: int, batches: list[int],
                 repeat: int = 3, seed: int = 0) -> list[dict[str, Any]]:
-    """Records ``{variant, phase, batch, tokens, median_ms, tokens_per_s, speedup_vs_fp32}``;
+    """Records ``{variant, phase, batch, tokens, median_ms, tokens_per_s, speedup_vs_fp32}`` (and,
+    for decoding, ``kv_cache_mb`` and ``kv_cache_vs_fp32``: the cache after the prompt of 16 and
+    ``decode`` new tokens);
     ``variants`` maps a name (the first is the float32 baseline) to a ready model."""
     g = torch.Generator().manual_seed(seed)
     records = []
     base: dict[tuple, float] = {}
+    kv_base: dict[tuple, int] = {}
     for name, model in variants.items():
         model.eval()
         for b in batches:
@@ -164,12 +177,15 @@ def bench_model(variants: dict[str, nn.Module], vocab: int, prefill: list[int], 
                 log.info("%s prefill b=%d t=%d: %.1f ms", name, b, t, ms)
             if decode:
                 prompt = torch.randint(0, vocab, (b, 16), generator=g)
-                ms = _decode_ms_per_token(model, prompt, decode, repeat)
+                ms, kv_bytes = _decode_ms_per_token(model, prompt, decode, repeat)
                 key = ("decode", b, decode)
                 base.setdefault(key, ms)
+                kv_base.setdefault(key, kv_bytes)
                 records.append({"variant": name, "phase": "decode", "batch": b, "tokens": decode,
                                 "median_ms": round(ms, 3), "tokens_per_s": round(b / ms * 1000, 1),
-                                "speedup_vs_fp32": round(base[key] / ms, 3)})
+                                "speedup_vs_fp32": round(base[key] / ms, 3),
+                                "kv_cache_mb": round(kv_bytes / 1e6, 3),
+                                "kv_cache_vs_fp32": round(kv_bytes / kv_base[key], 3) if kv_base[key] else None})
                 log.info("%s decode b=%d: %.2f ms/token", name, b, ms)
     return records
 

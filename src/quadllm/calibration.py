@@ -25,30 +25,46 @@ def _batches(samples: torch.Tensor, batch: int):
         yield samples[i:i + batch]
 
 
+class MomentAccumulator:
+    """Running ``E[x xᵀ]`` (float64, d×d) of the residual stream at the inputs of the norms it is
+    attached to (every token of every norm input weighted equally; with ``normalized`` each token
+    first scaled to unit norm)."""
+
+    def __init__(self, d: int, normalized: bool = False) -> None:
+        self.acc = torch.zeros(d, d, dtype=torch.float64)
+        self.count = 0
+        self.normalized = normalized
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        if not torch.isfinite(x).all():
+            raise CalibrationError("NaN or Inf in the residual stream during calibration; "
+                                   "check the calibration data and the model weights")
+        if self.normalized:
+            x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        self.acc.add_(x.T @ x)
+        self.count += x.shape[0]
+
+    def attach(self, layer: nn.Module, adapter: ArchAdapter) -> list:
+        """Pre-hooks on the norms of one decoder layer; returns the handles to remove."""
+        return [get_submodule(layer, group.norm).register_forward_pre_hook(lambda _m, args: self.add(args[0]))
+                for group in adapter.reader_groups]
+
+    @property
+    def moment(self) -> torch.Tensor:
+        return self.acc / max(self.count, 1)
+
+
 @torch.no_grad()
 def residual_second_moment(model: nn.Module, adapter: ArchAdapter, samples: torch.Tensor, batch: int = 8,
                            normalized: bool = False, progress: bool = True) -> torch.Tensor:
     """``E[x xᵀ]`` (float64, d×d) of the residual stream at the input of every decoder layer's
     norms, every token of every norm input weighted equally. With ``normalized`` each token is
     first scaled to unit norm (every token's direction then counts equally)."""
-    d = adapter.hidden_size
-    acc = torch.zeros(d, d, dtype=torch.float64)
-    count = [0]
-
-    def hook(_module, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-        if not torch.isfinite(x).all():
-            raise CalibrationError("NaN or Inf in the residual stream during calibration; "
-                                   "check the calibration data and the model weights")
-        if normalized:
-            x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        acc.add_(x.T @ x)
-        count[0] += x.shape[0]
-
+    acc = MomentAccumulator(adapter.hidden_size, normalized)
     handles = []
     for layer in adapter.layers(model):
-        for group in adapter.reader_groups:
-            handles.append(get_submodule(layer, group.norm).register_forward_pre_hook(hook))
+        handles += acc.attach(layer, adapter)
     try:
         bar = tqdm(list(_batches(samples, batch)), desc="residual moment", unit="batch", disable=not progress)
         for ids in bar:
@@ -56,7 +72,7 @@ def residual_second_moment(model: nn.Module, adapter: ArchAdapter, samples: torc
     finally:
         for h in handles:
             h.remove()
-    return acc / max(count[0], 1)
+    return acc.moment
 
 
 class _Stop(Exception):

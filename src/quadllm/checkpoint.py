@@ -2,7 +2,8 @@
 
 Layout of ``DIR``:
 
-- ``model.safetensors``: packed INT4 codes (``qweight``, uint8, two per byte), FP16 scales,
+- ``model.safetensors`` (or, from streaming quantization, one shard per decoder layer plus
+  ``model.safetensors.index.json`` in the Hugging Face layout): packed INT4 codes (``qweight``, uint8, two per byte), FP16 scales,
   FP16 outlier columns ``w_outlier`` and biases, the FP16 embedding (once, also for tied heads)
   and head, the FP32 maps into and out of the expanded basis, the online transforms' factors.
 - ``quadllm_config.json``: the format version, the :class:`~quadllm.config.QuantConfig`, the
@@ -16,6 +17,7 @@ directory that is not a quadllm checkpoint is never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -23,7 +25,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -42,16 +44,21 @@ FORMAT = "quadllm"
 FORMAT_VERSION = 1
 CONFIG_FILE = "quadllm_config.json"
 WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded checkpoints (streaming quantization)
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be written or read, with the reason."""
 
 
-def _storage_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def _storage_state_dict(model: nn.Module, skip_meta: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors as stored (FP16 where :func:`storage_dtype` says so); ``skip_meta`` leaves
+    out tensors on the meta device (layers a streaming run has already written)."""
     modules = dict(model.named_modules())
     out = {}
     for key, t in model.state_dict().items():
+        if skip_meta and t.device.type == "meta":
+            continue
         mod_name, _, tname = key.rpartition(".")
         dt = storage_dtype(modules[mod_name], tname)
         t = t.detach()
@@ -76,54 +83,24 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
-def save(model: nn.Module, tokenizer, out_dir: str | Path, original: Any = None,
-         extra: dict[str, Any] | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
-    """Write ``model`` (quantized by :func:`quadllm.quantize`) to ``out_dir`` atomically.
-
-    ``extra`` goes into ``quadllm_config.json``; ``extra_files`` (name -> bytes) are written
-    into the directory too (a fine-tune's loss curve, for example)."""
-    from safetensors.torch import save_file
-
-    info = getattr(model, "quadllm_info", None)
-    if info is None:
-        raise CheckpointError("this model has not been quantized by quadllm (no quadllm_info)")
+def check_output_dir(out_dir: str | Path) -> Path:
+    """The resolved output path; refuses a path that holds something other than a checkpoint."""
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not (out.is_dir() and (is_checkpoint(out) or not any(out.iterdir()))):
         raise CheckpointError(f"{out} exists and is not a quadllm checkpoint; refusing to overwrite it")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``out_dir``; on success it replaces ``out_dir`` (an
+    existing checkpoint is replaced only then), on any error it is removed and ``out_dir`` is
+    left as it was."""
+    out = check_output_dir(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        save_file(_storage_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "quadllm": "1"})
-        hf = model.config.to_dict()
-        hf.pop("_attn_implementation_internal", None)
-        with open(tmp / "config.json", "w") as f:
-            json.dump(hf, f, indent=2, default=str)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, data in (extra_files or {}).items():
-            if Path(name).name != name or name in (WEIGHTS_FILE, CONFIG_FILE, "config.json"):
-                raise CheckpointError(f"invalid extra file name {name!r}")
-            (tmp / name).write_bytes(data)
-        if hasattr(original, "to_dict"):
-            original = original.to_dict()
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "library_version": __version__,
-            "torch_version": torch.__version__,
-            "transformers_version": _transformers_version(),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "model_type": model.config.model_type,
-            "original_model": original,
-            **{k: v for k, v in info.items() if k != "library_version"},
-            "sizes": {"weights_file_bytes": (tmp / WEIGHTS_FILE).stat().st_size,
-                      "tensor_bytes": tensor_bytes(model)},
-            **(extra or {}),
-        }
-        with open(tmp / CONFIG_FILE, "w") as f:
-            json.dump(meta, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         _fsync_dir(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -136,6 +113,60 @@ def save(model: nn.Module, tokenizer, out_dir: str | Path, original: Any = None,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_metadata(tmp: Path, hf_config, tokenizer, info: dict[str, Any], original: Any,
+                   sizes: dict[str, Any], extra: dict[str, Any] | None = None,
+                   extra_files: dict[str, bytes] | None = None) -> None:
+    """Everything of a checkpoint but its tensors: ``config.json``, the tokenizer, extra files
+    and ``quadllm_config.json`` (written last, fsynced)."""
+    hf = hf_config.to_dict()
+    hf.pop("_attn_implementation_internal", None)
+    with open(tmp / "config.json", "w") as f:
+        json.dump(hf, f, indent=2, default=str)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for name, data in (extra_files or {}).items():
+        if Path(name).name != name or name in (WEIGHTS_FILE, WEIGHTS_INDEX, CONFIG_FILE, "config.json"):
+            raise CheckpointError(f"invalid extra file name {name!r}")
+        (tmp / name).write_bytes(data)
+    if hasattr(original, "to_dict"):
+        original = original.to_dict()
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "torch_version": torch.__version__,
+        "transformers_version": _transformers_version(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model_type": hf_config.model_type,
+        "original_model": original,
+        **{k: v for k, v in info.items() if k != "library_version"},
+        "sizes": sizes,
+        **(extra or {}),
+    }
+    with open(tmp / CONFIG_FILE, "w") as f:
+        json.dump(meta, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save(model: nn.Module, tokenizer, out_dir: str | Path, original: Any = None,
+         extra: dict[str, Any] | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write ``model`` (quantized by :func:`quadllm.quantize`) to ``out_dir`` atomically.
+
+    ``extra`` goes into ``quadllm_config.json``; ``extra_files`` (name -> bytes) are written
+    into the directory too (a fine-tune's loss curve, for example)."""
+    from safetensors.torch import save_file
+
+    info = getattr(model, "quadllm_info", None)
+    if info is None:
+        raise CheckpointError("this model has not been quantized by quadllm (no quadllm_info)")
+    with atomic_dir(out_dir) as tmp:
+        save_file(_storage_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "quadllm": "1"})
+        sizes = {"weights_file_bytes": (tmp / WEIGHTS_FILE).stat().st_size, "tensor_bytes": tensor_bytes(model)}
+        write_metadata(tmp, model.config, tokenizer, info, original, sizes, extra, extra_files)
+    out = check_output_dir(out_dir)
     log.info("saved %s (%.1f MB)", out, dir_size(out) / 1e6)
     return out
 
@@ -263,14 +294,15 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, adapter: str | Pa
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config)
     build_skeleton(model, config, meta["structure"], dtype)
-    weights = p / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{p} has no {WEIGHTS_FILE}: the checkpoint is incomplete")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{weights} is corrupt or unreadable: {exc}") from exc
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    state = {}
+    for weights in weight_files(p):
+        try:
+            part = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{weights} is corrupt or unreadable: {exc}") from exc
+        state.update({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in part.items()})
+        del part
+    weights = p / (WEIGHTS_FILE if (p / WEIGHTS_FILE).is_file() else WEIGHTS_INDEX)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
@@ -300,9 +332,30 @@ def weights_hash(path: str | Path) -> str:
     """SHA-256 of a checkpoint's weights file: identifies the exact base an adapter belongs to."""
     import hashlib
 
-    f = Path(path) / WEIGHTS_FILE
     h = hashlib.sha256()
-    with open(f, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
+    for f in weight_files(path):
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
     return h.hexdigest()
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The tensor files of a checkpoint: ``model.safetensors``, or the shards its index lists."""
+    p = Path(path)
+    if (p / WEIGHTS_FILE).is_file():
+        return [p / WEIGHTS_FILE]
+    index = p / WEIGHTS_INDEX
+    if not index.is_file():
+        raise CheckpointError(f"{p} has no {WEIGHTS_FILE} (nor {WEIGHTS_INDEX}): the checkpoint is incomplete")
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
+        raise CheckpointError(f"{index} is corrupt: {exc}") from exc
+    if any(not isinstance(n, str) or Path(n).name != n for n in names):
+        raise CheckpointError(f"{index} names files outside the checkpoint directory")
+    files = [p / n for n in names]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{p} is incomplete: missing {', '.join(missing)}")
+    return files

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -68,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-w-clip", action="store_true", help="disable the MSE clipping search for weights")
     q.add_argument("--moment", choices=("raw", "normalized"), default=d.moment,
                    help="residual second moment: raw tokens, or each token scaled to unit norm")
+    q.add_argument("--streaming", choices=("auto", "on", "off"), default="auto",
+                   help="quantize one decoder layer at a time from memory-mapped safetensors (local Hugging Face "
+                   "directories; auto: when the model would not fit in memory)")
+    q.add_argument("--activation-budget-mb", type=int, default=2048,
+                   help="streaming: calibration activations beyond this go to a temporary directory on disk")
     q.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
     _add_common(q)
 
@@ -194,6 +200,65 @@ def _estimate(model, samples: torch.Tensor, n_passes: int) -> float:
     return dt / probe.numel() * samples.numel() * n_passes
 
 
+def _use_streaming(args) -> bool:
+    """``--streaming on``, or ``auto`` and a local safetensors model whose float32 copy (plus the
+    transforms' working memory) would not fit in 80% of this machine's memory."""
+    from .models import ModelError, resolve
+    from .streaming import LazyWeights
+
+    if args.streaming == "off":
+        return False
+    source = resolve(args.model)
+    if source.kind != "hf-dir":
+        if args.streaming == "on":
+            raise ModelError(f"--streaming reads a local Hugging Face directory of safetensors files, not "
+                             f"{source.kind} {source.path}")
+        return False
+    if args.streaming == "on":
+        return True
+    try:
+        need = 8 * LazyWeights(source.path).numel()
+    except Exception:  # not safetensors: the in-memory path gives the error
+        return False
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > 0.8 * total:
+        log.info("the model needs about %.1f GB in memory and this machine has %.1f GB: streaming quantization",
+                 need / 1e9, total / 1e9)
+        return True
+    return False
+
+
+def _quantize_streaming(args, config, t0: float) -> int:
+    from transformers import AutoTokenizer
+
+    from .api import calibration_samples
+    from .checkpoint import dir_size
+    from .models import resolve
+    from .streaming import LazyWeights, quantize_streaming, safetensors_bytes
+
+    source = resolve(args.model)
+    tok = AutoTokenizer.from_pretrained(source.path)
+    fp16_bytes = 2 * LazyWeights(source.path).numel()
+    log.info("plan: %s (streaming)", config.describe())
+    samples = calibration_samples(tok, config, args.data_dir) if (config.rank > 0 or config.weights == "gptq") else None
+    result = quantize_streaming(source.path, config, samples, args.out, tok, source, progress=not args.quiet,
+                                activation_budget_bytes=args.activation_budget_mb * 2**20)
+    size = dir_size(args.out)
+    summary = {
+        "checkpoint": str(Path(args.out).resolve()),
+        "method": config.method, "rank": config.rank, "mode": config.mode, "streaming": True,
+        "quantize_seconds": round(result["timings"]["quantize_s"], 1),
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "peak_memory_mb": round(peak_rss_mb()),
+        "checkpoint_mb": round(size / 1e6, 2),
+        "original_fp16_mb": round(fp16_bytes / 1e6, 2),
+        "original_file_mb": round(safetensors_bytes(source.path) / 1e6, 2),
+        "size_vs_fp16": round(size / fp16_bytes, 3),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_quantize(args) -> int:
     from .api import calibration_samples
     from .checkpoint import dir_size, save
@@ -208,12 +273,14 @@ def cmd_quantize(args) -> int:
                          moment=args.moment)
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
+    if _use_streaming(args):
+        return _quantize_streaming(args, config, t0)
     model, tok, source = load_model(args.model)
     fp16_bytes = fp16_size_bytes(model)
     log.info("plan: %s", config.describe())
     samples = calibration_samples(tok, config, args.data_dir) if (config.rank > 0 or config.weights == "gptq") else None
     if samples is not None:
-        passes = (1 if config.rank > 0 else 0) + (5 if config.weights == "gptq" else 0)
+        passes = (1 if config.rank > 0 else 0) + (3 if config.weights == "gptq" else 0)
         log.info("estimated calibration time: about %.0f s (%d passes over %d x %d tokens)",
                  _estimate(model, samples, passes), passes, *samples.shape)
     quantize(model, config, samples, progress=not args.quiet)
@@ -391,9 +458,13 @@ def cmd_generate(args) -> int:
                                       return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(args.prompt, return_tensors="pt").input_ids
+    from .kv_cache import make_cache
+
+    cache = make_cache(model)  # integer K/V when the checkpoint quantizes its KV cache
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                             do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+                             do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                             **({"past_key_values": cache} if cache is not None else {}))
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return 0
 

@@ -76,7 +76,8 @@ def cmd_bench(args) -> int:
                     set_backend(m, "fake")
                 variants[backend] = m
         records = bench_model(variants, len(tok), prefill, args.decode, batches, repeat=args.repeat)
-        cols = ["variant", "phase", "batch", "tokens", "median_ms", "tokens_per_s", "speedup_vs_fp32"]
+        cols = ["variant", "phase", "batch", "tokens", "median_ms", "tokens_per_s", "speedup_vs_fp32", "kv_cache_mb",
+                "kv_cache_vs_fp32"]
         extra = {"weights_mb": {k: round(_tensor_mb(v), 1) for k, v in variants.items()}}
     print(records_markdown(records, cols), end="")
     out = {"records": records, **extra, "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -242,6 +242,10 @@ class KVQuant(nn.Module):
         self.rotation = None if rotation is None else nn.Parameter(rotation, requires_grad=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        cache = self.int_cache() if getattr(self, "int_cache", None) is not None else None
+        if cache is not None and cache.handed_over(k, v):
+            # an integer cache (quadllm.kv_cache) already rotated and quantized these keys and values
+            return (q @ self.rotation.to(q.dtype) if self.rotation is not None else q), k, v
         if self.rotation is not None:
             rot = self.rotation.to(q.dtype)
             q, k = q @ rot, k @ rot

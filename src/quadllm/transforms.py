@@ -52,24 +52,26 @@ def _to_quad_linear(lin: nn.Linear, weight: torch.Tensor, dtype: torch.dtype) ->
 
 
 @torch.no_grad()
-def prepare_model(model: nn.Module, adapter: ArchAdapter) -> nn.Module:
-    """Swap in quadllm modules and fuse norm gains; the basis is still the original one."""
-    adapter.check(model)
-    dtype = next(model.parameters()).dtype
+def prepare_layer(layer: nn.Module, adapter: ArchAdapter, dtype: torch.dtype) -> None:
+    """One decoder layer of :func:`prepare_model`: quadllm linears, norm gains fused into readers."""
     d = adapter.hidden_size
-    for layer in adapter.layers(model):
-        for group in adapter.reader_groups:
-            norm = get_submodule(layer, group.norm)
-            g = _norm_gain(norm, d)
-            for name in group.linears:
-                lin = get_submodule(layer, name)
-                w = lin.weight.detach().to(torch.float64) * g.unsqueeze(0)
-                set_submodule(layer, name, _to_quad_linear(lin, w, dtype))
-            set_submodule(layer, group.norm, QuadRMSNorm(d, _norm_eps(norm)))
-        for name in adapter.writers:
+    for group in adapter.reader_groups:
+        norm = get_submodule(layer, group.norm)
+        g = _norm_gain(norm, d)
+        for name in group.linears:
             lin = get_submodule(layer, name)
-            set_submodule(layer, name, _to_quad_linear(lin, lin.weight.detach(), dtype))
+            w = lin.weight.detach().to(torch.float64) * g.unsqueeze(0)
+            set_submodule(layer, name, _to_quad_linear(lin, w, dtype))
+        set_submodule(layer, group.norm, QuadRMSNorm(d, _norm_eps(norm)))
+    for name in adapter.writers:
+        lin = get_submodule(layer, name)
+        set_submodule(layer, name, _to_quad_linear(lin, lin.weight.detach(), dtype))
 
+
+@torch.no_grad()
+def prepare_ends(model: nn.Module, adapter: ArchAdapter, dtype: torch.dtype) -> None:
+    """The embedding, final norm and head part of :func:`prepare_model` (final gain into the head)."""
+    d = adapter.hidden_size
     final = adapter.final_norm(model)
     g = _norm_gain(final, d)
     adapter.set_final_norm(model, QuadRMSNorm(d, _norm_eps(final)))
@@ -86,6 +88,16 @@ def prepare_model(model: nn.Module, adapter: ArchAdapter) -> nn.Module:
         qhead = QuadHead(proj, weight=head.weight.detach(), bias=None if head_bias is None else head_bias.detach())
     adapter.set_head(model, qhead)
     model.config.quadllm_tied_head = tied
+
+
+@torch.no_grad()
+def prepare_model(model: nn.Module, adapter: ArchAdapter) -> nn.Module:
+    """Swap in quadllm modules and fuse norm gains; the basis is still the original one."""
+    adapter.check(model)
+    dtype = next(model.parameters()).dtype
+    for layer in adapter.layers(model):
+        prepare_layer(layer, adapter, dtype)
+    prepare_ends(model, adapter, dtype)
     return model
 
 
@@ -118,36 +130,50 @@ def residual_basis(moment: torch.Tensor | None, rank: int, seed: int, rotate: bo
 
 
 @torch.no_grad()
-def apply_residual_transform(model: nn.Module, adapter: ArchAdapter, Q: torch.Tensor, rank: int) -> None:
-    """Move the residual stream to ``h' = Qᵀ h`` (hidden size d -> d + rank)."""
+def transform_ends(model: nn.Module, adapter: ArchAdapter, Q: torch.Tensor) -> None:
+    """The embedding gains ``Qᵀ`` and the head ``Q``."""
     Q = Q.to(torch.float64)
     emb: QuadEmbedding = adapter.embedding(model)
-    dtype = emb.weight.dtype
+    dtype = emb.proj.dtype if emb.proj is not None else adapter.head(model).proj.dtype
     d = Q.shape[0]
     old = emb.proj.detach().to(torch.float64) if emb.proj is not None else torch.eye(d, dtype=torch.float64)
     emb.proj = nn.Parameter((Q.T @ old).to(dtype), requires_grad=False)
     head: QuadHead = adapter.head(model)
     hp = head.proj.detach().to(torch.float64) if head.proj is not None else torch.eye(d, dtype=torch.float64)
     head.proj = nn.Parameter((hp @ Q).to(dtype), requires_grad=False)
-    for layer in adapter.layers(model):
-        for group in adapter.reader_groups:
-            for name in group.linears:
-                lin: QuadLinear = get_submodule(layer, name)
-                w = lin.weight.detach().to(torch.float64) @ Q
-                new = QuadLinear(w.shape[1], w.shape[0], n_outlier=rank, bias=lin.bias is not None, dtype=dtype)
-                new.weight.data.copy_(w.to(dtype))
-                if lin.bias is not None:
-                    new.bias.data.copy_(lin.bias)
-                set_submodule(layer, name, new)
-        for name in adapter.writers:
-            lin = get_submodule(layer, name)
-            w = Q.T @ lin.weight.detach().to(torch.float64)
-            new = QuadLinear(w.shape[1], w.shape[0], bias=lin.bias is not None, dtype=dtype,
-                             transform=lin.transform)
+
+
+@torch.no_grad()
+def transform_layer(layer: nn.Module, adapter: ArchAdapter, Q: torch.Tensor, rank: int) -> None:
+    """One decoder layer of :func:`apply_residual_transform`: readers ``W Q``, writers ``Qᵀ W``."""
+    Q = Q.to(torch.float64)
+    for group in adapter.reader_groups:
+        for name in group.linears:
+            lin: QuadLinear = get_submodule(layer, name)
+            dtype = lin.weight.dtype
+            w = lin.weight.detach().to(torch.float64) @ Q
+            new = QuadLinear(w.shape[1], w.shape[0], n_outlier=rank, bias=lin.bias is not None, dtype=dtype)
             new.weight.data.copy_(w.to(dtype))
             if lin.bias is not None:
-                new.bias.data.copy_((Q.T @ lin.bias.detach().to(torch.float64)).to(dtype))
+                new.bias.data.copy_(lin.bias)
             set_submodule(layer, name, new)
+    for name in adapter.writers:
+        lin = get_submodule(layer, name)
+        dtype = lin.weight.dtype
+        w = Q.T @ lin.weight.detach().to(torch.float64)
+        new = QuadLinear(w.shape[1], w.shape[0], bias=lin.bias is not None, dtype=dtype, transform=lin.transform)
+        new.weight.data.copy_(w.to(dtype))
+        if lin.bias is not None:
+            new.bias.data.copy_((Q.T @ lin.bias.detach().to(torch.float64)).to(dtype))
+        set_submodule(layer, name, new)
+
+
+@torch.no_grad()
+def apply_residual_transform(model: nn.Module, adapter: ArchAdapter, Q: torch.Tensor, rank: int) -> None:
+    """Move the residual stream to ``h' = Qᵀ h`` (hidden size d -> d + rank)."""
+    transform_ends(model, adapter, Q)
+    for layer in adapter.layers(model):
+        transform_layer(layer, adapter, Q, rank)
 
 
 def head_rotation(head_dim: int) -> torch.Tensor:
@@ -156,27 +182,33 @@ def head_rotation(head_dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def apply_online_transforms(model: nn.Module, adapter: ArchAdapter) -> None:
-    """Hadamard before down_proj; head mixing before o_proj with a per-head Hadamard fused into v_proj."""
+def online_transform_layer(layer: nn.Module, adapter: ArchAdapter) -> None:
+    """One decoder layer of :func:`apply_online_transforms`."""
     nh, nkv, hd = adapter.num_heads, adapter.num_kv_heads, adapter.head_dim
     H_hd = head_rotation(hd)
+    down: QuadLinear = get_submodule(layer, adapter.down_proj)
+    t = OnlineTransform.hadamard(down.in_features)
+    _fuse_input_transform(down, t, [f.to(torch.float64) if isinstance(f, torch.Tensor) else f for f in t.factors()])
+
+    v: QuadLinear = get_submodule(layer, adapter.v_proj)
+    wv = v.weight.detach().to(torch.float64).reshape(nkv, hd, -1)
+    v.weight.data.copy_(torch.einsum("ij,hjk->hik", H_hd, wv).reshape(nkv * hd, -1).to(v.weight.dtype))
+    if v.bias is not None:
+        bv = v.bias.detach().to(torch.float64).reshape(nkv, hd)
+        v.bias.data.copy_((bv @ H_hd.T).reshape(-1).to(v.bias.dtype))
+
+    o: QuadLinear = get_submodule(layer, adapter.o_proj)
+    mix = OnlineTransform.mixing(nh, hd)
+    o.weight.data.copy_(kron_transform(o.weight.detach().to(torch.float64),
+                                       [orthogonal_matrix(nh), H_hd]).to(o.weight.dtype))
+    o.transform = mix
+
+
+@torch.no_grad()
+def apply_online_transforms(model: nn.Module, adapter: ArchAdapter) -> None:
+    """Hadamard before down_proj; head mixing before o_proj with a per-head Hadamard fused into v_proj."""
     for layer in adapter.layers(model):
-        down: QuadLinear = get_submodule(layer, adapter.down_proj)
-        t = OnlineTransform.hadamard(down.in_features)
-        _fuse_input_transform(down, t, [f.to(torch.float64) if isinstance(f, torch.Tensor) else f for f in t.factors()])
-
-        v: QuadLinear = get_submodule(layer, adapter.v_proj)
-        wv = v.weight.detach().to(torch.float64).reshape(nkv, hd, -1)
-        v.weight.data.copy_(torch.einsum("ij,hjk->hik", H_hd, wv).reshape(nkv * hd, -1).to(v.weight.dtype))
-        if v.bias is not None:
-            bv = v.bias.detach().to(torch.float64).reshape(nkv, hd)
-            v.bias.data.copy_((bv @ H_hd.T).reshape(-1).to(v.bias.dtype))
-
-        o: QuadLinear = get_submodule(layer, adapter.o_proj)
-        mix = OnlineTransform.mixing(nh, hd)
-        o.weight.data.copy_(kron_transform(o.weight.detach().to(torch.float64),
-                                           [orthogonal_matrix(nh), H_hd]).to(o.weight.dtype))
-        o.transform = mix
+        online_transform_layer(layer, adapter)
 
 
 def _fuse_input_transform(lin: QuadLinear, transform: OnlineTransform, factors: list[torch.Tensor]) -> None:
@@ -185,20 +217,33 @@ def _fuse_input_transform(lin: QuadLinear, transform: OnlineTransform, factors: 
     lin.transform = transform
 
 
+def kv_rotation(adapter: ArchAdapter, rotate: bool) -> torch.Tensor | None:
+    return head_rotation(adapter.head_dim).T.contiguous() if rotate else None
+
+
+def attach_layer_kv_quant(layer: nn.Module, adapter: ArchAdapter, bits: int, clip: float,
+                          rot: torch.Tensor | None) -> None:
+    attn = get_submodule(layer, adapter.attention)
+    dtype = next(layer.parameters()).dtype
+    attn.quad_kv = KVQuant(bits, clip, None if rot is None else rot.to(dtype).clone())  # one per layer
+
+
 def attach_kv_quant(model: nn.Module, adapter: ArchAdapter, bits: int, clip: float, rotate: bool) -> None:
     """Fake-quantize K and V of every attention module at ``bits`` (per head, per token)."""
-    rot = head_rotation(adapter.head_dim).T.contiguous() if rotate else None
+    rot = kv_rotation(adapter, rotate)
     for layer in adapter.layers(model):
-        attn = get_submodule(layer, adapter.attention)
-        dtype = next(layer.parameters()).dtype
-        attn.quad_kv = KVQuant(bits, clip, None if rot is None else rot.to(dtype).clone())  # one per layer
+        attach_layer_kv_quant(layer, adapter, bits, clip, rot)
+
+
+def set_layer_activation_quant(layer: nn.Module, adapter: ArchAdapter, config: QuantConfig) -> None:
+    for name in adapter.all_linears:
+        lin: QuadLinear = get_submodule(layer, name)
+        lin.act = config.act_spec(adapter.role(name))
 
 
 def set_activation_quant(model: nn.Module, adapter: ArchAdapter, config: QuantConfig) -> None:
     for layer in adapter.layers(model):
-        for name in adapter.all_linears:
-            lin: QuadLinear = get_submodule(layer, name)
-            lin.act = config.act_spec(adapter.role(name))
+        set_layer_activation_quant(layer, adapter, config)
 
 
 def set_act_enabled(model: nn.Module, enabled: bool) -> None:

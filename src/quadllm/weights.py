@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import ArchAdapter, get_submodule
-from .calibration import capture_layer_inputs, run_layer
+from .calibration import LayerInputs, capture_layer_inputs, run_layer
 from .config import QuantConfig
 from .gptq import HessianAccumulator, gptq_quantize, rtn_quantize
 from .modules import QuadLinear
@@ -37,13 +37,59 @@ def _check_group(lin: QuadLinear, config: QuantConfig, name: str) -> None:
 
 
 @torch.no_grad()
+def rtn_layer(layer: nn.Module, adapter: ArchAdapter, config: QuantConfig, index: int) -> None:
+    for name in adapter.all_linears:
+        lin: QuadLinear = get_submodule(layer, name)
+        _check_group(lin, config, f"layer {index} {name}")
+        _apply(lin, rtn_quantize(lin.weight.detach(), lin.n_outlier, config.w_bits, config.group_size,
+                                 config.w_clip), config)
+
+
+@torch.no_grad()
 def quantize_rtn(model: nn.Module, adapter: ArchAdapter, config: QuantConfig, progress: bool = True) -> None:
     for i, layer in enumerate(tqdm(adapter.layers(model), desc="RTN weights", unit="layer", disable=not progress)):
-        for name in adapter.all_linears:
-            lin: QuadLinear = get_submodule(layer, name)
-            _check_group(lin, config, f"layer {i} {name}")
-            _apply(lin, rtn_quantize(lin.weight.detach(), lin.n_outlier, config.w_bits, config.group_size,
-                                     config.w_clip), config)
+        rtn_layer(layer, adapter, config, i)
+
+
+@torch.no_grad()
+def gptq_layer(layer: nn.Module, adapter: ArchAdapter, config: QuantConfig, inputs: LayerInputs,
+               index: int) -> None:
+    """GPTQ for every linear of one decoder layer, calibrated on ``inputs`` (the layer's inputs);
+    with ``config.true_sequential`` each group sees the outputs of the groups quantized before it.
+    Activation quantization must be off (the caller's job)."""
+    groups = adapter.sequential_groups if config.true_sequential else (adapter.all_linears,)
+    try:
+        for group in groups:
+            lins = {name: get_submodule(layer, name) for name in group}
+            accs: dict[int, HessianAccumulator] = {}
+            owner: dict[str, int] = {}
+            seen: set[int] = set()
+            for name, lin in lins.items():
+                _check_group(lin, config, f"layer {index} {name}")
+                key = id(_input_of(layer, name, adapter))
+                owner[name] = key
+                if key not in accs:
+                    accs[key] = HessianAccumulator(lin.in_features)
+                    lin.capture = _capture(accs[key], key, seen, len(set(map(id, (_input_of(layer, n, adapter)
+                                                                                   for n in group)))))
+            for h, kw in zip(inputs.hidden, inputs.kwargs):
+                seen.clear()
+                try:
+                    run_layer(layer, h, kw)
+                except _GroupCaptured:  # the rest of the layer does not change these Hessians
+                    pass
+            for lin in lins.values():
+                lin.capture = None
+            for name, lin in lins.items():
+                H = accs[owner[name]].H
+                res = gptq_quantize(lin.weight.detach(), H, lin.n_outlier, config.w_bits, config.group_size,
+                                    config.w_clip, config.act_order, config.damp, config.gptq_block)
+                _apply(lin, res, config)
+            del accs
+    finally:
+        for m in layer.modules():
+            if isinstance(m, QuadLinear):
+                m.capture = None
 
 
 @torch.no_grad()
@@ -52,38 +98,28 @@ def quantize_gptq(model: nn.Module, adapter: ArchAdapter, config: QuantConfig, s
     set_act_enabled(model, False)
     try:
         inputs = capture_layer_inputs(model, adapter, samples, config.calib_batch)
-        layers = adapter.layers(model)
-        groups = adapter.sequential_groups if config.true_sequential else (adapter.all_linears,)
-        bar = tqdm(layers, desc="GPTQ", unit="layer", disable=not progress)
+        bar = tqdm(adapter.layers(model), desc="GPTQ", unit="layer", disable=not progress)
         for i, layer in enumerate(bar):
             t0 = time.perf_counter()
-            for group in groups:
-                lins = {name: get_submodule(layer, name) for name in group}
-                accs: dict[int, HessianAccumulator] = {}
-                owner: dict[str, int] = {}
-                for name, lin in lins.items():
-                    _check_group(lin, config, f"layer {i} {name}")
-                    key = id(_input_of(layer, name, adapter))
-                    owner[name] = key
-                    if key not in accs:
-                        accs[key] = HessianAccumulator(lin.in_features)
-                        lin.capture = accs[key].add
-                for h, kw in zip(inputs.hidden, inputs.kwargs):
-                    run_layer(layer, h, kw)
-                for lin in lins.values():
-                    lin.capture = None
-                for name, lin in lins.items():
-                    H = accs[owner[name]].H
-                    res = gptq_quantize(lin.weight.detach(), H, lin.n_outlier, config.w_bits, config.group_size,
-                                        config.w_clip, config.act_order, config.damp, config.gptq_block)
-                    _apply(lin, res, config)
+            gptq_layer(layer, adapter, config, inputs, i)
             inputs.hidden = [run_layer(layer, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
             bar.set_postfix(sec=f"{time.perf_counter() - t0:.1f}")
     finally:
         set_act_enabled(model, True)
-        for m in model.modules():
-            if isinstance(m, QuadLinear):
-                m.capture = None
+
+
+class _GroupCaptured(Exception):
+    """Raised from inside a layer's forward once every input of a GPTQ group has been seen."""
+
+
+def _capture(acc: HessianAccumulator, key: int, seen: set[int], n_inputs: int):
+    def capture(x: torch.Tensor) -> None:
+        acc.add(x)
+        seen.add(key)
+        if len(seen) == n_inputs:
+            raise _GroupCaptured
+
+    return capture
 
 
 def _input_of(layer: nn.Module, name: str, adapter: ArchAdapter) -> object:

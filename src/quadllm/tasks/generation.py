@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..kv_cache import make_cache
+
 log = logging.getLogger(__name__)
 
 #: Context length assumed when the model's configuration names none (the harness's default).
@@ -130,6 +132,9 @@ def _batch(model: nn.Module, tokenizer, rows: list[list[int]], pad: int, eos: se
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     extra = {"logits_to_keep": 1} if keep_logits else {}
+    int_cache = make_cache(model)  # integer K/V for models quantized with --kv-bits 4 or 8
+    if int_cache is not None:
+        extra[cache_arg] = int_cache
     result = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
     cache = _cache_of(result)
     generated: list[list[int]] = [[] for _ in rows]
