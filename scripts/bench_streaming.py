@@ -18,7 +18,6 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from make_random_llama8b import llama3_8b_config, write  # noqa: E402
+from quadllm.bench import machine_description  # noqa: E402
 
 log = logging.getLogger("bench_streaming")
 LIMIT_MB = 6 * 1024
@@ -67,7 +67,7 @@ def main() -> None:
     record = {
         "command": "python scripts/bench_streaming.py " + " ".join(sys.argv[1:]),
         "quantize_command": "quadllm " + " ".join(cmd[3:]),
-        "date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "date": dt.date.today().isoformat(), "machine": machine_description(),
         "machine_memory_gb": round(total_mem / 2**30, 1), "layers": args.layers,
         "model_safetensors_gb": round(summary["original_file_mb"] / 1e3, 2),
         "peak_memory_mb": summary["peak_memory_mb"], "limit_mb": LIMIT_MB,

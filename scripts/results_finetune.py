@@ -18,18 +18,17 @@ import argparse
 import datetime as dt
 import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import quadllm  # noqa: E402
+from quadllm.bench import machine_description  # noqa: E402
 from quadllm.checkpoint import load  # noqa: E402
 from quadllm.data import load_text, tokenize_windows  # noqa: E402
 from quadllm.evaluate import evaluate_many  # noqa: E402
@@ -180,7 +179,7 @@ def main() -> None:
     meta = {
         "command": "python scripts/results_finetune.py " + " ".join(sys.argv[1:]),
         "date": dt.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine_description(),
         "windows": int(windows.shape[0]), "windows_total": int(all_windows.shape[0]), "seqlen": args.seqlen,
         "loss": args.loss, "max_steps": args.max_steps, "batch_size": args.batch_size, "max_seqlen": args.max_seqlen,
         "val_fraction": args.val_fraction, "seed": args.seed, "lr": lrs["quad"], "lora_lr": lrs["lora"],

@@ -17,18 +17,17 @@ import argparse
 import datetime as dt
 import json
 import logging
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import quadllm  # noqa: E402
+from quadllm.bench import machine_description  # noqa: E402
 from quadllm.checkpoint import load  # noqa: E402
 from quadllm.data import load_text, tokenize_windows  # noqa: E402
 from quadllm.evaluate import evaluate_many  # noqa: E402
@@ -166,7 +165,7 @@ def main() -> None:
         "data": source.origin,
         "data_title": {"wikitext2": "WikiText-2 test", "ptb": "PTB test"}.get(args.data, args.data),
         "date": dt.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine_description(),
         "windows": int(windows.shape[0]), "windows_total": int(all_windows.shape[0]), "seqlen": args.seqlen,
         "calib_samples": args.calib_samples, "calib_seqlen": args.calib_seqlen, "seed": args.seed,
         "a_clip": quadllm.QuantConfig().a_clip, "fp16_mb": round(fp16_size_bytes(fp) / 1e6, 2),

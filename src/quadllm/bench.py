@@ -33,6 +33,27 @@ log = logging.getLogger(__name__)
 __all__ = ["median_ms", "quad_linear", "bench_linear", "bench_model", "records_markdown", "parse_shapes"]
 
 
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo where there is one)."""
+    import platform
+
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description() -> str:
+    """What results files record about the machine: processor, threads, torch."""
+    import os
+
+    return (f"{cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}")
+
+
 def median_ms(fn: Callable[[], Any], warmup: int = 2, repeat: int = 7, min_seconds: float = 0.0) -> float:
     """Median wall time of ``fn()`` in milliseconds, after ``warmup`` calls; at least ``repeat``
     runs and, when ``min_seconds`` is set, runs until that much time has passed."""
