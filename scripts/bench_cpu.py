@@ -18,7 +18,6 @@ import argparse
 import datetime as dt
 import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from quadllm.bench import bench_linear, bench_model, records_markdown  # noqa: E402
+from quadllm.bench import bench_linear, bench_model, machine_description, records_markdown  # noqa: E402
 from quadllm.checkpoint import load  # noqa: E402
 from quadllm.models import load_model  # noqa: E402
 
@@ -64,8 +63,7 @@ def main() -> None:
     else:
         log.warning("no checkpoint at %s: SmolLM2 end to end skipped (run scripts/results_smollm2.py first)", ckpt)
     meta = {"command": "python scripts/bench_cpu.py " + " ".join(sys.argv[1:]), "date": dt.date.today().isoformat(),
-            "machine": f"{platform.machine()} ({platform.processor() or 'cpu'}), {torch.get_num_threads()} threads, "
-                       f"torch {torch.__version__}", "seconds": round(time.perf_counter() - t0, 1)}
+            "machine": machine_description(), "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "linear": linear, "model": model_records},

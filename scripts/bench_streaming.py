@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from make_random_llama8b import llama3_8b_config, write  # noqa: E402
 from quadllm.bench import machine_description  # noqa: E402
+from results_smollm2 import portable  # noqa: E402
 
 log = logging.getLogger("bench_streaming")
 LIMIT_MB = 6 * 1024
@@ -75,6 +76,7 @@ def main() -> None:
     }
     outp = Path(args.out)
     outp.parent.mkdir(parents=True, exist_ok=True)
+    record = portable(record)
     outp.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     md = [
         "# Streaming quantization of a Llama-3-8B-shaped model (random weights)",

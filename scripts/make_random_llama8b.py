@@ -8,8 +8,8 @@ scaled up so that the residual stream has outlier channels, as real models do. T
 SmolLM2's (offline; its ids are a subset of the vocabulary). Shards are written one at a time
 (at most about 1 GB in memory) into a temporary directory that is renamed into place at the end.
 
-    python scripts/make_random_llama8b.py --out /tmp/llama8b-random
-    python scripts/make_random_llama8b.py --out /tmp/tiny --layers 2 --hidden 256 --mlp 512  # quick check
+    python scripts/make_random_llama8b.py --out runs/llama8b-random
+    python scripts/make_random_llama8b.py --out runs/llama-tiny-random --layers 2 --hidden 256 --mlp 512  # quick check
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from quadllm.checkpoint import load  # noqa: E402
 from quadllm.data import load_text, tokenize_windows  # noqa: E402
 from quadllm.evaluate import evaluate_many  # noqa: E402
 from quadllm.models import load_model  # noqa: E402
-from results_smollm2 import add_checkpoint_args, quantize_args, quantize_row, run_cli_cached, slug  # noqa: E402
+from results_smollm2 import add_checkpoint_args, portable, quantize_args, quantize_row, run_cli_cached, slug  # noqa: E402
 
 BASE = ("QUAD W4A4 r=64", ["--method", "quad", "--rank", "64"])
 
@@ -188,8 +188,9 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
-    out.with_suffix(".md").write_text(fmt_md(rows, meta))
+    saved = portable({"meta": meta, "rows": rows})
+    out.with_suffix(".json").write_text(json.dumps(saved, indent=2))
+    out.with_suffix(".md").write_text(fmt_md(saved["rows"], saved["meta"]))
     print(out.with_suffix(".md").read_text())
 
 

@@ -77,6 +77,15 @@ def quantize_args(args: argparse.Namespace) -> argparse.Namespace:
                               seed=args.seed, data_dir=args.data_dir, force=False)
 
 
+def portable(obj):
+    """``obj`` (JSON-able) with this checkout's absolute paths written relative to it (``.``) and
+    to the data beside it (``../shared``), so results files name no machine's directories."""
+    text = json.dumps(obj, default=str)
+    for path, short in ((ROOT.parent / "shared", "../shared"), (ROOT, ".")):
+        text = text.replace(json.dumps(str(path))[1:-1], short)
+    return json.loads(text)
+
+
 def run_cli_cached(name: str, cmd: list[str], out: Path, force: bool) -> dict:
     """Run a `quadllm` CLI command in its own process (so its time and peak memory are its own)
     and keep its JSON summary beside ``out``; reuse both when ``out`` exists, unless ``force``."""
@@ -90,6 +99,7 @@ def run_cli_cached(name: str, cmd: list[str], out: Path, force: bool) -> dict:
         raise SystemExit(f"{name} failed:\n{r.stderr[-4000:]}")
     summary = json.loads(r.stdout)
     summary["command"] = "quadllm " + " ".join(cmd[3:])
+    summary = portable(summary)
     summary_file.write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -143,7 +153,8 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.render_only:
-        saved = json.loads(Path(args.out).with_suffix(".json").read_text())
+        saved = portable(json.loads(Path(args.out).with_suffix(".json").read_text()))
+        Path(args.out).with_suffix(".json").write_text(json.dumps(saved, indent=2))
         Path(args.out).with_suffix(".md").write_text(fmt_md(saved["rows"], saved["meta"]))
         print(Path(args.out).with_suffix(".md").read_text())
         return
@@ -179,8 +190,9 @@ def main() -> None:
             if name in summaries:
                 r["quantize"] = summaries[name]
         m = {**meta, "windows": done, "tokens": next(iter(results.values()))["tokens"]}
-        out.with_suffix(".json").write_text(json.dumps({"meta": m, "rows": results}, indent=2))
-        out.with_suffix(".md").write_text(fmt_md(results, m))
+        saved = portable({"meta": m, "rows": results})
+        out.with_suffix(".json").write_text(json.dumps(saved, indent=2))
+        out.with_suffix(".md").write_text(fmt_md(saved["rows"], saved["meta"]))
 
     previous = None
     if args.resume and out.with_suffix(".json").is_file():

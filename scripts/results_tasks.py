@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from results_finetune import OUTLIER_FT_DIR  # noqa: E402
-from results_smollm2 import ROWS, add_checkpoint_args, quantize_args, quantize_row, slug  # noqa: E402
+from results_smollm2 import ROWS, add_checkpoint_args, portable, quantize_args, quantize_row, slug  # noqa: E402
 
 ZERO_SHOT = "piqa,arc_easy,arc_challenge,hellaswag,winogrande,lambada_openai,openbookqa,boolq"
 GENERATIVE = "gsm8k,humaneval"
@@ -58,6 +58,7 @@ def run_compare(label: str, tasks: str, limit: int, models: list[str], out: Path
     result = json.loads(js.read_text())
     result["command"] = "quadllm " + " ".join(cmd[3:])
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    result = portable(result)
     js.write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result
 
