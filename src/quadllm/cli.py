@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -14,12 +13,9 @@ from typing import Any
 
 import torch
 
+from .memory import peak_rss_mb
+
 log = logging.getLogger("quadllm")
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -203,6 +199,7 @@ def _estimate(model, samples: torch.Tensor, n_passes: int) -> float:
 def _use_streaming(args) -> bool:
     """``--streaming on``, or ``auto`` and a local safetensors model whose float32 copy (plus the
     transforms' working memory) would not fit in 80% of this machine's memory."""
+    from .checkpoint import CheckpointError
     from .models import ModelError, resolve
     from .streaming import LazyWeights
 
@@ -218,7 +215,7 @@ def _use_streaming(args) -> bool:
         return True
     try:
         need = 8 * LazyWeights(source.path).numel()
-    except Exception:  # not safetensors: the in-memory path gives the error
+    except CheckpointError:  # not safetensors: the in-memory path loads it (or says what is wrong)
         return False
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > 0.8 * total:
@@ -234,7 +231,8 @@ def _quantize_streaming(args, config, t0: float) -> int:
     from .api import calibration_samples
     from .checkpoint import dir_size
     from .models import resolve
-    from .streaming import LazyWeights, quantize_streaming, safetensors_bytes
+    from .models import model_size_bytes
+    from .streaming import LazyWeights, quantize_streaming
 
     source = resolve(args.model)
     tok = AutoTokenizer.from_pretrained(source.path)
@@ -252,7 +250,7 @@ def _quantize_streaming(args, config, t0: float) -> int:
         "peak_memory_mb": round(peak_rss_mb()),
         "checkpoint_mb": round(size / 1e6, 2),
         "original_fp16_mb": round(fp16_bytes / 1e6, 2),
-        "original_file_mb": round(safetensors_bytes(source.path) / 1e6, 2),
+        "original_file_mb": round(model_size_bytes(source) / 1e6, 2),
         "size_vs_fp16": round(size / fp16_bytes, 3),
     }
     print(json.dumps(summary, indent=2))

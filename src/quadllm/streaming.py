@@ -27,7 +27,6 @@ import copy
 import json
 import logging
 import math
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from .arch import ArchAdapter, get_adapter
 from .calibration import LayerInputs, MomentAccumulator, capture_layer_inputs, run_layer
 from .checkpoint import WEIGHTS_INDEX, CheckpointError, _storage_state_dict, atomic_dir, tensor_bytes, write_metadata
 from .config import ConfigError, QuantConfig
+from .memory import peak_rss_mb
 from .modules import QuadLinear
 from .pipeline import round_to_storage, structure_of, use_quad_attention
 from .transforms import (attach_layer_kv_quant, kv_rotation, online_transform_layer, prepare_ends, prepare_layer,
@@ -51,7 +51,7 @@ from .weights import gptq_layer, rtn_layer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LazyWeights", "ActivationStore", "quantize_streaming", "safetensors_bytes"]
+__all__ = ["LazyWeights", "ActivationStore", "quantize_streaming"]
 
 
 class LazyWeights:
@@ -90,34 +90,23 @@ class LazyWeights:
                 raise CheckpointError(f"{path} is corrupt or unreadable: {exc}") from exc
         return self._handles[name]
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.weight_map
-
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if key not in self.weight_map:
             raise CheckpointError(f"{self.dir}: tensor {key} is missing")
         t = self._handle(self.weight_map[key]).get_tensor(key)
         return t if dtype is None or not t.is_floating_point() else t.to(dtype)
 
-    def with_prefix(self, prefix: str) -> list[str]:
-        return [k for k in self.weight_map if k.startswith(prefix)]
-
     def numel(self) -> int:
         """Elements of all tensors, read from the headers only."""
         return sum(math.prod(self._handle(f).get_slice(k).get_shape()) for k, f in self.weight_map.items())
 
 
-def safetensors_bytes(directory: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
-
-
 @torch.no_grad()
-def materialize(module: nn.Module, weights: LazyWeights, prefix: str, dtype: torch.dtype,
-                skip: tuple[str, ...] = ()) -> None:
+def materialize(module: nn.Module, weights: LazyWeights, prefix: str, dtype: torch.dtype) -> None:
     """Give ``module`` (on the meta device) its tensors ``prefix + name`` from ``weights``."""
     state = {}
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if t.device.type != "meta" or name in skip:
+        if t.device.type != "meta":
             continue
         t = weights.get(prefix + name, dtype)
         if t.is_floating_point() and not torch.isfinite(t).all():
@@ -190,10 +179,6 @@ def _map(store: ActivationStore, fn, budget: int | None, workdir: Path | None) -
     return out
 
 
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _layer_state(layer: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     return {prefix + k: v for k, v in _storage_state_dict(layer).items()}
 
@@ -246,8 +231,7 @@ def quantize_streaming(model_dir: str | Path, config: QuantConfig, samples: torc
     emb_key = names[id(adapter.embedding(model))] + ".weight"
     n_shards = len(layers) + 1
     shard_name = "model-{:05d}-of-{:05d}.safetensors".format
-    log.info("streaming quantization of %s (%.2f GB of safetensors, %d layers): %s", model_dir,
-             safetensors_bytes(model_dir) / 1e9, len(layers), config.describe())
+    log.info("streaming quantization of %s (%d layers): %s", model_dir, len(layers), config.describe())
     timings: dict[str, float] = {}
 
     # 1. the inputs of layer 0 (original basis) and the layers' keyword arguments
@@ -344,7 +328,7 @@ def quantize_streaming(model_dir: str | Path, config: QuantConfig, samples: torc
             weight_map.update({k: name for k in state})
             del state
             release(layer)
-            bar.set_postfix(sec=f"{time.perf_counter() - t_layer:.1f}", peak_mb=f"{_peak_mb():.0f}")
+            bar.set_postfix(sec=f"{time.perf_counter() - t_layer:.1f}", peak_mb=f"{peak_rss_mb():.0f}")
         if hidden is not None:
             hidden.close()
         timings["weights_s"] = time.perf_counter() - t0
@@ -377,9 +361,9 @@ def quantize_streaming(model_dir: str | Path, config: QuantConfig, samples: torc
         info.update(timings)
         quad_info = {"quant_config": config.to_dict(), "structure": structure_of(config, adapter),
                      "timings": info, "library_version": __version__,
-                     "streaming": {"peak_memory_mb": round(_peak_mb()), "shards": n_shards,
+                     "streaming": {"peak_memory_mb": round(peak_rss_mb()), "shards": n_shards,
                                    "activation_budget_bytes": activation_budget_bytes}}
         write_metadata(tmp, model.config, tokenizer, quad_info, original,
                        {"weights_file_bytes": total, "tensor_bytes": kinds})
-    log.info("streaming quantization done in %.1f s, peak memory %.0f MB", timings["quantize_s"], _peak_mb())
-    return {"timings": info, "peak_memory_mb": round(_peak_mb()), "weights_bytes": total, "tensor_bytes": kinds}
+    log.info("streaming quantization done in %.1f s, peak memory %.0f MB", timings["quantize_s"], peak_rss_mb())
+    return {"timings": info, "peak_memory_mb": round(peak_rss_mb()), "weights_bytes": total, "tensor_bytes": kinds}

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..kv_cache import make_cache
+from ..kv_cache import cache_kwarg, make_cache
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
     device = next(model.parameters()).device
     params = inspect.signature(model.forward).parameters
     keep_logits = "logits_to_keep" in params
-    cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers 5 renamed it
+    cache_arg = cache_kwarg(model)
     was_training = model.training
     model.eval()
     out: list[str] = [""] * len(encoded)
