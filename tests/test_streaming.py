@@ -154,5 +154,10 @@ def test_cli_streaming(tmp_path, capsys):
     model, _, meta = load(tmp_path / "q")
     assert meta["quant_config"]["rank"] == 8 and meta["original_model"]["path"] == str(d)
     assert main(["eval", str(tmp_path / "q"), "--data", str(text), "--seqlen", "32", "--max-windows", "2", "-q"]) == 0
+    # the in-memory path prints the same summary, without the streaming mark
+    capsys.readouterr()
+    assert main(args[:-3] + ["--out", str(tmp_path / "m"), "-q", "--streaming", "off"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert "streaming" not in plain and plain.keys() | {"streaming"} == summary.keys()
     # a GGUF or hub model cannot stream
     assert main(["quantize", "--streaming", "on", "--out", str(tmp_path / "g"), "-q"]) == 2

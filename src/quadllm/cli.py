@@ -229,9 +229,7 @@ def _quantize_streaming(args, config, t0: float) -> int:
     from transformers import AutoTokenizer
 
     from .api import calibration_samples
-    from .checkpoint import dir_size
     from .models import resolve
-    from .models import model_size_bytes
     from .streaming import LazyWeights, quantize_streaming
 
     source = resolve(args.model)
@@ -241,11 +239,22 @@ def _quantize_streaming(args, config, t0: float) -> int:
     samples = calibration_samples(tok, config, args.data_dir) if (config.rank > 0 or config.weights == "gptq") else None
     result = quantize_streaming(source.path, config, samples, args.out, tok, source, progress=not args.quiet,
                                 activation_budget_bytes=args.activation_budget_mb * 2**20)
-    size = dir_size(args.out)
+    return _print_quantize_summary(Path(args.out).resolve(), config, result["timings"]["quantize_s"], t0, fp16_bytes,
+                                   source, streaming=True)
+
+
+def _print_quantize_summary(out: Path, config, quantize_s: float, t0: float, fp16_bytes: int, source,
+                            streaming: bool = False) -> int:
+    """What ``quadllm quantize`` prints (and the results scripts read): time, memory, sizes."""
+    from .checkpoint import dir_size
+    from .models import model_size_bytes
+
+    size = dir_size(out)
     summary = {
-        "checkpoint": str(Path(args.out).resolve()),
-        "method": config.method, "rank": config.rank, "mode": config.mode, "streaming": True,
-        "quantize_seconds": round(result["timings"]["quantize_s"], 1),
+        "checkpoint": str(out),
+        "method": config.method, "rank": config.rank, "mode": config.mode,
+        **({"streaming": True} if streaming else {}),
+        "quantize_seconds": round(quantize_s, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
         "peak_memory_mb": round(peak_rss_mb()),
         "checkpoint_mb": round(size / 1e6, 2),
@@ -259,9 +268,9 @@ def _quantize_streaming(args, config, t0: float) -> int:
 
 def cmd_quantize(args) -> int:
     from .api import calibration_samples
-    from .checkpoint import dir_size, save
+    from .checkpoint import save
     from .config import QuantConfig
-    from .models import fp16_size_bytes, load_model, model_size_bytes
+    from .models import fp16_size_bytes, load_model
     from .pipeline import quantize
 
     config = QuantConfig(method=args.method, rank=args.rank, mode=args.mode, weights=args.weights,
@@ -283,20 +292,7 @@ def cmd_quantize(args) -> int:
                  _estimate(model, samples, passes), passes, *samples.shape)
     quantize(model, config, samples, progress=not args.quiet)
     out = save(model, tok, args.out, original=source)
-    size = dir_size(out)
-    summary = {
-        "checkpoint": str(out),
-        "method": config.method, "rank": config.rank, "mode": config.mode,
-        "quantize_seconds": round(model.quadllm_info["timings"]["quantize_s"], 1),
-        "total_seconds": round(time.perf_counter() - t0, 1),
-        "peak_memory_mb": round(peak_rss_mb()),
-        "checkpoint_mb": round(size / 1e6, 2),
-        "original_fp16_mb": round(fp16_bytes / 1e6, 2),
-        "original_file_mb": round(model_size_bytes(source) / 1e6, 2),
-        "size_vs_fp16": round(size / fp16_bytes, 3),
-    }
-    print(json.dumps(summary, indent=2))
-    return 0
+    return _print_quantize_summary(out, config, model.quadllm_info["timings"]["quantize_s"], t0, fp16_bytes, source)
 
 
 def _reference_model(args, model, meta):
