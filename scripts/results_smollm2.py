@@ -197,7 +197,8 @@ def main() -> None:
     previous = None
     if args.resume and out.with_suffix(".json").is_file():
         old = json.loads(out.with_suffix(".json").read_text())
-        same = all(old["meta"][k] == meta[k] for k in ("windows_total", "seqlen", "calib_samples",
+        now = portable(meta)
+        same = all(old["meta"][k] == now[k] for k in ("windows_total", "seqlen", "calib_samples",
                                                       "calib_seqlen", "seed", "data") if k in old["meta"])
         if not same:
             raise SystemExit("--resume: the existing results were made with other settings")

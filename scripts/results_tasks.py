@@ -4,12 +4,17 @@ the outlier-fine-tuned QUAD model when scripts/results_finetune.py has made it) 
 zero-shot tasks of lm-evaluation-harness and on GSM8K and HumanEval, as "% of FP".
 
 The checkpoints are those of scripts/results_smollm2.py (reused from runs/smollm2, made there
-when missing). Each of the two comparisons runs `quadllm compare` in its own process; their
-Markdown and JSON go to results/smollm2_tasks_{zeroshot,generative}.{md,json} and the summary
-with wall times to results/smollm2_tasks.md.
+when missing). Every (task, model) cell is one `quadllm eval MODEL --tasks TASK --limit N --json
+...` in its own process; its JSON is kept in results/smollm2_tasks/<model>/<task>.json (committed),
+so the table can be filled over several sittings: cells already there are reused, and
+`--budget-minutes` stops starting new cells after that long. Cells run task by task (every model
+on one task, then the next task), so a partial table holds complete rows. Per-item records go to
+runs/smollm2_tasks_samples/. The table (with the wall time of every cell) is
+results/smollm2_tasks.{md,json}, built from the cells with quadllm.compare.
 
-    python scripts/results_tasks.py                       # 500 items per zero-shot task, 100 generative
-    python scripts/results_tasks.py --limit 50 --gen-limit 10   # a quick look
+    python scripts/results_tasks.py                           # 500 items per zero-shot task, 100 generative
+    python scripts/results_tasks.py --budget-minutes 60       # as many cells as fit in an hour
+    python scripts/results_tasks.py --limit 50 --gen-limit 10 --out /tmp/quick   # a quick look elsewhere
 """
 
 from __future__ import annotations
@@ -18,111 +23,189 @@ import argparse
 import datetime as dt
 import json
 import logging
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from quadllm.bench import machine_description  # noqa: E402
+from quadllm.compare import build_rows, compare_markdown  # noqa: E402
 from results_finetune import OUTLIER_FT_DIR  # noqa: E402
 from results_smollm2 import ROWS, add_checkpoint_args, portable, quantize_args, quantize_row, slug  # noqa: E402
 
-ZERO_SHOT = "piqa,arc_easy,arc_challenge,hellaswag,winogrande,lambada_openai,openbookqa,boolq"
-GENERATIVE = "gsm8k,humaneval"
-MODELS = ("QuaRot W4A4", "QUAD W4A4 r=64", "QUAD W4A4A8 r=64")
+ZERO_SHOT = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada_openai", "openbookqa", "boolq")
+GENERATIVE = ("gsm8k", "humaneval")
+QUANTIZED = ("QuaRot W4A4", "QUAD W4A4 r=64", "QUAD W4A4A8 r=64")
+FP = "SmolLM2-135M-Instruct"
+FINETUNED = "QUAD W4A4 r=64 + outlier FT"
 WEAK = 0.10  # an FP score below this is too low to tell quantization methods apart
 
 log = logging.getLogger("results")
 
 
-def run_compare(label: str, tasks: str, limit: int, models: list[str], out: Path, args) -> dict:
-    cmd = [sys.executable, "-m", "quadllm.cli", "compare", "default", *models, "--tasks", tasks, "--limit",
-           str(limit), "--seed", str(args.seed), "--out", str(out.with_suffix(".md")), "-q"]
+def cell_file(parts: Path, model: str, task: str) -> Path:
+    return parts / slug(model).replace("+", "plus") / f"{task}.json"
+
+
+def run_cell(model: str, spec: str, task: str, limit: int, parts: Path, args) -> dict:
+    """One ``quadllm eval --tasks`` run in its own process; its JSON (with the command and wall
+    time added) is written to the cell's file only when the run succeeded."""
+    out = cell_file(parts, model, task)
+    samples = ROOT / "runs" / "smollm2_tasks_samples" / out.parent.name / f"{task}.jsonl"
+    tmp = out.with_suffix(".json.tmp")
+    cmd = [sys.executable, "-m", "quadllm.cli", "eval", spec, "--tasks", task, "--limit", str(limit),
+           "--seed", str(args.seed), "--json", str(tmp), "--samples", str(samples), "-q"]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
-    js = out.with_suffix(".json")
-    if js.is_file() and not args.force:
-        log.info("%s: reusing %s", label, js)
-        return json.loads(js.read_text())
-    log.info("%s: %s", label, " ".join(cmd[1:]))
+    log.info("%s on %s: %s", model, task, " ".join(cmd[3:]))
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:
-        raise SystemExit(f"{label} failed:\n{r.stderr[-4000:]}")
-    result = json.loads(js.read_text())
-    result["command"] = "quadllm " + " ".join(cmd[3:])
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"{model} on {task} failed:\n{r.stderr[-4000:]}")
+    result = json.loads(tmp.read_text())
+    result.pop("samples_file", None)
+    result["command"] = "quadllm " + " ".join(cmd[3:]).replace(str(tmp), str(out))
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    result = portable(result)
-    js.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    result["date"] = dt.date.today().isoformat()
+    result["machine"] = machine_description()
+    out.write_text(json.dumps(portable(result), indent=2, default=str) + "\n")
+    tmp.unlink()
+    log.info("%s on %s: %s in %.0f s", model, task, result["tasks"], result["wall_seconds"])
     return result
 
 
-def weak_notes(result: dict) -> list[str]:
+def load_cell(path: Path, limit: int, seed: int) -> dict | None:
+    """A finished cell, or None; a cell made with another limit or seed is an error."""
+    if not path.is_file():
+        return None
+    cell = json.loads(path.read_text())
+    if cell.get("limit") != limit or cell.get("seed") != seed:
+        raise SystemExit(f"{path} was made with limit {cell.get('limit')}, seed {cell.get('seed')}, not "
+                         f"{limit}, {seed}: use another --parts directory or delete it")
+    return cell
+
+
+def merge(cells: dict[tuple[str, str], dict], models: list[str]) -> dict[str, dict]:
+    """Per model: ``{"tasks": {...}, "seconds": {...}}`` from its finished cells."""
+    merged = {m: {"tasks": {}, "seconds": {}} for m in models}
+    for (task, model), cell in cells.items():
+        merged[model]["tasks"].update(cell["tasks"])
+        merged[model]["seconds"][task] = cell["wall_seconds"]
+    return merged
+
+
+def weak_notes(rows: list[dict]) -> list[str]:
     notes = []
-    ref = result["reference"]
-    for row in result["rows"]:
-        v = row["values"].get(ref)
-        if row["task"] in ("gsm8k", "humaneval") and isinstance(v, (int, float)) and v < WEAK:
+    for row in rows:
+        v = row["values"].get(FP)
+        if row["task"] in GENERATIVE and isinstance(v, (int, float)) and v < WEAK:
             notes.append(f"- {row['task']} `{row['metric']}`: the FP model scores {100 * v:.1f}%, too close to zero "
                          "for this 135M model to tell the quantization methods apart; do not read the percentages "
                          "of FP on this row as a ranking.")
     return notes
 
 
-def seconds_table(result: dict) -> list[str]:
-    lines = ["| model | " + " | ".join(t for t in next(iter(result["results"].values()))["seconds"]) + " |"]
-    lines.append("| --- |" + " ---: |" * (lines[0].count("|") - 2))
-    for name, r in result["results"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{s:.0f}" for s in r["seconds"].values()) + " |")
+def seconds_table(merged: dict[str, dict], tasks: list[str]) -> list[str]:
+    lines = ["| model | " + " | ".join(tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
+    for name, r in merged.items():
+        cells = [f"{r['seconds'][t]:.0f}" if t in r["seconds"] else "–" for t in tasks]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def render(cells: dict, models: list[str], tasks: list[str], args, total: int) -> str:
+    merged = merge(cells, models)
+    lines = ["# SmolLM2-135M-Instruct: tasks as % of full precision", ""]
+    status = "complete" if len(cells) == total else f"**in progress: {len(cells)} of {total} cells done**"
+    machines = sorted({c.get("machine", "?") for c in cells.values()})
+    lines += [f"Generated by `python scripts/results_tasks.py` ({status}); each cell's command, date and machine "
+              "are in results/smollm2_tasks/<model>/<task>.json. Checkpoints: GPTQ weights, calibration "
+              f"{args.calib_samples} x {args.calib_seqlen} tokens of `wiki.valid.tokens`, seed {args.seed} "
+              "(scripts/results_smollm2.py). Zero-shot tasks: the first "
+              f"{args.limit} items (the whole split when smaller); GSM8K and HumanEval: the first {args.gen_limit}. "
+              f"Machines: {'; '.join(machines) if machines else 'none yet'}.", ""]
+    for label, group in (("zero-shot", [t for t in tasks if t in ZERO_SHOT]),
+                         ("generative", [t for t in tasks if t in GENERATIVE])):
+        if not group:
+            continue
+        complete = [t for t in group if all((t, m) in cells for m in models)]
+        lines += [f"## {label}", ""]
+        if not complete:
+            lines += ["No task done for every model yet.", ""]
+            continue
+        done = {k: v for k, v in cells.items() if k[0] in complete}
+        rows = build_rows(merge(done, models), FP)
+        lines += compare_markdown(rows, models, FP).splitlines() + [""]
+        missing = [t for t in group if t not in complete]
+        if missing:
+            lines += [f"Not yet done for every model (left out of the table and the average): {', '.join(missing)}.",
+                      ""]
+        lines += weak_notes(rows)
+        lines += ["", "Wall seconds per cell (model load included):", ""]
+        lines += seconds_table(merged, group) + [""]
+    return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limit", type=int, default=500, help="items per zero-shot task (first N, the harness's way)")
     p.add_argument("--gen-limit", type=int, default=100, help="items for GSM8K and HumanEval")
+    p.add_argument("--tasks", default=",".join(ZERO_SHOT + GENERATIVE), help="comma-separated subset of the tasks")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="start no new cell after this many minutes (finished cells are kept)")
     add_checkpoint_args(p)
-    p.add_argument("--out", default=str(ROOT / "results" / "smollm2_tasks"))
-    p.add_argument("--force", action="store_true", help="re-run comparisons whose output exists")
+    p.add_argument("--out", default=str(ROOT / "results" / "smollm2_tasks"),
+                   help="OUT.md and OUT.json; the cells go to the directory OUT/")
+    p.add_argument("--force", action="store_true", help="re-run cells whose output exists")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = sorted(set(tasks) - set(ZERO_SHOT + GENERATIVE))
+    if unknown:
+        raise SystemExit(f"unknown tasks {unknown}; choose from {ZERO_SHOT + GENERATIVE}")
     qargs = quantize_args(args)
     flags = dict(ROWS)
-    models = []
-    for name in MODELS:
+    specs = {FP: "default"}
+    for name in QUANTIZED:
         quantize_row(name, flags[name], qargs)
-        models.append(str(Path(args.work) / slug(name)))
+        specs[name] = str(Path(args.work) / slug(name))
     ft = Path(args.work) / OUTLIER_FT_DIR
     if (ft / "quadllm_config.json").is_file():
-        models.append(str(ft))
+        specs[FINETUNED] = str(ft)
     else:
         log.info("no fine-tuned checkpoint at %s (run scripts/results_finetune.py first to include it)", ft)
+    models = list(specs)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    parts = [("zero-shot", ZERO_SHOT, args.limit), ("generative", GENERATIVE, args.gen_limit)]
-    results = {label: run_compare(label, tasks, limit, models,
-                                  out.parent / f"{out.name}_{label.replace('-', '')}", args)
-               for label, tasks, limit in parts}
-    lines = ["# SmolLM2-135M-Instruct: tasks as % of full precision", "",
-             f"Generated by `python scripts/results_tasks.py {' '.join(sys.argv[1:])}` on {dt.date.today()} "
-             f"({platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}). Checkpoints: "
-             "GPTQ weights, calibration 32 x 512 tokens of `wiki.valid.tokens`, seed 0 (scripts/results_smollm2.py).",
-             ""]
-    for label, tasks, limit in parts:
-        r = results[label]
-        lines += [f"## {label} (first {limit} items per task)", "", f"`{r.get('command', '')}`: "
-                  f"{r.get('wall_seconds', r.get('total_seconds'))} s wall in all.", ""]
-        md = out.parent / f"{out.name}_{label.replace('-', '')}.md"
-        lines += [l for l in md.read_text().splitlines() if l.startswith("|")]
-        lines += ["", "Wall seconds per model and task:", ""] + seconds_table(r) + [""]
-        lines += weak_notes(r) + [""]
-    out.with_suffix(".md").write_text("\n".join(lines))
+    parts = out.parent / out.name
+    t0 = time.perf_counter()
+    cells: dict[tuple[str, str], dict] = {}
+    stopped = False
+    for task in tasks:
+        limit = args.gen_limit if task in GENERATIVE else args.limit
+        for model in models:
+            path = cell_file(parts, model, task)
+            cell = None if args.force else load_cell(path, limit, args.seed)
+            if cell is None and not stopped:
+                if args.budget_minutes is not None and time.perf_counter() - t0 > 60 * args.budget_minutes:
+                    log.info("budget of %.0f min spent: no new cells (rerun to continue)", args.budget_minutes)
+                    stopped = True
+                else:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    cell = run_cell(model, specs[model], task, limit, parts, args)
+            if cell is not None:
+                cells[(task, model)] = cell
+            md = render(cells, models, tasks, args, len(tasks) * len(models))
+            out.with_suffix(".md").write_text(md)
+    summary = {"models": {m: portable(s) for m, s in specs.items()}, "tasks": tasks, "limit": args.limit,
+               "gen_limit": args.gen_limit, "seed": args.seed,
+               "cells_done": len(cells), "cells_total": len(tasks) * len(models),
+               "results": merge(cells, models)}
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(out.with_suffix(".md").read_text())
 
 

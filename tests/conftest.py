@@ -10,6 +10,10 @@ import torch
 # Tests never reach for the network: the embedded defaults are used unless a test says otherwise.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Without a GPU, Triton (when installed) runs the gpu backend's kernels in its CPU interpreter;
+# this must be set before anything imports triton (tests/test_gpu_backend.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ARCHS = ("llama", "llama-untied", "qwen2", "qwen3", "mistral")
 

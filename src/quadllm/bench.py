@@ -95,40 +95,53 @@ def quad_linear(k: int, n: int, rank: int, hadamard: bool, act_bits: int = 4, se
     return lin
 
 
+#: Float ``nn.Linear`` baselines of :func:`bench_linear` by name.
+FLOAT_BASELINES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def bench_linear(shapes: list[tuple[int, int, int]], rank: int = 64, backends: tuple[str, ...] = (
         "fp32", "bf16", "fake", "cpu-int8"), repeat: int = 7, min_seconds: float = 0.5,
-        hadamard_from: int = 8192) -> list[dict[str, Any]]:
+        hadamard_from: int = 8192, device: str = "cpu") -> list[dict[str, Any]]:
     """Records ``{backend, m, k, n, median_ms, gflops, speedup_vs_fp32, ...}`` per shape and backend.
 
     The QUAD layer reads ``k + rank`` inputs (its outlier columns) when ``k < hadamard_from`` (a
     residual reader such as q/k/v/gate/up) and carries an online Hadamard over its ``k`` inputs
-    otherwise (a down_proj), as in a QUAD model; both are part of the measured time."""
-    from .backends import Int8Kernel
+    otherwise (a down_proj), as in a QUAD model; both are part of the measured time.
+    ``device``: ``cpu`` or ``cuda`` (``fp16`` is then a useful baseline; every call is
+    synchronized, so the times are the kernels' own). The ``gpu`` backend needs ``cuda``."""
+    from .backends import Int8Kernel, TritonKernel
+
+    if "gpu" in backends and device != "cuda":
+        raise ValueError("the gpu backend is benchmarked on device='cuda'")
+    cuda = device == "cuda"
 
     records = []
     for m, k, n in shapes:
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(m, k, generator=g)
+        x = torch.randn(m, k, generator=g).to(device)
         down = k >= hadamard_from
         r = 0 if down else rank
-        xr = torch.cat([torch.randn(m, r, generator=g) * 10, x], dim=1) if r else x
+        xr = torch.cat([torch.randn(m, r, generator=g).to(device) * 10, x], dim=1) if r else x
         base = None
         for backend in backends:
-            if backend in ("fp32", "bf16"):
-                dt = torch.float32 if backend == "fp32" else torch.bfloat16
-                layer = nn.Linear(k, n, bias=False).to(dt)
+            if backend in FLOAT_BASELINES:
+                dt = FLOAT_BASELINES[backend]
+                layer = nn.Linear(k, n, bias=False).to(device, dt)
                 xin = x.to(dt)
-                fn = (lambda layer=layer, xin=xin: layer(xin))
+                call = (lambda layer=layer, xin=xin: layer(xin))
             else:
-                layer = quad_linear(k, n, r, hadamard=down)
+                layer = quad_linear(k, n, r, hadamard=down).to(device)
                 if backend == "cpu-int8":
                     layer.kernel = Int8Kernel(cache_weights=True)
-                fn = (lambda layer=layer: layer(xr))
+                elif backend == "gpu":
+                    layer.kernel = TritonKernel()
+                call = (lambda layer=layer: layer(xr))
+            fn = (lambda call=call: (call(), torch.cuda.synchronize())) if cuda else call
             ms = median_ms(fn, repeat=repeat, min_seconds=min_seconds)
             rec = {"backend": backend, "m": m, "k": k, "n": n, "median_ms": round(ms, 4),
                    "gflops": round(2 * m * k * n / ms / 1e6, 2),
-                   "outlier_columns": r if backend not in ("fp32", "bf16") else 0,
-                   "online_hadamard": down and backend not in ("fp32", "bf16")}
+                   "outlier_columns": r if backend not in FLOAT_BASELINES else 0,
+                   "online_hadamard": down and backend not in FLOAT_BASELINES, "device": device}
             if backend == "fp32":
                 base = ms
             if base is not None:

@@ -280,7 +280,9 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, adapter: str | Pa
     ``adapter``: a fine-tuning adapter file (``quadllm finetune --adapter-only``) to apply; it
     must have been trained on exactly this checkpoint (checked by hash).
     ``backend``: how quantized linears run (:mod:`quadllm.backends`): ``fake`` (float
-    simulation), ``cpu-int8`` (INT8 GEMM) or ``auto``."""
+    simulation), ``cpu-int8`` (INT8 GEMM), ``gpu`` (Triton kernels; the model is moved to the
+    CUDA device) or ``auto`` (``gpu`` when a CUDA device and Triton are there, else ``cpu-int8``
+    where it runs)."""
     from accelerate import init_empty_weights
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -322,7 +324,10 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, adapter: str | Pa
         meta = dict(meta, adapter=apply_adapter(model, adapter, p))
     if backend != "fake":
         from .backends import set_backend
+        from .backends.gpu import gpu_available
 
+        if torch.cuda.is_available() and (backend == "gpu" or (backend == "auto" and gpu_available())):
+            model.to("cuda")
         meta = dict(meta, backend=set_backend(model, backend))
     tok = AutoTokenizer.from_pretrained(p)
     return model, tok, meta

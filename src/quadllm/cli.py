@@ -25,8 +25,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_backend(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=("fake", "cpu-int8", "auto"), default="fake",
-                   help="how quantized linears run: float simulation (default), INT8 GEMM, or the fastest available")
+    p.add_argument("--backend", choices=("fake", "cpu-int8", "gpu", "auto"), default="fake",
+                   help="how quantized linears run: float simulation (default), INT8 GEMM on the CPU, Triton "
+                        "kernels on a CUDA device, or the fastest available")
 
 
 def _add_tasks(p: argparse.ArgumentParser) -> None:

@@ -14,10 +14,13 @@ from .cli import _write, open_model, peak_rss_mb
 def add_parser(sub, add_common) -> None:
     b = sub.add_parser("bench", help="speed and memory of quantized linears or models against float")
     bs = b.add_subparsers(dest="bench_command", required=True)
-    lin = bs.add_parser("linear", help="one linear layer: fp32, bf16, fake and cpu-int8")
+    lin = bs.add_parser("linear", help="one linear layer: float baselines against the quantized backends")
     lin.add_argument("--shapes", required=True, help="MxKxN[,MxKxN...]")
     lin.add_argument("--rank", type=int, default=64, help="outlier columns of the QUAD layer (K < 8192)")
-    lin.add_argument("--backends", default="fp32,bf16,fake,cpu-int8")
+    lin.add_argument("--backends", default=None,
+                     help="comma-separated among fp32, bf16, fp16, fake, cpu-int8, gpu (default: fp32,bf16,fake,"
+                          "cpu-int8 on the CPU; fp32,fp16,bf16,fake,gpu with --device cuda)")
+    lin.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     lin.add_argument("--repeat", type=int, default=7)
     lin.add_argument("--json", default=None, help="write the records as JSON to this file")
     add_common(lin)
@@ -54,7 +57,9 @@ def cmd_bench(args) -> int:
             shapes = parse_shapes(args.shapes)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-        records = bench_linear(shapes, rank=args.rank, backends=tuple(args.backends.split(",")), repeat=args.repeat)
+        backends = args.backends or ("fp32,fp16,bf16,fake,gpu" if args.device == "cuda" else "fp32,bf16,fake,cpu-int8")
+        records = bench_linear(shapes, rank=args.rank, backends=tuple(backends.split(",")), repeat=args.repeat,
+                               device=args.device)
         cols = ["backend", "m", "k", "n", "median_ms", "gflops", "speedup_vs_fp32"]
         extra: dict[str, Any] = {}
     else:

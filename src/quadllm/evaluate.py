@@ -19,9 +19,10 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def window_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities (float32) of the next token at every position but the last."""
-    logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-    return F.log_softmax(logits, dim=-1)
+    """Log-probabilities (float32, on the CPU) of the next token at every position but the last;
+    ``ids`` go to the model's device."""
+    logits = model(input_ids=ids.to(next(model.parameters()).device), use_cache=False).logits[0, :-1].float()
+    return F.log_softmax(logits, dim=-1).cpu()
 
 
 @dataclass

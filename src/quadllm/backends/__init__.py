@@ -3,7 +3,11 @@
 - ``fake``: the float simulation (quantize-dequantize); what research and fine-tuning use.
 - ``cpu-int8``: INT8 GEMM with int32 accumulation (``torch._int_mm``) on the packed INT4 weights,
   per-token activation codes and a scale epilogue; the outlier columns stay a float matmul.
-- ``auto``: ``cpu-int8`` where it applies and runs, else ``fake``.
+- ``gpu``: Triton kernels on a CUDA device (:mod:`quadllm.backends.gpu`): fused per-token
+  quantization and one INT8-tensor-core GEMM on the packed INT4 weights with the outlier branch
+  and scale epilogue fused; needs ``pip install 'quadllm[gpu]'``.
+- ``auto``: ``gpu`` for a model on a CUDA device when Triton is installed, ``cpu-int8`` for a
+  model on the CPU where ``torch._int_mm`` runs, else ``fake``.
 
 :func:`set_backend` switches a loaded model in place; layers the integer path cannot run
 (weight-only ``w4a16`` inputs, activations wider than 8 bits, grouped weight scales, training)
@@ -19,13 +23,14 @@ import torch
 from torch import nn
 
 from ..modules import QuadLinear
+from .gpu import TritonKernel, interpreting, supports_gpu, triton_available
 from .int8 import act_codes, int8_linear, int_mm_available
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("fake", "cpu-int8", "auto")
+BACKENDS = ("fake", "cpu-int8", "gpu", "auto")
 
-__all__ = ["BACKENDS", "BackendError", "Int8Kernel", "set_backend", "supports_int8"]
+__all__ = ["BACKENDS", "BackendError", "Int8Kernel", "TritonKernel", "set_backend", "supports_int8"]
 
 
 class BackendError(ValueError):
@@ -79,7 +84,13 @@ def set_backend(model: nn.Module, backend: str = "auto", cache_weights: bool = T
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     device = next(model.parameters()).device
-    use_int8 = backend in ("cpu-int8", "auto") and device.type == "cpu"
+    use_gpu = backend in ("gpu", "auto") and triton_available() and (device.type == "cuda" or (
+        backend == "gpu" and interpreting()))
+    use_int8 = backend in ("cpu-int8", "auto") and device.type == "cpu" and not use_gpu
+    if backend == "gpu" and not use_gpu:
+        if not triton_available():
+            raise BackendError("the gpu backend needs Triton: pip install 'quadllm[gpu]'")
+        raise BackendError(f"the gpu backend runs on a CUDA device; the model is on {device}")
     if backend == "cpu-int8":
         if device.type != "cpu":
             raise BackendError(f"the cpu-int8 backend runs on the CPU; the model is on {device}")
@@ -90,7 +101,10 @@ def set_backend(model: nn.Module, backend: str = "auto", cache_weights: bool = T
     counts: Counter[str] = Counter()
     for m in model.modules():
         if isinstance(m, QuadLinear):
-            if use_int8 and supports_int8(m):
+            if use_gpu and supports_gpu(m):
+                m.kernel = TritonKernel()
+                counts["gpu"] += 1
+            elif use_int8 and supports_int8(m):
                 m.kernel = Int8Kernel(cache_weights)
                 counts["cpu-int8"] += 1
             else:
