@@ -66,6 +66,9 @@ def cmd_bench(args) -> int:
         from .models import load_model
 
         prefill, batches = _ints(args.prefill, "--prefill"), _ints(args.batch, "--batch")
+        if "gpu" in args.backends.split(","):
+            raise ConfigError("bench model times CPU backends (fake, cpu-int8); time the gpu backend's kernels "
+                              "with `quadllm bench linear --device cuda` (scripts/gpu_check.py)")
         model, tok, meta, _ = open_model(args.model)
         if meta is not None:
             original = load_model((meta.get("original_model") or {}).get("spec"))[0]

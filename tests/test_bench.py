@@ -1,0 +1,44 @@
+"""`quadllm bench`: shape parsing, the linear benchmark's records and its backend checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quadllm.bench import bench_linear, parse_shapes, records_markdown
+from quadllm.cli import main
+
+
+def test_parse_shapes():
+    assert parse_shapes("2048x4096x4096, 1X8x16") == [(2048, 4096, 4096), (1, 8, 16)]
+    for bad in ("2048x4096", "ax1x1", "0x4x4"):
+        with pytest.raises(ValueError, match="shape"):
+            parse_shapes(bad)
+
+
+def test_bench_linear_records_every_backend_against_fp32():
+    records = bench_linear([(8, 64, 32), (4, 64, 16)], rank=8, backends=("fp32", "fake"), repeat=2, min_seconds=0,
+                           hadamard_from=64)
+    assert [(r["backend"], r["m"], r["k"], r["n"]) for r in records] == [
+        ("fp32", 8, 64, 32), ("fake", 8, 64, 32), ("fp32", 4, 64, 16), ("fake", 4, 64, 16)]
+    for r in records:
+        assert r["median_ms"] > 0 and r["speedup_vs_fp32"] > 0 and r["device"] == "cpu"
+        assert r["online_hadamard"] == (r["backend"] == "fake")  # k >= hadamard_from: a down_proj
+    assert records[0]["speedup_vs_fp32"] == 1.0
+    table = records_markdown(records, ["backend", "m", "median_ms", "missing"])
+    assert table.splitlines()[0] == "| backend | m | median_ms | missing |" and table.count("| - |") == 4
+
+
+def test_gpu_backend_is_benchmarked_on_cuda_only():
+    with pytest.raises(ValueError, match="device='cuda'"):
+        bench_linear([(4, 16, 16)], backends=("gpu",), device="cpu")
+
+
+def test_bench_cli_writes_json_and_rejects_gpu_for_models(tmp_path):
+    out = tmp_path / "lin.json"
+    assert main(["bench", "linear", "--shapes", "4x32x16", "--rank", "4", "--backends", "fp32,fake", "--repeat", "1",
+                 "--json", str(out), "-q"]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert {r["backend"] for r in records} == {"fp32", "fake"}
+    assert main(["bench", "model", "--backends", "fake,gpu", "-q"]) == 2  # a clear error before any loading
