@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""Run the analysis tools on SmolLM2 and record what they say: the outlier report of the QUAD
+W4A4 r=64 checkpoint, the rank advisor on the original model, and the drift check of that
+checkpoint on held-out WikiText-2 text (the calibration domain) and on GSM8K questions and
+Python source (other domains). Each command runs through the CLI in its own process, timed.
+
+Writes results/smollm2_analysis.{md,json} and copies two of the report's figures to
+results/figures/ (the README shows them); the full report (HTML, every PNG, its JSON) stays in
+runs/smollm2_report/.
+
+    python scripts/results_analysis.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from quadllm.bench import machine_description  # noqa: E402
+from results_smollm2 import ROWS, add_checkpoint_args, portable, quantize_args, quantize_row, slug  # noqa: E402
+
+BASE = "QUAD W4A4 r=64"
+FIGURES = ("spectrum", "errors")
+log = logging.getLogger("results")
+
+
+def run(label: str, args: list[str], ok: tuple[int, ...] = (0,)) -> dict:
+    cmd = [sys.executable, "-m", "quadllm.cli", *args]
+    log.info("%s: quadllm %s", label, " ".join(args))
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    seconds = round(time.perf_counter() - t0, 1)
+    if r.returncode not in ok:
+        raise SystemExit(f"{label} failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
+    return {"command": "quadllm " + " ".join(args), "exit_code": r.returncode, "wall_seconds": seconds,
+            "stdout": r.stdout}
+
+
+def python_source(out: Path, max_chars: int = 400_000) -> Path:
+    """A .txt of Python source from the standard library (code: a clearly different domain)."""
+    import inspect
+    import json as json_mod
+    import logging as logging_mod
+    import argparse as argparse_mod
+    import pathlib as pathlib_mod
+    import subprocess as subprocess_mod
+
+    text = "\n\n".join(inspect.getsource(m) for m in (argparse_mod, json_mod.decoder, json_mod.encoder,
+                                                       logging_mod, pathlib_mod, subprocess_mod))
+    out.write_text(text[:max_chars])
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_args(p)
+    p.add_argument("--out", default=str(ROOT / "results" / "smollm2_analysis"))
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quantize_row(BASE, dict(ROWS)[BASE], quantize_args(args))
+    ckpt = str(Path(args.work) / slug(BASE))
+    work = ROOT / "runs" / "smollm2_report"
+    work.mkdir(parents=True, exist_ok=True)
+    data = Path(args.data_dir) if args.data_dir else ROOT.parent / "shared" / "data"
+    dd = ["--data-dir", str(data)] if args.data_dir else []
+    results: dict = {}
+
+    r = run("report", ["report", ckpt, "--out", str(work / "report.html"), *dd, "-q"])
+    report = json.loads((work / "report.json").read_text())
+    results["report"] = {**{k: r[k] for k in ("command", "wall_seconds")},
+                         "energy_by_rank": report["spectrum"]["energy_by_rank"], "memory": report["memory"],
+                         "calibration": report["calibration"]}
+    figdir = ROOT / "results" / "figures"
+    figdir.mkdir(parents=True, exist_ok=True)
+    for name in FIGURES:
+        shutil.copyfile(work / f"report_{name}.png", figdir / f"smollm2_quad_r64_{name}.png")
+
+    r = run("advise-rank", ["advise-rank", "--calib", "wikitext2", "--json", str(work / "advise.json"), *dd, "-q"])
+    results["advise_rank"] = {**{k: r[k] for k in ("command", "wall_seconds", "stdout")},
+                              **json.loads((work / "advise.json").read_text())}
+
+    code = python_source(work / "python_source.txt")
+    domains = [("WikiText-2 test (calibration domain, held out)", "wikitext2"),
+               ("GSM8K test questions", str(data / "gsm8k" / "test.jsonl")),
+               ("Python source (standard library)", str(code))]
+    results["drift"] = []
+    for label, spec in domains:
+        js = work / f"drift_{len(results['drift'])}.json"
+        r = run(f"drift on {label}", ["drift", ckpt, "--data", spec, "--json", str(js), *dd, "-q"], ok=(0, 3))
+        results["drift"].append({"data": label, **{k: r[k] for k in ("command", "wall_seconds", "exit_code")},
+                                 **json.loads(js.read_text())})
+
+    meta = {"command": "python scripts/results_analysis.py " + " ".join(sys.argv[1:]),
+            "date": dt.date.today().isoformat(), "machine": machine_description(), "checkpoint": ckpt}
+    saved = portable({"meta": meta, **results})
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(saved, indent=2, default=str) + "\n")
+    out.with_suffix(".md").write_text(markdown(saved))
+    print(out.with_suffix(".md").read_text())
+
+
+def markdown(s: dict) -> str:
+    m = s["meta"]
+    rep, adv = s["report"], s["advise_rank"]
+    lines = ["# SmolLM2-135M-Instruct: outlier report, rank advisor, drift check", "",
+             f"Generated by `{m['command']}` on {m['date']} ({m['machine']}); checkpoint: {m['checkpoint']} "
+             "(QUAD W4A4 r=64, GPTQ). Wall times include model loading.", "",
+             f"## Report: {rep['wall_seconds']:.0f} s", "", f"`{rep['command']}`", "",
+             "Residual-stream energy captured by the top-r eigenvectors:", "",
+             "| r | " + " | ".join(str(k) for k in rep["energy_by_rank"]) + " |",
+             "|---|" + "---:|" * len(rep["energy_by_rank"]),
+             "| energy | " + " | ".join(f"{100 * v:.1f}%" for v in rep["energy_by_rank"].values()) + " |", "",
+             f"## Rank advisor: {adv['wall_seconds']:.0f} s", "", f"`{adv['command']}`", "",
+             f"Recommended r = {adv['recommended']} (best: r = {adv['best']}, tolerance {adv['tolerance']:.0%}). "
+             "What it printed:", "", adv["stdout"].strip(), "",
+             "## Drift check", "",
+             "| data | verdict (exit code) | fit (captured / best) | median angle (deg) | KL new | KL reference | s |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for d in s["drift"]:
+        new, ref = d["new"], d["reference"]
+        fmt = (lambda v, f: "-" if v is None else f.format(v))
+        lines.append(f"| {d['data']} | {d['verdict']} ({d['exit_code']}) | {fmt(new.get('fit'), '{:.3f}')} | "
+                     f"{fmt(new.get('median_angle_deg'), '{:.1f}')} | {fmt(new.get('kl'), '{:.4f}')} | "
+                     f"{fmt(ref.get('kl'), '{:.4f}')} | {d['wall_seconds']:.0f} |")
+    lines += [""] + [f"- {d['data']}: {'; '.join(d['reasons'])}" for d in s["drift"]] + [""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
