@@ -14,7 +14,7 @@ results/smollm2_tasks.{md,json}, built from the cells with quadllm.compare.
 
     python scripts/results_tasks.py                           # 500 items per zero-shot task, 100 generative
     python scripts/results_tasks.py --budget-minutes 60       # as many cells as fit in an hour
-    python scripts/results_tasks.py --limit 50 --gen-limit 10 --out /tmp/quick   # a quick look elsewhere
+    python scripts/results_tasks.py --limit 50 --gen-limit 10 --out runs/quick   # a quick look, kept out of results/
 """
 
 from __future__ import annotations
