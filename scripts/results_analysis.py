@@ -49,16 +49,11 @@ def run(label: str, args: list[str], ok: tuple[int, ...] = (0,)) -> dict:
 
 def python_source(out: Path, max_chars: int = 400_000) -> Path:
     """A .txt of Python source from the standard library (code: a clearly different domain)."""
+    import importlib
     import inspect
-    import json as json_mod
-    import logging as logging_mod
-    import argparse as argparse_mod
-    import pathlib as pathlib_mod
-    import subprocess as subprocess_mod
 
-    text = "\n\n".join(inspect.getsource(m) for m in (argparse_mod, json_mod.decoder, json_mod.encoder,
-                                                       logging_mod, pathlib_mod, subprocess_mod))
-    out.write_text(text[:max_chars])
+    mods = ("argparse", "json.decoder", "json.encoder", "logging", "pathlib", "subprocess")
+    out.write_text("\n\n".join(inspect.getsource(importlib.import_module(m)) for m in mods)[:max_chars])
     return out
 
 
@@ -66,7 +61,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(p)
     p.add_argument("--out", default=str(ROOT / "results" / "smollm2_analysis"))
+    p.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON and stop")
     args = p.parse_args()
+    if args.render_only:
+        out = Path(args.out)
+        out.with_suffix(".md").write_text(markdown(json.loads(out.with_suffix(".json").read_text())))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quantize_row(BASE, dict(ROWS)[BASE], quantize_args(args))
     ckpt = str(Path(args.work) / slug(BASE))
@@ -133,7 +133,7 @@ def markdown(s: dict) -> str:
         lines.append(f"| {d['data']} | {d['verdict']} ({d['exit_code']}) | {fmt(new.get('fit'), '{:.3f}')} | "
                      f"{fmt(new.get('median_angle_deg'), '{:.1f}')} | {fmt(new.get('kl'), '{:.4f}')} | "
                      f"{fmt(ref.get('kl'), '{:.4f}')} | {d['wall_seconds']:.0f} |")
-    lines += [""] + [f"- {d['data']}: {'; '.join(d['reasons'])}" for d in s["drift"]] + [""]
+    lines += [""] + [f"- {d['data']}: {'; '.join(d['reasons'])}" for d in s["drift"] if d["reasons"]] + [""]
     return "\n".join(lines)
 
 
