@@ -102,7 +102,39 @@ def test_drift_fits_same_domain_and_flags_a_different_one():
     bad = check_drift(model, original, other, calib, other[:2], calib[:2], progress=False)
     assert bad.verdict == "recalibrate" and bad.reasons
     assert bad.new["fit"] < ok.new["fit"]
-    assert "fit (captured / best)" in bad.table()
+    assert bad.new["leftover"] > ok.new["leftover"] >= 1 - 1e-9
+    assert "fit (captured / best)" in bad.table() and "saved subspace → re-estimated" in bad.table()
+    # the recalibration probe: re-estimating on the other domain lowers its activation error a lot,
+    # on the calibration domain it does not
+    assert bad.new["probe"]["kl_recalibrated"] < bad.new["probe"]["kl_saved"]
+    assert bad.new["probe"]["gain"] > 0.1 >= ok.new["probe"]["gain"]
+    assert any("recalibrating on the new data" in r for r in bad.reasons)
+    skipped = check_drift(model, original, same, calib, same[:2], calib[:2], gain_min=None, progress=False)
+    assert "probe" not in skipped.new and skipped.thresholds["gain_min"] is None
+
+
+def test_leftover_energy_reference_definition():
+    m = _random_moment(d=10, seed=3)
+    best = top_subspace(m, 3)
+    fit = subspace_fit(m, best)
+    assert fit["leftover"] == pytest.approx(1.0) and fit["fit"] == pytest.approx(1.0)
+    other, _ = torch.linalg.qr(torch.randn(10, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4)))
+    fit = subspace_fit(m, other)
+    evals = spectrum(m)
+    expected = (1 - energy_captured(m, other)) / (1 - best_energy(evals, 3))
+    assert fit["leftover"] == pytest.approx(expected) and fit["leftover"] > 1
+
+
+def test_recalibration_probe_with_the_calibration_subspace_has_no_gain():
+    from quadllm.drift import recalibration_probe
+
+    original = _shifted_model()
+    calib = torch.randint(0, 100, (8, 24), generator=torch.Generator().manual_seed(5))
+    moment = residual_second_moment(original, get_adapter(original), calib, progress=False)
+    P = top_subspace(moment, 4)
+    res = recalibration_probe(original, P, moment, calib[:2])
+    assert res["kl_saved"] == pytest.approx(res["kl_recalibrated"], rel=1e-4)
+    assert res["gain"] == pytest.approx(0.0, abs=1e-3)
 
 
 def test_report_renders_every_section(tmp_path):

@@ -124,6 +124,32 @@ def test_cli_finetune_adapter_eval_generate(tmp_path, smol_quad, wiki):
     assert r.stdout.strip()
 
 
+def test_cli_drift_verdict_exit_code_and_json(tmp_path, smol_quad, wiki):
+    """`quadllm drift`: the exit code follows the verdict, the JSON has every measure, thresholds act."""
+    base, _ = smol_quad
+    gsm = wiki / "gsm8k" / "test.jsonl"
+    if not gsm.is_file():
+        pytest.skip("../shared/data/gsm8k/test.jsonl not available")
+    small = ["--samples", "4", "--eval-windows", "1", "--seqlen", "128", "-q"]
+    res = tmp_path / "drift.json"
+    r = _cli("drift", str(base), "--data", str(gsm), "--json", str(res), *small, cwd=tmp_path)
+    assert r.returncode in (0, 3), r.stderr
+    out = json.loads(res.read_text())
+    assert r.returncode == (0 if out["verdict"] == "fits" else 3) and bool(out["reasons"]) == (r.returncode == 3)
+    for key in ("fit", "leftover", "median_angle_deg", "kl", "probe"):
+        assert key in out["new"]
+    assert out["new"]["leftover"] >= 1 - 1e-6 and set(out["new"]["probe"]) == {"kl_saved", "kl_recalibrated", "gain"}
+    assert f"verdict: {out['verdict'].upper()}" in r.stdout
+    # a threshold every data set crosses gives "recalibrate" (exit 3) with that reason; --no-probe skips the probe
+    r = _cli("drift", str(base), "--data", str(gsm), "--json", str(res), "--leftover-factor", "0", "--no-probe",
+             *small, cwd=tmp_path)
+    out = json.loads(res.read_text())
+    assert r.returncode == 3 and out["verdict"] == "recalibrate" and "probe" not in out["new"]
+    assert any("energy a recalibrated one would leave" in reason for reason in out["reasons"])
+    r = _cli("drift", str(tmp_path), "--data", str(gsm), *small, cwd=tmp_path)
+    assert r.returncode == 2 and "is not a quadllm checkpoint" in r.stderr
+
+
 def test_cli_bad_inputs(tmp_path):
     r = _cli("quantize", "--model", str(tmp_path / "nope.gguf"), "--out", str(tmp_path / "o"), "-q", cwd=tmp_path)
     assert r.returncode == 2 and "GGUF file not found" in r.stderr

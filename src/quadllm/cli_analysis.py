@@ -65,8 +65,17 @@ def add_parsers(sub, add_common) -> None:
     d.add_argument("--samples", type=int, default=16, help="windows for the second moments")
     d.add_argument("--eval-windows", type=int, default=2, help="windows for KL and perplexity (0: skip)")
     d.add_argument("--seqlen", type=int, default=512)
-    d.add_argument("--fit-drop", type=float, default=0.05)
-    d.add_argument("--kl-factor", type=float, default=2.0)
+    d.add_argument("--fit-drop", type=float, default=0.05,
+                   help="recalibrate when the fit (captured / best) drops more than this below the reference's")
+    d.add_argument("--kl-factor", type=float, default=2.0,
+                   help="recalibrate when the quantized model's KL is more than this times the reference's")
+    d.add_argument("--leftover-factor", type=float, default=1.5,
+                   help="recalibrate when the energy left to the quantizer (relative to recalibrating) is more "
+                        "than this times the reference's")
+    d.add_argument("--gain-min", type=float, default=0.1,
+                   help="recalibrate when re-estimating the subspace on the new data would lower the "
+                        "activation-only KL by more than this (relative)")
+    d.add_argument("--no-probe", action="store_true", help="skip the recalibration probe (two KL evaluations)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", default=None)
     add_common(d)
@@ -120,7 +129,8 @@ def cmd_drift(args) -> int:
         groups.append((src.origin, disjoint_windows(tok, src.text, args.seqlen, [n, e] if e else [n], args.seed)))
     (new_origin, new_w), (ref_origin, ref_w) = groups
     report = check_drift(quantized, original, new_w[0], ref_w[0], new_w[1] if e else None, ref_w[1] if e else None,
-                         args.fit_drop, args.kl_factor, progress=not args.quiet)
+                         args.fit_drop, args.kl_factor, args.leftover_factor,
+                         None if args.no_probe else args.gain_min, progress=not args.quiet)
     print(report.table())
     print(f"verdict: {report.verdict.upper()}")
     for reason in report.reasons:
