@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from quadllm.bench import machine_description  # noqa: E402
-from quadllm.compare import build_rows, compare_markdown  # noqa: E402
+from quadllm.compare import build_rows, compare_markdown, mean_paired_difference, papers_average  # noqa: E402
 from results_finetune import OUTLIER_FT_DIR  # noqa: E402
 from results_smollm2 import ROWS, add_checkpoint_args, portable, quantize_args, quantize_row, slug  # noqa: E402
 
@@ -43,6 +43,11 @@ QUANTIZED = ("QuaRot W4A4", "QUAD W4A4 r=64", "QUAD W4A4A8 r=64")
 FP = "SmolLM2-135M-Instruct"
 FINETUNED = "QUAD W4A4 r=64 + outlier FT"
 WEAK = 0.10  # an FP score below this is too low to tell quantization methods apart
+#: Model pairs compared item by item (first minus second).
+PAIRS = (("QUAD W4A4 r=64", "QuaRot W4A4"), ("QUAD W4A4A8 r=64", "QUAD W4A4 r=64"),
+         (FINETUNED, "QUAD W4A4 r=64"), ("QUAD W4A4 r=64", FP))
+#: The metric compared for a generative task (zero-shot tasks use the papers' choice).
+GEN_METRIC = {"gsm8k": "exact_match,flexible-extract", "humaneval": "pass@1"}
 
 log = logging.getLogger("results")
 
@@ -51,11 +56,33 @@ def cell_file(parts: Path, model: str, task: str) -> Path:
     return parts / slug(model).replace("+", "plus") / f"{task}.json"
 
 
+def samples_file(out: Path) -> Path:
+    return ROOT / "runs" / "smollm2_tasks_samples" / out.parent.name / f"{out.stem}.jsonl"
+
+
+def item_scores(samples: Path, task: str, metrics: dict) -> dict[str, str]:
+    """Per-item 0/1 scores of ``task``'s binary metrics from a samples file, one character per
+    item in item order; each string's mean is checked against the cell's metric."""
+    recs = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+    recs = sorted((r for r in recs if r.get("task", task) == task), key=lambda r: r.get("doc_id", 0))
+    out = {}
+    for metric, value in metrics.items():
+        vals = [r.get("passed" if metric == "pass@1" else metric) for r in recs]
+        if not vals or not all(v in (0, 1) for v in vals):
+            continue
+        scores = "".join(str(int(v)) for v in vals)
+        if abs(scores.count("1") / len(scores) - float(value)) > 1e-9:
+            raise SystemExit(f"{samples}: the per-item {metric} scores average {scores.count('1') / len(scores)}, "
+                             f"the cell says {value}")
+        out[metric] = scores
+    return out
+
+
 def run_cell(model: str, spec: str, task: str, limit: int, parts: Path, args) -> dict:
     """One ``quadllm eval --tasks`` run in its own process; its JSON (with the command and wall
     time added) is written to the cell's file only when the run succeeded."""
     out = cell_file(parts, model, task)
-    samples = ROOT / "runs" / "smollm2_tasks_samples" / out.parent.name / f"{task}.jsonl"
+    samples = samples_file(out)
     tmp = out.with_suffix(".json.tmp")
     cmd = [sys.executable, "-m", "quadllm.cli", "eval", spec, "--tasks", task, "--limit", str(limit),
            "--seed", str(args.seed), "--json", str(tmp), "--samples", str(samples), "-q"]
@@ -73,6 +100,7 @@ def run_cell(model: str, spec: str, task: str, limit: int, parts: Path, args) ->
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
     result["date"] = dt.date.today().isoformat()
     result["machine"] = machine_description()
+    result["items"] = item_scores(samples, task, result["tasks"][task])
     out.write_text(json.dumps(portable(result), indent=2, default=str) + "\n")
     tmp.unlink()
     log.info("%s on %s: %s in %.0f s", model, task, result["tasks"], result["wall_seconds"])
@@ -87,6 +115,10 @@ def load_cell(path: Path, limit: int, seed: int) -> dict | None:
     if cell.get("limit") != limit or cell.get("seed") != seed:
         raise SystemExit(f"{path} was made with limit {cell.get('limit')}, seed {cell.get('seed')}, not "
                          f"{limit}, {seed}: use another --parts directory or delete it")
+    if "items" not in cell and samples_file(path).is_file():  # cells made before per-item scores were kept
+        task = path.stem
+        cell["items"] = item_scores(samples_file(path), task, cell["tasks"][task])
+        path.write_text(json.dumps(cell, indent=2, default=str) + "\n")
     return cell
 
 
@@ -108,6 +140,46 @@ def weak_notes(rows: list[dict]) -> list[str]:
                          "for this 135M model to tell the quantization methods apart; do not read the percentages "
                          "of FP on this row as a ranking.")
     return notes
+
+
+def paired_table(cells: dict, models: list[str], group: list[str]) -> tuple[list[str], list[dict]]:
+    """Item-by-item differences (points, ± standard error) of the PAIRS on the tasks of ``group``
+    done for both models, per task and for the papers' average (zero-shot)."""
+    fp_tasks = {t: cells[(t, FP)]["tasks"][t] for t in group if (t, FP) in cells}
+    metric = {t: GEN_METRIC.get(t) or papers_average({t: m})[1].get(t) for t, m in fp_tasks.items()}
+    zero_shot = [t for t in group if t in ZERO_SHOT]
+    lines, records = [], []
+    for a, b in PAIRS:
+        if a not in models or b not in models:
+            continue
+        per_task = {}
+        for t in group:
+            m = metric.get(t)
+            ia, ib = ((cells.get((t, x)) or {}).get("items", {}).get(m) for x in (a, b))
+            if m and ia and ib:
+                per_task[t] = ([int(c) for c in ia], [int(c) for c in ib])
+        if not per_task:
+            continue
+        cols = {t: mean_paired_difference({t: per_task[t]}) for t in per_task}
+        rec = {"a": a, "b": b, "metrics": {t: metric[t] for t in per_task},
+               "per_task": {t: {"diff": d, "se": se} for t, (d, se) in cols.items()}}
+        if zero_shot and all(t in per_task for t in zero_shot) and len(zero_shot) > 1:
+            d, se = mean_paired_difference({t: per_task[t] for t in zero_shot})
+            rec["average"] = {"diff": d, "se": se}
+        records.append(rec)
+    if not records:
+        return [], []
+    shown = [t for t in group if any(t in r["per_task"] for r in records)]
+    avg = any("average" in r for r in records)
+    lines = ["Item-by-item differences on the same items, in points (± standard error of the paired difference; "
+             "a difference within about two standard errors is not resolved at this size):", "",
+             "| comparison | " + " | ".join(shown) + (" | average |" if avg else " |"),
+             "| --- |" + " ---: |" * (len(shown) + avg)]
+    fmt = (lambda v: f"{100 * v['diff']:+.1f} ± {100 * v['se']:.1f}" if v else "–")
+    for r in records:
+        cells_txt = [fmt(r["per_task"].get(t)) for t in shown] + ([fmt(r.get("average"))] if avg else [])
+        lines.append(f"| {r['a']} − {r['b']} | " + " | ".join(cells_txt) + " |")
+    return lines + [""], records
 
 
 def seconds_table(merged: dict[str, dict], tasks: list[str]) -> list[str]:
@@ -146,7 +218,9 @@ def render(cells: dict, models: list[str], tasks: list[str], args, total: int) -
             lines += [f"Not yet done for every model (left out of the table and the average): {', '.join(missing)}.",
                       ""]
         lines += weak_notes(rows)
-        lines += ["", "Wall seconds per cell (model load included):", ""]
+        paired_lines, _ = paired_table({k: v for k, v in cells.items() if k[0] in complete}, models, complete)
+        lines += [""] + paired_lines
+        lines += ["Wall seconds per cell (model load included):", ""]
         lines += seconds_table(merged, group) + [""]
     return "\n".join(lines)
 
@@ -204,7 +278,8 @@ def main() -> None:
     summary = {"models": {m: portable(s) for m, s in specs.items()}, "tasks": tasks, "limit": args.limit,
                "gen_limit": args.gen_limit, "seed": args.seed,
                "cells_done": len(cells), "cells_total": len(tasks) * len(models),
-               "results": merge(cells, models)}
+               "results": merge(cells, models),
+               "paired": paired_table(cells, models, tasks)[1]}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(out.with_suffix(".md").read_text())
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import re
 import socket
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -16,7 +18,8 @@ import torch
 
 from conftest import random_ids, tiny_model
 from quadllm import QuantConfig, load, quantize, save
-from quadllm.compare import build_rows, compare_markdown, eval_markdown, papers_average, percent_of
+from quadllm.compare import (build_rows, compare_markdown, eval_markdown, mean_paired_difference,
+                             paired_difference, papers_average, percent_of)
 from quadllm.data import DataError, default_data_dir
 from quadllm.tasks import gsm8k
 from quadllm.tasks.generation import cut_at_stop, generate
@@ -390,6 +393,29 @@ def test_compare_handles_a_missing_metric():
     assert by["piqa", "acc_norm"]["values"]["q"] is None and by["piqa", "acc_norm"]["percent_of_fp"]["q"] is None
     assert by["average (zero-shot)", "average"]["values"]["q"] is None  # q has none of FP's metrics but piqa acc
     assert "average" not in eval_markdown({"tasks": {"gsm8k": {"pass@1": 0.5}}})
+
+
+def test_paired_difference_reference_values():
+    a, b = [1, 1, 0, 1, 0, 1], [0, 1, 0, 0, 0, 1]
+    d = [1, 0, 0, 1, 0, 0]
+    mean, se = paired_difference(a, b)
+    assert mean == pytest.approx(2 / 6)
+    assert se == pytest.approx(statistics.stdev(d) / math.sqrt(6))
+    # pairing: two models that differ on one item of many have a small standard error, whatever
+    # their accuracy; the unpaired standard error of the same difference is far larger
+    many_a, many_b = [1] * 50 + [0] * 50, [1] * 49 + [0] * 51
+    mean, se = paired_difference(many_a, many_b)
+    assert mean == pytest.approx(0.01) and se == pytest.approx(0.01)
+    unpaired = math.sqrt(statistics.variance(many_a) / 100 + statistics.variance(many_b) / 100)
+    assert se < unpaired / 5
+    assert paired_difference([1], [0]) == (1.0, 0.0)
+    with pytest.raises(ValueError, match="same"):
+        paired_difference([1, 0], [1])
+    avg, se_avg = mean_paired_difference({"t1": (a, b), "t2": (many_a, many_b)})
+    (m1, s1), (m2, s2) = paired_difference(a, b), paired_difference(many_a, many_b)
+    assert avg == pytest.approx((m1 + m2) / 2) and se_avg == pytest.approx(math.sqrt(s1 ** 2 + s2 ** 2) / 2)
+    with pytest.raises(ValueError, match="no task"):
+        mean_paired_difference({})
 
 
 # ---------------------------------------------------------------------------------- the CLI

@@ -6,10 +6,14 @@ absent}``. :func:`build_rows` turns several results (the first one the full-prec
 into rows: one per task and metric, the papers' zero-shot average, and perplexity, KL and top-1
 agreement against the reference when present; each value comes with its percentage of the
 reference's. :func:`compare_markdown` and :func:`eval_markdown` format them.
+:func:`paired_difference` and :func:`mean_paired_difference` compare two models item by item on
+the same items (the standard error of a difference is much smaller paired than unpaired).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .tasks.harness import papers_metric
@@ -23,6 +27,31 @@ LOWER_IS_BETTER = frozenset({"ppl", "perplexity", "kl"})
 AVERAGE_TASK = "average (zero-shot)"
 
 Row = dict[str, Any]
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """``(mean(a - b), standard error of that mean)`` for per-item scores of two models on the same
+    items in the same order: ``se = std(a - b, ddof=1) / sqrt(n)`` (0 for a single item)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired scores need the same, non-zero number of items (got {len(a)} and {len(b)})")
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    if n == 1:
+        return mean, 0.0
+    var = sum((x - mean) ** 2 for x in d) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def mean_paired_difference(per_task: Mapping[str, tuple[Sequence[float], Sequence[float]]]) -> tuple[float, float]:
+    """The difference of two models' task averages (each task weighs the same, as in the papers'
+    average) and its standard error, from per-task paired scores: ``mean_t d_t`` and
+    ``sqrt(sum_t se_t^2) / T`` (tasks are independent item sets)."""
+    if not per_task:
+        raise ValueError("no task to average")
+    diffs = [paired_difference(a, b) for a, b in per_task.values()]
+    t = len(diffs)
+    return sum(d for d, _ in diffs) / t, math.sqrt(sum(se ** 2 for _, se in diffs)) / t
 
 
 def percent_of(value: float | None, reference: float | None) -> float | None:
