@@ -148,7 +148,7 @@ def paired_table(cells: dict, models: list[str], group: list[str]) -> tuple[list
     fp_tasks = {t: cells[(t, FP)]["tasks"][t] for t in group if (t, FP) in cells}
     metric = {t: GEN_METRIC.get(t) or papers_average({t: m})[1].get(t) for t, m in fp_tasks.items()}
     zero_shot = [t for t in group if t in ZERO_SHOT]
-    lines, records = [], []
+    records = []
     for a, b in PAIRS:
         if a not in models or b not in models:
             continue
