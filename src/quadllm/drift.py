@@ -94,10 +94,9 @@ def subspace_fit(moment: torch.Tensor, P: torch.Tensor) -> dict[str, float]:
             "max_angle_deg": float(angles.max()) * 180 / math.pi}
 
 
-def _activation_only_kl(original: nn.Module, moment: torch.Tensor, rank: int, mode: str, seed: int,
-                        windows: torch.Tensor) -> float:
-    """KL from ``original`` of a copy whose linear inputs are quantized (``mode``) after the QUAD
-    transform built from ``moment``; the weights stay in full precision."""
+def _activation_quantized(original: nn.Module, moment: torch.Tensor, rank: int, mode: str, seed: int) -> nn.Module:
+    """A copy of ``original`` whose linear inputs are quantized (``mode``) after the QUAD transform
+    built from ``moment``; the weights stay in full precision."""
     from .pipeline import transform
     from .transforms import set_activation_quant
 
@@ -105,18 +104,21 @@ def _activation_only_kl(original: nn.Module, moment: torch.Tensor, rank: int, mo
     m = copy.deepcopy(original)
     transform(m, cfg, None, progress=False, moment=moment)
     set_activation_quant(m, get_adapter(m), cfg)
-    return evaluate_many({"probe": m}, windows, reference=original, progress=False)["probe"]["kl"]
+    return m
 
 
 @torch.no_grad()
 def recalibration_probe(original: nn.Module, P: torch.Tensor, new_moment: torch.Tensor, windows: torch.Tensor,
                         mode: str = "w4a4", seed: int = 0) -> dict[str, float]:
     """Activation-only KL on ``windows`` with the saved subspace ``P`` and with the top-r subspace
-    of ``new_moment``; ``gain`` = how much lower the KL gets by recalibrating (relative)."""
+    of ``new_moment`` (one pass of the original for both); ``gain`` = how much lower the KL gets
+    by recalibrating (relative)."""
     r = P.shape[1]
     P = P.to(torch.float64)
-    saved = _activation_only_kl(original, P @ P.T, r, mode, seed, windows)  # top-r eigenspace = span(P)
-    recal = _activation_only_kl(original, new_moment, r, mode, seed, windows)
+    models = {"saved": _activation_quantized(original, P @ P.T, r, mode, seed),  # top-r eigenspace = span(P)
+              "recalibrated": _activation_quantized(original, new_moment, r, mode, seed)}
+    res = evaluate_many(models, windows, reference=original, progress=False)
+    saved, recal = res["saved"]["kl"], res["recalibrated"]["kl"]
     return {"kl_saved": saved, "kl_recalibrated": recal, "gain": saved / max(recal, 1e-12) - 1}
 
 
