@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import logging
 import subprocess
@@ -54,6 +55,21 @@ log = logging.getLogger("results")
 
 def cell_file(parts: Path, model: str, task: str) -> Path:
     return parts / slug(model).replace("+", "plus") / f"{task}.json"
+
+
+def checkpoint_sha256(spec: str) -> str | None:
+    """The first 16 hex digits of the sha256 of a checkpoint directory's weight files (None for
+    a model that is not a directory, such as the embedded default), so a cell says which
+    checkpoint it scored."""
+    files = sorted(Path(spec).glob("*.safetensors")) if Path(spec).is_dir() else []
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 
 def samples_file(out: Path) -> Path:
@@ -101,6 +117,7 @@ def run_cell(model: str, spec: str, task: str, limit: int, parts: Path, args) ->
     result["date"] = dt.date.today().isoformat()
     result["machine"] = machine_description()
     result["items"] = item_scores(samples, task, result["tasks"][task])
+    result["checkpoint_sha256"] = checkpoint_sha256(spec)
     out.write_text(json.dumps(portable(result), indent=2, default=str) + "\n")
     tmp.unlink()
     log.info("%s on %s: %s in %.0f s", model, task, result["tasks"], result["wall_seconds"])
@@ -190,6 +207,24 @@ def seconds_table(merged: dict[str, dict], tasks: list[str]) -> list[str]:
     return lines
 
 
+def checkpoint_lines(cells: dict, models: list[str]) -> list[str]:
+    """Which checkpoint each quantized model's cells scored (``checkpoint_sha256``), when its
+    cells do not all name the same one (cells made before the hash was kept count as unrecorded)."""
+    lines = []
+    for model in models:
+        seen: dict[str, list[str]] = {}
+        for (task, m), c in cells.items():
+            if m == model and model != FP:
+                seen.setdefault(c.get("checkpoint_sha256") or "unrecorded", []).append(task)
+        if len(seen) > 1:
+            parts = [f"{h}: {', '.join(ts)}" for h, ts in seen.items()]
+            lines.append(f"- {model}: cells from {len(seen)} builds of the checkpoint ({'; '.join(parts)}).")
+    if lines:
+        lines = ["Checkpoints rebuilt between sittings (same command and seed; on another machine the float "
+                 "rounding of calibration and GPTQ can differ, so the weights can too):", ""] + lines + [""]
+    return lines
+
+
 def render(cells: dict, models: list[str], tasks: list[str], args, total: int) -> str:
     merged = merge(cells, models)
     lines = ["# SmolLM2-135M-Instruct: tasks as % of full precision", ""]
@@ -201,6 +236,7 @@ def render(cells: dict, models: list[str], tasks: list[str], args, total: int) -
               "(scripts/results_smollm2.py). Zero-shot tasks: the first "
               f"{args.limit} items (the whole split when smaller); GSM8K and HumanEval: the first {args.gen_limit}. "
               f"Machines: {'; '.join(machines) if machines else 'none yet'}.", ""]
+    lines += checkpoint_lines(cells, models)
     for label, group in (("zero-shot", [t for t in tasks if t in ZERO_SHOT]),
                          ("generative", [t for t in tasks if t in GENERATIVE])):
         if not group:

@@ -21,6 +21,12 @@ def test_act_codes_are_the_fake_quantizers_codes():
         codes, scale = act_codes(x, bits, 0.9)
         assert codes.dtype == torch.int8
         assert torch.equal(codes.float() * scale, fake_quant_act(x.clone(), bits, 0.9))
+        for rows in (1, 7, 40, 1000):  # blocks that split the rows unevenly, or hold them all
+            blocked = act_codes(x[:, 3:], bits, 0.9, block_rows=rows)  # a strided view, as the kernel passes
+            whole = act_codes(x[:, 3:].contiguous(), bits, 0.9)
+            assert torch.equal(blocked[0], whole[0]) and torch.equal(blocked[1], whole[1])
+    with pytest.raises(ValueError, match="block_rows"):
+        act_codes(x, 4, block_rows=0)
 
 
 def test_int8_linear_matches_its_reference_definition():
@@ -31,6 +37,16 @@ def test_int8_linear_matches_its_reference_definition():
     ref = (qx.double() @ qw.double().t()) * sx.double() * sw.double()
     out = int8_linear(qx, sx, qw.t().contiguous(), sw)
     assert torch.allclose(out.double(), ref, rtol=1e-6)
+    # a product big enough for several threads' worth of the in-place int32 -> float32 epilogue:
+    # exactly the int32 sums converted, then scaled
+    qx = torch.randint(-128, 128, (300, 2048), generator=g, dtype=torch.int8)
+    qw = torch.randint(-8, 8, (1000, 2048), generator=g, dtype=torch.int8)
+    sx, sw = torch.rand(300, 1, generator=g) + 0.1, torch.rand(1000, generator=g) + 0.1
+    sums = qx.long() @ qw.long().t()
+    out = int8_linear(qx, sx, qw.t().contiguous(), sw)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, sums.float().mul_(sx).mul_(sw))
+    assert torch.equal(int8_linear(qx, sx.double(), qw.t().contiguous(), sw), sums.double().mul_(sx.double()).mul_(sw.double()))
 
 
 @pytest.mark.parametrize("cfg", [

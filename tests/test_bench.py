@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from quadllm.bench import bench_linear, parse_shapes, records_markdown
+import torch
+
+from quadllm.bench import bench_linear, group_ops, parse_shapes, records_markdown, top_ops
 from quadllm.cli import main
 
 
@@ -28,6 +30,29 @@ def test_bench_linear_records_every_backend_against_fp32():
     assert records[0]["speedup_vs_fp32"] == 1.0
     table = records_markdown(records, ["backend", "m", "median_ms", "missing"])
     assert table.splitlines()[0] == "| backend | m | median_ms | missing |" and table.count("| - |") == 4
+
+
+def test_top_ops_profiles_the_call_and_group_ops_sums_by_group():
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    ops = top_ops(lambda: torch.mm(a, b).div_(3.0), repeat=2, top=None)
+    names = [o["op"] for o in ops]
+    assert "aten::mm" in names and "aten::div_" in names
+    mm = ops[names.index("aten::mm")]
+    assert mm["calls_per_call"] == 1 and mm["self_ms_per_call"] > 0
+    assert abs(sum(o["share"] for o in ops) - 1) < 0.01
+    assert len(top_ops(lambda: torch.mm(a, b), repeat=1, top=1)) == 1
+    records = [{"op": "aten::_int_mm", "self_ms_per_call": 5.0, "share": 0.5},
+               {"op": "aten::aminmax", "self_ms_per_call": 1.0, "share": 0.1},
+               {"op": "aten::div", "self_ms_per_call": 1.0, "share": 0.1},
+               {"op": "aten::addmm_", "self_ms_per_call": 3.0, "share": 0.2},
+               {"op": "aten::_scaled_dot_product_flash_attention_for_cpu", "self_ms_per_call": 0.5, "share": 0.05},
+               {"op": "aten::silu", "self_ms_per_call": 0.5, "share": 0.05}]
+    assert group_ops(records) == [
+        {"group": "integer GEMM", "self_ms_per_call": 5.0, "share": 0.5},
+        {"group": "float GEMM", "self_ms_per_call": 3.0, "share": 0.2},
+        {"group": "activation quantization", "self_ms_per_call": 2.0, "share": 0.2},
+        {"group": "attention", "self_ms_per_call": 0.5, "share": 0.05},
+        {"group": "other", "self_ms_per_call": 0.5, "share": 0.05}]
 
 
 def test_gpu_backend_is_benchmarked_on_cuda_only():

@@ -14,6 +14,7 @@ from quadllm.quantizers import (
     pack_int4,
     qrange,
     quantize_weight,
+    row_absmax,
     unpack_int4,
     weight_scales,
 )
@@ -221,6 +222,16 @@ def _ref_fake_quant_act(x: torch.Tensor, bits: int, clip: float) -> torch.Tensor
             q = min(max(round(v / scale), qmin), qmax)  # round half to even, like torch
             out[r, c] = q * scale
     return out.reshape(x.shape)
+
+
+def test_row_absmax_is_max_of_abs_including_negative_extremes_and_strided_views():
+    x = torch.randn(5, 7, 33, generator=_gen(3)) * 4
+    x[0, 0, 5] = -100.0  # the extreme of this row is negative
+    x[1, 1] = 0.0
+    assert torch.equal(row_absmax(x), x.abs().amax(dim=-1, keepdim=True))
+    view = x[..., 3:]
+    assert torch.equal(row_absmax(view), view.abs().amax(dim=-1, keepdim=True))
+    assert row_absmax(x)[0, 0, 0] == 100.0
 
 
 @pytest.mark.parametrize("bits", [4, 8])

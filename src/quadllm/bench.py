@@ -30,7 +30,8 @@ from .modules import QuadLinear
 
 log = logging.getLogger(__name__)
 
-__all__ = ["median_ms", "quad_linear", "bench_linear", "bench_model", "records_markdown", "parse_shapes"]
+__all__ = ["median_ms", "quad_linear", "bench_linear", "bench_model", "records_markdown", "parse_shapes", "top_ops",
+           "group_ops", "prefill_fn"]
 
 
 def cpu_name() -> str:
@@ -153,8 +154,48 @@ def bench_linear(shapes: list[tuple[int, int, int]], rank: int = 64, backends: t
     return records
 
 
-def _prefill_fn(model, ids):
+def prefill_fn(model, ids):
+    """A no-argument call of one forward of ``model`` over ``ids`` without a KV cache."""
     return lambda: model(input_ids=ids, use_cache=False)
+
+
+def top_ops(fn: Callable[[], Any], repeat: int = 3, top: int | None = 8, warmup: int = 1) -> list[dict[str, Any]]:
+    """Where ``fn``'s time goes: its ``top`` operators (all with None) by self CPU time under
+    ``torch.profiler`` (after ``warmup`` calls), as records ``{op, self_ms_per_call, share,
+    calls_per_call}`` (``share``: of the total self time of all operators)."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        with torch.profiler.profile() as prof:
+            for _ in range(repeat):
+                fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [{"op": e.key, "self_ms_per_call": round(e.self_cpu_time_total / repeat / 1000, 2),
+             "share": round(e.self_cpu_time_total / total, 3), "calls_per_call": round(e.count / repeat, 1)}
+            for e in (events if top is None else events[:top])]
+
+
+#: Coarse groups of profiler operators (first match wins), for a breakdown of a model's time.
+OP_GROUPS = (("integer GEMM", ("aten::_int_mm",)),
+             ("attention", ("scaled_dot_product", "flash_attention", "softmax")),
+             ("float GEMM", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")),
+             ("activation quantization", ("aten::aminmax", "aten::div", "aten::round", "aten::clamp", "aten::copy_",
+                                          "aten::_to_copy", "aten::abs", "aten::amax", "aten::amin", "aten::linalg_vector_norm")))
+
+
+def group_ops(ops: list[dict[str, Any]], groups=OP_GROUPS) -> list[dict[str, Any]]:
+    """Sum :func:`top_ops` records (taken with ``top=None``) into :data:`OP_GROUPS` plus "other":
+    ``{group, self_ms_per_call, share}``, largest first. Conversions (``copy_``) are counted as
+    quantization overhead, so for a float model that group holds its dtype copies."""
+    sums: dict[str, list[float]] = {}
+    for o in ops:
+        name = next((g for g, keys in groups if any(k in o["op"] for k in keys)), "other")
+        acc = sums.setdefault(name, [0.0, 0.0])
+        acc[0] += o["self_ms_per_call"]
+        acc[1] += o["share"]
+    return sorted(({"group": g, "self_ms_per_call": round(v[0], 1), "share": round(v[1], 3)} for g, v in sums.items()),
+                  key=lambda r: -r["self_ms_per_call"])
 
 
 def _decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, repeat: int) -> tuple[float, int]:
@@ -202,7 +243,7 @@ def bench_model(variants: dict[str, nn.Module], vocab: int, prefill: list[int], 
         for b in batches:
             for t in prefill:
                 ids = torch.randint(0, vocab, (b, t), generator=g)
-                ms = median_ms(_prefill_fn(model, ids), warmup=1, repeat=repeat)
+                ms = median_ms(prefill_fn(model, ids), warmup=1, repeat=repeat)
                 key = ("prefill", b, t)
                 base.setdefault(key, ms)
                 records.append({"variant": name, "phase": "prefill", "batch": b, "tokens": t,

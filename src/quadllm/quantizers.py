@@ -15,6 +15,7 @@ __all__ = [
     "weight_scales",
     "quantize_weight",
     "dequantize_weight",
+    "row_absmax",
     "fake_quant_act",
     "ste_round",
     "fake_quant_kv",
@@ -92,6 +93,14 @@ def dequantize_weight(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype 
     return (q.to(dtype).reshape(out, -1, g) * scales.to(dtype).unsqueeze(-1)).reshape(out, inp)
 
 
+def row_absmax(x: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` over the last dimension (keepdim), without a full-size ``|x|`` temporary.
+
+    Taken as ``max(amax(x), -amin(x))``: two vectorized reductions, which on CPU are many times
+    faster than ``torch.aminmax`` along the last dimension (torch 2.13)."""
+    return torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg())
+
+
 def fake_quant_act(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:
     """Per-token (last dimension) dynamic symmetric quantize-dequantize.
 
@@ -103,8 +112,7 @@ def fake_quant_act(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch
     if bits >= 16:
         return x
     qmin, qmax = qrange(bits)
-    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)  # max|x| without a full-size |x| temporary
-    scale = (torch.maximum(hi, -lo) * clip_ratio / qmax).clamp_min(1e-8)
+    scale = (row_absmax(x) * clip_ratio / qmax).clamp_min(1e-8)
     q = x / scale
     if torch.is_grad_enabled() and q.requires_grad:
         return torch.clamp(ste_round(q), qmin, qmax) * scale

@@ -12,20 +12,38 @@ from __future__ import annotations
 
 import torch
 
-from ..quantizers import qrange
+from ..quantizers import qrange, row_absmax
 
 __all__ = ["act_codes", "int8_linear", "int_mm_available"]
 
 
-def act_codes(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def act_codes(x: torch.Tensor, bits: int, clip_ratio: float = 1.0,
+              block_rows: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token symmetric codes of ``x`` [M, K]: (int8 codes [M, K], float scales [M, 1]) with
-    ``x ≈ codes * scales``, identical to what :func:`fake_quant_act` rounds to."""
+    ``x ≈ codes * scales``, identical to what :func:`fake_quant_act` rounds to.
+
+    Rows are processed ``block_rows`` at a time, so the max, divide, round, clamp and cast passes
+    over a block run while it is still in cache; every block computes exactly the whole-tensor
+    formula."""
     if bits > 8:
         raise ValueError(f"integer activations need at most 8 bits, got {bits}")
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be positive, got {block_rows}")
     qmin, qmax = qrange(bits)
-    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
-    scale = (torch.maximum(hi, -lo) * clip_ratio / qmax).clamp_min(1e-8)
-    return (x / scale).round_().clamp_(qmin, qmax).to(torch.int8), scale
+    m = x.shape[0]
+    if m <= block_rows:  # one block (decoding, short prompts): no staging buffers
+        scale = (row_absmax(x) * clip_ratio / qmax).clamp_min(1e-8)
+        return (x / scale).round_().clamp_(qmin, qmax).to(torch.int8), scale
+    codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    scales = torch.empty((m, 1), dtype=x.dtype, device=x.device)
+    buf = torch.empty((min(block_rows, m), x.shape[1]), dtype=x.dtype, device=x.device)
+    for i in range(0, m, block_rows):
+        xb = x[i:i + block_rows]
+        n = xb.shape[0]
+        scale = (row_absmax(xb) * clip_ratio / qmax).clamp_min(1e-8)
+        codes[i:i + n] = torch.div(xb, scale, out=buf[:n]).round_().clamp_(qmin, qmax)
+        scales[i:i + n] = scale
+    return codes, scales
 
 
 def int8_linear(codes: torch.Tensor, act_scale: torch.Tensor, weight_t: torch.Tensor,
@@ -37,7 +55,14 @@ def int8_linear(codes: torch.Tensor, act_scale: torch.Tensor, weight_t: torch.Te
     dtype of ``act_scale``.
     """
     acc = torch._int_mm(codes, weight_t)
-    return acc.to(act_scale.dtype).mul_(act_scale).mul_(weight_scale.to(act_scale.dtype))
+    if act_scale.dtype == torch.float32 and acc.dtype == torch.int32 and acc.is_contiguous():
+        # int32 -> float32 in place: same element size, each element read before it is written,
+        # so no second [M, N] buffer is allocated (and page-faulted in) at every call
+        y = acc.view(torch.float32)
+        y.copy_(acc)
+    else:
+        y = acc.to(act_scale.dtype)
+    return y.mul_(act_scale).mul_(weight_scale.to(y.dtype))
 
 
 def int_mm_available(device: torch.device | str = "cpu") -> bool:
