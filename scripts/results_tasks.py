@@ -44,6 +44,10 @@ QUANTIZED = ("QuaRot W4A4", "QUAD W4A4 r=64", "QUAD W4A4A8 r=64")
 FP = "SmolLM2-135M-Instruct"
 FINETUNED = "QUAD W4A4 r=64 + outlier FT"
 WEAK = 0.10  # an FP score below this is too low to tell quantization methods apart
+#: Accuracy of guessing at random (1 / number of choices) on each multiple-choice task; an FP
+#: score within two standard errors of it means the model cannot do the task.
+CHANCE = {"piqa": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25, "winogrande": 0.5,
+          "openbookqa": 0.25, "boolq": 0.5}
 #: Model pairs compared item by item (first minus second).
 PAIRS = (("QUAD W4A4 r=64", "QuaRot W4A4"), ("QUAD W4A4A8 r=64", "QUAD W4A4 r=64"),
          (FINETUNED, "QUAD W4A4 r=64"), ("QUAD W4A4 r=64", FP))
@@ -159,6 +163,41 @@ def weak_notes(rows: list[dict]) -> list[str]:
     return notes
 
 
+def chance_tasks(fp_tasks: dict[str, dict]) -> dict[str, str]:
+    """The zero-shot tasks (task -> the papers' metric) on which the FP model's score is at most
+    two standard errors above :data:`CHANCE`."""
+    _, used = papers_average(fp_tasks)
+    out = {}
+    for task, metric in used.items():
+        se = fp_tasks[task].get(f"{metric}_stderr")
+        if task in CHANCE and se is not None and float(fp_tasks[task][metric]) <= CHANCE[task] + 2 * float(se):
+            out[task] = metric
+    return out
+
+
+def chance_lines(merged: dict[str, dict], models: list[str], group: list[str]) -> list[str]:
+    """Notes on the tasks where FP is at chance, and the papers' average without them."""
+    fp_tasks = {t: v for t, v in merged[FP]["tasks"].items() if t in group}
+    weak = chance_tasks(fp_tasks)
+    if not weak:
+        return []
+    lines = [f"- {t} `{m}`: the FP model scores {100 * float(fp_tasks[t][m]):.1f}%, at most two standard errors "
+             f"above guessing ({100 * CHANCE[t]:.0f}%): this 135M model cannot do the task, so its % of FP "
+             "(quantized models included) says nothing about the methods." for t, m in weak.items()]
+    _, used = papers_average(fp_tasks)
+    keep = {t: m for t, m in used.items() if t not in weak}
+    if keep:
+        fp_avg = papers_average(fp_tasks, keep)[0]
+        parts = []
+        for model in models:
+            avg = papers_average({t: v for t, v in merged[model]["tasks"].items() if t in group}, keep)[0]
+            if avg is not None:
+                parts.append(f"{model} {100 * avg:.2f}" + ("" if model == FP else f" ({100 * avg / fp_avg:.1f}% of FP)"))
+        lines += ["", f"Average over the {len(keep)} tasks where FP is above chance ({', '.join(keep)}): "
+                  + "; ".join(parts) + "."]
+    return lines + [""]
+
+
 def paired_table(cells: dict, models: list[str], group: list[str]) -> tuple[list[str], list[dict]]:
     """Item-by-item differences (points, ± standard error) of the PAIRS on the tasks of ``group``
     done for both models, per task and for the papers' average (zero-shot)."""
@@ -254,6 +293,8 @@ def render(cells: dict, models: list[str], tasks: list[str], args, total: int) -
             lines += [f"Not yet done for every model (left out of the table and the average): {', '.join(missing)}.",
                       ""]
         lines += weak_notes(rows)
+        if label == "zero-shot":
+            lines += chance_lines(merge(done, models), models, complete)
         paired_lines, _ = paired_table({k: v for k, v in cells.items() if k[0] in complete}, models, complete)
         lines += [""] + paired_lines
         lines += ["Wall seconds per cell (model load included):", ""]
