@@ -1,0 +1,88 @@
+"""The tables of scripts/results_tasks.py from hand-made cells: chance-level flags, the average
+without those tasks, item-by-item differences and the list of checkpoint builds."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+rt = pytest.importorskip("results_tasks")
+
+
+def _task(acc_norm: float, se: float) -> dict:
+    return {"acc": acc_norm - 0.01, "acc_stderr": se, "acc_norm": acc_norm, "acc_norm_stderr": se}
+
+
+def test_chance_tasks_flags_scores_within_two_standard_errors_of_guessing():
+    fp = {
+        "piqa": _task(0.62, 0.02),          # 0.62 > 0.5 + 0.04: above chance
+        "arc_challenge": _task(0.27, 0.02),  # 0.27 <= 0.25 + 0.04: at chance
+        "boolq": {"acc": 0.42, "acc_stderr": 0.02},  # below guessing (no acc_norm: acc is used)
+        "winogrande": {"acc": 0.54, "acc_stderr": 0.02},  # exactly 0.5 + 2 SE counts as chance
+    }
+    assert rt.chance_tasks(fp) == {"arc_challenge": "acc_norm", "boolq": "acc", "winogrande": "acc"}
+
+
+def test_chance_tasks_ignores_tasks_without_a_chance_level_or_a_standard_error():
+    fp = {"lambada_openai": {"acc": 0.01, "acc_stderr": 0.01}, "piqa": {"acc_norm": 0.5}}
+    assert rt.chance_tasks(fp) == {}
+
+
+def test_chance_lines_gives_the_average_without_the_chance_tasks():
+    fp, q = rt.FP, "QuaRot W4A4"
+    merged = {
+        fp: {"tasks": {"piqa": _task(0.60, 0.02), "arc_easy": _task(0.40, 0.02), "boolq": {"acc": 0.45, "acc_stderr": 0.02}}},
+        q: {"tasks": {"piqa": _task(0.54, 0.02), "arc_easy": _task(0.30, 0.02), "boolq": {"acc": 0.60, "acc_stderr": 0.02}}},
+    }
+    text = "\n".join(rt.chance_lines(merged, [fp, q], ["piqa", "arc_easy", "boolq"]))
+    assert "boolq `acc`" in text and "piqa `" not in text
+    # (0.54 + 0.30) / 2 = 0.42 against (0.60 + 0.40) / 2 = 0.50: 84.0% of FP
+    assert "over the 2 tasks where FP is above chance (piqa, arc_easy)" in text
+    assert f"{fp} 50.00" in text and "QuaRot W4A4 42.00 (84.0% of FP)" in text
+
+
+def test_chance_lines_is_empty_when_fp_beats_chance_everywhere():
+    merged = {rt.FP: {"tasks": {"piqa": _task(0.70, 0.02)}}}
+    assert rt.chance_lines(merged, [rt.FP], ["piqa"]) == []
+
+
+def _cell(task: str, items: str, sha: str | None = None) -> dict:
+    acc = items.count("1") / len(items)
+    c = {"tasks": {task: {"acc": acc, "acc_stderr": 0.1, "acc_norm": acc, "acc_norm_stderr": 0.1}},
+         "items": {"acc_norm": items, "acc": items}, "wall_seconds": 1.0}
+    if sha:
+        c["checkpoint_sha256"] = sha
+    return c
+
+
+def test_paired_table_differences_match_a_hand_computation():
+    a, b = "QUAD W4A4 r=64", "QuaRot W4A4"
+    cells = {("piqa", rt.FP): _cell("piqa", "1111"), ("piqa", a): _cell("piqa", "1101"),
+             ("piqa", b): _cell("piqa", "1000"),
+             ("arc_easy", rt.FP): _cell("arc_easy", "1100"), ("arc_easy", a): _cell("arc_easy", "1100"),
+             ("arc_easy", b): _cell("arc_easy", "1100")}
+    lines, records = rt.paired_table(cells, [rt.FP, b, a], ["piqa", "arc_easy"])
+    rec = next(r for r in records if (r["a"], r["b"]) == (a, b))
+    # piqa: d = [0, 1, 0, 1], mean 0.5, sample sd sqrt(1/3), se sqrt(1/3)/2; arc_easy: all zero
+    assert rec["per_task"]["piqa"]["diff"] == pytest.approx(0.5)
+    assert rec["per_task"]["piqa"]["se"] == pytest.approx(math.sqrt(1 / 3) / 2)
+    assert rec["per_task"]["arc_easy"] == {"diff": 0.0, "se": 0.0}
+    assert rec["average"]["diff"] == pytest.approx(0.25)
+    assert rec["average"]["se"] == pytest.approx(math.sqrt(1 / 3) / 4)
+    assert any(line.startswith(f"| {a} − {b} | +50.0 ± 28.9 | +0.0 ± 0.0 | +25.0 ± 14.4 |") for line in lines)
+
+
+def test_checkpoint_lines_lists_models_scored_on_more_than_one_build():
+    q, a = "QuaRot W4A4", "QUAD W4A4 r=64"
+    cells = {("piqa", q): _cell("piqa", "10", "aaa"), ("boolq", q): _cell("boolq", "10", "bbb"),
+             ("hellaswag", q): _cell("hellaswag", "10"),
+             ("piqa", a): _cell("piqa", "10", "ccc"), ("boolq", a): _cell("boolq", "10", "ccc")}
+    text = "\n".join(rt.checkpoint_lines(cells, [rt.FP, q, a]))
+    assert "QuaRot W4A4: cells from 3 builds" in text
+    assert "aaa: piqa" in text and "bbb: boolq" in text and "unrecorded: hellaswag" in text
+    assert a not in text
+    assert rt.checkpoint_lines({("piqa", a): _cell("piqa", "1", "ccc")}, [a]) == []
