@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import logging
 import subprocess
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from quadllm.bench import machine_description  # noqa: E402
+from quadllm.checkpoint import CheckpointError, weights_hash  # noqa: E402
 from quadllm.compare import build_rows, compare_markdown, mean_paired_difference, papers_average  # noqa: E402
 from results_finetune import OUTLIER_FT_DIR  # noqa: E402
 from results_smollm2 import ROWS, add_checkpoint_args, portable, quantize_args, quantize_row, slug  # noqa: E402
@@ -62,18 +62,16 @@ def cell_file(parts: Path, model: str, task: str) -> Path:
 
 
 def checkpoint_sha256(spec: str) -> str | None:
-    """The first 16 hex digits of the sha256 of a checkpoint directory's weight files (None for
-    a model that is not a directory, such as the embedded default), so a cell says which
-    checkpoint it scored."""
-    files = sorted(Path(spec).glob("*.safetensors")) if Path(spec).is_dir() else []
-    if not files:
+    """The first 16 hex digits of :func:`quadllm.checkpoint.weights_hash` of a checkpoint
+    directory (None for a model that is not a directory, such as the embedded default), so a
+    cell says which checkpoint it scored. Cells made before 2026-12-01 15:00 recorded the hash of
+    the file bytes, which can differ between identical builds (safetensors' metadata order)."""
+    if not Path(spec).is_dir():
         return None
-    h = hashlib.sha256()
-    for f in files:
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
+    try:
+        return weights_hash(spec)[:16]
+    except CheckpointError:
+        return None
 
 
 def samples_file(out: Path) -> Path:

@@ -151,3 +151,34 @@ def test_generation_with_cache_matches_full_forward():
             nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
     assert torch.equal(out, seq)
+
+
+def test_weights_hash_is_of_the_tensors_not_the_file_bytes(tmp_path):
+    """Two files with the same tensors but another header order (safetensors writes its metadata
+    in a varying order) hash the same; one changed bit does not; the file-bytes hash tells them apart."""
+    import json as _json
+    import struct
+
+    from safetensors.torch import save_file
+
+    from quadllm.checkpoint import file_hash, weights_hash
+
+    t = {"b.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a.bias": torch.ones(3, dtype=torch.float16)}
+    one, two, three = (tmp_path / n for n in ("one", "two", "three"))
+    for d in (one, two, three):
+        d.mkdir()
+    save_file(t, str(one / "model.safetensors"), metadata={"format": "pt", "quadllm": "1"})
+    raw = (one / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = _json.loads(raw[8:8 + n])
+    meta = header.pop("__metadata__")
+    reordered = _json.dumps({**dict(reversed(list(header.items()))), "__metadata__": dict(reversed(list(meta.items())))},
+                            separators=(",", ":"))
+    assert len(reordered) <= n
+    reordered = reordered.encode().ljust(n)  # same length: the data offsets stay valid
+    (two / "model.safetensors").write_bytes(raw[:8] + reordered + raw[8 + n:])
+    assert file_hash(one) != file_hash(two)
+    assert weights_hash(one) == weights_hash(two)
+    t["b.weight"][1, 2] = torch.nextafter(t["b.weight"][1, 2], torch.tensor(10.0))
+    save_file(t, str(three / "model.safetensors"), metadata={"format": "pt", "quadllm": "1"})
+    assert weights_hash(three) != weights_hash(one)

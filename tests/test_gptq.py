@@ -289,3 +289,19 @@ def test_gptq_errors():
     with pytest.raises(ValueError):
         gptq_quantize(w, H, 0, group_size=3)
     gptq_quantize(w, H, 4, group_size=4)  # 4 quantized columns: fine
+
+
+@pytest.mark.parametrize("n_fp,group_size,act_order", [(0, 0, False), (4, 0, False), (0, 8, True), (4, 4, True)])
+def test_gptq_overwrite_h_gives_the_same_result_in_the_callers_buffer(n_fp, group_size, act_order):
+    """``overwrite_h`` (one [in, in] buffer, as the down projections of 8B models need) returns
+    exactly what the copying path returns; without it the caller's Hessian is left untouched."""
+    x, w, H = _setup(5)
+    H[3, :] = H[:, 3] = 0  # a dead input column
+    keep = H.clone()
+    a = gptq_quantize(w, H, n_fp, group_size=group_size, act_order=act_order, block=8)
+    assert torch.equal(H, keep)
+    b = gptq_quantize(w, H, n_fp, group_size=group_size, act_order=act_order, block=8, overwrite_h=True)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
+    assert torch.equal(a.fp_columns, b.fp_columns)
+    if n_fp == 0 and not act_order:  # no column reordering: the buffer itself was used
+        assert not torch.equal(H, keep)

@@ -426,3 +426,57 @@ def test_pack_unpack_errors():
         pack_int4(torch.tensor([[0, -9]], dtype=torch.int8))
     with pytest.raises(TypeError):
         unpack_int4(torch.zeros(2, 2, dtype=torch.int8), 4)
+
+
+def _sequential_weight_scales(w, bits=4, group_size=0, grid=100, max_shrink=0.8, norm=2.4):
+    """GPTQ's clipping search as first written: one pass over the shrink factors on the whole
+    weight, in its own precision, keeping a factor when it strictly lowers the error."""
+    _, qmax = qrange(bits)
+    wg = w.reshape(w.shape[0], -1, group_size or w.shape[1])
+    wmax = wg.abs().amax(dim=-1).clamp_min(1e-12)
+    best, best_err = wmax / qmax, torch.full_like(wmax, float("inf"))
+    for i in range(int(max_shrink * grid)):
+        s = (1.0 - i / grid) * wmax / qmax
+        err = ((torch.clamp(torch.round(wg / s.unsqueeze(-1)), -qmax - 1, qmax) * s.unsqueeze(-1)) - wg)
+        err = err.abs().pow(norm).sum(-1)
+        better = err < best_err
+        best_err, best = torch.where(better, err, best_err), torch.where(better, s, best)
+    return best
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("group_size", [0, 32])
+def test_weight_scales_blocked_search_equals_the_sequential_one(monkeypatch, dtype, group_size):
+    """Blocks of rows, float32 screening of float64 weights and the float64 re-search of close
+    rows give exactly the scales of the one-pass search (several blocks, some exact ties)."""
+    import quadllm.quantizers as qz
+
+    monkeypatch.setattr(qz, "_SEARCH_BLOCK", 1000)  # about 8 rows of 128 per block
+    torch.manual_seed(5)
+    w = (torch.randn(70, 128, dtype=torch.float64) * torch.rand(70, 1, dtype=torch.float64)).to(dtype)
+    w[3] = torch.linspace(-1, 1, 128, dtype=dtype)  # evenly spread rows make near-ties
+    w[4] = 0.0  # every candidate has zero error: the first one wins
+    w[5, :] = 0.25
+    for bits in (4, 8):
+        got = weight_scales(w, bits=bits, group_size=group_size, mse=True)
+        ref = _sequential_weight_scales(w, bits=bits, group_size=group_size)
+        assert got.dtype == ref.dtype == dtype
+        assert torch.equal(got, ref), (got != ref).nonzero()[:5]
+
+
+def test_weight_scales_screening_researches_close_rows(monkeypatch):
+    """With an impossible margin every row is searched again in float64 and the result is the
+    same; with none, float32 alone decides (and can differ only on rows within rounding)."""
+    import quadllm.quantizers as qz
+
+    torch.manual_seed(6)
+    w = torch.randn(64, 256, dtype=torch.float64) * 0.02
+    ref = _sequential_weight_scales(w)
+    monkeypatch.setattr(qz, "_SCREEN_RTOL", 1.0)
+    assert torch.equal(weight_scales(w), ref)
+    calls = []
+    real = qz._clip_errors
+    monkeypatch.setattr(qz, "_clip_errors", lambda wg, *a: calls.append(wg.dtype) or real(wg, *a))
+    monkeypatch.setattr(qz, "_SCREEN_RTOL", 1e-4)
+    weight_scales(w)
+    assert calls[0] == torch.float32

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,6 +77,28 @@ def test_sharded_input_spilled_activations_and_rtn(tmp_path):
     assert torch.equal(_logits(a, ids), _logits(b, ids))
     quantize_streaming(d, QuantConfig(method="rtn", weights="rtn"), None, tmp_path / "rtn", progress=False)
     assert torch.isfinite(_logits(load(tmp_path / "rtn")[0], ids)).all()
+
+
+def _mapped(directory) -> list[str]:
+    """Lines of /proc/self/maps that map a file of ``directory``."""
+    return [line for line in Path("/proc/self/maps").read_text().splitlines() if str(directory) in line]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc/self/maps")
+def test_lazy_weights_keep_no_file_mapped(tmp_path):
+    """Tensors are copied out and the file unmapped at once: pages of a mapping left open count in
+    the process's resident memory, which would grow to the whole model over a streaming run."""
+    model, d = _original(tmp_path, "llama-untied", shard="20KB")
+    lazy = LazyWeights(d)
+    assert lazy.numel() == sum(p.numel() for p in model.state_dict().values())
+    ref = model.state_dict()
+    got = {k: lazy.get(k) for k in lazy.weight_map}
+    half = lazy.get("model.embed_tokens.weight", torch.float16)
+    assert not _mapped(d), _mapped(d)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    assert half.dtype == torch.float16 and torch.equal(half, ref["model.embed_tokens.weight"].half())
+    got["model.embed_tokens.weight"].zero_()  # a private copy: the file is unchanged
+    assert torch.equal(lazy.get("model.embed_tokens.weight"), ref["model.embed_tokens.weight"])
 
 
 def test_activation_store_round_trips_on_disk(tmp_path):

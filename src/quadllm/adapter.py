@@ -114,11 +114,11 @@ def apply_adapter(model: nn.Module, path: str | Path, base_dir: str | Path) -> d
     """Load adapter ``path`` into ``model`` (loaded from ``base_dir``) in place; returns its metadata."""
     from safetensors.torch import load_file
 
-    from .checkpoint import weights_hash
+    from .checkpoint import file_hash, weights_hash
 
     meta = read_adapter_meta(path)
     actual = weights_hash(base_dir)
-    if meta["base_hash"] != actual:
+    if meta["base_hash"] != actual and meta["base_hash"] != file_hash(base_dir):  # older adapters: file bytes
         raise AdapterError(
             f"adapter {path} was trained on a different base checkpoint ({meta.get('base_path')}, weights "
             f"sha256 {meta['base_hash'][:12]}...) than {base_dir} (sha256 {actual[:12]}...); load it on its own base")

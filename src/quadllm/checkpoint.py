@@ -334,7 +334,42 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, adapter: str | Pa
 
 
 def weights_hash(path: str | Path) -> str:
-    """SHA-256 of a checkpoint's weights file: identifies the exact base an adapter belongs to."""
+    """SHA-256 of a checkpoint's tensors (name, dtype, shape and bytes of each, in name order):
+    identifies the exact base an adapter belongs to.
+
+    It reads the safetensors headers and data directly and ignores the header's metadata and key
+    order, which safetensors writes in a different order from one run to the next: two saves of
+    the same tensors have the same hash, though not always the same file bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    entries = []
+    for f in weight_files(path):
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{f} is corrupt: {exc}") from exc
+        entries += [(k, f, 8 + n, v) for k, v in header.items() if k != "__metadata__"]
+    for key, f, start, info in sorted(entries, key=lambda e: e[0]):
+        begin, end = info["data_offsets"]
+        h.update(json.dumps([key, info["dtype"], info["shape"]]).encode())
+        with open(f, "rb") as fh:
+            fh.seek(start + begin)
+            left = end - begin
+            while left:
+                chunk = fh.read(min(left, 1 << 22))
+                if not chunk:
+                    raise CheckpointError(f"{f} is truncated")
+                h.update(chunk)
+                left -= len(chunk)
+    return h.hexdigest()
+
+
+def file_hash(path: str | Path) -> str:
+    """SHA-256 of a checkpoint's weight files as bytes: what ``weights_hash`` was before
+    2026-12-01 (adapters saved then record it)."""
     import hashlib
 
     h = hashlib.sha256()

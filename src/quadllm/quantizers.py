@@ -39,6 +39,14 @@ def _group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(out, inp // g, g)
 
 
+#: Elements of the weight handled at once by the clipping search (bounds its temporaries).
+_SEARCH_BLOCK = 1 << 21
+#: Relative margin within which float32 screening cannot rank two clipping candidates; such rows
+#: are searched again in the weight's own precision (float32 sums of a few thousand terms are
+#: accurate to about 1e-6).
+_SCREEN_RTOL = 1e-4
+
+
 def weight_scales(
     w: torch.Tensor,
     bits: int = 4,
@@ -53,23 +61,46 @@ def weight_scales(
     Without ``mse`` the scale maps the largest magnitude of each row (group) to ``qmax``.
     With ``mse`` (GPTQ's clipping search) the range is shrunk by factors
     ``1 - i/grid`` for ``i < max_shrink*grid`` and the factor minimising
-    ``sum |Q(w) - w|**norm`` is kept per row (group).
+    ``sum |Q(w) - w|**norm`` is kept per row (group); the first one on ties.
+
+    The search runs over blocks of rows. A float64 weight is screened in float32, which is
+    several times faster; rows whose best candidates lie within ``_SCREEN_RTOL`` of each other
+    are searched again in float64, so the result equals a float64 search.
     """
     _, qmax = qrange(bits)
     wg = _group_view(w.float() if w.dtype in (torch.float16, torch.bfloat16) else w, group_size)
     wmax = wg.abs().amax(dim=-1).clamp_min(1e-12)  # [out, G]
-    best = wmax / qmax
     if not mse:
-        return best
-    best_err = torch.full_like(wmax, float("inf"))
-    for i in range(int(max_shrink * grid)):
-        p = 1.0 - i / grid
-        s = (p * wmax / qmax)
-        err = (_fq(wg, s.unsqueeze(-1), bits) - wg).abs().pow(norm).sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, s, best)
-    return best
+        return wmax / qmax
+    shrink = torch.tensor([1.0 - i / grid for i in range(int(max_shrink * grid))], dtype=wg.dtype)
+    flat, fmax = wg.reshape(-1, wg.shape[-1]), wmax.reshape(-1)
+    idx = torch.empty(fmax.shape, dtype=torch.long)
+    rows = max(1, _SEARCH_BLOCK // flat.shape[1])
+    for r in range(0, flat.shape[0], rows):
+        blk, bmax = flat[r:r + rows], fmax[r:r + rows]
+        if blk.dtype != torch.float64:
+            idx[r:r + rows] = _clip_errors(blk, bmax, shrink, bits, norm).argmin(-1)
+            continue
+        err = _clip_errors(blk.float(), bmax.float(), shrink.float(), bits, norm)
+        best = err.amin(-1, keepdim=True)
+        close = (err <= best * (1 + _SCREEN_RTOL)).sum(-1) > 1
+        choice = err.argmin(-1)
+        if bool(close.any()):
+            choice[close] = _clip_errors(blk[close], bmax[close], shrink, bits, norm).argmin(-1)
+        idx[r:r + rows] = choice
+    return (shrink[idx] * fmax / qmax).reshape(wmax.shape)
+
+
+def _clip_errors(wg: torch.Tensor, wmax: torch.Tensor, shrink: torch.Tensor, bits: int, norm: float
+                 ) -> torch.Tensor:
+    """``sum |Q(w) - w|**norm`` over each row of ``wg`` [R, g] for the scales ``p * wmax / qmax``
+    of every shrink factor ``p``: [R, len(shrink)]."""
+    _, qmax = qrange(bits)
+    err = torch.empty(wg.shape[0], len(shrink), dtype=wg.dtype)
+    for i, p in enumerate(shrink):
+        s = (p * wmax / qmax).unsqueeze(-1)
+        err[:, i] = (_fq(wg, s, bits) - wg).abs().pow(norm).sum(-1)
+    return err
 
 
 def _fq(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:

@@ -42,7 +42,7 @@ from .arch import ArchAdapter, get_adapter
 from .calibration import LayerInputs, MomentAccumulator, capture_layer_inputs, run_layer
 from .checkpoint import WEIGHTS_INDEX, CheckpointError, _storage_state_dict, atomic_dir, tensor_bytes, write_metadata
 from .config import ConfigError, QuantConfig
-from .memory import peak_rss_mb
+from .memory import peak_rss_mb, release_freed_memory
 from .modules import QuadLinear
 from .pipeline import round_to_storage, structure_of, use_quad_attention
 from .transforms import (attach_layer_kv_quant, kv_rotation, online_transform_layer, prepare_ends, prepare_layer,
@@ -56,7 +56,11 @@ __all__ = ["LazyWeights", "ActivationStore", "quantize_streaming"]
 
 class LazyWeights:
     """The tensors of a Hugging Face directory (``model.safetensors`` or shards listed in
-    ``model.safetensors.index.json``), memory-mapped and read one tensor at a time."""
+    ``model.safetensors.index.json``), read one tensor at a time.
+
+    Each read maps the file, copies the tensor out and unmaps it again: a mapping kept open
+    would keep every page read so far in this process's resident memory (they count in its
+    RSS until unmapped), which for a 16 GB model is the whole model by the end of a run."""
 
     def __init__(self, directory: str | Path) -> None:
         from safetensors import safe_open
@@ -65,7 +69,6 @@ class LazyWeights:
         index = self.dir / WEIGHTS_INDEX
         single = self.dir / "model.safetensors"
         self._open = safe_open
-        self._handles: dict[str, Any] = {}
         try:
             if index.is_file():
                 self.weight_map: dict[str, str] = dict(json.loads(index.read_text())["weight_map"])
@@ -80,25 +83,31 @@ class LazyWeights:
             raise CheckpointError(f"cannot read the weights of {self.dir}: {exc}") from exc
 
     def _handle(self, name: str):
-        if name not in self._handles:
-            path = self.dir / name
-            if not path.is_file():
-                raise CheckpointError(f"{path} is listed in the index but missing")
-            try:
-                self._handles[name] = self._open(str(path), framework="pt")
-            except Exception as exc:  # safetensors raises its own error types
-                raise CheckpointError(f"{path} is corrupt or unreadable: {exc}") from exc
-        return self._handles[name]
+        """A new handle on one file (the caller drops it, which unmaps the file)."""
+        path = self.dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is listed in the index but missing")
+        try:
+            return self._open(str(path), framework="pt")
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{path} is corrupt or unreadable: {exc}") from exc
 
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor ``key`` as a copy in memory (``dtype``: converted, floating point only)."""
         if key not in self.weight_map:
             raise CheckpointError(f"{self.dir}: tensor {key} is missing")
-        t = self._handle(self.weight_map[key]).get_tensor(key)
-        return t if dtype is None or not t.is_floating_point() else t.to(dtype)
+        t = self._handle(self.weight_map[key]).get_tensor(key)  # a view of the mapped file
+        if dtype is not None and t.is_floating_point():
+            return t.to(dtype, copy=True)
+        return t.clone()
 
     def numel(self) -> int:
         """Elements of all tensors, read from the headers only."""
-        return sum(math.prod(self._handle(f).get_slice(k).get_shape()) for k, f in self.weight_map.items())
+        total = 0
+        for name in sorted(set(self.weight_map.values())):
+            handle = self._handle(name)
+            total += sum(math.prod(handle.get_slice(k).get_shape()) for k, f in self.weight_map.items() if f == name)
+        return total
 
 
 @torch.no_grad()
@@ -282,6 +291,8 @@ def quantize_streaming(model_dir: str | Path, config: QuantConfig, samples: torc
     Q = None
     if config.rotate or config.rank > 0:
         Q = residual_basis(moment, config.rank, config.seed, rotate=config.rotate, hidden_size=adapter.hidden_size)
+    moment = acc = None  # noqa: F841 - their [d, d] float64 matrices are not needed any more
+    release_freed_memory()
     rot = kv_rotation(adapter, config.rotate) if config.kv_bits < 16 else None
 
     # 3. layer by layer: transform, quantize, write (pass 2)
@@ -309,6 +320,7 @@ def quantize_streaming(model_dir: str | Path, config: QuantConfig, samples: torc
             quad_linears = [m for m in layer.modules() if isinstance(m, QuadLinear)]
             for m in quad_linears:
                 m.act_enabled = False
+                m.cache_dequantized = False  # no float copy of the weights already quantized
             if config.weights == "gptq":
                 gptq_layer(layer, adapter, config, LayerInputs(hidden, kwargs), i)
             else:
@@ -328,6 +340,7 @@ def quantize_streaming(model_dir: str | Path, config: QuantConfig, samples: torc
             weight_map.update({k: name for k in state})
             del state
             release(layer)
+            release_freed_memory()
             bar.set_postfix(sec=f"{time.perf_counter() - t_layer:.1f}", peak_mb=f"{peak_rss_mb():.0f}")
         if hidden is not None:
             hidden.close()

@@ -80,10 +80,15 @@ def gptq_layer(layer: nn.Module, adapter: ArchAdapter, config: QuantConfig, inpu
                     pass
             for lin in lins.values():
                 lin.capture = None
+            last = {key: name for name, key in owner.items()}  # the last linear reading each Hessian
             for name, lin in lins.items():
-                H = accs[owner[name]].H
+                key = owner[name]
+                mine = last[key] == name  # it may use the Hessian as its working buffer
+                H = (accs.pop(key) if mine else accs[key]).H
                 res = gptq_quantize(lin.weight.detach(), H, lin.n_outlier, config.w_bits, config.group_size,
-                                    config.w_clip, config.act_order, config.damp, config.gptq_block)
+                                    config.w_clip, config.act_order, config.damp, config.gptq_block,
+                                    overwrite_h=mine)
+                del H
                 _apply(lin, res, config)
             del accs
     finally:
