@@ -92,14 +92,9 @@ def run_key(record: dict) -> tuple:
 
 
 def merge_runs(path: Path, record: dict) -> list[dict]:
-    """The runs already in ``path`` (a file of the older one-run layout counts as one run) with
-    ``record`` added or replacing the run with the same key, deepest model first."""
-    runs: list[dict] = []
-    if path.is_file():
-        old = json.loads(path.read_text())
-        runs = old.get("runs", [old] if "summary" in old else [])
-        for r in runs:
-            r.setdefault("weights", "gptq")
+    """The runs already in ``path`` with ``record`` added or replacing the run with the same key,
+    deepest model first."""
+    runs = json.loads(path.read_text())["runs"] if path.is_file() else []
     runs = [r for r in runs if run_key(r) != run_key(record)] + [record]
     return sorted(runs, key=lambda r: (-r["layers"], r["weights"]))
 

@@ -32,15 +32,6 @@ def test_merge_runs_replaces_the_same_run_and_keeps_others(tmp_path):
     assert [(r["layers"], r["weights"], r["peak_memory_mb"]) for r in runs] == [(32, "rtn", 4000), (2, "gptq", 5500)]
 
 
-def test_merge_runs_reads_the_older_one_run_layout(tmp_path):
-    path = tmp_path / "streaming.json"
-    old = _record(32, "gptq", 7000)
-    del old["weights"]  # the first layout had one run and no weights field (GPTQ only)
-    path.write_text(json.dumps(old))
-    runs = bs.merge_runs(path, _record(32, "rtn", 4000))
-    assert [(r["weights"], r["peak_memory_mb"]) for r in runs] == [("gptq", 7000), ("rtn", 4000)]
-
-
 def test_render_flags_runs_over_the_limit():
     md = bs.render([_record(32, "rtn", 4000, wall=1800), _record(2, "gptq", 7000)])
     rows = [line for line in md.splitlines() if line.startswith("| 16.06 GB") or line.startswith("| 2.97 GB")]

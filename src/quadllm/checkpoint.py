@@ -337,33 +337,24 @@ def weights_hash(path: str | Path) -> str:
     """SHA-256 of a checkpoint's tensors (name, dtype, shape and bytes of each, in name order):
     identifies the exact base an adapter belongs to.
 
-    It reads the safetensors headers and data directly and ignores the header's metadata and key
-    order, which safetensors writes in a different order from one run to the next: two saves of
-    the same tensors have the same hash, though not always the same file bytes."""
+    The header's metadata and key order do not count: safetensors writes them in a different
+    order from one run to the next, so two saves of the same tensors have the same hash, though
+    not always the same file bytes."""
     import hashlib
 
+    from safetensors import safe_open
+
     h = hashlib.sha256()
-    entries = []
-    for f in weight_files(path):
-        try:
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{f} is corrupt: {exc}") from exc
-        entries += [(k, f, 8 + n, v) for k, v in header.items() if k != "__metadata__"]
-    for key, f, start, info in sorted(entries, key=lambda e: e[0]):
-        begin, end = info["data_offsets"]
-        h.update(json.dumps([key, info["dtype"], info["shape"]]).encode())
-        with open(f, "rb") as fh:
-            fh.seek(start + begin)
-            left = end - begin
-            while left:
-                chunk = fh.read(min(left, 1 << 22))
-                if not chunk:
-                    raise CheckpointError(f"{f} is truncated")
-                h.update(chunk)
-                left -= len(chunk)
+    try:
+        handles = {f: safe_open(str(f), framework="pt") for f in weight_files(path)}
+        for key, f in sorted((k, f) for f, handle in handles.items() for k in handle.keys()):
+            part = handles[f].get_slice(key)
+            h.update(json.dumps([key, part.get_dtype(), part.get_shape()]).encode())
+            h.update(handles[f].get_tensor(key).reshape(-1).view(torch.uint8).numpy().tobytes())
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: the weights are corrupt or unreadable: {exc}") from exc
     return h.hexdigest()
 
 
