@@ -5,7 +5,8 @@ In one process: (1) the Triton kernels against their reference definitions and t
 simulation on the device (tests/test_gpu_backend.py, which runs everything for real there,
 including the half-precision model test that skips on a CPU); (2) `bench_linear` on Llama-3-8B's
 linear shapes at prefill (M=2048) and decode (M=1, 16) sizes: fp32, fp16 and bf16 cuBLAS against
-the float simulation (`fake`) and the Triton W4A8/W4A4 kernel (`gpu`), every call synchronized,
+the float simulation (`fake`) and the Triton W4A8/W4A4 kernel (`gpu`; `gpu-unfused` runs down_proj's
+online Hadamard as torch matmuls instead of inside the quantize kernel), every call synchronized,
 medians after warm-up. Writes results/gpu_linear.{json,md} (or --out), with the device's name.
 
     python scripts/gpu_check.py                 # about 2 minutes on an H200 after Triton's compiles
@@ -44,7 +45,7 @@ def main() -> None:
                              cwd=ROOT)
         if rc:
             raise SystemExit(f"the gpu backend's tests failed (exit {rc}): no timings are written")
-    records = bench_linear(SHAPES, rank=64, backends=("fp32", "fp16", "bf16", "fake", "gpu"), repeat=20,
+    records = bench_linear(SHAPES, rank=64, backends=("fp32", "fp16", "bf16", "fake", "gpu", "gpu-unfused"), repeat=20,
                            min_seconds=0.2, device="cuda")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

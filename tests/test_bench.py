@@ -56,8 +56,15 @@ def test_top_ops_profiles_the_call_and_group_ops_sums_by_group():
 
 
 def test_gpu_backend_is_benchmarked_on_cuda_only():
-    with pytest.raises(ValueError, match="device='cuda'"):
-        bench_linear([(4, 16, 16)], backends=("gpu",), device="cpu")
+    for backend in ("gpu", "gpu-unfused"):
+        with pytest.raises(ValueError, match="device='cuda'"):
+            bench_linear([(4, 16, 16)], backends=(backend,), device="cpu")
+
+
+def test_bench_linear_rejects_unknown_backends():
+    with pytest.raises(ValueError, match="unknown backend.*int4"):
+        bench_linear([(4, 16, 16)], backends=("fp32", "int4"))
+    assert main(["bench", "linear", "--shapes", "4x32x16", "--backends", "fp32,int4", "-q"]) == 2
 
 
 def test_bench_cli_writes_json_and_rejects_gpu_for_models(tmp_path):

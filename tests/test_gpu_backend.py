@@ -13,8 +13,10 @@ import torch
 from conftest import random_ids, tiny_model
 from quadllm import QuantConfig, quantize
 from quadllm.backends import BackendError, set_backend
-from quadllm.backends.gpu import TritonKernel, gpu_available, triton_available, why_no_gpu
+from quadllm.backends.gpu import (FusedTransform, TritonKernel, fused_transform_plan, gpu_available,
+                                  triton_available, why_no_gpu)
 from quadllm.backends.int8 import act_codes
+from quadllm.hadamard import OnlineTransform
 from quadllm.modules import QuadLinear
 from quadllm.quantizers import pack_int4
 
@@ -61,6 +63,84 @@ def test_w4a8_linear_matches_its_reference_definition(m, k, n, r, bias):
                                 dev(wo) if r else None, dev(b))
     assert out.shape == (m, n) and out.dtype == torch.float32
     assert torch.allclose(out.cpu().double(), ref, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("transform,split", [
+    (OnlineTransform.hadamard(14336), (28, 512, True, True)),  # Llama-3-8B down_proj: 28 x (32 x 16)
+    (OnlineTransform.hadamard(1536), (12, 128, True, True)),  # SmolLM2 down_proj
+    (OnlineTransform.hadamard(64), (1, 64, False, True)),  # a power of two: all in B
+    (OnlineTransform.mixing(32, 128), (32, 128, True, False)),  # Llama-3-8B o_proj: heads only
+    (OnlineTransform.mixing(9, 64), (9, 64, True, False)),  # SmolLM2 o_proj: 9 heads (DCT), padded to 16
+    (OnlineTransform.hadamard(96), None),  # 12 x 8: B under 16 and 96 not a power of two
+    (OnlineTransform([torch.eye(28)]), None),  # one factor that is not a power of two
+    (OnlineTransform.hadamard(2 ** 16), None),  # larger than the register tile
+    (torch.nn.Identity(), None),  # not a Kronecker transform
+])
+def test_fused_transform_plan_splits_the_factors_into_an_exact_tile(transform, split):
+    plan = fused_transform_plan(transform)
+    if split is None:
+        assert plan is None
+        return
+    assert (plan.a_order, plan.b_order, plan.a is not None, plan.b is not None) == split
+    assert plan.padded_a >= max(16, plan.a_order) and plan.padded_a * plan.b_order <= 32768
+    assert torch.allclose(plan.dense(), transform.dense().double(), atol=1e-6)  # the same map, regrouped
+
+
+def _transforms_for_kernel():
+    return [OnlineTransform.hadamard(64), OnlineTransform.hadamard(1536), OnlineTransform.hadamard(14336),
+            OnlineTransform.mixing(9, 64), OnlineTransform.mixing(3, 16)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("index", range(5))
+def test_transform_quantize_rows_gives_the_codes_of_the_transformed_rows(index, bits):
+    transform = _transforms_for_kernel()[index]
+    plan = fused_transform_plan(transform)
+    g = torch.Generator().manual_seed(index)
+    x = torch.randn(6, transform.n, generator=g) * torch.linspace(0.1, 30, transform.n)
+    x[2] = 0.0  # the scale floor
+    x[4, : transform.n // 3] *= 100  # one row with a block of large values
+    codes, scale = kernels().transform_quantize_rows(x.to(DEVICE), FusedTransform(
+        plan.a_order, plan.b_order, *(None if t is None else t.to(DEVICE) for t in (plan.a, plan.b))), bits, 0.9)
+    ref_codes, ref_scale = act_codes(transform(x), bits, 0.9)
+    assert codes.dtype == torch.int8 and codes.shape == x.shape and scale.shape == (6, 1)
+    assert torch.allclose(scale.cpu(), ref_scale, rtol=1e-5, atol=0)
+    # the transform sums in another order than torch's matmuls: a code may differ by one at a rounding boundary
+    diff = (codes.cpu().int() - ref_codes.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+    with pytest.raises(ValueError, match="do not match"):
+        kernels().transform_quantize_rows(x[:, 1:].to(DEVICE), plan, bits)
+
+
+def test_gpu_backend_fuses_the_online_transforms_into_quantization(monkeypatch):
+    """A model whose down_proj (128 = one Hadamard block) and o_proj (3 heads) transforms both fuse:
+    fused, unfused and the float simulation give the same logits, and the fused kernel runs."""
+    model = tiny_model("llama", torch.float32, intermediate_size=128)
+    quantize(model, QuantConfig(method="quad", rank=8, weights="rtn", calib_samples=4, calib_seqlen=16),
+             random_ids(4, 16), progress=False)
+    model.to(DEVICE)
+    ids = random_ids(2, 12, seed=5).to(DEVICE)
+    with torch.no_grad():
+        ref = model(ids).logits
+    fused_layers = [m for m in model.modules() if isinstance(m, QuadLinear) and m.transform is not None]
+    assert len(fused_layers) == 4  # o_proj and down_proj of 2 layers
+    k = kernels()
+    calls = []
+    original = k.transform_quantize_rows
+    monkeypatch.setattr(k, "transform_quantize_rows", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    outs = {}
+    for fuse in (True, False):
+        set_backend(model, "gpu")
+        for m in model.modules():
+            if isinstance(m, QuadLinear):
+                m.kernel = TritonKernel(fuse_transform=fuse)
+        calls.clear()
+        with torch.no_grad():
+            outs[fuse] = model(ids).logits
+        assert len(calls) == (len(fused_layers) if fuse else 0)
+    for out in outs.values():
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+    assert ((outs[True] - outs[False]).norm() / ref.norm()).item() < 1e-4
 
 
 def test_w4a8_linear_rejects_mismatched_inputs():

@@ -98,6 +98,8 @@ def quad_linear(k: int, n: int, rank: int, hadamard: bool, act_bits: int = 4, se
 
 #: Float ``nn.Linear`` baselines of :func:`bench_linear` by name.
 FLOAT_BASELINES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: what :func:`bench_linear` can time: the float baselines and the quantized linear's backends
+LINEAR_BACKENDS = (*FLOAT_BASELINES, "fake", "cpu-int8", "gpu", "gpu-unfused")
 
 
 def bench_linear(shapes: list[tuple[int, int, int]], rank: int = 64, backends: tuple[str, ...] = (
@@ -109,10 +111,15 @@ def bench_linear(shapes: list[tuple[int, int, int]], rank: int = 64, backends: t
     residual reader such as q/k/v/gate/up) and carries an online Hadamard over its ``k`` inputs
     otherwise (a down_proj), as in a QUAD model; both are part of the measured time.
     ``device``: ``cpu`` or ``cuda`` (``fp16`` is then a useful baseline; every call is
-    synchronized, so the times are the kernels' own). The ``gpu`` backend needs ``cuda``."""
+    synchronized, so the times are the kernels' own). The ``gpu`` backend needs ``cuda``;
+    ``gpu-unfused`` is the same kernels with the online Hadamard run as torch matmuls before the
+    quantize kernel instead of inside it (what the fusion saves)."""
     from .backends import Int8Kernel, TritonKernel
 
-    if "gpu" in backends and device != "cuda":
+    unknown = [b for b in backends if b not in LINEAR_BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {', '.join(unknown)}; choose among {', '.join(LINEAR_BACKENDS)}")
+    if any(b.startswith("gpu") for b in backends) and device != "cuda":
         raise ValueError("the gpu backend is benchmarked on device='cuda'")
     cuda = device == "cuda"
 
@@ -134,8 +141,8 @@ def bench_linear(shapes: list[tuple[int, int, int]], rank: int = 64, backends: t
                 layer = quad_linear(k, n, r, hadamard=down).to(device)
                 if backend == "cpu-int8":
                     layer.kernel = Int8Kernel(cache_weights=True)
-                elif backend == "gpu":
-                    layer.kernel = TritonKernel()
+                elif backend in ("gpu", "gpu-unfused"):
+                    layer.kernel = TritonKernel(fuse_transform=backend == "gpu")
                 call = (lambda layer=layer: layer(xr))
             fn = (lambda call=call: (call(), torch.cuda.synchronize())) if cuda else call
             ms = median_ms(fn, repeat=repeat, min_seconds=min_seconds)

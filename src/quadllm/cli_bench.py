@@ -18,7 +18,7 @@ def add_parser(sub, add_common) -> None:
     lin.add_argument("--shapes", required=True, help="MxKxN[,MxKxN...]")
     lin.add_argument("--rank", type=int, default=64, help="outlier columns of the QUAD layer (K < 8192)")
     lin.add_argument("--backends", default=None,
-                     help="comma-separated among fp32, bf16, fp16, fake, cpu-int8, gpu (default: fp32,bf16,fake,"
+                     help="comma-separated among fp32, bf16, fp16, fake, cpu-int8, gpu, gpu-unfused (default: fp32,bf16,fake,"
                           "cpu-int8 on the CPU; fp32,fp16,bf16,fake,gpu with --device cuda)")
     lin.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     lin.add_argument("--repeat", type=int, default=7)
@@ -58,8 +58,11 @@ def cmd_bench(args) -> int:
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         backends = args.backends or ("fp32,fp16,bf16,fake,gpu" if args.device == "cuda" else "fp32,bf16,fake,cpu-int8")
-        records = bench_linear(shapes, rank=args.rank, backends=tuple(backends.split(",")), repeat=args.repeat,
-                               device=args.device)
+        try:
+            records = bench_linear(shapes, rank=args.rank, backends=tuple(backends.split(",")), repeat=args.repeat,
+                                   device=args.device)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         cols = ["backend", "m", "k", "n", "median_ms", "gflops", "speedup_vs_fp32"]
         extra: dict[str, Any] = {}
     else:

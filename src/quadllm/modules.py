@@ -195,15 +195,21 @@ class QuadLinear(nn.Module):
 
     # --- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.n_outlier
+        quant_act = self.act.enabled and self.act_enabled
+        use_kernel = self.kernel is not None and quant_act and self.quantized and not (
+            torch.is_grad_enabled() and (x.requires_grad or self.w_outlier.requires_grad
+                                         or self.scales.requires_grad))
+        if use_kernel and self.transform is not None and self.capture is None:
+            fused = getattr(self.kernel, "fused_call", None)  # a kernel that applies the transform itself
+            y = fused(self, x) if fused is not None else None
+            if y is not None:
+                return y
         if self.transform is not None:
             x = self.transform(x)
         if self.capture is not None:
             self.capture(x)
-        r = self.n_outlier
-        quant_act = self.act.enabled and self.act_enabled
-        if self.kernel is not None and quant_act and self.quantized and not (
-                torch.is_grad_enabled() and (x.requires_grad or self.w_outlier.requires_grad
-                                             or self.scales.requires_grad)):
+        if use_kernel:
             return self.kernel(self, x)
         if not self.quantized:
             if quant_act:

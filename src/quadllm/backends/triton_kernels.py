@@ -3,6 +3,11 @@
 - :func:`quantize_rows`: per-token dynamic symmetric quantization, one program per row: the row's
   max |x| in one sweep, the int8 codes in a second (exactly :func:`quadllm.backends.int8.act_codes`:
   same scale formula, round half to even, same clamp).
+- :func:`transform_quantize_rows`: the same codes of ``x @ kron(A, B)ᵀ`` (an online Hadamard or
+  head mixing, :class:`quadllm.backends.gpu.FusedTransform`) without writing the transformed
+  row: each program reads one row as an [A, B] tile, multiplies it by Bᵀ in [16, B] slices and
+  by A on the left (float32 ``tl.dot``), and takes the max and the codes from registers. The row
+  costs one read and one int8 write instead of a float write and two more reads.
 - :func:`w4a8_linear`: ``y = (codes @ W_int4ᵀ) * sx * sw + x_outlier @ w_outlierᵀ + bias`` in one
   kernel. INT8 tensor cores do the quantized part with int32 accumulation; the packed INT4 weight
   bytes are loaded once and unpacked in registers (low nibble = even input column, high nibble =
@@ -21,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["quantize_rows", "w4a8_linear"]
+__all__ = ["quantize_rows", "transform_quantize_rows", "w4a8_linear"]
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, clip, QMAX: tl.constexpr,
@@ -59,6 +64,61 @@ def quantize_rows(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> tuple[
         block = min(triton.next_power_of_2(max(k, 16)), 4096)
         _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), float(clip_ratio),
                                     QMAX=2 ** (bits - 1) - 1, BLOCK=block)
+    return q, s
+
+
+@triton.jit
+def _transform_quantize_kernel(x_ptr, a_ptr, b_ptr, q_ptr, s_ptr, stride_x, stride_q, clip,
+                               A: tl.constexpr, AP: tl.constexpr, B: tl.constexpr, BK: tl.constexpr,
+                               HAS_A: tl.constexpr, HAS_B: tl.constexpr, QMAX: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    ra = tl.arange(0, AP)
+    rb = tl.arange(0, B)
+    am = ra < A
+    xrow = x_ptr + row * stride_x
+    if HAS_B:
+        rk = tl.arange(0, BK)
+        y = tl.zeros((AP, B), dtype=tl.float32)
+        for k0 in range(0, B, BK):
+            xk = tl.load(xrow + ra[:, None] * B + k0 + rk[None, :], mask=am[:, None], other=0.0).to(tl.float32)
+            bt = tl.load(b_ptr + rb[None, :] * B + k0 + rk[:, None])  # [BK, B]: Bᵀ[k, j] = B[j, k]
+            y += tl.dot(xk, bt, input_precision="ieee")
+    else:
+        y = tl.load(xrow + ra[:, None] * B + rb[None, :], mask=am[:, None], other=0.0).to(tl.float32)
+    if HAS_A:
+        a = tl.load(a_ptr + ra[:, None] * A + ra[None, :], mask=am[:, None] & am[None, :], other=0.0)
+        y = tl.dot(a, y, input_precision="ieee")  # padded rows of A are zero: they add nothing to the max
+    scale = tl.max(tl.max(tl.abs(y), axis=1), axis=0) * clip / QMAX
+    scale = tl.maximum(scale, 1e-8)
+    q = (y / scale + 12582912.0) - 12582912.0
+    q = tl.minimum(tl.maximum(q, -QMAX - 1.0), QMAX * 1.0)
+    tl.store(q_ptr + row * stride_q + ra[:, None] * B + rb[None, :], q.to(tl.int8), mask=am[:, None])
+    tl.store(s_ptr + row, scale)
+
+
+def transform_quantize_rows(x: torch.Tensor, plan, bits: int,
+                            clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row codes of ``x @ kron(plan.a, plan.b)ᵀ`` ([M, K] with K = a_order * b_order), as
+    :func:`quantize_rows` of the transformed rows (up to float32 rounding of the transform)."""
+    if x.dim() != 2:
+        raise ValueError(f"transform_quantize_rows expects a 2-d tensor, got shape {tuple(x.shape)}")
+    if not 2 <= bits <= 8:
+        raise ValueError(f"integer activations need 2 to 8 bits, got {bits}")
+    a_order, b_order = plan.a_order, plan.b_order
+    if x.shape[1] != a_order * b_order:
+        raise ValueError(f"rows of {x.shape[1]} do not match the transform's order {a_order} x {b_order}")
+    if x.shape[1] and x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    if m:
+        a = plan.a if plan.a is not None else s
+        b = plan.b if plan.b is not None else s
+        _transform_quantize_kernel[(m,)](x, a, b, q, s, x.stride(0), q.stride(0), float(clip_ratio),
+                                         A=a_order, AP=plan.padded_a, B=b_order, BK=16,
+                                         HAS_A=plan.a is not None, HAS_B=plan.b is not None,
+                                         QMAX=2 ** (bits - 1) - 1)
     return q, s
 
 
