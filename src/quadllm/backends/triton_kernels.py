@@ -115,10 +115,14 @@ def transform_quantize_rows(x: torch.Tensor, plan, bits: int,
     if m:
         a = plan.a if plan.a is not None else s
         b = plan.b if plan.b is not None else s
+        tile = plan.padded_a * b_order
+        # the whole [A, B] tile lives in registers: more warps for larger tiles (about 64 values
+        # per thread at the largest); a guess until it is tuned on a device (scripts/gpu_check.py)
+        warps = 4 if tile <= 4096 else (8 if tile <= 8192 else 16)
         _transform_quantize_kernel[(m,)](x, a, b, q, s, x.stride(0), q.stride(0), float(clip_ratio),
                                          A=a_order, AP=plan.padded_a, B=b_order, BK=16,
                                          HAS_A=plan.a is not None, HAS_B=plan.b is not None,
-                                         QMAX=2 ** (bits - 1) - 1)
+                                         QMAX=2 ** (bits - 1) - 1, num_warps=warps)
     return q, s
 
 
