@@ -49,17 +49,24 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, clip, QMAX
     tl.store(s_ptr + row, scale)
 
 
-def quantize_rows(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row codes of ``x`` [M, K]: (int8 [M, K], float32 scales [M, 1]), as ``act_codes``."""
+def _rows_and_outputs(x: torch.Tensor, bits: int, what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checks of a per-row quantizer's input; ``x`` with unit column stride, the int8 codes [M, K]
+    and the float32 scales [M, 1] to fill."""
     if x.dim() != 2:
-        raise ValueError(f"quantize_rows expects a 2-d tensor, got shape {tuple(x.shape)}")
+        raise ValueError(f"{what} expects a 2-d tensor, got shape {tuple(x.shape)}")
     if not 2 <= bits <= 8:
         raise ValueError(f"integer activations need 2 to 8 bits, got {bits}")
     if x.shape[1] and x.stride(1) != 1:
         x = x.contiguous()
     m, k = x.shape
-    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
-    s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    return (x, torch.empty(m, k, dtype=torch.int8, device=x.device),
+            torch.empty(m, 1, dtype=torch.float32, device=x.device))
+
+
+def quantize_rows(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row codes of ``x`` [M, K]: (int8 [M, K], float32 scales [M, 1]), as ``act_codes``."""
+    x, q, s = _rows_and_outputs(x, bits, "quantize_rows")
+    m, k = x.shape
     if m:
         block = min(triton.next_power_of_2(max(k, 16)), 4096)
         _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), float(clip_ratio),
@@ -100,18 +107,11 @@ def transform_quantize_rows(x: torch.Tensor, plan, bits: int,
                             clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row codes of ``x @ kron(plan.a, plan.b)ᵀ`` ([M, K] with K = a_order * b_order), as
     :func:`quantize_rows` of the transformed rows (up to float32 rounding of the transform)."""
-    if x.dim() != 2:
-        raise ValueError(f"transform_quantize_rows expects a 2-d tensor, got shape {tuple(x.shape)}")
-    if not 2 <= bits <= 8:
-        raise ValueError(f"integer activations need 2 to 8 bits, got {bits}")
+    x, q, s = _rows_and_outputs(x, bits, "transform_quantize_rows")
     a_order, b_order = plan.a_order, plan.b_order
     if x.shape[1] != a_order * b_order:
         raise ValueError(f"rows of {x.shape[1]} do not match the transform's order {a_order} x {b_order}")
-    if x.shape[1] and x.stride(1) != 1:
-        x = x.contiguous()
-    m, k = x.shape
-    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
-    s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    m = x.shape[0]
     if m:
         a = plan.a if plan.a is not None else s
         b = plan.b if plan.b is not None else s
