@@ -27,3 +27,27 @@ def release_freed_memory() -> None:
 
 
 _TRIM = None
+
+# glibc's mallopt parameter: allocations of at least this many bytes get their own mapping
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 4 << 20
+
+
+def map_large_allocations(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Give every allocation of at least ``threshold_bytes`` its own memory mapping (glibc
+    ``mallopt(M_MMAP_THRESHOLD)``), returned to the system as soon as it is freed.
+
+    glibc raises this threshold on its own, up to 32 MB, each time a mapped block is freed; a
+    layer-by-layer run then carves its many temporaries of a few MB (GPTQ blocks, activation
+    chunks) from the heap, where they fragment it and keep the resident size of each layer
+    hundreds of MB above what it holds. A fixed threshold stops that. Returns False where the C
+    library has no ``mallopt`` (not glibc); the run then goes on with the allocator's default."""
+    if threshold_bytes <= 0:
+        raise ValueError(f"threshold_bytes must be positive, got {threshold_bytes}")
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)))

@@ -42,7 +42,7 @@ from .arch import ArchAdapter, get_adapter
 from .calibration import LayerInputs, MomentAccumulator, capture_layer_inputs, run_layer
 from .checkpoint import WEIGHTS_INDEX, CheckpointError, _storage_state_dict, atomic_dir, tensor_bytes, write_metadata
 from .config import ConfigError, QuantConfig
-from .memory import peak_rss_mb, release_freed_memory
+from .memory import map_large_allocations, peak_rss_mb, release_freed_memory
 from .modules import QuadLinear
 from .pipeline import round_to_storage, structure_of, use_quad_attention
 from .transforms import (attach_layer_kv_quant, kv_rotation, online_transform_layer, prepare_ends, prepare_layer,
@@ -206,6 +206,7 @@ def quantize_streaming(model_dir: str | Path, config: QuantConfig, samples: torc
 
     config.validate()
     t_start = time.perf_counter()
+    map_large_allocations()
     model_dir = Path(model_dir)
     try:
         hf_config = AutoConfig.from_pretrained(model_dir)
