@@ -32,11 +32,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from quadllm.evaluation.speed import (  # noqa: E402
+    bench_linear,
+    bench_model,
+    group_ops,
+    machine_description,
+    prefill_fn,
+    quad_linear,
+    records_markdown,
+    top_ops,
+)
+from quadllm import load, place  # noqa: E402
+from quadllm.io.sources import load_model  # noqa: E402
+
 from quadllm.backends import Int8Kernel  # noqa: E402
-from quadllm.bench import (bench_linear, bench_model, group_ops, machine_description, prefill_fn, quad_linear,  # noqa: E402
-                           records_markdown, top_ops)
-from quadllm.checkpoint import load  # noqa: E402
-from quadllm.models import load_model  # noqa: E402
 
 SHAPES = [(m, k, n) for (k, n) in ((4096, 4096), (4096, 14336), (14336, 4096)) for m in (1, 16, 2048)]
 QUICK = [(m, 512, 512) for m in (1, 64)]
@@ -46,6 +55,13 @@ log = logging.getLogger("bench")
 #: The issue's CPU targets: (what, how to measure it from the records, the least ratio that meets it).
 TARGET_SHAPE = (2048, 4096, 4096)
 
+
+
+def placed(ckpt, backend: str):
+    """A checkpoint loaded and placed on ``backend``."""
+    model = load(ckpt)[0]
+    place(model, backend)
+    return model
 
 def _linear_ms(linear: list[dict], backend: str, shape: tuple[int, int, int]) -> float | None:
     return next((r["median_ms"] for r in linear if r["backend"] == backend and (r["m"], r["k"], r["n"]) == shape),
@@ -115,10 +131,10 @@ def main() -> None:
     if (ckpt / "quadllm_config.json").is_file():
         fp = load_model(None)[0]
         variants = {"fp32": fp, "bf16": load_model(None)[0].to(torch.bfloat16),
-                    "QUAD fake": load(ckpt)[0], "QUAD cpu-int8": load(ckpt, backend="cpu-int8")[0]}
+                    "QUAD fake": load(ckpt)[0], "QUAD cpu-int8": placed(ckpt, "cpu-int8")}
         kv4 = Path(args.kv4_checkpoint)
         if (kv4 / "quadllm_config.json").is_file():
-            variants["QUAD KV4 cpu-int8"] = load(kv4, backend="cpu-int8")[0]
+            variants["QUAD KV4 cpu-int8"] = placed(kv4, "cpu-int8")
         else:
             log.warning("no KV4 checkpoint at %s: the integer KV cache row is skipped", kv4)
         model_records = bench_model(variants, fp.config.vocab_size, [prefill], 16 if args.quick else args.decode,

@@ -22,16 +22,16 @@ import sys
 import time
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from quadllm.evaluation.speed import machine_description  # noqa: E402
+from quadllm import load  # noqa: E402
+from quadllm.evaluation.perplexity import evaluate_many  # noqa: E402
+from quadllm.io.sources import fp16_size_bytes, load_model  # noqa: E402
+
 import quadllm  # noqa: E402
-from quadllm.bench import machine_description  # noqa: E402
-from quadllm.checkpoint import load  # noqa: E402
-from quadllm.data import load_text, tokenize_windows  # noqa: E402
-from quadllm.evaluate import evaluate_many  # noqa: E402
-from quadllm.models import fp16_size_bytes, load_model  # noqa: E402
+from quadllm.data.text import load_text, tokenize_windows  # noqa: E402
 
 ROWS = [
     # name, CLI flags

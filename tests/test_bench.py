@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
 import torch
+from quadllm.evaluation.speed import bench_linear, group_ops, parse_shapes, records_markdown, top_ops
 
-from quadllm.bench import bench_linear, group_ops, parse_shapes, records_markdown, top_ops
 from quadllm.cli import main
 
 

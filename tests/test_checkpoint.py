@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-
 from conftest import random_ids, tiny_model
+from quadllm.nn.modules import QuadLinear
+
 from quadllm import CheckpointError, QuantConfig, load, quantize, save
-from quadllm.modules import QuadLinear
 
 
 class _Tok:
@@ -88,7 +88,7 @@ def test_failed_save_leaves_nothing_and_keeps_the_old_checkpoint(tmp_path, monke
     def boom(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    monkeypatch.setattr("quadllm.io.checkpoint.save_file", boom)
     with pytest.raises(OSError, match="No space left"):
         save(model, None, tmp_path / "ckpt")
     with pytest.raises(OSError):
@@ -159,9 +159,8 @@ def test_weights_hash_is_of_the_tensors_not_the_file_bytes(tmp_path):
     import json as _json
     import struct
 
+    from quadllm.io.checkpoint import file_hash, weights_hash
     from safetensors.torch import save_file
-
-    from quadllm.checkpoint import file_hash, weights_hash
 
     t = {"b.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a.bias": torch.ones(3, dtype=torch.float16)}
     one, two, three = (tmp_path / n for n in ("one", "two", "three"))

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import random_ids, tiny_model
+from quadllm.evaluation.perplexity import evaluate_many, perplexity
+
 from quadllm.config import ConfigError, QuantConfig
-from quadllm.evaluate import evaluate_many, perplexity
 
 
 def test_method_defaults_and_roles():

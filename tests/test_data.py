@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from quadllm import data
-from quadllm.data import (
+from quadllm.data import text as data
+from quadllm.data.text import (
     DataError,
     TextSource,
     default_data_dir,
@@ -420,9 +420,9 @@ def test_module_exports():
 
 
 def test_default_uses_the_papers_data_when_the_hub_is_usable(monkeypatch):
-    import quadllm.data as qd
+    import quadllm.data.text as qd
 
-    monkeypatch.setattr(qd, "_hub_reachable", lambda timeout=2.0: True)
+    monkeypatch.setattr(qd, "hub_reachable", lambda timeout=2.0: True)
     calls: list = []
     table = {"train": ["", " = A = \n"], "test": ["", " = T = \n"]}
     _fake_datasets(monkeypatch, table, calls)
@@ -434,9 +434,9 @@ def test_default_uses_the_papers_data_when_the_hub_is_usable(monkeypatch):
 
 
 def test_default_falls_back_to_embedded_text(monkeypatch):
-    import quadllm.data as qd
+    import quadllm.data.text as qd
 
-    monkeypatch.setattr(qd, "_hub_reachable", lambda timeout=2.0: True)
+    monkeypatch.setattr(qd, "hub_reachable", lambda timeout=2.0: True)
     calls: list = []
     _fake_datasets(monkeypatch, {}, calls, fail=True)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

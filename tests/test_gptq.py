@@ -1,12 +1,11 @@
-"""Tests for quadllm.gptq: Hessian accumulation, RTN, and GPTQ with full-precision columns."""
+"""Tests for quadllm.core.gptq: Hessian accumulation, RTN, and GPTQ with full-precision columns."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-from quadllm.gptq import GPTQResult, HessianAccumulator, gptq_quantize, rtn_quantize
-from quadllm.quantizers import qrange, quantize_weight, weight_scales
+from quadllm.core.gptq import GPTQResult, HessianAccumulator, gptq_quantize, rtn_quantize
+from quadllm.core.quantizers import qrange, quantize_weight, weight_scales
 
 OUT, IN = 16, 32
 
@@ -43,37 +42,37 @@ def _setup(seed: int = 0):
     return x, w, _hessian(x)
 
 
-def _ref_gptq(w, H, n_fp, bits=4, group_size=0, mse=True, act_order=False, damp=0.01):
+def _ref_gptq(w, H, rank, bits=4, group_size=0, mse=True, act_order=False, damp=0.01):
     """Unblocked OBS-form GPTQ: for each column in processing order, with F the columns not yet
     quantized (including the fp columns, processed last), quantize column f and update
     W_F -= (w_f - q_f) / [H_F^-1]_ff * [H_F^-1]_{f,F}, recomputing H_F^-1 explicitly."""
     qmin, qmax = qrange(bits)
     out, inp = w.shape
-    nq = inp - n_fp
+    nq = inp - rank
     W = w.double().clone()
     H = H.double().clone()
     for i in range(inp):
         if H[i, i] == 0:
             H[i, i] = 1
             W[:, i] = 0
-    qcols = list(range(n_fp, inp))
+    qcols = list(range(rank, inp))
     if act_order:
         diag = [float(H[i, i]) for i in qcols]
         qcols = [c for _, c in sorted(zip(diag, qcols), key=lambda t: -t[0])]
-    order = qcols + list(range(n_fp))
+    order = qcols + list(range(rank))
     Hd = H + damp * float(torch.diag(H).mean()) * torch.eye(inp, dtype=torch.float64)
     g = group_size or nq
     if not group_size:
-        scales = weight_scales(W[:, n_fp:], bits, 0, mse)
+        scales = weight_scales(W[:, rank:], bits, 0, mse)
     elif act_order:
-        scales = weight_scales(w.double()[:, n_fp:], bits, group_size, mse)
+        scales = weight_scales(w.double()[:, rank:], bits, group_size, mse)
     else:
         scales = torch.zeros(out, nq // g, dtype=torch.float64)
     codes = torch.zeros(out, nq, dtype=torch.int8)
     for k in range(nq):
         f = order[k]
         rest = order[k:]
-        j = f - n_fp
+        j = f - rank
         if group_size and not act_order and j % g == 0:
             scales[:, j // g] = weight_scales(W[:, f : f + g], bits, 0, mse)[:, 0]
         s = scales[:, j // g]
@@ -82,7 +81,7 @@ def _ref_gptq(w, H, n_fp, bits=4, group_size=0, mse=True, act_order=False, damp=
         hinv = torch.linalg.inv(Hd[rest][:, rest])
         err = (W[:, f] - q * s) / hinv[0, 0]
         W[:, rest] -= err.unsqueeze(1) * hinv[0].unsqueeze(0)
-    return codes, scales, W[:, :n_fp]
+    return codes, scales, W[:, :rank]
 
 
 # ---------------------------------------------------------------------------
@@ -125,18 +124,18 @@ def test_hessian_accumulator_rejects_non_finite(bad):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n_fp,group_size,mse", [(0, 0, False), (4, 0, True), (2, 7, True), (2, 10, False)])
-def test_rtn_matches_quantize_weight(n_fp, group_size, mse):
+@pytest.mark.parametrize("rank,group_size,mse", [(0, 0, False), (4, 0, True), (2, 7, True), (2, 10, False)])
+def test_rtn_matches_quantize_weight(rank, group_size, mse):
     torch.manual_seed(1)
     w = torch.randn(8, 72)
-    r = rtn_quantize(w, n_fp, 4, group_size, mse)
-    assert torch.equal(r.fp_columns, w[:, :n_fp])
+    r = rtn_quantize(w, rank, 4, group_size, mse)
+    assert torch.equal(r.fp_columns, w[:, :rank])
     r.fp_columns.add_(1.0)  # a copy, not a view of w
-    assert torch.equal(rtn_quantize(w, n_fp, 4, group_size, mse).fp_columns, w[:, :n_fp])
-    s = weight_scales(w[:, n_fp:], 4, group_size, mse)
+    assert torch.equal(rtn_quantize(w, rank, 4, group_size, mse).fp_columns, w[:, :rank])
+    s = weight_scales(w[:, rank:], 4, group_size, mse)
     assert torch.equal(r.scales, s)
-    assert r.codes.dtype == torch.int8 and r.codes.shape == (8, 72 - n_fp)
-    assert torch.equal(r.codes, quantize_weight(w[:, n_fp:], s, 4))
+    assert r.codes.dtype == torch.int8 and r.codes.shape == (8, 72 - rank)
+    assert torch.equal(r.codes, quantize_weight(w[:, rank:], s, 4))
 
 
 # ---------------------------------------------------------------------------
@@ -156,16 +155,16 @@ def test_gptq_identity_hessian_equals_rtn(group_size, act_order):
 
 
 @pytest.mark.parametrize(
-    "n_fp,group_size,act_order,mse",
+    "rank,group_size,act_order,mse",
     [(0, 0, False, True), (0, 8, False, False), (0, 0, True, False), (3, 0, True, True),
      (4, 7, False, True), (4, 4, True, False)],
 )
-def test_gptq_matches_unblocked_reference(n_fp, group_size, act_order, mse):
+def test_gptq_matches_unblocked_reference(rank, group_size, act_order, mse):
     x, w, H = _setup(3)
     # small blocks exercise the lazy batch updates; blocks aligned with groups (see the xfail below)
     block = 2 * group_size if group_size else 5
-    g = gptq_quantize(w, H, n_fp, group_size=group_size, act_order=act_order, mse=mse, block=block)
-    codes, scales, fp = _ref_gptq(w, H, n_fp, group_size=group_size, act_order=act_order, mse=mse)
+    g = gptq_quantize(w, H, rank, group_size=group_size, act_order=act_order, mse=mse, block=block)
+    codes, scales, fp = _ref_gptq(w, H, rank, group_size=group_size, act_order=act_order, mse=mse)
     assert torch.equal(g.codes, codes)
     torch.testing.assert_close(g.scales, scales, rtol=1e-10, atol=0)
     torch.testing.assert_close(g.fp_columns, fp, rtol=1e-8, atol=1e-10)
@@ -175,9 +174,9 @@ def test_gptq_matches_unblocked_reference(n_fp, group_size, act_order, mse):
 def test_gptq_block_size_does_not_change_result(group_size, act_order):
     # lazy batch updates are an exact reformulation (blocks aligned with groups)
     x, w, H = _setup(4)
-    n_fp = 0 if group_size else 4
-    a = gptq_quantize(w, H, n_fp, group_size=group_size, act_order=act_order, block=128)
-    b = gptq_quantize(w, H, n_fp, group_size=group_size, act_order=act_order, block=8)
+    rank = 0 if group_size else 4
+    a = gptq_quantize(w, H, rank, group_size=group_size, act_order=act_order, block=128)
+    b = gptq_quantize(w, H, rank, group_size=group_size, act_order=act_order, block=8)
     assert torch.equal(a.codes, b.codes)
     torch.testing.assert_close(a.scales, b.scales, rtol=1e-12, atol=0)
     torch.testing.assert_close(a.fp_columns, b.fp_columns, rtol=1e-10, atol=1e-12)
@@ -207,36 +206,36 @@ def test_gptq_beats_rtn_on_correlated_inputs(group_size, act_order, mse):
 @pytest.mark.parametrize("group_size,act_order", [(0, False), (0, True), (4, False), (4, True)])
 def test_gptq_fp_columns_absorb_error(group_size, act_order):
     x, w, H = _setup(1)
-    n_fp = 4
-    g = gptq_quantize(w, H, n_fp, group_size=group_size, act_order=act_order)
-    r = rtn_quantize(w, n_fp, group_size=group_size)
-    assert g.codes.shape == (OUT, IN - n_fp)
-    assert g.fp_columns.shape == (OUT, n_fp)
+    rank = 4
+    g = gptq_quantize(w, H, rank, group_size=group_size, act_order=act_order)
+    r = rtn_quantize(w, rank, group_size=group_size)
+    assert g.codes.shape == (OUT, IN - rank)
+    assert g.fp_columns.shape == (OUT, rank)
     assert g.fp_columns.dtype == w.dtype
-    assert g.scales.shape == (OUT, (IN - n_fp) // group_size if group_size else 1)
-    assert not torch.allclose(g.fp_columns, w[:, :n_fp], rtol=1e-3, atol=1e-3)
+    assert g.scales.shape == (OUT, (IN - rank) // group_size if group_size else 1)
+    assert not torch.allclose(g.fp_columns, w[:, :rank], rtol=1e-3, atol=1e-3)
     e_g, e_r = _out_err(x, w, _dequant(g)), _out_err(x, w, _dequant(r))
     assert e_g < 0.8 * e_r, (e_g, e_r)
     # the fp columns help: zeroing their update (keeping the original ones) is worse
-    kept = torch.cat([w[:, :n_fp], _dequant(g)[:, n_fp:]], 1)
+    kept = torch.cat([w[:, :rank], _dequant(g)[:, rank:]], 1)
     assert e_g < _out_err(x, w, kept)
 
 
-@pytest.mark.parametrize("n_fp,group_size,act_order", [(0, 0, False), (2, 0, True), (2, 6, True), (2, 6, False)])
-def test_gptq_dead_columns_no_nan(n_fp, group_size, act_order):
+@pytest.mark.parametrize("rank,group_size,act_order", [(0, 0, False), (2, 0, True), (2, 6, True), (2, 6, False)])
+def test_gptq_dead_columns_no_nan(rank, group_size, act_order):
     x, w, _ = _setup(2)
     x = x.clone()
-    x[:, 0] = 0.0  # dead fp (or quantized, when n_fp=0) column
+    x[:, 0] = 0.0  # dead fp (or quantized, when rank=0) column
     x[:, 9] = 0.0  # dead quantized column
     H = _hessian(x)
     assert float(H[9, 9]) == 0.0
-    g = gptq_quantize(w, H, n_fp, group_size=group_size, act_order=act_order)
+    g = gptq_quantize(w, H, rank, group_size=group_size, act_order=act_order)
     assert torch.isfinite(g.scales).all() and bool((g.scales > 0).all())
     assert torch.isfinite(g.fp_columns).all()
-    assert bool((g.codes[:, 9 - n_fp] == 0).all())  # dead weights are dropped, like reference GPTQ
+    assert bool((g.codes[:, 9 - rank] == 0).all())  # dead weights are dropped, like reference GPTQ
     wq = _dequant(g)
     assert torch.isfinite(wq).all()
-    r = rtn_quantize(w, n_fp, group_size=group_size)
+    r = rtn_quantize(w, rank, group_size=group_size)
     assert _out_err(x, w, wq) < _out_err(x, w, _dequant(r))
 
 
@@ -249,23 +248,23 @@ def test_gptq_all_inputs_dead():
     assert torch.isfinite(g.scales).all() and torch.isfinite(g.fp_columns).all()
 
 
-@pytest.mark.parametrize("n_fp", [0, 4])
-def test_gptq_groups_with_act_order_static_scales(n_fp):
+@pytest.mark.parametrize("rank", [0, 4])
+def test_gptq_groups_with_act_order_static_scales(rank):
     x, w, H = _setup(5)
     gs = 4
-    nq = IN - n_fp
-    g = gptq_quantize(w, H, n_fp, group_size=gs, act_order=True, mse=False)
+    nq = IN - rank
+    g = gptq_quantize(w, H, rank, group_size=gs, act_order=True, mse=False)
     assert g.scales.shape == (OUT, nq // gs)
     # static groups: scales from the original weights, contiguous in the original column order
-    torch.testing.assert_close(g.scales, weight_scales(w[:, n_fp:], 4, gs, mse=False), rtol=1e-12, atol=0)
+    torch.testing.assert_close(g.scales, weight_scales(w[:, rank:], 4, gs, mse=False), rtol=1e-12, atol=0)
     assert int(g.codes.min()) >= -8 and int(g.codes.max()) <= 7
     assert int(g.codes.abs().max()) >= 6  # codes actually use the range of their group scale
-    wq = _dequant(g)[:, n_fp:]
+    wq = _dequant(g)[:, rank:]
     # compensated weights drift, but stay within a few grid steps of the originals
     step = g.scales.double().repeat_interleave(gs, dim=1)
-    assert float(((wq - w[:, n_fp:]).abs() / step).max()) < 8.0
-    assert float(torch.linalg.norm(wq - w[:, n_fp:]) / torch.linalg.norm(w[:, n_fp:])) < 0.5
-    r = rtn_quantize(w, n_fp, group_size=gs, mse=False)
+    assert float(((wq - w[:, rank:]).abs() / step).max()) < 8.0
+    assert float(torch.linalg.norm(wq - w[:, rank:]) / torch.linalg.norm(w[:, rank:])) < 0.5
+    r = rtn_quantize(w, rank, group_size=gs, mse=False)
     assert _out_err(x, w, _dequant(g)) < _out_err(x, w, _dequant(r))
 
 
@@ -291,17 +290,17 @@ def test_gptq_errors():
     gptq_quantize(w, H, 4, group_size=4)  # 4 quantized columns: fine
 
 
-@pytest.mark.parametrize("n_fp,group_size,act_order", [(0, 0, False), (4, 0, False), (0, 8, True), (4, 4, True)])
-def test_gptq_overwrite_h_gives_the_same_result_in_the_callers_buffer(n_fp, group_size, act_order):
+@pytest.mark.parametrize("rank,group_size,act_order", [(0, 0, False), (4, 0, False), (0, 8, True), (4, 4, True)])
+def test_gptq_overwrite_h_gives_the_same_result_in_the_callers_buffer(rank, group_size, act_order):
     """``overwrite_h`` (one [in, in] buffer, as the down projections of 8B models need) returns
     exactly what the copying path returns; without it the caller's Hessian is left untouched."""
     x, w, H = _setup(5)
     H[3, :] = H[:, 3] = 0  # a dead input column
     keep = H.clone()
-    a = gptq_quantize(w, H, n_fp, group_size=group_size, act_order=act_order, block=8)
+    a = gptq_quantize(w, H, rank, group_size=group_size, act_order=act_order, block=8)
     assert torch.equal(H, keep)
-    b = gptq_quantize(w, H, n_fp, group_size=group_size, act_order=act_order, block=8, overwrite_h=True)
+    b = gptq_quantize(w, H, rank, group_size=group_size, act_order=act_order, block=8, overwrite_h=True)
     assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
     assert torch.equal(a.fp_columns, b.fp_columns)
-    if n_fp == 0 and not act_order:  # no column reordering: the buffer itself was used
+    if rank == 0 and not act_order:  # no column reordering: the buffer itself was used
         assert not torch.equal(H, keep)

@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import random_ids, tiny_model
+from quadllm.core.hadamard import OnlineTransform
+from quadllm.nn.modules import QuadLinear
+from quadllm.core.quantizers import pack_int4
+
 from quadllm import QuantConfig, quantize
-from quadllm.backends import BackendError, set_backend
-from quadllm.backends.gpu import (FusedTransform, TritonKernel, fused_transform_plan, gpu_available,
-                                  triton_available, why_no_gpu)
+from quadllm.backends import BackendError, place
+from quadllm.backends.gpu import (
+    FusedTransform,
+    TritonKernel,
+    fused_transform_plan,
+    gpu_available,
+    triton_available,
+    why_no_gpu,
+)
 from quadllm.backends.int8 import act_codes
-from quadllm.hadamard import OnlineTransform
-from quadllm.modules import QuadLinear
-from quadllm.quantizers import pack_int4
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed (pip install 'quadllm[gpu]')")
 
@@ -130,7 +136,7 @@ def test_gpu_backend_fuses_the_online_transforms_into_quantization(monkeypatch):
     monkeypatch.setattr(k, "transform_quantize_rows", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     outs = {}
     for fuse in (True, False):
-        set_backend(model, "gpu")
+        place(model, "gpu")
         for m in model.modules():
             if isinstance(m, QuadLinear):
                 m.kernel = TritonKernel(fuse_transform=fuse)
@@ -161,7 +167,7 @@ def test_gpu_backend_matches_fake(cfg):
     ids = random_ids(2, 12, seed=5).to(DEVICE)
     with torch.no_grad():
         ref = model(ids).logits
-    counts = set_backend(model, "gpu")
+    counts = place(model, "gpu")
     n = sum(isinstance(m, QuadLinear) for m in model.modules())
     assert counts == {"gpu": n}
     assert all(isinstance(m.kernel, TritonKernel) for m in model.modules() if isinstance(m, QuadLinear))
@@ -176,7 +182,7 @@ def test_gpu_backend_leaves_unsupported_layers_on_fake():
     quantize(model, QuantConfig(weights="rtn", rank=8, mode="w4a16", calib_samples=4, calib_seqlen=16),
              random_ids(4, 16), progress=False)
     n = sum(isinstance(m, QuadLinear) for m in model.modules())
-    assert set_backend(model.to(DEVICE), "gpu") == {"fake": n}
+    assert place(model.to(DEVICE), "gpu") == {"fake": n}
 
 
 def test_gpu_backend_needs_a_cuda_model_outside_the_interpreter(monkeypatch):
@@ -185,7 +191,7 @@ def test_gpu_backend_needs_a_cuda_model_outside_the_interpreter(monkeypatch):
     quantize(model, QuantConfig(weights="rtn", rank=8, calib_samples=4, calib_seqlen=16), random_ids(4, 16),
              progress=False)
     with pytest.raises(BackendError, match="CUDA device"):
-        set_backend(model, "gpu")
+        place(model, "gpu")
 
 
 @needs_gpu
@@ -197,6 +203,6 @@ def test_gpu_kernels_in_half_precision_match_fake():
     ids = random_ids(2, 64, seed=9).cuda()
     with torch.no_grad():
         ref = model(ids).logits.float()
-        set_backend(model, "gpu")
+        place(model, "gpu")
         out = model(ids).logits.float()
     assert ((out - ref).norm() / ref.norm()).item() < 2e-2

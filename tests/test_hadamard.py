@@ -1,4 +1,4 @@
-"""Tests for quadllm.hadamard: constructions, orthogonal fallbacks and fast transforms."""
+"""Tests for quadllm.core.hadamard: constructions, orthogonal fallbacks and fast transforms."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
-from quadllm import hadamard as hd
-from quadllm.hadamard import (
+from quadllm.core.hadamard import (
     OnlineTransform,
     dct_matrix,
     hadamard_factor_matrices,
@@ -21,6 +19,8 @@ from quadllm.hadamard import (
     orthogonal_matrix,
     random_hadamard,
 )
+
+from quadllm.core import hadamard as hd
 
 POW2_SMALL = [2**k for k in range(0, 13)]  # 1 .. 4096: checked densely
 POW2_LARGE = [2**k for k in range(13, 17)]  # 8192 .. 65536: checked via kron_transform

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_ids, tiny_model, tiny_tokenizer
+from quadllm.nn.kv_cache import (
+    IntKVCache,
+    cache_kwarg,
+    cache_nbytes,
+    dequantize_kv,
+    make_cache,
+    pack_uint4,
+    quantize_kv,
+    unpack_uint4,
+)
+from quadllm.core.quantizers import fake_quant_kv
+from quadllm.evaluation.tasks.generation import generate
 from transformers import DynamicCache
 
-from conftest import random_ids, tiny_model, tiny_tokenizer
 from quadllm import QuantConfig, quantize
-from quadllm.kv_cache import (IntKVCache, cache_kwarg, cache_nbytes, dequantize_kv, make_cache, pack_uint4, quantize_kv,
-                              unpack_uint4)
-from quadllm.quantizers import fake_quant_kv
-from quadllm.tasks.generation import generate
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -73,7 +81,7 @@ def test_generation_uses_the_integer_cache(monkeypatch):
     model = _kv_model(4)
     tok = tiny_tokenizer()
     made = []
-    import quadllm.tasks.generation as generation
+    import quadllm.evaluation.tasks.generation as generation
 
     real = generation.make_cache
     monkeypatch.setattr(generation, "make_cache", lambda m: made.append(real(m)) or made[-1])

@@ -1,4 +1,4 @@
-"""quadllm.memory: the allocator settings of layer-by-layer runs."""
+"""quadllm.io.memory: the allocator settings of layer-by-layer runs."""
 
 from __future__ import annotations
 
@@ -7,15 +7,14 @@ import subprocess
 import sys
 
 import pytest
-
-from quadllm.memory import map_large_allocations
+from quadllm.io.memory import map_large_allocations
 
 # After freeing a 16 MB mapped block, glibc raises its mmap threshold past 16 MB, so 8 MB blocks
 # come from the heap, unless the threshold was fixed first; mallinfo2's hblkhd counts mapped bytes.
 _PROBE = """
 import ctypes, sys
 import torch
-from quadllm.memory import map_large_allocations
+from quadllm.io.memory import map_large_allocations
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]

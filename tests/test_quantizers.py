@@ -1,4 +1,4 @@
-"""Tests for quadllm.quantizers against explicit reference definitions."""
+"""Tests for quadllm.core.quantizers against explicit reference definitions."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-
-from quadllm.quantizers import (
+from quadllm.core.quantizers import (
     dequantize_weight,
     fake_quant_act,
     fake_quant_kv,
@@ -449,7 +448,7 @@ def _sequential_weight_scales(w, bits=4, group_size=0, grid=100, max_shrink=0.8,
 def test_weight_scales_blocked_search_equals_the_sequential_one(monkeypatch, dtype, group_size):
     """Blocks of rows, float32 screening of float64 weights and the float64 re-search of close
     rows give exactly the scales of the one-pass search (several blocks, some exact ties)."""
-    import quadllm.quantizers as qz
+    import quadllm.core.quantizers as qz
 
     monkeypatch.setattr(qz, "_SEARCH_BLOCK", 1000)  # about 8 rows of 128 per block
     torch.manual_seed(5)
@@ -467,7 +466,7 @@ def test_weight_scales_blocked_search_equals_the_sequential_one(monkeypatch, dty
 def test_weight_scales_screening_researches_close_rows(monkeypatch):
     """With an impossible margin every row is searched again in float64 and the result is the
     same; with none, float32 alone decides (and can differ only on rows within rounding)."""
-    import quadllm.quantizers as qz
+    import quadllm.core.quantizers as qz
 
     torch.manual_seed(6)
     w = torch.randn(64, 256, dtype=torch.float64) * 0.02

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import random_ids, tiny_model, tiny_tokenizer
+from quadllm.io.checkpoint import WEIGHTS_INDEX, CheckpointError, weight_files, weights_hash
+from quadllm.pipelines.streaming import ActivationStore, LazyWeights, quantize_streaming
+
 from quadllm import QuantConfig, load, quantize, save
-from quadllm.checkpoint import WEIGHTS_INDEX, CheckpointError, weight_files, weights_hash
 from quadllm.cli import main
-from quadllm.streaming import ActivationStore, LazyWeights, quantize_streaming
 
 CFG = dict(method="quad", rank=8, weights="gptq", calib_samples=4, calib_seqlen=16, calib_batch=2)
 
@@ -124,7 +124,7 @@ def test_streaming_errors_leave_nothing_behind(tmp_path, monkeypatch):
     quantize_streaming(d, QuantConfig(**CFG), samples, good, progress=False)
     before = (good / "quadllm_config.json").read_text()
 
-    import quadllm.streaming as streaming
+    import quadllm.pipelines.recipe as recipe
 
     calls = []
 
@@ -134,8 +134,8 @@ def test_streaming_errors_leave_nothing_behind(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # an interruption in the middle of layer 1
         return real(*args, **kwargs)
 
-    real = streaming.gptq_layer
-    monkeypatch.setattr(streaming, "gptq_layer", failing)
+    real = recipe.gptq_layer
+    monkeypatch.setattr(recipe, "gptq_layer", failing)
     with pytest.raises(KeyboardInterrupt):
         quantize_streaming(d, QuantConfig(**CFG), samples, good, progress=False)
     monkeypatch.undo()

@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
-
 from conftest import random_ids, tiny_model
+from quadllm.nn.modules import QuadHead, QuadLinear
+from quadllm.pipelines.in_memory import transform
+
 from quadllm.arch import get_adapter
 from quadllm.config import QuantConfig
-from quadllm.modules import QuadHead, QuadLinear
-from quadllm.pipeline import transform
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -33,7 +33,7 @@ def test_transform_reproduces_logits(arch, method, rank, dtype, tol):
     if rank:
         assert 0 < info["captured_energy"] <= 1
         lin = model.model.layers[0].self_attn.q_proj
-        assert isinstance(lin, QuadLinear) and lin.in_features == 48 + rank and lin.n_outlier == rank
+        assert isinstance(lin, QuadLinear) and lin.in_features == 48 + rank and lin.rank == rank
 
 
 def test_transform_changes_the_weights(arch):
@@ -55,7 +55,7 @@ def test_rank_larger_than_hidden_is_an_error():
 
 
 def test_nan_in_calibration_is_an_error():
-    from quadllm.calibration import CalibrationError
+    from quadllm.steps.calibration import CalibrationError
 
     model = tiny_model("llama")
     with torch.no_grad():

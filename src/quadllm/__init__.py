@@ -9,17 +9,26 @@ Python API (mirrors the CLI)::
     quadllm.quantize(model, cfg, samples)
     quadllm.save(model, tok, "smol-quad", original=source)
     qmodel, tok, meta = quadllm.load("smol-quad")
-    print(quadllm.evaluate(qmodel, tok, data="wikitext2", reference=True, meta=meta))
+    quadllm.place(qmodel, "cpu-int8")                    # optional: INT8 GEMMs instead of the simulation
+    reference, _, _ = quadllm.load_model(meta["original_model"]["spec"])
+    print(quadllm.evaluate(qmodel, tok, data="wikitext2", reference=reference))
+
+The layout (``DEVELOPERS.md`` has the map): ``core`` (pure math), ``arch`` (one adapter per model
+family), ``nn`` (the QUAD modules), ``steps`` (transforms, calibration, weight quantization),
+``pipelines`` (the per-layer recipe; in memory, streaming, loading), ``io`` (checkpoints, model
+sources, storage), ``backends``, ``data``, ``evaluation``, ``finetune``, ``analysis``, ``cli``.
 """
 
-__version__ = "0.1.0"
+from .backends import place
+from .config import ConfigError, QuantConfig
+from .data.samples import calibration_samples
+from .errors import QuadllmError
+from .evaluation.perplexity import evaluate
+from .io.checkpoint import CheckpointError, save
+from .io.sources import ModelSource, load_model
+from .pipelines.in_memory import quantize
+from .pipelines.loading import load
+from .version import __version__
 
-from .config import ConfigError, QuantConfig  # noqa: E402
-from .pipeline import quantize  # noqa: E402
-from .models import load_model, ModelSource  # noqa: E402
-from .checkpoint import CheckpointError, load, save  # noqa: E402
-from .api import evaluate  # noqa: E402
-from .api import calibration_samples  # noqa: E402
-
-__all__ = ["QuantConfig", "ConfigError", "quantize", "load_model", "ModelSource", "save", "load",
-           "CheckpointError", "evaluate", "calibration_samples", "__version__"]
+__all__ = ["QuantConfig", "ConfigError", "QuadllmError", "quantize", "load_model", "ModelSource", "save", "load",
+           "place", "CheckpointError", "evaluate", "calibration_samples", "__version__"]

@@ -11,15 +11,19 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import QuadllmError
+
 METHODS = ("quad", "quarot", "rtn")
 MODES = ("w4a4", "w4a4a8", "w4a8", "w4a16")
 WEIGHT_ALGOS = ("gptq", "rtn")
 KV_BITS = (16, 8, 4)
 MOMENTS = ("raw", "normalized")
-OBSOLETE_KEYS = frozenset({"dtype"})  # written by early 0.1.0 development builds; ignored
+#: the outlier rank of ``--method quad`` unless given
+DEFAULT_RANK = 64
+OBSOLETE_KEYS = frozenset({"dtype"})  # configuration keys this version ignores when reading a checkpoint
 
 
-class ConfigError(ValueError):
+class ConfigError(QuadllmError, ValueError):
     """A configuration that cannot be run, with the reason."""
 
 
@@ -54,7 +58,7 @@ class QuantConfig:
     """
 
     method: str = "quad"
-    rank: int | None = None  # None: 64 for quad, 0 otherwise
+    rank: int | None = None  # None: DEFAULT_RANK for quad, 0 otherwise
     mode: str = "w4a4"
     weights: str = "gptq"
     w_bits: int = 4
@@ -81,7 +85,7 @@ class QuantConfig:
                 raise ConfigError(f"--method {self.method} means rank 0; use --method quad for rank {self.rank}")
             self.rank = 0
         elif self.rank is None:
-            self.rank = 64
+            self.rank = DEFAULT_RANK
         self.validate()
 
     def validate(self) -> None:
@@ -104,10 +108,26 @@ class QuantConfig:
         if self.calib_samples < 1 or self.calib_seqlen < 8:
             raise ConfigError("calib_samples must be >= 1 and calib_seqlen >= 8")
 
+    def check_hidden_size(self, hidden_size: int) -> None:
+        """The checks that need the model: the rank must fit in its hidden size."""
+        if self.rank > hidden_size:
+            raise ConfigError(f"rank {self.rank} is larger than the hidden size {hidden_size}")
+
     # --- derived ---------------------------------------------------------------------------
     @property
     def rotate(self) -> bool:
+        """Hadamard rotations (the residual basis and the online transforms)."""
         return self.method in ("quad", "quarot")
+
+    @property
+    def residual_transform(self) -> bool:
+        """Whether the residual stream moves to a new basis (rotated, expanded by the rank, or both)."""
+        return self.rotate or self.rank > 0
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the run needs calibration samples: for the outlier subspace or for GPTQ."""
+        return self.rank > 0 or self.weights == "gptq"
 
     def act_spec(self, role: str) -> ActSpec:
         """Activation quantization for a linear of the given role (``reader`` of the residual

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import QuadllmError
 from .base import ArchAdapter, ReaderGroup, get_submodule, set_submodule
 from .llama import LlamaAdapter
 from .mistral import MistralAdapter
@@ -11,7 +12,7 @@ from .qwen3 import Qwen3Adapter
 ADAPTERS: tuple[type[ArchAdapter], ...] = (LlamaAdapter, Qwen2Adapter, Qwen3Adapter, MistralAdapter)
 
 
-class UnsupportedArchitecture(NotImplementedError):
+class UnsupportedArchitecture(QuadllmError, NotImplementedError):
     """The model family has no adapter."""
 
 

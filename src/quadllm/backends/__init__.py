@@ -1,17 +1,19 @@
-"""Execution backends for quantized linears.
+"""Execution backends for quantized linears: the registry, and placing a model on one.
 
 - ``fake``: the float simulation (quantize-dequantize); what research and fine-tuning use.
-- ``cpu-int8``: INT8 GEMM with int32 accumulation (``torch._int_mm``) on the packed INT4 weights,
-  per-token activation codes and a scale epilogue; the outlier columns stay a float matmul.
-- ``gpu``: Triton kernels on a CUDA device (:mod:`quadllm.backends.gpu`): fused per-token
+- ``cpu-int8`` (:mod:`quadllm.backends.int8`): INT8 GEMM with int32 accumulation
+  (``torch._int_mm``) on the packed INT4 weights, per-token activation codes and a scale
+  epilogue; the outlier columns stay a float matmul.
+- ``gpu`` (:mod:`quadllm.backends.gpu`): Triton kernels on a CUDA device: fused per-token
   quantization and one INT8-tensor-core GEMM on the packed INT4 weights with the outlier branch
   and scale epilogue fused; needs ``pip install 'quadllm[gpu]'``.
-- ``auto``: ``gpu`` for a model on a CUDA device when Triton is installed, ``cpu-int8`` for a
-  model on the CPU where ``torch._int_mm`` runs, else ``fake``.
+- ``auto``: ``gpu`` where a CUDA device and Triton are there, else ``cpu-int8`` where
+  ``torch._int_mm`` runs, else ``fake``.
 
-:func:`set_backend` switches a loaded model in place; layers the integer path cannot run
-(weight-only ``w4a16`` inputs, activations wider than 8 bits, grouped weight scales, training)
-keep the float simulation, and :func:`set_backend` reports how many layers use which.
+Loading a checkpoint gives a ``fake`` model on the CPU; :func:`place` is the one step that then
+chooses the device and the kernel of every layer. Layers a kernel does not support (its
+``supports``: weight-only ``w4a16`` inputs, activations wider than 8 bits, grouped weight scales)
+keep the float simulation, and :func:`place` reports how many layers use which.
 """
 
 from __future__ import annotations
@@ -19,94 +21,61 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-import torch
 from torch import nn
 
-from ..modules import QuadLinear
-from .gpu import TritonKernel, interpreting, supports_gpu, triton_available
-from .int8 import act_codes, int8_linear, int_mm_available
+from ..errors import QuadllmError
+from ..nn.modules import QuadLinear
+from .base import Kernel
+from .gpu import TritonKernel
+from .int8 import Int8Kernel
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("fake", "cpu-int8", "gpu", "auto")
+#: the kernel of every backend but ``fake``, by name
+KERNELS: dict[str, type[Kernel]] = {k.name: k for k in (Int8Kernel, TritonKernel)}
+#: every ``--backend`` choice
+BACKENDS: tuple[str, ...] = ("fake", *KERNELS, "auto")
 
-__all__ = ["BACKENDS", "BackendError", "Int8Kernel", "TritonKernel", "set_backend", "supports_int8"]
+__all__ = ["BACKENDS", "KERNELS", "BackendError", "Kernel", "Int8Kernel", "TritonKernel", "resolve_backend", "place"]
 
 
-class BackendError(ValueError):
+class BackendError(QuadllmError, ValueError):
     """A backend that does not exist or cannot run here."""
 
 
-def supports_int8(lin: QuadLinear) -> bool:
-    """Whether ``lin`` can run on the INT8 path."""
-    return (lin.quantized and lin.act.enabled and lin.act.bits <= 8 and lin.w_bits <= 8
-            and lin.group_size == 0)
-
-
-class Int8Kernel:
-    """The ``cpu-int8`` forward of one :class:`QuadLinear` (after its online transform).
-
-    ``cache_weights``: keep the transposed int8 weight codes (1 byte per weight, twice the packed
-    size) instead of unpacking the INT4 codes at every call."""
-
-    name = "cpu-int8"
-
-    def __init__(self, cache_weights: bool = True) -> None:
-        self.cache_weights = cache_weights
-        self._wt: torch.Tensor | None = None
-        self._key: tuple | None = None
-
-    def weight_t(self, lin: QuadLinear) -> torch.Tensor:
-        key = (lin.qweight.data_ptr(), lin.qweight._version)
-        if self._wt is not None and self._key == key:
-            return self._wt
-        wt = lin.codes().t().contiguous()
-        if self.cache_weights:
-            self._wt, self._key = wt, key
-        return wt
-
-    def __call__(self, lin: QuadLinear, x: torch.Tensor) -> torch.Tensor:
-        r = lin.n_outlier
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        xs = x2 if x2.dtype == torch.float32 else x2.float()
-        codes, sx = act_codes(xs[:, r:], lin.act.bits, lin.act.clip_ratio)
-        y = int8_linear(codes, sx, self.weight_t(lin), lin.scales.reshape(-1))
-        if r:
-            y.addmm_(xs[:, :r], lin.w_outlier.t().to(y.dtype))
-        if lin.bias is not None:
-            y += lin.bias.to(y.dtype)
-        return y.to(x.dtype).reshape(*lead, y.shape[-1])
-
-
-def set_backend(model: nn.Module, backend: str = "auto", cache_weights: bool = True) -> dict[str, int]:
-    """Run ``model``'s quantized linears on ``backend``; returns ``{backend: number of layers}``."""
+def resolve_backend(backend: str) -> str:
+    """The backend ``backend`` names here: ``auto`` becomes the fastest that can run."""
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    device = next(model.parameters()).device
-    use_gpu = backend in ("gpu", "auto") and triton_available() and (device.type == "cuda" or (
-        backend == "gpu" and interpreting()))
-    use_int8 = backend in ("cpu-int8", "auto") and device.type == "cpu" and not use_gpu
-    if backend == "gpu" and not use_gpu:
-        if not triton_available():
-            raise BackendError("the gpu backend needs Triton: pip install 'quadllm[gpu]'")
-        raise BackendError(f"the gpu backend runs on a CUDA device; the model is on {device}")
-    if backend == "cpu-int8":
-        if device.type != "cpu":
-            raise BackendError(f"the cpu-int8 backend runs on the CPU; the model is on {device}")
-        if not int_mm_available():
-            raise BackendError("torch._int_mm does not run on this CPU/torch build; use --backend fake")
-    elif use_int8 and not int_mm_available():
-        use_int8 = False
+    if backend != "auto":
+        return backend
+    gpu, int8 = KERNELS["gpu"], KERNELS["cpu-int8"]
+    if gpu.unavailable_reason() is None and gpu.device() == "cuda":  # not Triton's CPU interpreter
+        return "gpu"
+    return "cpu-int8" if int8.unavailable_reason() is None else "fake"
+
+
+def place(model: nn.Module, backend: str = "auto", cache_weights: bool = True) -> dict[str, int]:
+    """Move ``model`` to the device of ``backend`` and give every quantized linear its kernel
+    (``fake``: none); returns ``{backend: number of layers}``.
+
+    ``cache_weights`` (``cpu-int8``): keep each layer's transposed int8 codes instead of
+    unpacking the INT4 codes at every call."""
+    name = resolve_backend(backend)
+    kernel_cls = KERNELS.get(name)
+    if kernel_cls is not None:
+        reason = kernel_cls.unavailable_reason()
+        if reason is not None:
+            raise BackendError(reason)
+        device = next(model.parameters()).device
+        if device.type != kernel_cls.device():
+            model.to(kernel_cls.device())
     counts: Counter[str] = Counter()
     for m in model.modules():
         if isinstance(m, QuadLinear):
-            if use_gpu and supports_gpu(m):
-                m.kernel = TritonKernel()
-                counts["gpu"] += 1
-            elif use_int8 and supports_int8(m):
-                m.kernel = Int8Kernel(cache_weights)
-                counts["cpu-int8"] += 1
+            if kernel_cls is not None and kernel_cls.supports(m):
+                m.kernel = kernel_cls.create(cache_weights=cache_weights)
+                counts[name] += 1
             else:
                 m.kernel = None
                 counts["fake"] += 1

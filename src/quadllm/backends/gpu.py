@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..hadamard import OnlineTransform
-from ..modules import QuadLinear
+from ..core.hadamard import OnlineTransform
+from ..nn.modules import QuadLinear
+from .base import Kernel
 
 __all__ = ["FusedTransform", "TritonKernel", "fused_transform_plan", "gpu_available", "interpreting",
            "supports_gpu", "triton_available", "why_no_gpu"]
@@ -63,7 +64,7 @@ def supports_gpu(lin: QuadLinear) -> bool:
     """Whether ``lin`` can run on the Triton W4A8 kernel: packed INT4 per-channel weights, integer
     activations of at most 8 bits, an even number of quantized input columns."""
     return (lin.quantized and lin.act.enabled and lin.act.bits <= 8 and lin.w_bits == 4
-            and lin.group_size == 0 and (lin.in_features - lin.n_outlier) % 2 == 0)
+            and lin.group_size == 0 and (lin.in_features - lin.rank) % 2 == 0)
 
 
 def _is_pow2(n: int) -> bool:
@@ -86,7 +87,6 @@ class FusedTransform:
     """An online transform ``kron(A, B)`` of order ``a_order * b_order`` as the fused quantize
     kernel applies it: the row viewed as an [a_order, b_order] tile ``X`` becomes ``A X Bᵀ``.
     ``a`` / ``b`` are float32 matrices, or None for identities (no work)."""
-
     a_order: int
     b_order: int
     a: torch.Tensor | None
@@ -142,15 +142,28 @@ def fused_transform_plan(transform: object) -> FusedTransform | None:
                           None if a is None else a.float().contiguous(), None if b is None else b.float().contiguous())
 
 
-class TritonKernel:
+class TritonKernel(Kernel):
     """The ``gpu`` forward of one :class:`QuadLinear`: the packed INT4 weights are used as stored
     (no unpacked copy is kept).
 
     ``fuse_transform``: apply the layer's online transform inside the quantize kernel where
     :func:`fused_transform_plan` allows (see :meth:`fused_call`); False runs it as torch matmuls
     first, as the float simulation does."""
-
     name = "gpu"
+
+    @classmethod
+    def device(cls) -> str:
+        return "cpu" if interpreting() else "cuda"  # the interpreter runs the kernels on the CPU (tests)
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if not triton_available():
+            return "the gpu backend needs Triton: pip install 'quadllm[gpu]'"
+        if not interpreting() and not torch.cuda.is_available():
+            return "the gpu backend runs on a CUDA device, and there is none (torch.cuda.is_available() is False)"
+        return None
+
+    supports = staticmethod(supports_gpu)
 
     def __init__(self, fuse_transform: bool = True) -> None:
         self.fuse_transform = fuse_transform
@@ -177,25 +190,27 @@ class TritonKernel:
         """The forward of ``lin`` on its *untransformed* input, with the online transform done
         by the quantize kernel; None when this layer cannot fuse it (the caller then transforms
         ``x`` and calls the kernel as usual)."""
-        if not self.fuse_transform or lin.n_outlier or lin.transform is None:
+        if not self.fuse_transform or lin.rank or lin.transform is None:
             return None
         plan = self.plan(lin, x.device)
         if plan is None:
             return None
-        from .triton_kernels import transform_quantize_rows, w4a8_linear
 
         lead = x.shape[:-1]
+        from .triton_kernels import transform_quantize_rows, w4a8_linear  # Triton: optional
+
         codes, sx = transform_quantize_rows(x.reshape(-1, x.shape[-1]), plan, lin.act.bits, lin.act.clip_ratio)
         y = w4a8_linear(codes, sx, lin.qweight, lin.scales.reshape(-1), None, None, lin.bias, out_dtype=x.dtype)
         return y.reshape(*lead, y.shape[-1])
 
     def __call__(self, lin: QuadLinear, x: torch.Tensor) -> torch.Tensor:
         """The forward of ``lin`` on its input after the online transform."""
-        from .triton_kernels import quantize_rows, w4a8_linear
 
-        r = lin.n_outlier
+        r = lin.rank
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
+        from .triton_kernels import quantize_rows, w4a8_linear  # Triton: optional
+
         codes, sx = quantize_rows(x2[:, r:], lin.act.bits, lin.act.clip_ratio)
         y = w4a8_linear(codes, sx, lin.qweight, lin.scales.reshape(-1), x2[:, :r] if r else None,
                         lin.w_outlier if r else None, lin.bias, out_dtype=x.dtype)

@@ -1,10 +1,10 @@
-"""Integer arithmetic for quantized linears (pure functions).
+"""The ``cpu-int8`` backend: integer arithmetic for quantized linears, and its kernel.
 
 A W4A4 / W4A8 linear computes ``y[m, n] = sx[m] * sw[n] * Σ_k qx[m, k] qw[n, k]`` where ``qx`` are
 the per-token activation codes and ``qw`` the INT4 weight codes: both fit in int8, so one INT8
 GEMM with int32 accumulation (``torch._int_mm``) does the work and a per-token x per-channel
 scale epilogue turns it back into floats. The codes are exactly those of
-:func:`quadllm.quantizers.fake_quant_act`, so the result equals the float simulation up to the
+:func:`quadllm.core.quantizers.fake_quant_act`, so the result equals the float simulation up to the
 float rounding of the simulation's own sums.
 """
 
@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from ..quantizers import qrange, row_absmax
+from ..core.quantizers import qrange, row_absmax
+from ..nn.modules import QuadLinear
+from .base import Kernel
 
-__all__ = ["act_codes", "int8_linear", "int_mm_available"]
+__all__ = ["act_codes", "int8_linear", "int_mm_available", "supports_int8", "Int8Kernel"]
 
 
 def act_codes(x: torch.Tensor, bits: int, clip_ratio: float = 1.0,
@@ -72,3 +74,58 @@ def int_mm_available(device: torch.device | str = "cpu") -> bool:
         return bool(torch._int_mm(a, a)[0, 0] == 32)
     except (RuntimeError, NotImplementedError):
         return False
+
+
+def supports_int8(lin: QuadLinear) -> bool:
+    """Whether ``lin`` can run on the INT8 path."""
+    return (lin.quantized and lin.act.enabled and lin.act.bits <= 8 and lin.w_bits <= 8
+            and lin.group_size == 0)
+
+
+class Int8Kernel(Kernel):
+    """The ``cpu-int8`` forward of one :class:`QuadLinear` (after its online transform).
+
+    ``cache_weights``: keep the transposed int8 weight codes (1 byte per weight, twice the packed
+    size) instead of unpacking the INT4 codes at every call."""
+
+    name = "cpu-int8"
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return None if int_mm_available() else "torch._int_mm does not run on this CPU/torch build; use --backend fake"
+
+    supports = staticmethod(supports_int8)
+
+    @classmethod
+    def create(cls, cache_weights: bool = True) -> "Int8Kernel":
+        return cls(cache_weights)
+
+    def __init__(self, cache_weights: bool = True) -> None:
+        self.cache_weights = cache_weights
+        self._wt: torch.Tensor | None = None
+        self._key: tuple | None = None
+
+    def weight_t(self, lin: QuadLinear) -> torch.Tensor:
+        key = (lin.qweight.data_ptr(), lin.qweight._version)
+        if self._wt is not None and self._key == key:
+            return self._wt
+        wt = lin.codes().t().contiguous()
+        if self.cache_weights:
+            self._wt, self._key = wt, key
+        return wt
+
+    def extra_bytes(self) -> int:
+        return 0 if self._wt is None else self._wt.numel() * self._wt.element_size()
+
+    def __call__(self, lin: QuadLinear, x: torch.Tensor) -> torch.Tensor:
+        r = lin.rank
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        xs = x2 if x2.dtype == torch.float32 else x2.float()
+        codes, sx = act_codes(xs[:, r:], lin.act.bits, lin.act.clip_ratio)
+        y = int8_linear(codes, sx, self.weight_t(lin), lin.scales.reshape(-1))
+        if r:
+            y.addmm_(xs[:, :r], lin.w_outlier.t().to(y.dtype))
+        if lin.bias is not None:
+            y += lin.bias.to(y.dtype)
+        return y.to(x.dtype).reshape(*lead, y.shape[-1])

@@ -179,7 +179,7 @@ def w4a8_linear(codes: torch.Tensor, act_scale: torch.Tensor, qweight: torch.Ten
     """``(codes @ unpack(qweight)ᵀ) * act_scale * weight_scale (+ x_outlier @ w_outlierᵀ) (+ bias)``.
 
     ``codes`` int8 [M, K] (K even), ``act_scale`` [M, 1], ``qweight`` uint8 [N, K/2] (packed INT4,
-    :func:`quadllm.quantizers.pack_int4`), ``weight_scale`` [N] or [N, 1] (per output channel),
+    :func:`quadllm.core.quantizers.pack_int4`), ``weight_scale`` [N] or [N, 1] (per output channel),
     ``x_outlier`` [M, R] and ``w_outlier`` [N, R] (float), ``bias`` [N]. Returns [M, N] in ``out_dtype``.
     ``block``: (BM, BN, BK) tile sizes (default: by problem size).
     """

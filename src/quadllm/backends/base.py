@@ -1,0 +1,59 @@
+"""What an execution kernel for a :class:`~quadllm.nn.modules.QuadLinear` declares and does.
+
+A backend is a :class:`Kernel` subclass: its name (the ``--backend`` choice), the device its
+model must be on, whether it can run here, which layers it supports, and the forward of one
+supported layer. :mod:`quadllm.backends` keeps the registry and places models on them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+if TYPE_CHECKING:  # the modules hold kernels; kernels only read the modules' tensors
+    from ..nn.modules import QuadLinear
+
+__all__ = ["Kernel"]
+
+
+class Kernel:
+    """The forward of one quantized linear on an execution backend."""
+
+    #: the backend's name, as ``--backend`` spells it
+    name: ClassVar[str]
+
+    @classmethod
+    def device(cls) -> str:
+        """The device type a model must be on to run this kernel."""
+        return "cpu"
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """None when the kernel can run on this machine, else why not (one sentence)."""
+        return None
+
+    @classmethod
+    def create(cls, cache_weights: bool = True) -> "Kernel":
+        """A kernel for one layer; ``cache_weights``: keep a faster weight layout in memory where
+        the kernel has one."""
+        return cls()
+
+    @staticmethod
+    def supports(lin: "QuadLinear") -> bool:
+        """Whether this kernel can run ``lin`` (others keep the float simulation)."""
+        raise NotImplementedError
+
+    def __call__(self, lin: "QuadLinear", x: torch.Tensor) -> torch.Tensor:
+        """The output of ``lin`` for its input ``x`` after the online transform."""
+        raise NotImplementedError
+
+    def fused_call(self, lin: "QuadLinear", x: torch.Tensor) -> torch.Tensor | None:
+        """The output of ``lin`` for its input *before* the online transform, when the kernel
+        applies the transform itself; None when it does not (the layer then transforms ``x``
+        and calls the kernel)."""
+        return None
+
+    def extra_bytes(self) -> int:
+        """Memory the kernel holds beyond the layer's own tensors (cached weight layouts)."""
+        return 0

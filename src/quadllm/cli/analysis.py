@@ -1,0 +1,152 @@
+"""``quadllm advise-rank``, ``quadllm drift`` and ``quadllm report``: the command-line side of the analysis tools."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import torch
+
+from ..analysis.advisor import advise_rank
+from ..analysis.drift import check_drift
+from ..analysis.report import build_report
+from ..config import ConfigError
+from ..data.text import DataError, load_text, tokenize_windows
+from ..io.checkpoint import CheckpointError, is_checkpoint
+from ..io.sources import load_model
+from ..pipelines.loading import load
+from .common import add_common, write_text
+
+log = logging.getLogger("quadllm")
+
+#: ``quadllm drift`` exit status when the data no longer fits the checkpoint's calibration.
+EXIT_RECALIBRATE = 3
+
+
+def disjoint_windows(tokenizer, text: str, seqlen: int, counts: list[int], seed: int) -> list[torch.Tensor]:
+    """Non-overlapping windows of ``text``, shuffled with ``seed`` and dealt out in groups of
+    ``counts`` (no window is in two groups)."""
+
+    windows = tokenize_windows(tokenizer, text, seqlen)
+    need = sum(counts)
+    if windows.shape[0] < need:
+        raise DataError(f"the text has {windows.shape[0]} windows of {seqlen} tokens; {need} are needed "
+                        "(lower the sample counts or --seqlen, or give more text)")
+    perm = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))
+    out, start = [], 0
+    for c in counts:
+        out.append(windows[perm[start:start + c]])
+        start += c
+    return out
+
+
+def add_parsers(sub) -> None:
+    a = sub.add_parser("advise-rank", help="recommend an outlier rank r from the spectrum and an error probe")
+    a.add_argument("--model", default=None, help="original model (default: SmolLM2-135M-Instruct)")
+    a.add_argument("--calib", default=None, help="calibration text (default: embedded text / WikiText-2 online)")
+    a.add_argument("--calib-samples", type=int, default=8)
+    a.add_argument("--probe-samples", type=int, default=4, help="windows for the KL probe (disjoint from calib)")
+    a.add_argument("--seqlen", type=int, default=512)
+    a.add_argument("--ranks", default="0,8,16,32,64,128")
+    a.add_argument("--mode", choices=("w4a4", "w4a4a8", "w4a8"), default="w4a4")
+    a.add_argument("--tolerance", type=float, default=0.1, help="relative KL tolerance to the best rank")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--json", default=None)
+    add_common(a)
+
+    rp = sub.add_parser("report", help="an HTML report: outliers, spectrum, per-layer error, tokens, memory")
+    rp.add_argument("model", nargs="?", default=None, help="quadllm checkpoint or original model (default SmolLM2)")
+    rp.add_argument("--out", required=True, help="the HTML file (PNGs and a JSON file are written beside it)")
+    rp.add_argument("--calib", default=None, help="text to measure on (default: the checkpoint's calibration source)")
+    rp.add_argument("--samples", type=int, default=4)
+    rp.add_argument("--seqlen", type=int, default=512)
+    rp.add_argument("--rank", type=int, default=None, help="for an original model: the r to show (default 64)")
+    rp.add_argument("--seed", type=int, default=0)
+    add_common(rp)
+
+    d = sub.add_parser("drift", help="does a checkpoint's outlier subspace still fit new data? (exit 3: no)")
+    d.add_argument("model", help="quadllm checkpoint (QUAD, rank > 0)")
+    d.add_argument("--data", required=True, help="the new data: wikitext2, ptb, a .txt or .jsonl file")
+    d.add_argument("--reference-data", default=None,
+                   help="data of the calibration domain (default: the checkpoint's calibration source)")
+    d.add_argument("--samples", type=int, default=16, help="windows for the second moments")
+    d.add_argument("--eval-windows", type=int, default=2, help="windows for KL and perplexity (0: skip)")
+    d.add_argument("--seqlen", type=int, default=512)
+    d.add_argument("--fit-drop", type=float, default=0.05,
+                   help="recalibrate when the fit (captured / best) drops more than this below the reference's")
+    d.add_argument("--kl-factor", type=float, default=2.0,
+                   help="recalibrate when the quantized model's KL is more than this times the reference's")
+    d.add_argument("--leftover-factor", type=float, default=1.5,
+                   help="recalibrate when the energy left to the quantizer (relative to recalibrating) is more "
+                        "than this times the reference's")
+    d.add_argument("--gain-min", type=float, default=0.1,
+                   help="recalibrate when re-estimating the subspace on the new data would lower the "
+                        "activation-only KL by more than this (relative)")
+    d.add_argument("--no-probe", action="store_true", help="skip the recalibration probe (two KL evaluations)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--json", default=None)
+    add_common(d)
+
+
+def _write_json(path: str | None, data: dict[str, Any]) -> None:
+    if path:
+        write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def cmd_advise_rank(args) -> int:
+
+    try:
+        ranks = tuple(int(r) for r in args.ranks.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"--ranks must be comma-separated integers, got {args.ranks!r}") from exc
+    model, tok, source = load_model(args.model)
+    text = load_text(args.calib, "calib", data_dir=args.data_dir)
+    log.info("calibration and probe text: %s", text.origin)
+    calib, probe = disjoint_windows(tok, text.text, args.seqlen, [args.calib_samples, args.probe_samples], args.seed)
+    advice = advise_rank(model, calib, probe, ranks, args.mode, args.tolerance, args.seed, progress=not args.quiet)
+    print(advice.table())
+    print(advice.explanation())
+    _write_json(args.json, {**advice.to_dict(), "model": source.to_dict() if source else args.model,
+                            "calib": text.origin, "calib_samples": args.calib_samples,
+                            "probe_samples": args.probe_samples, "seqlen": args.seqlen, "seed": args.seed})
+    return 0
+
+
+def cmd_drift(args) -> int:
+
+    if not is_checkpoint(args.model):
+        raise CheckpointError(f"{args.model} is not a quadllm checkpoint; drift checks a quantized model")
+    quantized, tok, meta = load(args.model)
+    original = load_model((meta.get("original_model") or {}).get("spec"))[0]
+    ref_spec = args.reference_data or meta["quant_config"].get("calib")
+    n, e = args.samples, args.eval_windows
+    groups = []
+    for spec, split in ((args.data, "eval"), (ref_spec, "calib" if args.reference_data is None else "eval")):
+        src = load_text(spec, split, data_dir=args.data_dir)
+        log.info("%s data: %s", "new" if not groups else "reference", src.origin)
+        groups.append((src.origin, disjoint_windows(tok, src.text, args.seqlen, [n, e] if e else [n], args.seed)))
+    (new_origin, new_w), (ref_origin, ref_w) = groups
+    report = check_drift(quantized, original, new_w[0], ref_w[0], new_w[1] if e else None, ref_w[1] if e else None,
+                         args.fit_drop, args.kl_factor, args.leftover_factor,
+                         None if args.no_probe else args.gain_min, progress=not args.quiet)
+    print(report.table())
+    print(f"verdict: {report.verdict.upper()}")
+    for reason in report.reasons:
+        print(f"- {reason}")
+    _write_json(args.json, {**report.to_dict(), "new_data": new_origin, "reference_data": ref_origin,
+                            "samples": n, "eval_windows": e, "seqlen": args.seqlen, "seed": args.seed})
+    return 0 if report.fits else EXIT_RECALIBRATE
+
+
+def cmd_report(args) -> int:
+
+    data = build_report(args.model, args.out, args.calib, args.samples, args.seqlen, args.rank, args.seed,
+                        args.data_dir, progress=not args.quiet)
+    print(json.dumps({"html": args.out, "figures": data["figures"], "seconds": data["seconds"]}, indent=2))
+    return 0
+
+
+HANDLERS = {"advise-rank": cmd_advise_rank, "drift": cmd_drift, "report": cmd_report}
+
+__all__ = ["add_parsers", "HANDLERS", "EXIT_RECALIBRATE", "disjoint_windows"]

@@ -1,0 +1,79 @@
+"""What every command shares: common options, logging, configs from options, opening a model,
+writing a result file."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..backends import BACKENDS, BackendError, place
+from ..finetune.adapter_file import is_adapter_file, read_adapter_meta
+from ..io.checkpoint import CheckpointError, is_checkpoint
+from ..io.files import atomic_write
+from ..io.sources import load_model
+from ..pipelines.loading import load
+
+log = logging.getLogger("quadllm")
+
+C = TypeVar("C")
+
+__all__ = ["add_common", "add_backend", "setup_logging", "config_from_args", "open_model", "write_text"]
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None, help="offline data directory (default: $QUADLLM_DATA_DIR or ../shared/data)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+
+
+def add_backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=BACKENDS, default="fake",
+                   help="how a quadllm checkpoint's quantized linears run: float simulation (default), INT8 GEMM "
+                        "on the CPU, Triton kernels on a CUDA device, or the fastest available")
+
+
+def setup_logging(args) -> None:
+    level = logging.DEBUG if args.verbose else (logging.WARNING if args.quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "accelerate", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace, **overrides: Any) -> C:
+    """An instance of the config dataclass ``cls`` from the options named like its fields (the
+    parser's ``dest``); fields without an option keep their defaults."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **overrides})
+
+
+def open_model(spec: str | None, adapter: str | None = None, backend: str = "fake"):
+    """A quadllm checkpoint (optionally with an adapter) placed on ``backend``, an adapter file
+    (loaded on the base it records) or an original model: ``(model, tokenizer, meta_or_None,
+    source_or_None)``. ``--backend`` names how a checkpoint's quantized linears run: asking for a
+    kernel on an original model is an error, ``auto`` there a warning."""
+    if spec is not None and str(spec).endswith(".safetensors") and adapter is None and is_adapter_file(spec):
+        adapter, spec = spec, read_adapter_meta(spec)["base_path"]
+    if spec is not None and spec != "default" and is_checkpoint(spec):
+        model, tok, meta = load(spec, adapter=adapter)
+        if backend != "fake":
+            meta = dict(meta, backend=place(model, backend))
+        return model, tok, meta, None
+    if adapter is not None:
+        raise CheckpointError(f"--adapter needs a quadllm checkpoint as the model, not {spec or 'default'}")
+    if backend == "auto":
+        log.warning("--backend auto applies to quadllm checkpoints; %s is an original model and runs in float",
+                    spec or "the default model")
+    elif backend != "fake":
+        raise BackendError(f"--backend {backend} runs quadllm checkpoints; {spec or 'the default model'} is an "
+                           "original model (quantize it first, or drop --backend)")
+    model, tok, source = load_model(spec)
+    return model, tok, None, source
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """A result file, written atomically."""
+    atomic_write(path, text)

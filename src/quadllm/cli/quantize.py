@@ -1,0 +1,144 @@
+"""``quadllm quantize``: in memory, or streaming one decoder layer at a time."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from ..config import KV_BITS, METHODS, MODES, MOMENTS, WEIGHT_ALGOS, QuantConfig
+from ..data.samples import calibration_samples
+from ..io.checkpoint import CheckpointError, dir_size, save
+from ..io.lazy_weights import LazyWeights
+from ..io.memory import peak_rss_mb
+from ..io.sources import ModelError, fp16_size_bytes, load_model, model_size_bytes, resolve
+from ..pipelines.in_memory import quantize
+from ..pipelines.streaming import quantize_streaming
+from .common import add_common, config_from_args
+
+log = logging.getLogger("quadllm")
+
+
+def add_parsers(sub) -> None:
+    d = QuantConfig()
+    q = sub.add_parser("quantize", help="quantize a model and save a quadllm checkpoint")
+    q.add_argument("--model", default=None, help="HF directory, hub id or .gguf file (default: SmolLM2-135M-Instruct)")
+    q.add_argument("--method", choices=METHODS, default=d.method)
+    q.add_argument("--rank", type=int, default=None, help=f"outlier rank r (quad; default {d.rank})")
+    q.add_argument("--mode", choices=MODES, default=d.mode)
+    q.add_argument("--weights", choices=WEIGHT_ALGOS, default=d.weights)
+    q.add_argument("--group-size", type=int, default=d.group_size, help="0 = per channel")
+    q.add_argument("--kv-bits", type=int, choices=KV_BITS, default=d.kv_bits)
+    q.add_argument("--calib", default=d.calib, help="wikitext2, ptb, a .txt or .jsonl file (default: embedded text)")
+    q.add_argument("--calib-samples", type=int, default=d.calib_samples)
+    q.add_argument("--calib-seqlen", type=int, default=d.calib_seqlen)
+    q.add_argument("--seed", type=int, default=d.seed)
+    q.add_argument("--a-clip", type=float, default=d.a_clip, help="activation clip ratio")
+    q.add_argument("--act-order", action="store_true", default=d.act_order, help="GPTQ act-order")
+    q.add_argument("--damp", type=float, default=d.damp, help="GPTQ damping (fraction of mean diagonal)")
+    q.add_argument("--no-w-clip", dest="w_clip", action="store_false", default=d.w_clip,
+                   help="disable the MSE clipping search for weights")
+    q.add_argument("--moment", choices=MOMENTS, default=d.moment,
+                   help="residual second moment: raw tokens, or each token scaled to unit norm")
+    q.add_argument("--streaming", choices=("auto", "on", "off"), default="auto",
+                   help="quantize one decoder layer at a time from memory-mapped safetensors (local Hugging Face "
+                   "directories; auto: when the model would not fit in memory)")
+    q.add_argument("--activation-budget-mb", type=int, default=2048,
+                   help="streaming: calibration activations beyond this go to a temporary directory on disk")
+    q.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
+    add_common(q)
+
+
+def _estimate(model, samples: torch.Tensor, n_passes: int) -> float:
+    """Seconds for ``n_passes`` forward passes over ``samples``, from one timed small batch."""
+    probe = samples[:1, : min(samples.shape[1], 256)]
+    with torch.no_grad():
+        model(input_ids=probe, use_cache=False)  # warm-up
+        t0 = time.perf_counter()
+        model(input_ids=probe, use_cache=False)
+        dt = time.perf_counter() - t0
+    return dt / probe.numel() * samples.numel() * n_passes
+
+
+def _use_streaming(args) -> bool:
+    """``--streaming on``, or ``auto`` and a local safetensors model whose float32 copy (plus the
+    transforms' working memory) would not fit in 80% of this machine's memory."""
+    if args.streaming == "off":
+        return False
+    source = resolve(args.model)
+    if source.kind != "hf-dir":
+        if args.streaming == "on":
+            raise ModelError(f"--streaming reads a local Hugging Face directory of safetensors files, not "
+                             f"{source.kind} {source.path}")
+        return False
+    if args.streaming == "on":
+        return True
+    try:
+        need = 8 * LazyWeights(source.path).numel()
+    except CheckpointError:  # not safetensors: the in-memory path loads it (or says what is wrong)
+        return False
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > 0.8 * total:
+        log.info("the model needs about %.1f GB in memory and this machine has %.1f GB: streaming quantization",
+                 need / 1e9, total / 1e9)
+        return True
+    return False
+
+
+def _quantize_streaming(args, config: QuantConfig, t0: float) -> int:
+    source = resolve(args.model)
+    tok = AutoTokenizer.from_pretrained(source.path)
+    fp16_bytes = 2 * LazyWeights(source.path).numel()
+    log.info("plan: %s (streaming)", config.describe())
+    samples = calibration_samples(tok, config, args.data_dir) if config.needs_calibration else None
+    result = quantize_streaming(source.path, config, samples, args.out, tok, source, progress=not args.quiet,
+                                activation_budget_bytes=args.activation_budget_mb * 2**20)
+    return _print_summary(Path(args.out).resolve(), config, result["timings"]["quantize_s"], t0, fp16_bytes,
+                          source, streaming=True)
+
+
+def _print_summary(out: Path, config: QuantConfig, quantize_s: float, t0: float, fp16_bytes: int, source,
+                   streaming: bool = False) -> int:
+    """What ``quadllm quantize`` prints (and the results scripts read): time, memory, sizes."""
+    size = dir_size(out)
+    summary = {
+        "checkpoint": str(out),
+        "method": config.method, "rank": config.rank, "mode": config.mode,
+        **({"streaming": True} if streaming else {}),
+        "quantize_seconds": round(quantize_s, 1),
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "peak_memory_mb": round(peak_rss_mb()),
+        "checkpoint_mb": round(size / 1e6, 2),
+        "original_fp16_mb": round(fp16_bytes / 1e6, 2),
+        "original_file_mb": round(model_size_bytes(source) / 1e6, 2),
+        "size_vs_fp16": round(size / fp16_bytes, 3),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    config = config_from_args(QuantConfig, args)
+    t0 = time.perf_counter()
+    torch.manual_seed(config.seed)
+    if _use_streaming(args):
+        return _quantize_streaming(args, config, t0)
+    model, tok, source = load_model(args.model)
+    fp16_bytes = fp16_size_bytes(model)
+    log.info("plan: %s", config.describe())
+    samples = calibration_samples(tok, config, args.data_dir) if config.needs_calibration else None
+    if samples is not None:
+        passes = (1 if config.rank > 0 else 0) + (3 if config.weights == "gptq" else 0)
+        log.info("estimated calibration time: about %.0f s (%d passes over %d x %d tokens)",
+                 _estimate(model, samples, passes), passes, *samples.shape)
+    quantize(model, config, samples, progress=not args.quiet)
+    out = save(model, tok, args.out, original=source)
+    return _print_summary(out, config, model.quadllm_info["timings"]["quantize_s"], t0, fp16_bytes, source)
+
+
+HANDLERS = {"quantize": cmd_quantize}

