@@ -102,3 +102,20 @@ def tiny_tokenizer(chat: bool = True, vocab_size: int = 160):
     if chat:
         tok.chat_template = TINY_CHAT_TEMPLATE
     return tok
+
+
+def quantize_tiny(arch: str = "llama", *, seed: int = 0, model_kwargs: dict | None = None, **config):
+    """A tiny random float32 model of ``arch`` quantized in memory with ``QuantConfig(**config)``
+    (calibration: 4 x 16 random tokens unless ``config`` says otherwise)."""
+    from quadllm import QuantConfig, quantize
+
+    model = tiny_model(arch, torch.float32, seed=seed, **(model_kwargs or {}))
+    cfg = {"calib_samples": 4, "calib_seqlen": 16, **config}
+    quantize(model, QuantConfig(**cfg), random_ids(cfg["calib_samples"], cfg["calib_seqlen"]), progress=False)
+    return model
+
+
+@pytest.fixture
+def quantized_tiny():
+    """:func:`quantize_tiny`: ``quantized_tiny("qwen2", rank=8, weights="rtn")`` in a test."""
+    return quantize_tiny

@@ -1,5 +1,5 @@
 """The command line: one module per command group, :mod:`.common` for what they share."""
 
-from .main import build_parser, main
+from .app import build_parser, main
 
 __all__ = ["build_parser", "main"]

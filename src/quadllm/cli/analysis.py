@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from ..analysis.advisor import advise_rank
+from ..analysis.advisor import DEFAULT_RANKS, advise_rank
 from ..analysis.drift import check_drift
 from ..analysis.report import build_report
-from ..config import ConfigError
+from ..config import DEFAULT_RANK, ConfigError
 from ..data.text import DataError, load_text, tokenize_windows
 from ..io.checkpoint import CheckpointError, is_checkpoint
 from ..io.sources import load_model
@@ -48,7 +48,7 @@ def add_parsers(sub) -> None:
     a.add_argument("--calib-samples", type=int, default=8)
     a.add_argument("--probe-samples", type=int, default=4, help="windows for the KL probe (disjoint from calib)")
     a.add_argument("--seqlen", type=int, default=512)
-    a.add_argument("--ranks", default="0,8,16,32,64,128")
+    a.add_argument("--ranks", default=",".join(map(str, DEFAULT_RANKS)))
     a.add_argument("--mode", choices=("w4a4", "w4a4a8", "w4a8"), default="w4a4")
     a.add_argument("--tolerance", type=float, default=0.1, help="relative KL tolerance to the best rank")
     a.add_argument("--seed", type=int, default=0)
@@ -61,7 +61,7 @@ def add_parsers(sub) -> None:
     rp.add_argument("--calib", default=None, help="text to measure on (default: the checkpoint's calibration source)")
     rp.add_argument("--samples", type=int, default=4)
     rp.add_argument("--seqlen", type=int, default=512)
-    rp.add_argument("--rank", type=int, default=None, help="for an original model: the r to show (default 64)")
+    rp.add_argument("--rank", type=int, default=None, help=f"for an original model: the r to show (default {DEFAULT_RANK})")
     rp.add_argument("--seed", type=int, default=0)
     add_common(rp)
 

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from ..backends import Int8Kernel, TritonKernel
-from ..config import ActSpec
+from ..backends import KERNELS, Int8Kernel, TritonKernel
+from ..config import DEFAULT_RANK, ActSpec
 from ..core.gptq import rtn_quantize
 from ..core.hadamard import OnlineTransform
 from ..nn.kv_cache import cache_kwarg, cache_nbytes, make_cache
@@ -100,10 +100,10 @@ def quad_linear(k: int, n: int, rank: int, hadamard: bool, act_bits: int = 4, se
 #: Float ``nn.Linear`` baselines of :func:`bench_linear` by name.
 FLOAT_BASELINES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: what :func:`bench_linear` can time: the float baselines and the quantized linear's backends
-LINEAR_BACKENDS = (*FLOAT_BASELINES, "fake", "cpu-int8", "gpu", "gpu-unfused")
+LINEAR_BACKENDS = (*FLOAT_BASELINES, "fake", *KERNELS, "gpu-unfused")
 
 
-def bench_linear(shapes: list[tuple[int, int, int]], rank: int = 64, backends: tuple[str, ...] = (
+def bench_linear(shapes: list[tuple[int, int, int]], rank: int = DEFAULT_RANK, backends: tuple[str, ...] = (
         "fp32", "bf16", "fake", "cpu-int8"), repeat: int = 7, min_seconds: float = 0.5,
         hadamard_from: int = 8192, device: str = "cpu") -> list[dict[str, Any]]:
     """Records ``{backend, m, k, n, median_ms, gflops, speedup_vs_fp32, ...}`` per shape and backend.

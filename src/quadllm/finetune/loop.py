@@ -272,6 +272,157 @@ def _state_matches(state: dict[str, Any], config: FinetuneConfig, base_id: str) 
 # --------------------------------------------------------------------------------- train
 
 
+@dataclass
+class _Progress:
+    """What a run has done so far: saved with the resumable state and restored from it."""
+
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, torch.Tensor] | None = None
+    best_val: float | None = None
+    best_step: int | None = None
+    initial_val: float | None = None
+
+    FIELDS = ("step", "history", "best", "best_val", "best_step", "initial_val")
+
+    def state(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "_Progress":
+        return cls(**{k: state[k] for k in cls.FIELDS})
+
+
+@dataclass
+class _Training:
+    """One run's model, trainable tensors, optimizer and schedule."""
+
+    model: nn.Module
+    config: FinetuneConfig
+    names: list[str]
+    params: dict[str, nn.Parameter]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    total: int
+    micro_per_epoch: int
+    lora: dict[str, Any] | None = None
+
+    @property
+    def trainable(self) -> list[nn.Parameter]:
+        return [self.params[n] for n in self.names]
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: self.params[n].detach().clone() for n in self.names}
+
+    @torch.no_grad()
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        for n in self.names:
+            self.params[n].copy_(weights[n])
+
+
+def _check_teacher(config: FinetuneConfig, teacher: nn.Module | None) -> nn.Module | None:
+    """The teacher the loss uses (frozen, eval mode), or None."""
+    if config.uses_teacher and teacher is None:
+        raise FinetuneError(f"loss {config.loss!r} distils a teacher (the original model) and none was given; "
+                            "pass one or use loss 'ce'")
+    if not config.uses_teacher:
+        return None
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _setup(model: nn.Module, config: FinetuneConfig, n_train: int) -> _Training:
+    """The trainable tensors (outlier columns and scales, or LoRA), AdamW with the scales' own
+    learning rate, and the warmup + cosine schedule over the run's steps."""
+    names, lora = select_trainable(model, config)
+    params = dict(model.named_parameters())
+    scale_params = [params[n] for n in names if n.endswith(".scales")]
+    other = [params[n] for n in names if not n.endswith(".scales")]
+    groups = [g for g in ({"params": other, "lr": config.lr},
+                          {"params": scale_params, "lr": config.lr * config.scales_lr_ratio}) if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    micro_per_epoch = math.ceil(n_train / config.batch_size)
+    total = config.max_steps or max(1, math.ceil(config.epochs * micro_per_epoch / config.grad_accum))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, config.warmup))
+    return _Training(model, config, names, params, opt, sched, total, micro_per_epoch, lora)
+
+
+def _resume(run: _Training, state_path: Path | None, resume: bool, base_id: str) -> tuple[_Progress, int | None]:
+    """The progress to continue from: a matching saved state with ``resume``, else a fresh start."""
+    if resume and state_path and state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        why = _state_matches(state, run.config, base_id)
+        if why:
+            raise FinetuneError(f"cannot resume from {state_path}: {why}; delete it or drop --resume")
+        run.set_weights(state["trainable"])
+        run.opt.load_state_dict(state["optimizer"])
+        run.sched.load_state_dict(state["scheduler"])
+        progress = _Progress.from_state(state)
+        torch.set_rng_state(state["rng"])
+        log.info("resumed from step %d of %d (%s)", progress.step, run.total, state_path)
+        return progress, progress.step
+    if resume:
+        log.info("no training state at %s: starting from step 0", state_path)
+    elif state_path and state_path.is_file():
+        log.warning("%s holds the state of an interrupted run; starting over (pass --resume to continue it)",
+                    state_path)
+    return _Progress(), None
+
+
+def _validate(run: _Training, progress: _Progress, val: list[Example], pad_id: int, device, teacher) -> None:
+    """The held-out loss at ``progress.step``; the best weights so far are kept."""
+    if not val:
+        return
+    config = run.config
+    run.model.eval()
+    v = evaluate_loss(run.model, val, config.batch_size, pad_id, config.dtype, device, config.loss, teacher)
+    run.model.train()
+    at = progress.step
+    progress.history.append({"step": at, "val_loss": v})
+    if progress.initial_val is None:
+        progress.initial_val = v
+    if progress.best_val is None or v < progress.best_val:
+        progress.best_val, progress.best_step = v, at
+        progress.best = run.snapshot()
+    log.info("step %d: held-out loss %.4f (best %.4f at step %d)", at, v, progress.best_val, progress.best_step)
+
+
+def _train_step(run: _Training, train: list[Example], step: int, micro: int, pad_id: int, device, teacher
+                ) -> tuple[dict[str, Any], int]:
+    """One optimizer step over ``grad_accum`` micro-batches (each epoch in its own seeded order);
+    returns the step's record without its time, and the next micro-batch index."""
+    config = run.config
+    run.opt.zero_grad(set_to_none=True)
+    loss_sum, tok_sum = 0.0, 0
+    for _ in range(config.grad_accum):
+        epoch, pos = divmod(micro, run.micro_per_epoch)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed + 1 + epoch))
+        idx = order[pos * config.batch_size:(pos + 1) * config.batch_size].tolist()
+        loss, n = _forward_loss(run.model, collate([train[i] for i in idx], pad_id), config.dtype, device,
+                                config.loss, teacher)
+        (loss / config.grad_accum).backward()
+        loss_sum += float(loss.detach()) * n
+        tok_sum += n
+        micro += 1
+    if not math.isfinite(loss_sum):
+        raise FinetuneError(f"the training loss became {loss_sum} at step {step}; lower --lr")
+    gnorm = float(torch.nn.utils.clip_grad_norm_(run.trainable, config.clip_grad)) if config.clip_grad else None
+    run.opt.step()
+    run.sched.step()
+    rec = {"train_loss": loss_sum / max(tok_sum, 1), "lr": run.opt.param_groups[0]["lr"], "tokens": tok_sum}
+    if gnorm is not None:
+        rec["grad_norm"] = gnorm
+    return rec, micro
+
+
+def _save_progress(run: _Training, progress: _Progress, state_path: Path, base_id: str) -> None:
+    _save_state(state_path, {"base_id": base_id, "config": run.config.to_dict(), "trainable": run.snapshot(),
+                             "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+                             **progress.state(), "rng": torch.get_rng_state()})
+
+
 def finetune(model: nn.Module, tset: TrainingSet, config: FinetuneConfig, pad_id: int, *,
              teacher: nn.Module | None = None, state_path: str | Path | None = None, resume: bool = False,
              base_id: str = "", progress: bool = True) -> FinetuneResult:
@@ -282,140 +433,51 @@ def finetune(model: nn.Module, tset: TrainingSet, config: FinetuneConfig, pad_id
     held-out loss (the last ones without a held-out split), rounded to what the checkpoint
     stores, frozen and in eval mode.
     """
-    if config.uses_teacher and teacher is None:
-        raise FinetuneError(f"loss {config.loss!r} distils a teacher (the original model) and none was given; "
-                            "pass one or use loss 'ce'")
-    if not config.uses_teacher:
-        teacher = None
-    if teacher is not None:
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+    teacher = _check_teacher(config, teacher)
     t_start = time.perf_counter()
     torch.manual_seed(config.seed)
     device = next(model.parameters()).device
     train, val = _split(tset, config)
     if not train:
         raise FinetuneError("no training sequence left after the held-out split; lower --val-fraction")
-    names, lora = select_trainable(model, config)
-    params = dict(model.named_parameters())
-    trainable = [params[n] for n in names]
-    n_trainable = sum(p.numel() for p in trainable)
+    run = _setup(model, config, len(train))
+    n_trainable = sum(p.numel() for p in run.trainable)
     n_model = logical_param_count(model)
     log.info("trainable parameters: %d (%.3f%% of %d)", n_trainable, 100 * n_trainable / n_model, n_model)
-
-    scale_params = [params[n] for n in names if n.endswith(".scales")]
-    other = [params[n] for n in names if not n.endswith(".scales")]
-    groups = [g for g in ({"params": other, "lr": config.lr},
-                          {"params": scale_params, "lr": config.lr * config.scales_lr_ratio}) if g["params"]]
-    opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    per_step = config.batch_size * config.grad_accum
-    micro_per_epoch = math.ceil(len(train) / config.batch_size)
-    total = config.max_steps or max(1, math.ceil(config.epochs * micro_per_epoch / config.grad_accum))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, config.warmup))
-
-    history: list[dict[str, Any]] = []
-    best: dict[str, torch.Tensor] | None = None
-    best_val: float | None = None
-    best_step: int | None = None
-    initial_val: float | None = None
-    step = 0
-    resumed_from = None
     state_path = Path(state_path) if state_path else None
-    if resume and state_path and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        why = _state_matches(state, config, base_id)
-        if why:
-            raise FinetuneError(f"cannot resume from {state_path}: {why}; delete it or drop --resume")
-        with torch.no_grad():
-            for n in names:
-                params[n].copy_(state["trainable"][n])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        history, best, best_val = state["history"], state["best"], state["best_val"]
-        best_step, initial_val, step = state["best_step"], state["initial_val"], state["step"]
-        torch.set_rng_state(state["rng"])
-        resumed_from = step
-        log.info("resumed from step %d of %d (%s)", step, total, state_path)
-    elif resume:
-        log.info("no training state at %s: starting from step 0", state_path)
-    elif state_path and state_path.is_file():
-        log.warning("%s holds the state of an interrupted run; starting over (pass --resume to continue it)",
-                    state_path)
+    done, resumed_from = _resume(run, state_path, resume, base_id)
 
-    log.info("%d training and %d held-out sequences; %d steps of %d sequences", len(train), len(val), total, per_step)
+    log.info("%d training and %d held-out sequences; %d steps of %d sequences", len(train), len(val), run.total,
+             config.batch_size * config.grad_accum)
     model.train()  # no dropout in these models; lets transformers take its training paths
     if config.grad_checkpointing and hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-
-    def validate(at: int) -> None:
-        nonlocal best, best_val, best_step, initial_val
-        if not val:
-            return
-        model.eval()
-        v = evaluate_loss(model, val, config.batch_size, pad_id, config.dtype, device, config.loss, teacher)
-        model.train()
-        history.append({"step": at, "val_loss": v})
-        if initial_val is None:
-            initial_val = v
-        if best_val is None or v < best_val:
-            best_val, best_step = v, at
-            best = {n: params[n].detach().clone() for n in names}
-        log.info("step %d: held-out loss %.4f (best %.4f at step %d)", at, v, best_val, best_step)
-
-    if step == 0:
-        validate(0)
-    bar = tqdm(total=total, initial=step, desc="finetune", unit="step", disable=not progress)
-    micro = step * config.grad_accum
+    if done.step == 0:
+        _validate(run, done, val, pad_id, device, teacher)
+    bar = tqdm(total=run.total, initial=done.step, desc="finetune", unit="step", disable=not progress)
+    micro = done.step * config.grad_accum
     t_last = time.perf_counter()
-    while step < total:
-        opt.zero_grad(set_to_none=True)
-        loss_sum, tok_sum = 0.0, 0
-        for _ in range(config.grad_accum):
-            epoch, pos = divmod(micro, micro_per_epoch)
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed + 1 + epoch))
-            idx = order[pos * config.batch_size:(pos + 1) * config.batch_size].tolist()
-            loss, n = _forward_loss(model, collate([train[i] for i in idx], pad_id), config.dtype, device,
-                                    config.loss, teacher)
-            (loss / config.grad_accum).backward()
-            loss_sum += float(loss.detach()) * n
-            tok_sum += n
-            micro += 1
-        if not math.isfinite(loss_sum):
-            raise FinetuneError(f"the training loss became {loss_sum} at step {step}; lower --lr")
-        gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, config.clip_grad)) if config.clip_grad else None
-        opt.step()
-        sched.step()
-        step += 1
+    while done.step < run.total:
+        rec, micro = _train_step(run, train, done.step, micro, pad_id, device, teacher)
+        done.step += 1
         now = time.perf_counter()
-        rec = {"step": step, "train_loss": loss_sum / max(tok_sum, 1), "lr": opt.param_groups[0]["lr"],
-               "tokens": tok_sum, "seconds": round(now - t_last, 3)}
-        if gnorm is not None:
-            rec["grad_norm"] = gnorm
+        done.history.append({"step": done.step, **rec, "seconds": round(now - t_last, 3)})
         t_last = now
-        history.append(rec)
         bar.set_postfix(loss=f"{rec['train_loss']:.4f}")
         bar.update(1)
-        if step % config.eval_every == 0 or step == total:
-            validate(step)
-        if state_path and (step % config.save_every == 0) and step < total:
-            _save_state(state_path, {"base_id": base_id, "config": config.to_dict(), "step": step,
-                                     "trainable": {n: params[n].detach().clone() for n in names},
-                                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                     "history": history, "best": best, "best_val": best_val,
-                                     "best_step": best_step, "initial_val": initial_val,
-                                     "rng": torch.get_rng_state()})
+        if done.step % config.eval_every == 0 or done.step == run.total:
+            _validate(run, done, val, pad_id, device, teacher)
+        if state_path and (done.step % config.save_every == 0) and done.step < run.total:
+            _save_progress(run, done, state_path, base_id)
     bar.close()
-    if best is not None and best_step != step:
-        log.info("keeping the weights of step %d (lowest held-out loss %.4f)", best_step, best_val)
-        with torch.no_grad():
-            for n in names:
-                params[n].copy_(best[n])
+    if done.best is not None and done.best_step != done.step:
+        log.info("keeping the weights of step %d (lowest held-out loss %.4f)", done.best_step, done.best_val)
+        run.set_weights(done.best)
     _finish(model)
-    seconds = time.perf_counter() - t_start
-    return FinetuneResult(trainable=names, n_trainable=n_trainable, n_model=n_model, steps=step, history=history,
-                          best_step=best_step, best_val_loss=best_val, initial_val_loss=initial_val,
-                          seconds=seconds, lora=lora, resumed_from=resumed_from,
+    return FinetuneResult(trainable=run.names, n_trainable=n_trainable, n_model=n_model, steps=done.step,
+                          history=done.history, best_step=done.best_step, best_val_loss=done.best_val,
+                          initial_val_loss=done.initial_val, seconds=time.perf_counter() - t_start, lora=run.lora,
+                          resumed_from=resumed_from,
                           data={"origin": tset.origin, "kinds": tset.kinds, "sequences": len(tset.examples),
                                 "tokens": tset.n_tokens, "train": len(train), "held_out": len(val),
                                 "skipped": tset.skipped})

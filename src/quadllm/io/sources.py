@@ -13,8 +13,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..arch import get_adapter
 from ..errors import QuadllmError
+from . import files
 
 log = logging.getLogger(__name__)
 
@@ -107,17 +106,14 @@ def _convert_gguf(path: Path):
 
 
 def _save_cache(model, tok, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    """Cache a converted model (atomically; a failure only costs the next load a conversion)."""
+    if target.exists():
+        return
     try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(tmp)
-            return
-        os.replace(tmp, target)
+        with files.atomic_dir(target) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
     except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)
         log.warning("could not cache the converted GGUF model in %s", target, exc_info=True)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ...arch import get_adapter
-from ...config import QuantConfig
+from ...config import DEFAULT_RANK, QuantConfig
 from ...data.text import load_text, sample_calibration
 from ...io.checkpoint import is_checkpoint
 from ...io.files import atomic_write
@@ -63,7 +63,7 @@ def build_report(spec: str | None, out_html: str | Path, calib: str | None = Non
     else:
         original, tok, source = load_model(spec)
         quantized = None
-        cfg = QuantConfig(method="quad", rank=64 if rank is None else rank, seed=seed)
+        cfg = QuantConfig(method="quad", rank=rank, seed=seed)
         subject = f"model {source.spec if source else spec} (not quantized: the QUAD transform is applied exactly)"
     text = load_text(calib if calib is not None else cfg.calib, "calib", data_dir=data_dir)
     ids = sample_calibration(tok, text.text, samples, seqlen, seed)
@@ -90,7 +90,7 @@ def write_report(original, tok, quantized, meta: dict[str, Any] | None, cfg: Qua
         quantized = copy.deepcopy(original)
         transform(quantized, cfg, ids, progress=False, moment=moment if r else None)
     after = input_stats(quantized, ids)
-    errors = linear_errors(original, ids, r or 64, cfg.mode, seed, moment)
+    errors = linear_errors(original, ids, r or DEFAULT_RANK, cfg.mode, seed, moment)
     tokens = token_outliers(original, tok, ids)
     memory = _memory(meta, fp16_size_bytes(original))
     data = {"subject": subject, "calibration": {"origin": origin, "samples": samples, "seqlen": seqlen,

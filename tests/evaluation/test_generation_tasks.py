@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_ids, tiny_model
+
+from quadllm import QuantConfig, load, quantize, save
+from quadllm.data.text import DataError, default_data_dir
 from quadllm.evaluation.compare import (
     build_rows,
     compare_markdown,
@@ -29,9 +32,6 @@ from quadllm.evaluation.tasks import gsm8k
 from quadllm.evaluation.tasks.generation import cut_at_stop, generate
 from quadllm.evaluation.tasks.humaneval import check, load_problems, problems_file, program
 from quadllm.evaluation.tasks.sandbox import run_python
-
-from quadllm import QuantConfig, load, quantize, save
-from quadllm.data.text import DataError, default_data_dir
 
 DATA = default_data_dir()
 needs_gsm8k = pytest.mark.skipif(DATA is None or not (DATA / "gsm8k" / "test.jsonl").is_file(),

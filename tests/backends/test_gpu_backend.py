@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_ids, tiny_model
-from quadllm.core.hadamard import OnlineTransform
-from quadllm.nn.modules import QuadLinear
-from quadllm.core.quantizers import pack_int4
+from conftest import quantize_tiny, random_ids
 
-from quadllm import QuantConfig, quantize
 from quadllm.backends import BackendError, place
 from quadllm.backends.gpu import (
     FusedTransform,
@@ -25,6 +21,9 @@ from quadllm.backends.gpu import (
     why_no_gpu,
 )
 from quadllm.backends.int8 import act_codes
+from quadllm.core.hadamard import OnlineTransform
+from quadllm.core.quantizers import pack_int4
+from quadllm.nn.modules import QuadLinear
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed (pip install 'quadllm[gpu]')")
 
@@ -121,9 +120,7 @@ def test_transform_quantize_rows_gives_the_codes_of_the_transformed_rows(index, 
 def test_gpu_backend_fuses_the_online_transforms_into_quantization(monkeypatch):
     """A model whose down_proj (128 = one Hadamard block) and o_proj (3 heads) transforms both fuse:
     fused, unfused and the float simulation give the same logits, and the fused kernel runs."""
-    model = tiny_model("llama", torch.float32, intermediate_size=128)
-    quantize(model, QuantConfig(method="quad", rank=8, weights="rtn", calib_samples=4, calib_seqlen=16),
-             random_ids(4, 16), progress=False)
+    model = quantize_tiny("llama", model_kwargs=dict(intermediate_size=128), method="quad", rank=8, weights="rtn")
     model.to(DEVICE)
     ids = random_ids(2, 12, seed=5).to(DEVICE)
     with torch.no_grad():
@@ -160,9 +157,7 @@ def test_w4a8_linear_rejects_mismatched_inputs():
 @pytest.mark.parametrize("cfg", [dict(method="quad", rank=8, mode="w4a4"), dict(method="quad", rank=8, mode="w4a4a8"),
                                  dict(method="quarot", mode="w4a8")])
 def test_gpu_backend_matches_fake(cfg):
-    model = tiny_model("llama", torch.float32)
-    quantize(model, QuantConfig(weights="rtn", calib_samples=4, calib_seqlen=16, **cfg), random_ids(4, 16),
-             progress=False)
+    model = quantize_tiny("llama", weights="rtn", **cfg)
     model.to(DEVICE)
     ids = random_ids(2, 12, seed=5).to(DEVICE)
     with torch.no_grad():
@@ -178,27 +173,21 @@ def test_gpu_backend_matches_fake(cfg):
 
 
 def test_gpu_backend_leaves_unsupported_layers_on_fake():
-    model = tiny_model("llama", torch.float32)
-    quantize(model, QuantConfig(weights="rtn", rank=8, mode="w4a16", calib_samples=4, calib_seqlen=16),
-             random_ids(4, 16), progress=False)
+    model = quantize_tiny("llama", weights="rtn", rank=8, mode="w4a16")
     n = sum(isinstance(m, QuadLinear) for m in model.modules())
     assert place(model.to(DEVICE), "gpu") == {"fake": n}
 
 
 def test_gpu_backend_needs_a_cuda_model_outside_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    model = tiny_model("llama", torch.float32)
-    quantize(model, QuantConfig(weights="rtn", rank=8, calib_samples=4, calib_seqlen=16), random_ids(4, 16),
-             progress=False)
+    model = quantize_tiny("llama", weights="rtn", rank=8)
     with pytest.raises(BackendError, match="CUDA device"):
         place(model, "gpu")
 
 
 @needs_gpu
 def test_gpu_kernels_in_half_precision_match_fake():
-    model = tiny_model("llama", torch.float32)
-    quantize(model, QuantConfig(weights="rtn", rank=8, calib_samples=4, calib_seqlen=16), random_ids(4, 16),
-             progress=False)
+    model = quantize_tiny("llama", weights="rtn", rank=8)
     model.to("cuda", torch.float16)
     ids = random_ids(2, 64, seed=9).cuda()
     with torch.no_grad():

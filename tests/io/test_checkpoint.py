@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 from conftest import random_ids, tiny_model
-from quadllm.nn.modules import QuadLinear
 
 from quadllm import CheckpointError, QuantConfig, load, quantize, save
+from quadllm.nn.modules import QuadLinear
 
 
 class _Tok:
@@ -159,8 +159,9 @@ def test_weights_hash_is_of_the_tensors_not_the_file_bytes(tmp_path):
     import json as _json
     import struct
 
-    from quadllm.io.checkpoint import file_hash, weights_hash
     from safetensors.torch import save_file
+
+    from quadllm.io.checkpoint import file_hash, weights_hash
 
     t = {"b.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a.bias": torch.ones(3, dtype=torch.float16)}
     one, two, three = (tmp_path / n for n in ("one", "two", "three"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from quadllm.core.gptq import GPTQResult, HessianAccumulator, gptq_quantize, rtn_quantize
 from quadllm.core.quantizers import qrange, quantize_weight, weight_scales
 

@@ -8,6 +8,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
+
+from quadllm.core import hadamard as hd
 from quadllm.core.hadamard import (
     OnlineTransform,
     dct_matrix,
@@ -19,8 +21,6 @@ from quadllm.core.hadamard import (
     orthogonal_matrix,
     random_hadamard,
 )
-
-from quadllm.core import hadamard as hd
 
 POW2_SMALL = [2**k for k in range(0, 13)]  # 1 .. 4096: checked densely
 POW2_LARGE = [2**k for k in range(13, 17)]  # 8192 .. 65536: checked via kron_transform

@@ -9,11 +9,11 @@ import sys
 
 import pytest
 import torch
-from quadllm.evaluation.perplexity import perplexity
-from quadllm.pipelines.in_memory import transform
 
 from quadllm import QuantConfig, quantize
 from quadllm.data.text import default_data_dir, load_text, sample_calibration, tokenize_windows
+from quadllm.evaluation.perplexity import perplexity
+from quadllm.pipelines.in_memory import transform
 
 pytestmark = pytest.mark.slow
 

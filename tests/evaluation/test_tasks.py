@@ -17,12 +17,12 @@ import torch
 pytest.importorskip("lm_eval")
 
 from conftest import random_ids, tiny_model  # noqa: E402
-from quadllm.evaluation.tasks import OFFLINE_DIR, OFFLINE_TASKS, is_offline, papers_metric, run_tasks  # noqa: E402
-from quadllm.evaluation.tasks.harness import task_manager  # noqa: E402
-from quadllm.evaluation.tasks.offline import utils as offline_utils  # noqa: E402
 
 from quadllm import QuantConfig, load, quantize, save  # noqa: E402
 from quadllm.data.text import DataError, default_data_dir  # noqa: E402
+from quadllm.evaluation.tasks import OFFLINE_DIR, OFFLINE_TASKS, is_offline, papers_metric, run_tasks  # noqa: E402
+from quadllm.evaluation.tasks.harness import task_manager  # noqa: E402
+from quadllm.evaluation.tasks.offline import utils as offline_utils  # noqa: E402
 
 DATA = default_data_dir()
 needs_data = pytest.mark.skipif(DATA is None or not (DATA / "piqa" / "valid.jsonl").is_file(),

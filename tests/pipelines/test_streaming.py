@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_ids, tiny_model, tiny_tokenizer
-from quadllm.io.checkpoint import WEIGHTS_INDEX, CheckpointError, weight_files, weights_hash
-from quadllm.pipelines.streaming import ActivationStore, LazyWeights, quantize_streaming
 
 from quadllm import QuantConfig, load, quantize, save
 from quadllm.cli import main
+from quadllm.io.checkpoint import WEIGHTS_INDEX, CheckpointError, weight_files, weights_hash
+from quadllm.pipelines.streaming import ActivationStore, LazyWeights, quantize_streaming
 
 CFG = dict(method="quad", rank=8, weights="gptq", calib_samples=4, calib_seqlen=16, calib_batch=2)
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_ids, tiny_model, tiny_tokenizer
+from conftest import quantize_tiny, random_ids, tiny_tokenizer
+from transformers import DynamicCache
+
+from quadllm.core.quantizers import fake_quant_kv
+from quadllm.evaluation.tasks.generation import generate
 from quadllm.nn.kv_cache import (
     IntKVCache,
     cache_kwarg,
@@ -15,11 +19,6 @@ from quadllm.nn.kv_cache import (
     quantize_kv,
     unpack_uint4,
 )
-from quadllm.core.quantizers import fake_quant_kv
-from quadllm.evaluation.tasks.generation import generate
-from transformers import DynamicCache
-
-from quadllm import QuantConfig, quantize
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -37,9 +36,7 @@ def test_codes_reproduce_the_simulated_grid(bits):
 
 
 def _kv_model(bits, arch="llama"):
-    model = tiny_model(arch, torch.float32, seed=0)
-    quantize(model, QuantConfig(method="quad", rank=8, weights="rtn", kv_bits=bits, calib_samples=4, calib_seqlen=16),
-             random_ids(4, 16), progress=False)
+    model = quantize_tiny(arch, seed=0, method="quad", rank=8, weights="rtn", kv_bits=bits)
     return model
 
 

@@ -12,14 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_ids, tiny_model, tiny_tokenizer
-from quadllm.analysis.advisor import advise_rank
-from quadllm.steps.calibration import residual_second_moment
-from quadllm.analysis.drift import check_drift, subspace_fit
-from quadllm.analysis.report import SECTIONS, write_report
-from quadllm.analysis.subspace import best_energy, energy_captured, principal_angles, saved_subspace, spectrum, top_subspace
 
 from quadllm import QuantConfig, quantize
+from quadllm.analysis.advisor import advise_rank
+from quadllm.analysis.drift import check_drift, subspace_fit
+from quadllm.analysis.report import SECTIONS, write_report
+from quadllm.analysis.subspace import (
+    best_energy,
+    energy_captured,
+    principal_angles,
+    saved_subspace,
+    spectrum,
+    top_subspace,
+)
 from quadllm.arch import get_adapter
+from quadllm.steps.calibration import residual_second_moment
 
 
 def _random_moment(d=12, seed=0):
@@ -171,7 +178,7 @@ def test_report_opens_in_headless_chromium(tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     for section in SECTIONS:
         assert f'id="{section}"' in dom.stdout
-    artifacts = Path(os.environ.get("QUADLLM_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+    artifacts = Path(os.environ.get("QUADLLM_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
     artifacts.mkdir(parents=True, exist_ok=True)
     shot = artifacts / "report_screenshot.png"  # kept for inspection
     r = subprocess.run(args + [f"--screenshot={shot}", "--window-size=1200,3000", out.as_uri()],

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from quadllm.io.memory import map_large_allocations
 
 # After freeing a 16 MB mapped block, glibc raises its mmap threshold past 16 MB, so 8 MB blocks

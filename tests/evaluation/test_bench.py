@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from quadllm.evaluation.speed import bench_linear, group_ops, parse_shapes, records_markdown, top_ops
 
 from quadllm.cli import main
+from quadllm.evaluation.speed import bench_linear, group_ops, parse_shapes, records_markdown, top_ops
 
 
 def test_parse_shapes():

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_ids, tiny_model
-from quadllm.nn.modules import QuadLinear
-from quadllm.core.quantizers import fake_quant_act
+from conftest import quantize_tiny, random_ids
 
-from quadllm import QuantConfig, quantize
 from quadllm.backends import BackendError, Int8Kernel, place
 from quadllm.backends.int8 import act_codes, int8_linear, int_mm_available
+from quadllm.core.quantizers import fake_quant_act
+from quadllm.nn.modules import QuadLinear
 
 pytestmark = pytest.mark.skipif(not int_mm_available(), reason="torch._int_mm does not run on this CPU")
 
@@ -57,9 +56,7 @@ def test_int8_linear_matches_its_reference_definition():
     dict(method="quad", rank=8, mode="w4a4", group_size=16),
 ])
 def test_cpu_int8_backend_matches_fake(arch, cfg):
-    model = tiny_model(arch, torch.float32)
-    quantize(model, QuantConfig(weights="rtn", calib_samples=4, calib_seqlen=16, **cfg), random_ids(4, 16),
-             progress=False)
+    model = quantize_tiny(arch, weights="rtn", **cfg)
     ids = random_ids(3, 24, seed=11)
     with torch.no_grad():
         ref = model(ids).logits
@@ -79,9 +76,7 @@ def test_cpu_int8_backend_matches_fake(arch, cfg):
 
 
 def test_weight_cache_is_optional_and_equal():
-    model = tiny_model("llama", torch.float32)
-    quantize(model, QuantConfig(weights="rtn", rank=8, calib_samples=4, calib_seqlen=16), random_ids(4, 16),
-             progress=False)
+    model = quantize_tiny("llama", weights="rtn", rank=8)
     ids = random_ids(2, 20, seed=3)
     place(model, "cpu-int8", cache_weights=True)
     with torch.no_grad():
@@ -94,8 +89,33 @@ def test_weight_cache_is_optional_and_equal():
 
 
 def test_unknown_backend_is_a_clear_error():
-    model = tiny_model("llama", torch.float32)
-    quantize(model, QuantConfig(weights="rtn", rank=8, calib_samples=4, calib_seqlen=16), random_ids(4, 16),
-             progress=False)
+    model = quantize_tiny("llama", weights="rtn", rank=8)
     with pytest.raises(BackendError, match="unknown backend"):
         place(model, "tpu")
+
+
+def test_the_registry_supplies_the_choices_and_auto_picks_cpu_int8_here():
+    from quadllm.backends import BACKENDS, KERNELS, resolve_backend
+    from quadllm.cli import build_parser
+
+    assert BACKENDS == ("fake", *KERNELS, "auto") and set(KERNELS) == {"cpu-int8", "gpu"}
+    eval_parser = build_parser()._subparsers._group_actions[0].choices["eval"]
+    backend = next(a for a in eval_parser._actions if a.dest == "backend")
+    assert tuple(backend.choices) == BACKENDS
+    assert resolve_backend("auto") == ("cpu-int8" if KERNELS["cpu-int8"].unavailable_reason() is None else "fake")
+    for name, kernel in KERNELS.items():
+        assert kernel.name == name and callable(kernel.supports)
+
+
+def test_loading_gives_a_fake_model_and_place_sets_the_kernels(tmp_path):
+    from conftest import tiny_tokenizer
+
+    from quadllm import load, save
+
+    model = quantize_tiny("llama", weights="rtn", rank=8)
+    save(model, tiny_tokenizer(), tmp_path / "ckpt")
+    loaded, _, _ = load(tmp_path / "ckpt")
+    lins = [m for m in loaded.modules() if isinstance(m, QuadLinear)]
+    assert all(m.kernel is None for m in lins) and next(loaded.parameters()).device.type == "cpu"
+    assert place(loaded, "cpu-int8") == {"cpu-int8": len(lins)}
+    assert all(isinstance(m.kernel, Int8Kernel) and m.kernel.extra_bytes() == 0 for m in lins)

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 from conftest import random_ids, tiny_model
-from quadllm.nn.modules import QuadHead, QuadLinear
-from quadllm.pipelines.in_memory import transform
 
 from quadllm.arch import get_adapter
 from quadllm.config import QuantConfig
+from quadllm.nn.modules import QuadHead, QuadLinear
+from quadllm.pipelines.in_memory import transform
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from quadllm.core.quantizers import (
     dequantize_weight,
     fake_quant_act,

@@ -7,17 +7,15 @@ import json
 
 import pytest
 import torch
-from conftest import random_ids, tiny_model, tiny_tokenizer
-from quadllm.finetune.adapter_file import AdapterError, apply_adapter, read_adapter_meta
-from quadllm.finetune.config import FinetuneConfig
-from quadllm.finetune.job import run
-from quadllm.nn.modules import QuadLinear
-from quadllm.nn.quant_linear import quant_linear
-from quadllm.core.quantizers import dequantize_weight, fake_quant_act, pack_int4, ste_round
-from quadllm.data.training import IGNORE, Example, TrainingSet, records_to_set
+from conftest import quantize_tiny, random_ids, tiny_model, tiny_tokenizer
 
 from quadllm import QuantConfig, load, quantize, save
 from quadllm.cli import main
+from quadllm.core.quantizers import dequantize_weight, fake_quant_act, pack_int4, ste_round
+from quadllm.data.training import IGNORE, Example, TrainingSet, records_to_set
+from quadllm.finetune.adapter_file import AdapterError, apply_adapter, read_adapter_meta
+from quadllm.finetune.config import FinetuneConfig
+from quadllm.finetune.job import run
 from quadllm.finetune.loop import (
     FinetuneError,
     finetune,
@@ -28,14 +26,12 @@ from quadllm.finetune.loop import (
     outlier_budget,
     select_trainable,
 )
+from quadllm.nn.modules import QuadLinear
+from quadllm.nn.quant_linear import quant_linear
 
 
 def _quantized(arch="llama", seed=0, **cfg):
-    model = tiny_model(arch, torch.float32, seed=seed)
-    opts = dict(method="quad", rank=8, weights="rtn", calib_samples=4, calib_seqlen=16)
-    opts.update(cfg)
-    quantize(model, QuantConfig(**opts), random_ids(4, 16), progress=False)
-    return model
+    return quantize_tiny(arch, seed=seed, **{"method": "quad", "rank": 8, "weights": "rtn", **cfg})
 
 
 def _pattern_set(n=24, T=24, vocab=160) -> TrainingSet:

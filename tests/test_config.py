@@ -1,0 +1,52 @@
+"""QuantConfig: defaults, roles, validation, what it says a run needs, and its round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from quadllm.config import DEFAULT_RANK, ConfigError, QuantConfig
+
+
+def test_method_defaults_and_roles():
+    assert QuantConfig().rank == 64
+    assert QuantConfig(method="quarot").rank == 0
+    assert QuantConfig(method="rtn").rank == 0 and not QuantConfig(method="rtn").rotate
+    c = QuantConfig(mode="w4a4a8")
+    assert c.act_spec("reader").bits == 4 and c.act_spec("o_proj").bits == 8 and c.act_spec("down_proj").bits == 8
+    assert QuantConfig(mode="w4a8").act_spec("reader").bits == 8
+    assert not QuantConfig(mode="w4a16").act_spec("down_proj").enabled
+    assert QuantConfig(a_clip=0.8).act_spec("reader").clip_ratio == 0.8
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="gptq"), "method"),
+    (dict(mode="w3a3"), "mode"),
+    (dict(kv_bits=2), "kv_bits"),
+    (dict(rank=-1), "rank"),
+    (dict(method="quarot", rank=16), "rank 0"),
+    (dict(a_clip=1.5), "a_clip"),
+    (dict(group_size=-4), "group_size"),
+    (dict(calib_samples=0), "calib_samples"),
+])
+def test_bad_configurations(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        QuantConfig(**kwargs)
+
+
+def test_config_round_trip():
+    c = QuantConfig(method="quad", rank=16, mode="w4a4a8", group_size=64, kv_bits=4, seed=3)
+    assert QuantConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ConfigError, match="unknown"):
+        QuantConfig.from_dict({**c.to_dict(), "bogus": 1})
+    assert "QUAD rank 16" in c.describe() and "seed 3" in c.describe()
+
+
+def test_what_a_config_needs():
+    assert QuantConfig().rank == DEFAULT_RANK and QuantConfig().needs_calibration
+    assert not QuantConfig(method="quarot", weights="rtn").needs_calibration
+    assert QuantConfig(method="quarot", weights="gptq").needs_calibration
+    assert not QuantConfig(method="rtn", weights="rtn").residual_transform
+    assert QuantConfig(method="quarot", weights="rtn").residual_transform
+    QuantConfig(rank=48).check_hidden_size(48)
+    with pytest.raises(ConfigError, match="larger than the hidden size"):
+        QuantConfig(rank=49).check_hidden_size(48)
