@@ -195,22 +195,20 @@ class TritonKernel(Kernel):
         plan = self.plan(lin, x.device)
         if plan is None:
             return None
-
-        lead = x.shape[:-1]
         from .triton_kernels import transform_quantize_rows, w4a8_linear  # Triton: optional
 
+        lead = x.shape[:-1]
         codes, sx = transform_quantize_rows(x.reshape(-1, x.shape[-1]), plan, lin.act.bits, lin.act.clip_ratio)
         y = w4a8_linear(codes, sx, lin.qweight, lin.scales.reshape(-1), None, None, lin.bias, out_dtype=x.dtype)
         return y.reshape(*lead, y.shape[-1])
 
     def __call__(self, lin: QuadLinear, x: torch.Tensor) -> torch.Tensor:
         """The forward of ``lin`` on its input after the online transform."""
+        from .triton_kernels import quantize_rows, w4a8_linear  # Triton: optional
 
         r = lin.rank
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        from .triton_kernels import quantize_rows, w4a8_linear  # Triton: optional
-
         codes, sx = quantize_rows(x2[:, r:], lin.act.bits, lin.act.clip_ratio)
         y = w4a8_linear(codes, sx, lin.qweight, lin.scales.reshape(-1), x2[:, :r] if r else None,
                         lin.w_outlier if r else None, lin.bias, out_dtype=x.dtype)

@@ -27,7 +27,6 @@ EXIT_RECALIBRATE = 3
 def disjoint_windows(tokenizer, text: str, seqlen: int, counts: list[int], seed: int) -> list[torch.Tensor]:
     """Non-overlapping windows of ``text``, shuffled with ``seed`` and dealt out in groups of
     ``counts`` (no window is in two groups)."""
-
     windows = tokenize_windows(tokenizer, text, seqlen)
     need = sum(counts)
     if windows.shape[0] < need:
@@ -95,7 +94,6 @@ def _write_json(path: str | None, data: dict[str, Any]) -> None:
 
 
 def cmd_advise_rank(args) -> int:
-
     try:
         ranks = tuple(int(r) for r in args.ranks.split(","))
     except ValueError as exc:
@@ -114,7 +112,6 @@ def cmd_advise_rank(args) -> int:
 
 
 def cmd_drift(args) -> int:
-
     if not is_checkpoint(args.model):
         raise CheckpointError(f"{args.model} is not a quadllm checkpoint; drift checks a quantized model")
     quantized, tok, meta = load(args.model)
@@ -140,7 +137,6 @@ def cmd_drift(args) -> int:
 
 
 def cmd_report(args) -> int:
-
     data = build_report(args.model, args.out, args.calib, args.samples, args.seqlen, args.rank, args.seed,
                         args.data_dir, progress=not args.quiet)
     print(json.dumps({"html": args.out, "figures": data["figures"], "seconds": data["seconds"]}, indent=2))

@@ -74,7 +74,6 @@ def add_parsers(sub) -> None:
 
 def _reference_model(args, model, meta):
     """The model ``--reference`` names (None without the option)."""
-
     if args.reference is True:
         if meta is not None:
             orig = meta.get("original_model") or {}
@@ -86,7 +85,6 @@ def _reference_model(args, model, meta):
 
 
 def _tasks_of(args) -> list[str] | None:
-
     if args.tasks is None:
         return None
     try:
@@ -98,13 +96,11 @@ def _tasks_of(args) -> list[str] | None:
 
 
 def _suite(args, model, tok, tasks: list[str]) -> dict[str, Any]:
-
     return run_suite(model, tok, tasks, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
                      data_dir=args.data_dir, max_new_tokens=args.max_new_tokens, progress=not args.quiet)
 
 
 def cmd_eval(args) -> int:
-
     t0 = time.perf_counter()
     tasks = _tasks_of(args)
     if tasks is not None:
@@ -127,7 +123,6 @@ def cmd_eval(args) -> int:
 
 def _eval_tasks(args, tasks: list[str], t0: float) -> int:
     """``quadllm eval --tasks``: a Markdown table on stdout, ``--json`` and ``--samples`` files."""
-
     if args.data is None and args.reference:
         log.warning("--reference is used with --data (perplexity, KL); ignored for tasks")
     model, tok, meta, _ = open_model(args.model, args.adapter, args.backend)
@@ -164,7 +159,6 @@ def _display_names(specs: list[str]) -> list[str]:
 
 def cmd_compare(args) -> int:
     """``quadllm compare FP Q1 Q2 ...``: tasks per model, perplexity/KL against FP, one table."""
-
     t0 = time.perf_counter()
     tasks = _tasks_of(args)
     if tasks is None and args.data is None:

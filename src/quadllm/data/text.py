@@ -248,7 +248,6 @@ def hub_reachable(timeout: float = 2.0) -> bool:
 
 @functools.lru_cache(maxsize=8)
 def _endpoint_reachable(endpoint: str, timeout: float) -> bool:
-
     url = urlparse(endpoint)
     try:
         with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):

@@ -234,7 +234,6 @@ def _read_jsonl(path: Path) -> list[Any]:
 
 
 def _hub_records(name: str) -> list[Any]:
-
     try:
         import datasets  # noqa: F401
     except ImportError as exc:

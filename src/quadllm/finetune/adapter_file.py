@@ -112,7 +112,6 @@ def apply_adapter(model: nn.Module, path: str | Path, base_dir: str | Path) -> d
             f"adapter {path} was trained on a different base checkpoint ({meta.get('base_path')}, weights "
             f"sha256 {meta['base_hash'][:12]}...) than {base_dir} (sha256 {actual[:12]}...); load it on its own base")
     if meta["lora"]:
-
         if has_lora(model):
             raise AdapterError("the base model already carries LoRA adapters")
         inject_lora(model, meta["lora"])

@@ -123,7 +123,6 @@ def select_trainable(model: nn.Module, config: FinetuneConfig) -> tuple[list[str
         p.requires_grad_(False)
     lora = None
     if config.method == "lora":
-
         targets = target_names(model)
         rank = config.lora_rank
         if rank is None:
@@ -152,7 +151,6 @@ def select_trainable(model: nn.Module, config: FinetuneConfig) -> tuple[list[str
 
 
 def _finish(model: nn.Module) -> None:
-
     if getattr(model, "is_activation_checkpointing", False):
         model.activation_checkpointing_disable()
 

@@ -92,7 +92,6 @@ def gguf_cache_dir(path: Path) -> Path:
 
 
 def _convert_gguf(path: Path):
-
     log.info("dequantizing GGUF %s with transformers (once; the result is cached)", path)
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

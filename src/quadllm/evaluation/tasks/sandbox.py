@@ -229,7 +229,6 @@ def seccomp_filter(machine: str, pid: int) -> list[tuple[int, int, int, int]]:
 
 
 def _libc():
-
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
     libc.unshare.argtypes = [ctypes.c_int]
@@ -266,7 +265,6 @@ def _namespaces(work: str) -> tuple[str, str]:
 
 
 def _seccomp() -> bool:
-
     machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
     if sys.platform != "linux" or machine not in _SYSCALLS:
         return False

@@ -24,7 +24,6 @@ from .scores import GENERATION_TASKS, papers_average
 log = logging.getLogger(__name__)
 
 
-
 def parse_tasks(spec: str | list[str]) -> list[str]:
     """``"piqa, arc_easy,gsm8k"`` -> ``["piqa", "arc_easy", "gsm8k"]`` (no empties, no repeats)."""
     items = spec.split(",") if isinstance(spec, str) else list(spec)
@@ -40,11 +39,9 @@ def check_tasks(tasks: list[str], data_dir: str | Path | None = None, offline: b
     """Fail before any model work when a task's data or library is missing (``DataError``)."""
     zero_shot = [t for t in tasks if t not in GENERATION_TASKS]
     if "gsm8k" in tasks:
-
         for split in FILES:
             load_split(split, data_dir)
     if "humaneval" in tasks:
-
         problems_file()
     if zero_shot:
         try:
@@ -79,18 +76,15 @@ def run_suite(model: nn.Module, tokenizer, tasks: list[str], *, limit: int | Non
     for task in tasks:
         t0 = time.perf_counter()
         if task == "gsm8k":
-
             r = run_gsm8k(model, tokenizer, limit=limit, seed=seed, data_dir=data_dir, batch_size=batch_size,
                           progress=progress, **gen_kw)
             scores[task], samples[task] = r["metrics"], r["samples"]
             details[task] = {"prompt_format": r["prompt_format"]}
         elif task == "humaneval":
-
             r = run_humaneval(model, tokenizer, limit=limit, batch_size=batch_size, progress=progress, **gen_kw)
             scores[task], samples[task] = r["metrics"], r["samples"]
             details[task] = {"statuses": r["statuses"], "isolation": r["isolation"]}
         else:
-
             r = run_tasks(model, tokenizer, [task], limit=limit, seed=seed, data_dir=data_dir,
                           batch_size=batch_size, offline=offline)
             scores.update(r["tasks"])
