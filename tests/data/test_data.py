@@ -308,11 +308,18 @@ def test_unknown_name_or_missing_path(tmp_path):
     assert str(missing) in str(ei.value)
 
 
-def test_unsupported_suffix_and_empty(tmp_path):
-    p = tmp_path / "x.csv"
-    p.write_text("a,b\n", encoding="utf-8")
-    with pytest.raises(DataError, match="unsupported file type"):
-        load_text(str(p), "calib")
+def test_any_other_file_is_utf8_text_whatever_its_suffix(tmp_path):
+    for name in ("x.csv", "wiki.valid.tokens", "wiki.test.raw", "notes"):
+        p = tmp_path / name
+        p.write_text(" = Title = \n caf\u00e9 text\n", encoding="utf-8")
+        assert load_text(str(p), "calib").text == " = Title = \n caf\u00e9 text\n"
+    bad = tmp_path / "latin1.tokens"
+    bad.write_bytes("ok text, then caf".encode() + b"\xe9 and more")
+    with pytest.raises(DataError, match=r"not valid UTF-8 text: byte 0xe9 at offset 17"):
+        load_text(str(bad), "calib")
+
+
+def test_empty_file(tmp_path):
     e = tmp_path / "empty.txt"
     e.write_text("  \n", encoding="utf-8")
     with pytest.raises(DataError, match="no text"):
@@ -454,3 +461,21 @@ def test_unreachable_hub_falls_back_without_trying(monkeypatch):
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
     assert load_text(None, "eval").name == "pydoc" and calls == []
+
+
+def test_a_jsonl_file_that_is_not_utf8_names_the_offset(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match="byte 0xe9 at offset 30"):
+        load_text(str(p), "calib")
+
+
+def test_training_data_reads_any_text_file(tmp_path):
+    from conftest import tiny_tokenizer
+
+    from quadllm.data.training import load_training_set
+
+    p = tmp_path / "wiki.valid.tokens"
+    p.write_text("some words of plain text. " * 20, encoding="utf-8")
+    tset = load_training_set(str(p), tiny_tokenizer(), max_seqlen=32)
+    assert tset.examples and tset.origin == str(p)

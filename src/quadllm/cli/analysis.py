@@ -66,7 +66,7 @@ def add_parsers(sub) -> None:
 
     d = sub.add_parser("drift", help="does a checkpoint's outlier subspace still fit new data? (exit 3: no)")
     d.add_argument("model", help="quadllm checkpoint (QUAD, rank > 0)")
-    d.add_argument("--data", required=True, help="the new data: wikitext2, ptb, a .txt or .jsonl file")
+    d.add_argument("--data", required=True, help="the new data: wikitext2, ptb, a .jsonl or text file")
     d.add_argument("--reference-data", default=None,
                    help="data of the calibration domain (default: the checkpoint's calibration source)")
     d.add_argument("--samples", type=int, default=16, help="windows for the second moments")

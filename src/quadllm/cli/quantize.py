@@ -34,7 +34,7 @@ def add_parsers(sub) -> None:
     q.add_argument("--weights", choices=WEIGHT_ALGOS, default=d.weights)
     q.add_argument("--group-size", type=int, default=d.group_size, help="0 = per channel")
     q.add_argument("--kv-bits", type=int, choices=KV_BITS, default=d.kv_bits)
-    q.add_argument("--calib", default=d.calib, help="wikitext2, ptb, a .txt or .jsonl file (default: embedded text)")
+    q.add_argument("--calib", default=d.calib, help="wikitext2, ptb, a .jsonl or text file (default: embedded text)")
     q.add_argument("--calib-samples", type=int, default=d.calib_samples)
     q.add_argument("--calib-seqlen", type=int, default=d.calib_seqlen)
     q.add_argument("--seed", type=int, default=d.seed)

@@ -19,6 +19,7 @@ train split.
 from __future__ import annotations
 
 import functools
+import io
 import importlib.util
 import json
 import logging
@@ -147,32 +148,35 @@ def _accepted_forms() -> str:
         "accepted: None or 'pydoc' (embedded offline text from Python's pydoc_data), "
         "'wikitext2', 'ptb' (offline copies in the data directory, given by --data-dir "
         f"or ${DATA_DIR_ENV}, or downloaded with the `datasets` library), "
-        "or a path to an existing .txt file (used as is) or .jsonl file (one JSON object "
-        "a line with 'text', or 'question'+'answer' (GSM8K), "
-        "or 'instruction'[+'input']+'output' (Alpaca))"
+        "or a path to an existing .jsonl file (one JSON object a line with 'text', or "
+        "'question'+'answer' (GSM8K), or 'instruction'[+'input']+'output' (Alpaca)) or to "
+        "any other file, read as UTF-8 text as it is (.txt, wiki.test.raw, wiki.valid.tokens, ...)"
     )
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError, offset: int = 0) -> DataError:
+    """The error for a file that is not UTF-8: where, and which byte (``offset``: of the chunk)."""
+    at = offset + exc.start
+    return DataError(f"{path} is not valid UTF-8 text: byte 0x{exc.object[exc.start]:02x} at offset {at} "
+                     f"({exc.reason}); pass a text file in UTF-8")
 
 
 def _read_utf8(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not valid UTF-8 text ({exc}); convert it to UTF-8") from exc
+        data = path.read_bytes()
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from exc
 
 
 def _read_lines(path: Path) -> list[str]:
     """The file's lines, each keeping its newline, split exactly as iterating an open
     text file does (only on ``\\n`` / ``\\r\\n`` / ``\\r``, like the Hugging Face
     loading scripts, unlike :meth:`str.splitlines`)."""
-    try:
-        with path.open(encoding="utf-8") as fh:
-            return list(fh)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not valid UTF-8 text ({exc}); convert it to UTF-8") from exc
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
+    return list(io.StringIO(_read_utf8(path), newline=None))
 
 
 def _load_pydoc(split: str) -> TextSource:
@@ -403,19 +407,16 @@ def _load_jsonl(path: Path) -> str:
 
 
 def _load_file(path: Path, split: str) -> TextSource:
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        text = _read_utf8(path)
-        kind = "text file"
-    elif suffix == ".jsonl":
+    """A ``.jsonl`` file's records, or any other file as UTF-8 text (the suffix does not matter:
+    ``wiki.valid.tokens`` and ``wiki.test.raw`` are plain text)."""
+    if path.suffix.lower() == ".jsonl":
         text = _load_jsonl(path)
         kind = "JSON lines file"
     else:
-        raise DataError(
-            f"unsupported file type {path.suffix!r} for {path}; {_accepted_forms()}"
-        )
+        text = _read_utf8(path)
+        kind = "text file"
     if not text.strip():
-        raise DataError(f"{path} contains no text; pass a non-empty .txt or .jsonl file")
+        raise DataError(f"{path} contains no text; pass a non-empty text or .jsonl file")
     logger.warning(
         "using the whole %s %s as the %r text (a file has no splits: make sure it is "
         "not a test set if you calibrate on it)", kind, path, split,

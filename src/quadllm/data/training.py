@@ -264,7 +264,7 @@ def load_training_set(spec: str, tokenizer: Any, max_seqlen: int = 512, train_on
             raise DataError(f"training data file not found: {path}")
         records = _read_jsonl(path)
         origin = str(path)
-    elif path.suffix.lower() == ".txt" or name in KNOWN_NAMES:
+    elif path.is_file() or name in KNOWN_NAMES:  # any other file is plain text, whatever its suffix
         src = load_text(spec, "calib", data_dir=data_dir)
         tset = TrainingSet(text_examples(tokenizer, src.text, max_seqlen), {"text": 1}, src.origin)
         if not tset.examples:
@@ -273,7 +273,7 @@ def load_training_set(spec: str, tokenizer: Any, max_seqlen: int = 512, train_on
             tset.examples = tset.examples[:limit]
         return tset
     elif path.exists():
-        raise DataError(f"unsupported training data {path}: pass a .jsonl or .txt file")
+        raise DataError(f"{path} is a directory; pass a .jsonl file, a text file, or a data set name")
     else:
         records = _hub_records(spec)
         origin = f"hub:{spec} (train)"
