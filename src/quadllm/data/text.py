@@ -19,8 +19,8 @@ train split.
 from __future__ import annotations
 
 import functools
-import io
 import importlib.util
+import io
 import json
 import logging
 import os

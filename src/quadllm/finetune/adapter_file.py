@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import QuadllmError
-from ..io.checkpoint import file_hash, weights_hash
+from ..io.checkpoint import file_hash, weights_hash, write_tensors
 from ..io.files import atomic_write
 from .lora import has_lora, inject_lora
 
@@ -65,7 +65,7 @@ def save_adapter(model: nn.Module, names: list[str], path: str | Path, base_dir:
     meta = {"format": ADAPTER_FORMAT, "format_version": str(ADAPTER_VERSION),
             "base_hash": weights_hash(base_dir), "base_path": str(base_dir),
             "lora": json.dumps(lora) if lora else "", "finetune": json.dumps(record, default=str)}
-    atomic_write(path, writer=lambda tmp: save_file(state, tmp, metadata=meta))
+    atomic_write(path, writer=lambda tmp: write_tensors(state, Path(tmp), meta))
     log.info("saved adapter %s (%d tensors, %.2f MB) for base %s", path, len(state), path.stat().st_size / 1e6,
              base_dir)
     return path

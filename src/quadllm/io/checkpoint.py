@@ -71,9 +71,12 @@ def atomic_checkpoint_dir(out_dir: str | Path) -> Iterator[Path]:
         yield tmp
 
 
-def write_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    """One safetensors file of a checkpoint."""
-    save_file(state, str(path), metadata={"format": "pt", "quadllm": "1"})
+def write_tensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """One safetensors file (of a checkpoint, unless ``metadata`` says otherwise)."""
+    try:
+        save_file(state, str(path), metadata=metadata or {"format": "pt", "quadllm": "1"})
+    except SafetensorError as exc:  # safetensors reports I/O failures (a full disk) as its own error
+        raise OSError(str(exc).removeprefix("Error while serializing: ")) from exc
 
 
 def write_index(tmp: Path, weight_map: dict[str, str]) -> int:

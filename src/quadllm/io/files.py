@@ -17,7 +17,21 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["atomic_write", "atomic_dir", "fsync_dir", "sha256_file"]
+from ..errors import QuadllmError
+
+__all__ = ["WriteError", "atomic_write", "atomic_dir", "fsync_dir", "sha256_file"]
+
+
+class WriteError(QuadllmError, OSError):
+    """An output that could not be written (full disk, permissions, a read-only filesystem, a
+    quota); nothing was left under its name."""
+
+
+def _write_error(out: Path, exc: OSError) -> WriteError:
+    reason = exc.strerror or str(exc)
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(out) else ""
+    return WriteError(f"could not write {out}: {reason}{where}; nothing was written and any earlier {out.name} "
+                      "is unchanged")
 
 
 def fsync_dir(path: Path) -> None:
@@ -41,8 +55,11 @@ def atomic_write(path: str | Path, data: bytes | str | None = None,
     if (data is None) == (writer is None):
         raise TypeError("atomic_write takes exactly one of data and writer")
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
     try:
         if writer is None:
             with os.fdopen(fd, "wb") as fh:
@@ -55,6 +72,11 @@ def atomic_write(path: str | Path, data: bytes | str | None = None,
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, WriteError):
+            raise
+        raise _write_error(path, exc) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -66,8 +88,11 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``out``; on success it replaces ``out`` (an existing
     directory is replaced only then), on any error it is removed and ``out`` is left as it was.
     The caller decides whether ``out`` may be replaced at all."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise _write_error(out, exc) from exc
     try:
         yield tmp
         fsync_dir(tmp)
@@ -79,6 +104,11 @@ def atomic_dir(out: Path) -> Iterator[Path]:
         else:
             os.replace(tmp, out)
         fsync_dir(out.parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, QuadllmError):
+            raise
+        raise _write_error(out, exc) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
