@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..arch import get_adapter
@@ -71,6 +72,10 @@ def resolve(spec: str | None) -> ModelSource:
         return ModelSource(str(p.resolve()), "gguf", str(p.resolve()), p.stem)
     if p.exists():
         if p.is_dir() and (p / "config.json").is_file():
+            if not (p / "quadllm_config.json").is_file() and _holds_quadllm_tensors(p):
+                raise ModelError(f"{p} is a damaged quadllm checkpoint: its weights are quadllm's but "
+                                 "quadllm_config.json is missing (an incomplete copy?); copy it again or re-run "
+                                 "`quadllm quantize`")
             return ModelSource(str(p.resolve()), "hf-dir", str(p.resolve()), p.name)
         if p.is_dir() and (p / "quadllm_config.json").is_file():
             raise ModelError(f"{p} is a quadllm checkpoint, not an original model; use quadllm.load")
@@ -79,6 +84,30 @@ def resolve(spec: str | None) -> ModelSource:
         return ModelSource(spec, "hub", spec, spec.split("/")[-1])
     raise ModelError(f"model not found: {spec!r} (pass a local directory with config.json, a .gguf file, "
                      "or a Hugging Face hub id such as meta-llama/Meta-Llama-3-8B)")
+
+
+def _holds_quadllm_tensors(directory: Path) -> bool:
+    """Whether a directory's safetensors files were written by quadllm (their headers say so)."""
+    for f in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                if (handle.metadata() or {}).get("quadllm") or any(k.endswith(".qweight") for k in handle.keys()):
+                    return True
+        except Exception:  # an unreadable file: loading it will say so
+            continue
+    return False
+
+
+def _check_loading_info(source: ModelSource, info: dict) -> None:
+    """A load that missed weights (transformers would initialise them randomly) or met tensors the
+    architecture does not have is an error, never a model to evaluate."""
+    problems = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {k: v for k, v in problems.items() if v}
+    if problems or info.get("error_msgs"):
+        detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:3]))}"
+                           f"{f' and {len(v) - 3} more' if len(v) > 3 else ''}" for k, v in problems.items())
+        raise ModelError(f"{source.path} did not load completely ({detail or info['error_msgs'][0]}); the files are "
+                         "incomplete or belong to another architecture")
 
 
 def _cache_root() -> Path:
@@ -144,10 +173,14 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, cach
         raise ModelError(f"cannot load the configuration of {source.path}: {exc}") from exc
     get_adapter(config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, output_loading_info=True)
         tok = AutoTokenizer.from_pretrained(model_dir)
     except OSError as exc:
         raise ModelError(f"cannot load model {source.path}: {exc}") from exc
+    except RuntimeError as exc:  # transformers' report of tensors whose shapes differ from the config's
+        raise ModelError(f"{source.path} did not load completely (tensor shapes differ from its config.json: "
+                         f"{str(exc).splitlines()[0]})") from exc
+    _check_loading_info(source, info)
     log.info("loaded %s in %.1f s", source.name, time.perf_counter() - t0)
     return model.eval(), tok, source
 
