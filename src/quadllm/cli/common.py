@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,7 +14,7 @@ from typing import Any, TypeVar
 from ..backends import BACKENDS, BackendError, place
 from ..finetune.adapter_file import is_adapter_file, read_adapter_meta
 from ..io.checkpoint import CheckpointError, is_checkpoint
-from ..io.files import atomic_write
+from ..io.files import WriteError, atomic_write
 from ..io.sources import load_model
 from ..pipelines.loading import load
 
@@ -72,6 +73,21 @@ def open_model(spec: str | None, adapter: str | None = None, backend: str = "fak
                            "original model (quantize it first, or drop --backend)")
     model, tok, source = load_model(spec)
     return model, tok, None, source
+
+
+#: a checkpoint's expected size against the original's FP16 size (0.37-0.51 measured; with margin)
+CHECKPOINT_SIZE_VS_FP16 = 0.6
+
+
+def check_free_space(out: Path, need: int, what: str) -> None:
+    """Refuse, before any work, an output whose filesystem has less than ``need`` bytes free."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise WriteError(f"{probe} has {free / 1e6:.0f} MB free and {what} needs about {need / 1e6:.0f} MB; "
+                         "free some space or write elsewhere")
 
 
 def write_text(path: str | Path, text: str) -> None:

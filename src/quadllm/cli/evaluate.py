@@ -11,13 +11,14 @@ from typing import Any
 
 import torch
 
-from ..data.text import DataError, load_text, tokenize_windows
+from ..data.text import DataError, TextSource, load_text, tokenize_windows
 from ..evaluation.compare import build_rows, compare_markdown, eval_markdown
 from ..evaluation.perplexity import evaluate, evaluate_many
 from ..evaluation.tasks.suite import check_tasks, parse_tasks, run_suite
+from ..finetune.adapter_file import is_adapter_file
 from ..io.checkpoint import is_checkpoint
 from ..io.memory import peak_rss_mb
-from ..io.sources import load_model
+from ..io.sources import load_model, resolve
 from ..nn.kv_cache import make_cache
 from .common import add_backend, add_common, open_model, write_text
 
@@ -100,14 +101,25 @@ def _suite(args, model, tok, tasks: list[str]) -> dict[str, Any]:
                      data_dir=args.data_dir, max_new_tokens=args.max_new_tokens, progress=not args.quiet)
 
 
+def _check_eval_inputs(args, with_data: bool) -> TextSource | None:
+    """What ``eval`` can check before loading a model: the model and reference paths, the
+    evaluation text (returned, loaded once)."""
+    if args.model not in (None, "default") and not is_checkpoint(args.model) and not is_adapter_file(args.model):
+        resolve(args.model)
+    if isinstance(args.reference, str):
+        resolve(args.reference)
+    return load_text(args.data, "eval", data_dir=args.data_dir) if with_data else None
+
+
 def cmd_eval(args) -> int:
     t0 = time.perf_counter()
     tasks = _tasks_of(args)
     if tasks is not None:
         return _eval_tasks(args, tasks, t0)
+    text = _check_eval_inputs(args, True)
     model, tok, meta, source = open_model(args.model, args.adapter, args.backend)
     reference = _reference_model(args, model, meta)
-    result: dict[str, Any] = evaluate(model, tok, args.data, args.seqlen, args.max_windows, reference,
+    result: dict[str, Any] = evaluate(model, tok, text, args.seqlen, args.max_windows, reference,
                                       args.data_dir, progress=not args.quiet)
     result["model"] = args.model or "default"
     if meta is not None:
@@ -125,6 +137,7 @@ def _eval_tasks(args, tasks: list[str], t0: float) -> int:
     """``quadllm eval --tasks``: a Markdown table on stdout, ``--json`` and ``--samples`` files."""
     if args.data is None and args.reference:
         log.warning("--reference is used with --data (perplexity, KL); ignored for tasks")
+    text = _check_eval_inputs(args, args.data is not None)
     model, tok, meta, _ = open_model(args.model, args.adapter, args.backend)
     suite = _suite(args, model, tok, tasks)
     result: dict[str, Any] = {"model": args.model or "default", "tasks": suite["tasks"], "seconds": suite["seconds"],
@@ -133,7 +146,7 @@ def _eval_tasks(args, tasks: list[str], t0: float) -> int:
                               "batch_size": args.batch_size}
     if args.data is not None:
         reference = _reference_model(args, model, meta)
-        result["perplexity"] = evaluate(model, tok, args.data, args.seqlen, args.max_windows, reference,
+        result["perplexity"] = evaluate(model, tok, text, args.seqlen, args.max_windows, reference,
                                         args.data_dir, progress=not args.quiet)
     if meta is not None:
         result["quant_config"] = meta.get("quant_config")
@@ -163,6 +176,10 @@ def cmd_compare(args) -> int:
     tasks = _tasks_of(args)
     if tasks is None and args.data is None:
         raise DataError("compare needs --tasks, --data or both")
+    for spec in args.models:  # every path before the first model is loaded
+        if spec != "default" and not is_checkpoint(spec):
+            resolve(spec)
+    source = load_text(args.data, "eval", data_dir=args.data_dir) if args.data is not None else None
     names = _display_names(args.models)
     reference = names[0]
     if args.models[0] != "default" and is_checkpoint(args.models[0]):
@@ -182,8 +199,7 @@ def cmd_compare(args) -> int:
         if args.data is not None:
             kept[name] = model
         del model
-    if args.data is not None:
-        source = load_text(args.data, "eval", data_dir=args.data_dir)
+    if source is not None:
         windows = tokenize_windows(ref_tok, source.text, args.seqlen, args.max_windows)
         for name, ppl in evaluate_many(kept, windows, reference=kept[reference], progress=not args.quiet).items():
             results[name]["perplexity"] = {**ppl, "data": source.origin}

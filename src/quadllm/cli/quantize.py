@@ -13,13 +13,14 @@ from transformers import AutoTokenizer
 
 from ..config import KV_BITS, METHODS, MODES, MOMENTS, WEIGHT_ALGOS, QuantConfig
 from ..data.samples import calibration_samples
-from ..io.checkpoint import CheckpointError, dir_size, save
+from ..data.text import TextSource, load_text
+from ..io.checkpoint import CheckpointError, check_output_dir, dir_size, save
 from ..io.lazy_weights import LazyWeights
 from ..io.memory import peak_rss_mb
-from ..io.sources import ModelError, fp16_size_bytes, load_model, model_size_bytes, resolve
+from ..io.sources import ModelError, fp16_size_bytes, load_model, model_size_bytes, parameter_count, resolve
 from ..pipelines.in_memory import quantize
 from ..pipelines.streaming import quantize_streaming
-from .common import add_common, config_from_args
+from .common import CHECKPOINT_SIZE_VS_FP16, add_common, check_free_space, config_from_args
 
 log = logging.getLogger("quadllm")
 
@@ -90,12 +91,12 @@ def _use_streaming(args) -> bool:
     return False
 
 
-def _quantize_streaming(args, config: QuantConfig, t0: float) -> int:
+def _quantize_streaming(args, config: QuantConfig, calib: TextSource | None, t0: float) -> int:
     source = resolve(args.model)
     tok = AutoTokenizer.from_pretrained(source.path)
     fp16_bytes = 2 * LazyWeights(source.path).numel()
     log.info("plan: %s (streaming)", config.describe())
-    samples = calibration_samples(tok, config, args.data_dir) if config.needs_calibration else None
+    samples = calibration_samples(tok, config, args.data_dir, calib) if config.needs_calibration else None
     result = quantize_streaming(source.path, config, samples, args.out, tok, source, progress=not args.quiet,
                                 activation_budget_bytes=args.activation_budget_mb * 2**20)
     return _print_summary(Path(args.out).resolve(), config, result["timings"]["quantize_s"], t0, fp16_bytes,
@@ -122,16 +123,29 @@ def _print_summary(out: Path, config: QuantConfig, quantize_s: float, t0: float,
     return 0
 
 
+def _check_inputs(args, config: QuantConfig) -> TextSource | None:
+    """Everything that can be checked before a model is loaded: the output directory, the model's
+    files, the calibration text, the free space for the checkpoint. Returns the calibration text."""
+    out = check_output_dir(args.out)
+    source = resolve(args.model)
+    calib = load_text(config.calib, "calib", data_dir=args.data_dir) if config.needs_calibration else None
+    params = parameter_count(source)
+    if params:
+        check_free_space(out, int(CHECKPOINT_SIZE_VS_FP16 * 2 * params), "the checkpoint")
+    return calib
+
+
 def cmd_quantize(args) -> int:
     config = config_from_args(QuantConfig, args)
     t0 = time.perf_counter()
+    calib = _check_inputs(args, config)
     torch.manual_seed(config.seed)
     if _use_streaming(args):
-        return _quantize_streaming(args, config, t0)
+        return _quantize_streaming(args, config, calib, t0)
     model, tok, source = load_model(args.model)
     fp16_bytes = fp16_size_bytes(model)
     log.info("plan: %s", config.describe())
-    samples = calibration_samples(tok, config, args.data_dir) if config.needs_calibration else None
+    samples = calibration_samples(tok, config, args.data_dir, calib) if config.needs_calibration else None
     if samples is not None:
         passes = (1 if config.rank > 0 else 0) + (3 if config.weights == "gptq" else 0)
         log.info("estimated calibration time: about %.0f s (%d passes over %d x %d tokens)",

@@ -137,12 +137,12 @@ def perplexity(model: nn.Module, windows: torch.Tensor, reference: nn.Module | N
     return result
 
 
-def evaluate(model: nn.Module, tokenizer, data: str | None = None, seqlen: int = 2048,
+def evaluate(model: nn.Module, tokenizer, data: str | TextSource | None = None, seqlen: int = 2048,
              max_windows: int | None = None, reference: nn.Module | None = None,
              data_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Perplexity of ``model`` on ``data`` (a name or file; None: the embedded default's
     evaluation part) and, with a ``reference`` model, KL and top-1 agreement."""
-    source: TextSource = load_text(data, "eval", data_dir=data_dir)
+    source = data if isinstance(data, TextSource) else load_text(data, "eval", data_dir=data_dir)
     log.info("evaluation data: %s", source.origin)
     windows = tokenize_windows(tokenizer, source.text, seqlen, max_windows)
     result = perplexity(model, windows, reference=reference, progress=progress)

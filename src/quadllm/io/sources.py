@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import gguf
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -24,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from ..arch import get_adapter
 from ..errors import QuadllmError
 from . import files
+from .lazy_weights import LazyWeights
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +197,25 @@ def model_size_bytes(spec_or_source) -> int:
         return sum(f.stat().st_size for f in p.glob("*.safetensors")) or sum(
             f.stat().st_size for f in p.glob("*.bin"))
     return 0
+
+
+def parameter_count(source: ModelSource) -> int | None:
+    """The original model's number of weights, from file headers only (no weight is read);
+    None for a hub id."""
+    if source.kind == "gguf":
+        cached = gguf_cache_dir(Path(source.path))
+        if (cached / "config.json").is_file():
+            return LazyWeights(cached).numel()
+        try:
+            return sum(int(t.n_elements) for t in gguf.GGUFReader(source.path).tensors)
+        except Exception as exc:  # the gguf reader raises its own error types
+            raise ModelError(f"cannot read GGUF file {source.path}: {exc}") from exc
+    if source.kind == "hf-dir":
+        try:
+            return LazyWeights(source.path).numel()
+        except QuadllmError:  # not safetensors (.bin files): loading it says what is wrong, if anything
+            return None
+    return None
 
 
 def fp16_size_bytes(model) -> int:

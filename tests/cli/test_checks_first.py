@@ -1,0 +1,72 @@
+"""Every argument, path, data source, output directory and the free space are checked before a
+model is loaded: a bad one costs no loading time."""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+
+from quadllm.cli import main
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    d = tmp_path / "orig"
+    tiny_model("llama", torch.float32).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading any model fails the test."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    for target in ("quadllm.cli.quantize.load_model", "quadllm.cli.common.load_model", "quadllm.cli.common.load",
+                   "quadllm.cli.quantize.quantize_streaming"):
+        monkeypatch.setattr(target, forbidden)
+
+
+def _run(argv, caplog) -> tuple[int, str]:
+    with caplog.at_level(logging.ERROR, logger="quadllm"):
+        code = main(argv)
+    return code, " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+
+
+def test_quantize_checks_calibration_data_first(tiny_dir, tmp_path, no_loading, caplog):
+    code, msg = _run(["quantize", "--model", str(tiny_dir), "--calib", str(tmp_path / "missing.txt"),
+                      "--out", str(tmp_path / "q"), "-q"], caplog)
+    assert code == 2 and "missing.txt" in msg
+
+
+def test_quantize_checks_the_output_first(tiny_dir, tmp_path, no_loading, caplog):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    code, msg = _run(["quantize", "--model", str(tiny_dir), "--out", str(tmp_path / "notes"), "-q"], caplog)
+    assert code == 2 and "refusing to overwrite" in msg and (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
+
+
+def test_quantize_checks_the_free_space_first(tiny_dir, tmp_path, no_loading, caplog, monkeypatch):
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr("quadllm.cli.common.shutil.disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    code, msg = _run(["quantize", "--model", str(tiny_dir), "--method", "quarot", "--weights", "rtn",
+                      "--out", str(tmp_path / "q"), "-q"], caplog)
+    assert code == 2 and "MB free" in msg and "the checkpoint needs about" in msg
+
+
+def test_eval_checks_data_and_reference_first(tiny_dir, tmp_path, no_loading, caplog):
+    code, msg = _run(["eval", str(tiny_dir), "--data", str(tmp_path / "nope.raw"), "-q"], caplog)
+    assert code == 2 and "nope.raw" in msg
+    code, msg = _run(["eval", str(tiny_dir), "--reference", str(tmp_path / "no-model"), "-q"], caplog)
+    assert code == 2 and "no-model" in msg
+
+
+def test_compare_checks_every_model_path_first(tiny_dir, tmp_path, no_loading, caplog):
+    code, msg = _run(["compare", str(tiny_dir), str(tmp_path / "absent"), "--data", "pydoc",
+                      "--out", str(tmp_path / "c.md"), "-q"], caplog)
+    assert code == 2 and "absent" in msg
