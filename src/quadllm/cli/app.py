@@ -7,12 +7,12 @@ import logging
 import sys
 
 from ..errors import QuadllmError
-from . import analysis, bench, evaluate, finetune, quantize
+from . import analysis, bench, evaluate, finetune, quantize, verify
 from .common import setup_logging
 
 log = logging.getLogger("quadllm")
 
-COMMAND_GROUPS = (quantize, evaluate, finetune, analysis, bench)
+COMMAND_GROUPS = (quantize, evaluate, finetune, analysis, bench, verify)
 HANDLERS = {name: fn for group in COMMAND_GROUPS for name, fn in group.HANDLERS.items()}
 
 

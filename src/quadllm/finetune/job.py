@@ -62,7 +62,7 @@ def run(base: str, config: FinetuneConfig, out: str, *, adapter_only: bool = Fal
     """Fine-tune checkpoint ``base`` as ``config`` says and write ``out``; returns the summary."""
     t0 = time.perf_counter()
     base_p, out_p = Path(base).expanduser(), Path(out).expanduser()
-    model, tok, meta = load(base_p)  # raises a clear CheckpointError for anything that is not a checkpoint
+    model, tok, meta = load(base_p, verify=True)  # a damaged or foreign base is a CheckpointError, never trained
     check_output(base_p, out_p, adapter_only)
     if meta.get("finetune"):
         log.warning("%s is already fine-tuned; training continues from its weights", base_p)

@@ -17,7 +17,7 @@ from ..arch import get_adapter
 from ..config import QuantConfig
 from ..finetune.adapter_file import apply_adapter
 from ..finetune.lora import inject_lora
-from ..io.checkpoint import WEIGHTS_FILE, WEIGHTS_INDEX, CheckpointError, read_meta, read_state
+from ..io.checkpoint import WEIGHTS_FILE, WEIGHTS_INDEX, CheckpointError, read_meta, read_state, verify_files
 from ..nn.modules import use_quad_attention
 from .recipe import LayerRecipe, structure_of
 
@@ -42,14 +42,21 @@ def build_skeleton(model: nn.Module, config: QuantConfig, structure: dict, dtype
         inject_lora(model, structure["lora"])
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32, adapter: str | Path | None = None):
+def load(path: str | Path, dtype: torch.dtype = torch.float32, adapter: str | Path | None = None,
+         verify: bool | None = None):
     """Load a quadllm checkpoint: ``(model, tokenizer, meta)``; the model is ready to run on the
     ``fake`` backend (:func:`quadllm.backends.place` moves it to another).
 
     ``adapter``: a fine-tuning adapter file (``quadllm finetune --adapter-only``) to apply; it
-    must have been trained on exactly this checkpoint (checked by hash)."""
+    must have been trained on exactly this checkpoint (checked by hash; the base's files are then
+    always hashed).
+    ``verify``: check the weight files' SHA-256 against the record written with them (True),
+    only their sizes and headers (False), or the hashes when the files are small enough
+    (None: :data:`quadllm.io.checkpoint.FULL_VERIFY_BYTES`)."""
     p = Path(path).expanduser()
     meta = read_meta(p)
+    full = True if adapter is not None else verify  # an adapter trusts its base: hash it
+    meta = dict(meta, verified=verify_files(p, meta, full))
     config = QuantConfig.from_dict(meta["quant_config"])
     hf_config = AutoConfig.from_pretrained(p)
     get_adapter(hf_config)
