@@ -125,6 +125,11 @@ def test_load_errors(tmp_path, monkeypatch):
     weights = out / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="damaged.*truncated"):
+        load(out)
+    record = json.loads((out / "quadllm_config.json").read_text())
+    del record["files"]  # without the integrity record, safetensors itself refuses the truncated file
+    (out / "quadllm_config.json").write_text(json.dumps(record))
     with pytest.raises(CheckpointError, match="corrupt"):
         load(out)
     weights.write_bytes(data)

@@ -76,7 +76,10 @@ def full_disk(tmp_path):
     subprocess.run(["umount", str(mnt)], check=False)
 
 
-def test_quantize_onto_a_full_disk_is_one_line_exit_2(tmp_path, full_disk, caplog):
+@pytest.mark.parametrize("precheck", [True, False], ids=["free-space-check", "write-fails"])
+def test_quantize_onto_a_full_disk_is_one_line_exit_2(tmp_path, full_disk, caplog, monkeypatch, precheck):
+    """Refused before any work by the free-space check, or, when the disk fills while writing (the
+    check skipped here), by the write: one line, exit 2, nothing left on the disk."""
     import logging
 
     import torch
@@ -87,9 +90,12 @@ def test_quantize_onto_a_full_disk_is_one_line_exit_2(tmp_path, full_disk, caplo
     orig = tmp_path / "orig"
     tiny_model("llama", torch.float32, hidden_size=96, intermediate_size=192).save_pretrained(orig)
     tiny_tokenizer().save_pretrained(orig)
+    if not precheck:
+        monkeypatch.setattr("quadllm.cli.quantize.check_free_space", lambda *a: None)
     with caplog.at_level(logging.ERROR, logger="quadllm"):
         code = main(["quantize", "--model", str(orig), "--method", "quarot", "--weights", "rtn", "--streaming", "off",
                      "--out", str(full_disk / "ckpt"), "-q"])
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert code == 2 and len(errors) == 1 and "No space left on device" in errors[0], errors
+    expected = "MB free and the checkpoint needs about" if precheck else "No space left on device"
+    assert code == 2 and len(errors) == 1 and expected in errors[0], errors
     assert "\n" not in errors[0] and list(full_disk.iterdir()) == []

@@ -15,6 +15,7 @@ from ..config import KV_BITS, METHODS, MODES, MOMENTS, WEIGHT_ALGOS, QuantConfig
 from ..data.samples import calibration_samples
 from ..data.text import TextSource, load_text
 from ..io.checkpoint import CheckpointError, check_output_dir, dir_size, save
+from ..io.files import output_lock
 from ..io.lazy_weights import LazyWeights
 from ..io.memory import peak_rss_mb
 from ..io.sources import ModelError, fp16_size_bytes, load_model, model_size_bytes, parameter_count, resolve
@@ -137,6 +138,11 @@ def _check_inputs(args, config: QuantConfig) -> TextSource | None:
 
 def cmd_quantize(args) -> int:
     config = config_from_args(QuantConfig, args)
+    with output_lock(check_output_dir(args.out)):  # a second run on the same --out fails now, not at the end
+        return _quantize(args, config)
+
+
+def _quantize(args, config: QuantConfig) -> int:
     t0 = time.perf_counter()
     calib = _check_inputs(args, config)
     torch.manual_seed(config.seed)

@@ -10,8 +10,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,12 +22,16 @@ from typing import Callable, Iterator
 
 from ..errors import QuadllmError
 
-__all__ = ["WriteError", "atomic_write", "atomic_dir", "fsync_dir", "sha256_file"]
+__all__ = ["WriteError", "OutputBusy", "atomic_write", "atomic_dir", "output_lock", "fsync_dir", "sha256_file"]
 
 
 class WriteError(QuadllmError, OSError):
     """An output that could not be written (full disk, permissions, a read-only filesystem, a
     quota); nothing was left under its name."""
+
+
+class OutputBusy(QuadllmError, RuntimeError):
+    """Another process is writing the same output."""
 
 
 def _write_error(out: Path, exc: OSError) -> WriteError:
@@ -83,35 +90,104 @@ def atomic_write(path: str | Path, data: bytes | str | None = None,
     return path
 
 
+_HELD: dict[str, int] = {}  # output path -> lock file descriptor, for the locks this process holds
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold the lock of output ``out`` (``flock`` on ``.NAME.lock`` beside it): a second process
+    that asks for it fails at once with :class:`OutputBusy`. Re-entrant within a process."""
+    key = str(out.absolute())
+    if key in _HELD:
+        yield
+        return
+    lock = out.parent / f".{out.name}.lock"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise OutputBusy(f"{out} is being written by another quadllm process (pid {holder}); wait for it "
+                                 "to finish or write elsewhere") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a lock file its previous holder unlinked while this one waited
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    except OSError as exc:
+        raise _write_error(out, exc) from exc
+    _HELD[key] = fd
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove what a killed run left beside ``out``: its temporary directory, and, when it died
+    between its two renames, put the previous ``out`` back from its ``.old-`` directory."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)-.*")
+    for sib in sorted(out.parent.glob(f".{glob.escape(out.name)}.*")):
+        m = pattern.fullmatch(sib.name)
+        if not m or _alive(int(m[2])):
+            continue
+        if m[1] == "old" and (sib / "ckpt").is_dir() and not out.exists():
+            os.replace(sib / "ckpt", out)
+        shutil.rmtree(sib, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``out``; on success it replaces ``out`` (an existing
     directory is replaced only then), on any error it is removed and ``out`` is left as it was.
-    The caller decides whether ``out`` may be replaced at all."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as exc:
-        raise _write_error(out, exc) from exc
-    try:
-        yield tmp
-        fsync_dir(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "ckpt")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        fsync_dir(out.parent)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, QuadllmError):
+    It holds :func:`output_lock` meanwhile, and first removes what a killed run left beside
+    ``out``. The caller decides whether ``out`` may be replaced at all."""
+    with output_lock(out):
+        try:
+            _clean_stale(out)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        except OSError as exc:
+            raise _write_error(out, exc) from exc
+        try:
+            yield tmp
+            fsync_dir(tmp)
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+                os.replace(out, old / "ckpt")
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+            fsync_dir(out.parent)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, QuadllmError):
+                raise
+            raise _write_error(out, exc) from exc
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
-        raise _write_error(out, exc) from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def sha256_file(path: str | Path, digest: "hashlib._Hash | None" = None) -> str:
