@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import re
 import socket
 import statistics
@@ -331,11 +332,27 @@ def test_sandbox_blocks_processes_and_writes_outside(tmp_path, own_tmp):
     assert run_python("import os\nos.kill(os.getppid(), 9)\n").status == "error"  # the parent survives
     threads = run_python("import threading\nt = threading.Thread(target=print, args=('hi',))\nt.start()\nt.join()\n")
     assert threads.passed and threads.stdout == "hi\n"
-    if iso.get("fs") == "read-only":
+    if iso.get("fs") in ("read-only", "python-only"):
         target = tmp_path / "outside.txt"
         r = run_python(f"open({str(target)!r}, 'w').write('x')\n")
+        # python-only: the path exists in the new root only as far as the program's own directory
         assert r.status == "error" and "Read-only file system" in r.detail and not target.exists()
         assert run_python("open('scratch.txt', 'w').write('x')\nassert open('scratch.txt').read() == 'x'\n").passed
+
+
+def test_sandbox_hides_the_machines_files(tmp_path, own_tmp):
+    iso = _full_isolation()
+    if iso.get("fs") != "python-only":
+        pytest.skip(f"the sandbox cannot build its own root here ({iso})")
+    secret = tmp_path / "token.txt"
+    secret.write_text("hf_secret_value")
+    for path in (str(secret), "/etc/shadow", "/etc/passwd", os.path.expanduser("~/.bashrc")):
+        r = run_python(f"print(open({path!r}).read())\n")
+        assert r.status == "error" and "FileNotFoundError" in r.detail and r.stdout == "", (path, r.detail)
+    listing = run_python("import os\nprint(sorted(os.listdir('/')))\n")
+    assert listing.passed and "etc" not in listing.stdout and "proc" not in listing.stdout
+    ok = run_python("import collections, heapq, itertools, math, re, string, typing\nassert math.gcd(4, 6) == 2\n")
+    assert ok.passed and ok.isolation["fs"] == "python-only"
 
 
 @needs_humaneval

@@ -116,7 +116,7 @@ def run_humaneval(model: nn.Module, tokenizer, *, limit: int | None = None, batc
 
 
 def _log_isolation(isolation: dict[str, str]) -> None:
-    full = isolation.get("net") == "netns+seccomp" and isolation.get("fs") == "read-only"
+    full = isolation.get("net") == "netns+seccomp" and isolation.get("fs") == "python-only"
     if full:
         log.info("sandbox: %s", isolation)
     else:

@@ -12,7 +12,9 @@ the program runs, that process confines itself (Linux; each step falls back when
   mount, ptrace, module and reboot calls, and signals to any process but itself; without seccomp
   ``RLIMIT_NPROC`` is set to 0 (which does not bind root);
 - **files**: a new mount namespace in which every mount is read-only except the temporary
-  directory (``mount_setattr``, Linux >= 5.12);
+  directory (``mount_setattr``, Linux >= 5.12), then a ``chroot`` into a root that holds only the
+  Python installation, the shared libraries, ``/dev/null``, ``/dev/urandom`` and that directory
+  (``fs``: ``python-only``; ``read-only`` where the new root cannot be built);
 - **resources**: ``RLIMIT_AS`` (memory, default 1 GiB), ``RLIMIT_CPU`` (the time limit, in CPU
   seconds), ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, no core dumps.
 
@@ -261,7 +263,49 @@ def _namespaces(work: str) -> tuple[str, str]:
           and libc.mount(w, w, None, ms_bind | ms_rec, None) == 0
           and setattr_(b"/", True, rdonly, 0) and setattr_(w, True, 0, rdonly))
     os.chdir(work)  # the old working directory lies on the (now read-only) mount below the bind
-    return net, "read-only" if ok else "writable"
+    if not ok:
+        return net, "writable"
+    return net, "python-only" if _hide_the_rest(libc, w) else "read-only"
+
+
+def visible_paths() -> list[str]:
+    """What the program may see: the Python installation (prefixes, the interpreter's directory,
+    every directory on ``sys.path``) and the shared libraries, none inside another."""
+    candidates = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+                  os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(sys.executable),
+                  "/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib", *sys.path}
+    dirs = sorted({os.path.realpath(p) for p in candidates if p and os.path.isdir(p)} | {
+        os.path.abspath(p) for p in candidates if p and os.path.isdir(p)})
+    return [d for d in dirs if d != "/" and not any(d.startswith(q.rstrip("/") + "/") for q in dirs if q != d)]
+
+
+def _hide_the_rest(libc, work: bytes) -> bool:
+    """``chroot`` into a new root holding only :func:`visible_paths`, ``/dev/null``,
+    ``/dev/urandom`` and the program's own directory (bind mounts, read-only but that directory),
+    so the program cannot read the machine's files (``/etc/shadow``, keys, tokens under the
+    home directory). False, with nothing changed, where the mounts are refused."""
+    ms_bind, ms_rec = 0x1000, 0x4000
+    root = os.path.join(work.decode(), ".root")
+    os.mkdir(root, 0o755)
+    if libc.mount(b"tmpfs", root.encode(), b"tmpfs", 0, b"size=64k,mode=0755") != 0:
+        return False
+    for path in [*visible_paths(), work.decode()]:
+        target = root + path
+        os.makedirs(target, exist_ok=True)
+        flags = ms_bind | (0 if path == work.decode() else ms_rec)  # not the new root inside the directory
+        if libc.mount(path.encode(), target.encode(), None, flags, None) != 0:
+            return False
+    os.makedirs(root + "/dev", exist_ok=True)
+    for dev in ("/dev/null", "/dev/urandom"):
+        open(root + dev, "w").close()
+        if libc.mount(dev.encode(), (root + dev).encode(), None, ms_bind, None) != 0:
+            return False
+    ms_remount, ms_rdonly = 0x20, 0x1
+    if libc.mount(b"tmpfs", root.encode(), b"tmpfs", ms_remount | ms_rdonly, b"size=64k,mode=0755") != 0:
+        return False  # the new root itself read-only: only the program's directory takes writes
+    os.chroot(root)
+    os.chdir(work)
+    return True
 
 
 def _seccomp() -> bool:
