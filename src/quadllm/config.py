@@ -45,6 +45,13 @@ class ActSpec:
         return self.bits < 16
 
 
+#: the Python types each annotation of :class:`QuantConfig` accepts
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,), "int": (int,), "float": (float, int), "bool": (bool,), "int | None": (int,),
+    "str | None": (str, type(None)), "dict[str, Any]": (dict,),
+}
+
+
 @dataclass
 class QuantConfig:
     """What a quantization run will do.
@@ -80,6 +87,8 @@ class QuantConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.method, str) or not (self.rank is None or isinstance(self.rank, int)):
+            raise ConfigError(f"method={self.method!r} / rank={self.rank!r}: a name and an integer are expected")
         if self.method in ("quarot", "rtn"):
             if self.rank not in (None, 0):
                 raise ConfigError(f"--method {self.method} means rank 0; use --method quad for rank {self.rank}")
@@ -88,7 +97,17 @@ class QuantConfig:
             self.rank = DEFAULT_RANK
         self.validate()
 
+    def check_types(self) -> None:
+        """Every field has its declared type (bool is not an int here): a configuration read from a
+        damaged file fails with the field's name, not deep inside the pipeline."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            allowed = _FIELD_TYPES[f.type] if isinstance(f.type, str) else (f.type,)
+            if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+                raise ConfigError(f"{f.name}={value!r} is not of type {f.type}")
+
     def validate(self) -> None:
+        self.check_types()
         choice = check_choice
         choice("method", self.method, METHODS)
         choice("mode", self.mode, MODES)
@@ -142,6 +161,8 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a configuration must be an object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         data = {k: v for k, v in data.items() if k not in OBSOLETE_KEYS}
         unknown = set(data) - known

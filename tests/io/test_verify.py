@@ -29,7 +29,7 @@ def _flip_a_data_byte(path):
 
 def test_the_record_is_written_and_verifies(ckpt, capsys):
     meta = read_meta(ckpt)
-    assert set(meta["files"]) == {WEIGHTS_FILE} and meta["files"][WEIGHTS_FILE]["bytes"] > 0
+    assert set(meta["files"]) == {WEIGHTS_FILE, "config.json"} and meta["files"][WEIGHTS_FILE]["bytes"] > 0
     assert verify_files(ckpt, meta)["checked"] == "sha256"  # a small checkpoint is hashed by default
     assert main(["verify", str(ckpt)]) == 0 and json.loads(capsys.readouterr().out)["ok"] is True
 
@@ -40,6 +40,21 @@ def test_a_flipped_bit_that_stays_finite_is_caught(ckpt, caplog):
         load(ckpt)
     assert load(ckpt, verify=False)[2]["verified"]["checked"] == "sizes and headers"  # what verify=False skips
     assert main(["verify", str(ckpt), "-q"]) == 2 and "SHA-256 differs" in caplog.text
+
+
+def test_an_edited_config_is_caught(ckpt):
+    cfg = ckpt / "config.json"
+    hf = json.loads(cfg.read_text())
+    hf["rms_norm_eps"] = 0.1  # loads, with other numbers, were it not recorded
+    cfg.write_text(json.dumps(hf, indent=2))
+    with pytest.raises(CheckpointError, match="config.json is damaged"):
+        load(ckpt)
+    meta_file = ckpt / "quadllm_config.json"
+    meta = json.loads(meta_file.read_text())
+    meta["quant_config"]["a_clip"] = 0.5
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="settings differ"):
+        load(ckpt, verify=False)
 
 
 def test_a_truncated_file_is_caught_without_hashing(ckpt):

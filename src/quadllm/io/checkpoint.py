@@ -118,6 +118,7 @@ def write_metadata(tmp: Path, hf_config, tokenizer, info: dict[str, Any], origin
         "files": file_record(tmp),
         **(extra or {}),
     }
+    meta["integrity"] = settings_hash(meta)
     with open(tmp / CONFIG_FILE, "w") as f:
         json.dump(meta, f, indent=2, default=str)
         f.flush()
@@ -155,14 +156,27 @@ def read_meta(path: str | Path) -> dict[str, Any]:
                               "create one with `quadllm quantize --out DIR`")
     try:
         meta = json.loads((p / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{p / CONFIG_FILE} is corrupt: {exc}") from exc
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{p / CONFIG_FILE} is not a quadllm configuration")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{p} has format version {meta.get('format_version')}; this quadllm "
                               f"({__version__}) reads version {FORMAT_VERSION}")
+    for key in ("quant_config", "structure"):
+        if not isinstance(meta.get(key), dict):
+            raise CheckpointError(f"{p / CONFIG_FILE} is damaged: {key!r} is missing or not an object")
+    if "integrity" in meta and meta["integrity"] != settings_hash(meta):
+        raise CheckpointError(f"{p / CONFIG_FILE} is damaged: its quantization settings differ from those recorded "
+                              "when it was written")
     return meta
+
+
+def settings_hash(meta: dict[str, Any]) -> str:
+    """SHA-256 of what decides the model's numbers in ``quadllm_config.json`` (the configuration and
+    the structure), recorded beside them so an edit is caught."""
+    text = json.dumps({k: meta.get(k) for k in ("quant_config", "structure")}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def weights_hash(path: str | Path) -> str:
@@ -222,9 +236,15 @@ def weight_files(path: str | Path) -> list[Path]:
 FULL_VERIFY_BYTES = 512 * 10**6
 
 
+def _recorded_files(path: Path) -> list[Path]:
+    """The files the integrity record covers: every weight file and ``config.json``."""
+    return [*weight_files(path), path / "config.json"]
+
+
 def file_record(path: Path) -> dict[str, dict[str, Any]]:
-    """Size and SHA-256 of every weight file, as the checkpoint records them when written."""
-    return {f.name: {"bytes": f.stat().st_size, "sha256": files.sha256_file(f)} for f in weight_files(path)}
+    """Size and SHA-256 of every weight file and of ``config.json``, as the checkpoint records
+    them when written."""
+    return {f.name: {"bytes": f.stat().st_size, "sha256": files.sha256_file(f)} for f in _recorded_files(path)}
 
 
 def verify_files(path: str | Path, meta: dict[str, Any], full: bool | None = None) -> dict[str, Any]:
@@ -234,28 +254,36 @@ def verify_files(path: str | Path, meta: dict[str, Any], full: bool | None = Non
     :class:`CheckpointError` naming the first damaged file; returns what was checked."""
     p = Path(path)
     record = meta.get("files")
-    found = weight_files(p)
-    if not isinstance(record, dict):
+    if record is None:
         return {"checked": "nothing", "reason": "the checkpoint has no integrity record"}
-    names = {f.name for f in found}
+    if not isinstance(record, dict) or not all(
+            isinstance(r, dict) and isinstance(r.get("bytes"), int) and isinstance(r.get("sha256"), str)
+            for r in record.values()):
+        raise CheckpointError(f"{p / CONFIG_FILE} is damaged: its record of the files is malformed")
+    found = [f for f in _recorded_files(p) if f.name in record or f.suffix == ".safetensors"]
+    if "config.json" not in record:  # a record written before config.json was covered
+        found = [f for f in found if f.name != "config.json"]
+    names = {f.name for f in found if f.is_file()}
     missing = sorted(set(record) - names)
     extra = sorted(names - set(record))
     if missing or extra:
-        raise CheckpointError(f"{p} is damaged: weight files {missing or extra} "
-                              f"{'are missing' if missing else 'are not in its record'}")
-    total = sum(int(r.get("bytes", -1)) for r in record.values())
+        raise CheckpointError(f"{p} is damaged: {'files ' + ', '.join(missing) + ' are missing' if missing else ''}"
+                              f"{'; ' if missing and extra else ''}"
+                              f"{'files ' + ', '.join(extra) + ' are not in its record' if extra else ''}")
+    total = sum(r["bytes"] for r in record.values())
     full = total <= FULL_VERIFY_BYTES if full is None else full
     for f in found:
         want = record[f.name]
-        if f.stat().st_size != want.get("bytes"):
-            raise CheckpointError(f"{f} is damaged: {f.stat().st_size} bytes, {want.get('bytes')} when written "
+        if f.stat().st_size != want["bytes"]:
+            raise CheckpointError(f"{f} is damaged: {f.stat().st_size} bytes, {want['bytes']} when written "
                                   "(truncated or an incomplete copy)")
-        try:
-            with safe_open(str(f), framework="pt") as handle:
-                handle.keys()
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"{f} is damaged: its header does not read ({exc})") from exc
-        if full and files.sha256_file(f) != want.get("sha256"):
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(str(f), framework="pt") as handle:
+                    handle.keys()
+            except Exception as exc:  # safetensors raises its own error types
+                raise CheckpointError(f"{f} is damaged: its header does not read ({exc})") from exc
+        if full and files.sha256_file(f) != want["sha256"]:
             raise CheckpointError(f"{f} is damaged: its SHA-256 differs from the one recorded when it was written")
     return {"checked": "sha256" if full else "sizes and headers", "files": len(found), "bytes": total}
 

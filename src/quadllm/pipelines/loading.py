@@ -14,7 +14,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..arch import get_adapter
-from ..config import QuantConfig
+from ..config import ConfigError, QuantConfig
+from ..errors import QuadllmError
 from ..finetune.adapter_file import apply_adapter
 from ..finetune.lora import inject_lora
 from ..io.checkpoint import WEIGHTS_FILE, WEIGHTS_INDEX, CheckpointError, read_meta, read_state, verify_files
@@ -57,12 +58,17 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, adapter: str | Pa
     meta = read_meta(p)
     full = True if adapter is not None else verify  # an adapter trusts its base: hash it
     meta = dict(meta, verified=verify_files(p, meta, full))
-    config = QuantConfig.from_dict(meta["quant_config"])
-    hf_config = AutoConfig.from_pretrained(p)
-    get_adapter(hf_config)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(hf_config)
-    build_skeleton(model, config, meta["structure"], dtype)
+    try:
+        config = QuantConfig.from_dict(meta["quant_config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{p}: its quantization configuration is damaged ({exc})") from exc
+    model = _empty_model(p, meta)
+    try:
+        build_skeleton(model, config, meta["structure"], dtype)
+    except (QuadllmError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{p}: its configuration and structure do not describe a model ({exc})") from exc
     state = read_state(p, dtype)
     weights = p / (WEIGHTS_FILE if (p / WEIGHTS_FILE).is_file() else WEIGHTS_INDEX)
     try:
@@ -80,5 +86,25 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, adapter: str | Pa
     model.eval()
     if adapter is not None:
         meta = dict(meta, adapter=apply_adapter(model, adapter, p))
-    tok = AutoTokenizer.from_pretrained(p)
+    try:
+        tok = AutoTokenizer.from_pretrained(p)
+    except Exception as exc:  # transformers raises many types for missing or damaged tokenizer files
+        raise CheckpointError(f"{p}: the tokenizer files are missing or damaged ({str(exc).splitlines()[0]})") from exc
     return model, tok, meta
+
+
+def _empty_model(p: Path, meta: dict) -> nn.Module:
+    """The transformers model ``config.json`` describes, without weights."""
+    try:
+        hf_config = AutoConfig.from_pretrained(p)
+    except Exception as exc:  # OSError, ValueError, KeyError, JSON errors...: all mean a damaged config.json
+        raise CheckpointError(f"{p}/config.json is missing or damaged ({str(exc).splitlines()[0]})") from exc
+    if hf_config.model_type != meta.get("model_type", hf_config.model_type):
+        raise CheckpointError(f"{p}: config.json says {hf_config.model_type!r}, quadllm_config.json "
+                              f"{meta.get('model_type')!r}")
+    get_adapter(hf_config)
+    try:
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(hf_config)
+    except Exception as exc:  # values that build no model
+        raise CheckpointError(f"{p}/config.json describes no model ({str(exc).splitlines()[0]})") from exc
