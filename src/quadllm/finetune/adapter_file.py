@@ -9,6 +9,7 @@ fine-tuning record. Applying it to any other base is an error, never a silent mi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -46,8 +47,6 @@ def _storage(name: str, t: torch.Tensor) -> torch.Tensor:
 def save_adapter(model: nn.Module, names: list[str], path: str | Path, base_dir: str | Path,
                  lora: dict[str, Any] | None, record: dict[str, Any]) -> Path:
     """Write the tensors ``names`` of ``model`` to ``path`` (atomically)."""
-
-
     path = Path(path).expanduser().resolve()
     if path.suffix != ".safetensors":
         raise AdapterError(f"an adapter file must end in .safetensors, got {path.name}")
@@ -65,10 +64,23 @@ def save_adapter(model: nn.Module, names: list[str], path: str | Path, base_dir:
     meta = {"format": ADAPTER_FORMAT, "format_version": str(ADAPTER_VERSION),
             "base_hash": weights_hash(base_dir), "base_path": str(base_dir),
             "lora": json.dumps(lora) if lora else "", "finetune": json.dumps(record, default=str)}
+    meta["content_hash"] = content_hash(state, meta)
     atomic_write(path, writer=lambda tmp: write_tensors(state, Path(tmp), meta))
     log.info("saved adapter %s (%d tensors, %.2f MB) for base %s", path, len(state), path.stat().st_size / 1e6,
              base_dir)
     return path
+
+
+def content_hash(state: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """SHA-256 of an adapter's tensors (name, dtype, shape, bytes, in name order) and of the
+    metadata that says how to apply them: recorded in the file, so any damage is caught."""
+    h = hashlib.sha256()
+    h.update(json.dumps({k: meta.get(k) for k in ("base_hash", "lora", "finetune")}, sort_keys=True).encode())
+    for name in sorted(state):
+        t = state[name].contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def is_adapter_file(path: str | Path) -> bool:
@@ -93,6 +105,10 @@ def read_adapter_meta(path: str | Path) -> dict[str, Any]:
     if meta.get("format_version") != str(ADAPTER_VERSION):
         raise AdapterError(f"{p} has adapter format version {meta.get('format_version')}; this quadllm reads "
                            f"version {ADAPTER_VERSION}")
+    for key in ("base_hash", "base_path"):
+        if not isinstance(meta.get(key), str) or not meta[key]:
+            raise AdapterError(f"{p} is damaged: its metadata has no {key}")
+    meta["raw_metadata"] = dict(meta)
     try:
         meta["lora"] = json.loads(meta["lora"]) if meta.get("lora") else None
         meta["finetune"] = json.loads(meta.get("finetune") or "{}")
@@ -103,19 +119,22 @@ def read_adapter_meta(path: str | Path) -> dict[str, Any]:
 
 def apply_adapter(model: nn.Module, path: str | Path, base_dir: str | Path) -> dict[str, Any]:
     """Load adapter ``path`` into ``model`` (loaded from ``base_dir``) in place; returns its metadata."""
-
-
     meta = read_adapter_meta(path)
     actual = weights_hash(base_dir)
     if meta["base_hash"] != actual and meta["base_hash"] != file_hash(base_dir):  # file_hash: see its docstring
         raise AdapterError(
             f"adapter {path} was trained on a different base checkpoint ({meta.get('base_path')}, weights "
             f"sha256 {meta['base_hash'][:12]}...) than {base_dir} (sha256 {actual[:12]}...); load it on its own base")
+    try:
+        state = load_file(str(Path(path).expanduser()))
+    except Exception as exc:  # safetensors raises its own error types
+        raise AdapterError(f"adapter {path} is damaged: its tensors do not read ({exc})") from exc
+    if "content_hash" in meta and content_hash(state, meta["raw_metadata"]) != meta["content_hash"]:
+        raise AdapterError(f"adapter {path} is damaged: its tensors or settings differ from those it was written with")
     if meta["lora"]:
         if has_lora(model):
             raise AdapterError("the base model already carries LoRA adapters")
         inject_lora(model, meta["lora"])
-    state = load_file(str(Path(path).expanduser()))
     tensors = dict(model.named_parameters())
     tensors.update(dict(model.named_buffers()))
     with torch.no_grad():

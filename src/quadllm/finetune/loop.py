@@ -13,6 +13,8 @@ which ``resume=True`` picks up if it belongs to the same base and configuration.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import math
 import time
@@ -255,8 +257,33 @@ def _split(tset: TrainingSet, config: FinetuneConfig) -> tuple[list[Example], li
     return train, val
 
 
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    atomic_write(path, writer=lambda tmp: torch.save(state, tmp))
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """The resumable state, pickled, inside an envelope that carries the pickle's SHA-256 (the
+    envelope itself loads with ``weights_only``)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    envelope = {"format": "quadllm-finetune-state", "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload}
+    atomic_write(path, writer=lambda tmp: torch.save(envelope, tmp))
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """The state :func:`save_state` wrote; :class:`FinetuneError` for a damaged or foreign file."""
+    try:
+        envelope = torch.load(path, map_location="cpu", weights_only=True)
+        ok = (isinstance(envelope, dict) and envelope.get("format") == "quadllm-finetune-state"
+              and isinstance(envelope.get("payload"), bytes)
+              and hashlib.sha256(envelope["payload"]).hexdigest() == envelope.get("sha256"))
+    except Exception as exc:  # a truncated or foreign file raises whatever the unpickler meets
+        raise FinetuneError(f"the training state {path} is damaged ({type(exc).__name__}); delete it or drop "
+                            "--resume") from exc
+    if not ok:
+        raise FinetuneError(f"the training state {path} is damaged or not quadllm's (its hash does not match); "
+                            "delete it or drop --resume")
+    state = torch.load(io.BytesIO(envelope["payload"]), map_location="cpu", weights_only=False)
+    if not isinstance(state, dict):
+        raise FinetuneError(f"the training state {path} holds no state")
+    return state
 
 
 def _state_matches(state: dict[str, Any], config: FinetuneConfig, base_id: str) -> str | None:
@@ -350,7 +377,7 @@ def _setup(model: nn.Module, config: FinetuneConfig, n_train: int) -> _Training:
 def _resume(run: _Training, state_path: Path | None, resume: bool, base_id: str) -> tuple[_Progress, int | None]:
     """The progress to continue from: a matching saved state with ``resume``, else a fresh start."""
     if resume and state_path and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = load_state(state_path)
         why = _state_matches(state, run.config, base_id)
         if why:
             raise FinetuneError(f"cannot resume from {state_path}: {why}; delete it or drop --resume")
@@ -416,7 +443,7 @@ def _train_step(run: _Training, train: list[Example], step: int, micro: int, pad
 
 
 def _save_progress(run: _Training, progress: _Progress, state_path: Path, base_id: str) -> None:
-    _save_state(state_path, {"base_id": base_id, "config": run.config.to_dict(), "trainable": run.snapshot(),
+    save_state(state_path, {"base_id": base_id, "config": run.config.to_dict(), "trainable": run.snapshot(),
                              "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
                              **progress.state(), "rng": torch.get_rng_state()})
 
