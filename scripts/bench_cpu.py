@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from quadllm import load, place  # noqa: E402
+from quadllm.backends import Int8Kernel  # noqa: E402
 from quadllm.evaluation.speed import (  # noqa: E402
     bench_linear,
     bench_model,
@@ -42,10 +44,7 @@ from quadllm.evaluation.speed import (  # noqa: E402
     records_markdown,
     top_ops,
 )
-from quadllm import load, place  # noqa: E402
 from quadllm.io.sources import load_model  # noqa: E402
-
-from quadllm.backends import Int8Kernel  # noqa: E402
 
 SHAPES = [(m, k, n) for (k, n) in ((4096, 4096), (4096, 14336), (14336, 4096)) for m in (1, 16, 2048)]
 QUICK = [(m, 512, 512) for m in (1, 64)]

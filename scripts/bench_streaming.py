@@ -28,8 +28,9 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from make_random_llama8b import llama3_8b_config, write  # noqa: E402
-from quadllm.evaluation.speed import machine_description  # noqa: E402
 from results_smollm2 import portable  # noqa: E402
+
+from quadllm.evaluation.speed import machine_description  # noqa: E402
 
 log = logging.getLogger("bench_streaming")
 LIMIT_MB = 6 * 1024

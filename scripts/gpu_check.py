@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
-from quadllm.evaluation.speed import bench_linear, machine_description, records_markdown  # noqa: E402
 
 from quadllm.backends.gpu import why_no_gpu  # noqa: E402
+from quadllm.evaluation.speed import bench_linear, machine_description, records_markdown  # noqa: E402
 
 # Llama-3-8B: q/k/v/o and gate/up read d=4096 (QUAD adds r=64 full-precision columns), down reads 14336
 SHAPES = [(m, k, n) for m in (1, 16, 2048) for k, n in ((4096, 4096), (4096, 14336), (14336, 4096))]

@@ -71,8 +71,9 @@ def layer_tensors(i: int, cfg, g: torch.Generator) -> dict[str, torch.Tensor]:
 
 
 def write(out: Path, cfg, seed: int) -> dict:
-    from quadllm.io.sources import load_model
     from safetensors.torch import save_file
+
+    from quadllm.io.sources import load_model
 
     out = out.expanduser().resolve()
     if out.exists():

@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from quadllm.evaluation.speed import machine_description  # noqa: E402
 from results_smollm2 import ROWS, add_checkpoint_args, portable, quantize_args, quantize_row, slug  # noqa: E402
+
+from quadllm.evaluation.speed import machine_description  # noqa: E402
 
 BASE = "QUAD W4A4 r=64"
 FIGURES = ("spectrum", "errors")

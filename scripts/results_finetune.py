@@ -26,14 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from quadllm.evaluation.speed import machine_description  # noqa: E402
-from quadllm import load  # noqa: E402
-from quadllm.evaluation.perplexity import evaluate_many  # noqa: E402
-from quadllm.io.sources import load_model  # noqa: E402
 from results_smollm2 import add_checkpoint_args, portable, quantize_args, quantize_row, run_cli_cached, slug  # noqa: E402
 
 import quadllm  # noqa: E402
+from quadllm import load  # noqa: E402
 from quadllm.data.text import load_text, tokenize_windows  # noqa: E402
+from quadllm.evaluation.perplexity import evaluate_many  # noqa: E402
+from quadllm.evaluation.speed import machine_description  # noqa: E402
+from quadllm.io.sources import load_model  # noqa: E402
 
 BASE = ("QUAD W4A4 r=64", ["--method", "quad", "--rank", "64"])
 

@@ -25,13 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from quadllm.evaluation.speed import machine_description  # noqa: E402
-from quadllm import load  # noqa: E402
-from quadllm.evaluation.perplexity import evaluate_many  # noqa: E402
-from quadllm.io.sources import fp16_size_bytes, load_model  # noqa: E402
-
 import quadllm  # noqa: E402
+from quadllm import load  # noqa: E402
 from quadllm.data.text import load_text, tokenize_windows  # noqa: E402
+from quadllm.evaluation.perplexity import evaluate_many  # noqa: E402
+from quadllm.evaluation.speed import machine_description  # noqa: E402
+from quadllm.io.sources import fp16_size_bytes, load_model  # noqa: E402
 
 ROWS = [
     # name, CLI flags

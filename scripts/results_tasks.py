@@ -32,11 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from quadllm.evaluation.speed import machine_description  # noqa: E402
-from quadllm.io.checkpoint import CheckpointError, weights_hash  # noqa: E402
-from quadllm.evaluation.compare import build_rows, compare_markdown, mean_paired_difference, papers_average  # noqa: E402
 from results_finetune import OUTLIER_FT_DIR  # noqa: E402
 from results_smollm2 import ROWS, add_checkpoint_args, portable, quantize_args, quantize_row, slug  # noqa: E402
+
+from quadllm.evaluation.compare import build_rows, compare_markdown, mean_paired_difference, papers_average  # noqa: E402
+from quadllm.evaluation.speed import machine_description  # noqa: E402
+from quadllm.io.checkpoint import CheckpointError, weights_hash  # noqa: E402
 
 ZERO_SHOT = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada_openai", "openbookqa", "boolq")
 GENERATIVE = ("gsm8k", "humaneval")

@@ -56,7 +56,12 @@ def test_quantize_checks_the_free_space_first(tiny_dir, tmp_path, no_loading, ca
     monkeypatch.setattr("quadllm.cli.common.shutil.disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     code, msg = _run(["quantize", "--model", str(tiny_dir), "--method", "quarot", "--weights", "rtn",
                       "--out", str(tmp_path / "q"), "-q"], caplog)
-    assert code == 2 and "MB free" in msg and "the checkpoint needs about" in msg
+    assert code == 2 and "kB free" in msg and "the checkpoint needs about" in msg
+
+
+def test_quantize_checks_the_rank_against_the_config_first(tiny_dir, tmp_path, no_loading, caplog):
+    code, msg = _run(["quantize", "--model", str(tiny_dir), "--rank", "49", "--out", str(tmp_path / "q"), "-q"], caplog)
+    assert code == 2 and "larger than the hidden size 48" in msg
 
 
 def test_eval_checks_data_and_reference_first(tiny_dir, tmp_path, no_loading, caplog):

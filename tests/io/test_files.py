@@ -96,6 +96,6 @@ def test_quantize_onto_a_full_disk_is_one_line_exit_2(tmp_path, full_disk, caplo
         code = main(["quantize", "--model", str(orig), "--method", "quarot", "--weights", "rtn", "--streaming", "off",
                      "--out", str(full_disk / "ckpt"), "-q"])
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    expected = "MB free and the checkpoint needs about" if precheck else "No space left on device"
+    expected = "kB free and the checkpoint needs about" if precheck else "No space left on device"
     assert code == 2 and len(errors) == 1 and expected in errors[0], errors
     assert "\n" not in errors[0] and list(full_disk.iterdir()) == []

@@ -86,8 +86,12 @@ def check_free_space(out: Path, need: int, what: str) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < need:
-        raise WriteError(f"{probe} has {free / 1e6:.0f} MB free and {what} needs about {need / 1e6:.0f} MB; "
+        raise WriteError(f"{probe} has {_size(free)} free and {what} needs about {_size(need)}; "
                          "free some space or write elsewhere")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.0f} MB" if n >= 10**7 else f"{n / 1e3:.0f} kB"
 
 
 def write_text(path: str | Path, text: str) -> None:

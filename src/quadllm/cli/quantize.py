@@ -18,7 +18,15 @@ from ..io.checkpoint import CheckpointError, check_output_dir, dir_size, save
 from ..io.files import output_lock
 from ..io.lazy_weights import LazyWeights
 from ..io.memory import peak_rss_mb
-from ..io.sources import ModelError, fp16_size_bytes, load_model, model_size_bytes, parameter_count, resolve
+from ..io.sources import (
+    ModelError,
+    fp16_size_bytes,
+    hidden_size,
+    load_model,
+    model_size_bytes,
+    parameter_count,
+    resolve,
+)
 from ..pipelines.in_memory import quantize
 from ..pipelines.streaming import quantize_streaming
 from .common import CHECKPOINT_SIZE_VS_FP16, add_common, check_free_space, config_from_args
@@ -130,6 +138,9 @@ def _check_inputs(args, config: QuantConfig) -> TextSource | None:
     out = check_output_dir(args.out)
     source = resolve(args.model)
     calib = load_text(config.calib, "calib", data_dir=args.data_dir) if config.needs_calibration else None
+    hidden = hidden_size(source)
+    if hidden is not None:
+        config.check_hidden_size(hidden)
     params = parameter_count(source)
     if params:
         check_free_space(out, int(CHECKPOINT_SIZE_VS_FP16 * 2 * params), "the checkpoint")

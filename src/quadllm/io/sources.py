@@ -218,6 +218,17 @@ def parameter_count(source: ModelSource) -> int | None:
     return None
 
 
+def hidden_size(source: ModelSource) -> int | None:
+    """The model's hidden size from its configuration alone (None when only loading would tell)."""
+    directory = gguf_cache_dir(Path(source.path)) if source.kind == "gguf" else Path(source.path)
+    if source.kind == "hub" or not (directory / "config.json").is_file():
+        return None
+    try:
+        return int(AutoConfig.from_pretrained(directory).hidden_size)
+    except Exception:  # an unreadable config: loading the model says what is wrong
+        return None
+
+
 def fp16_size_bytes(model) -> int:
     """What the original model weighs in FP16 (each distinct parameter once)."""
     seen, total = set(), 0
