@@ -75,3 +75,24 @@ def test_compare_checks_every_model_path_first(tiny_dir, tmp_path, no_loading, c
     code, msg = _run(["compare", str(tiny_dir), str(tmp_path / "absent"), "--data", "pydoc",
                       "--out", str(tmp_path / "c.md"), "-q"], caplog)
     assert code == 2 and "absent" in msg
+
+
+def test_finetune_checks_its_data_and_output_first(tmp_path, monkeypatch, caplog):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the base was loaded before the inputs were checked")
+
+    monkeypatch.setattr("quadllm.finetune.job.load", forbidden)
+    base = tmp_path / "base"
+    base.mkdir()
+    code, msg = _run(["finetune", str(base), "--data", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "o"),
+                      "-q"], caplog)
+    assert code == 2 and "train.jsonl" in msg
+    code, msg = _run(["finetune", str(base), "--data", "pydoc", "--adapter-only", "--out", str(tmp_path / "o.bin"),
+                      "-q"], caplog)
+    assert code == 2 and ".safetensors" in msg
+
+
+def test_advise_rank_and_drift_check_their_data_first(tmp_path, no_loading, monkeypatch, caplog):
+    monkeypatch.setattr("quadllm.cli.analysis.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    code, msg = _run(["advise-rank", "--calib", str(tmp_path / "c.txt"), "-q"], caplog)
+    assert code == 2 and "c.txt" in msg

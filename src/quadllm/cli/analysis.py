@@ -13,7 +13,7 @@ from ..analysis.drift import check_drift
 from ..analysis.report import build_report
 from ..config import DEFAULT_RANK, ConfigError
 from ..data.text import DataError, load_text, tokenize_windows
-from ..io.checkpoint import CheckpointError, is_checkpoint
+from ..io.checkpoint import CheckpointError, is_checkpoint, read_meta
 from ..io.sources import load_model
 from ..pipelines.loading import load
 from .common import add_common, write_text
@@ -98,8 +98,8 @@ def cmd_advise_rank(args) -> int:
         ranks = tuple(int(r) for r in args.ranks.split(","))
     except ValueError as exc:
         raise ConfigError(f"--ranks must be comma-separated integers, got {args.ranks!r}") from exc
+    text = load_text(args.calib, "calib", data_dir=args.data_dir)  # before the model
     model, tok, source = load_model(args.model)
-    text = load_text(args.calib, "calib", data_dir=args.data_dir)
     log.info("calibration and probe text: %s", text.origin)
     calib, probe = disjoint_windows(tok, text.text, args.seqlen, [args.calib_samples, args.probe_samples], args.seed)
     advice = advise_rank(model, calib, probe, ranks, args.mode, args.tolerance, args.seed, progress=not args.quiet)
@@ -114,14 +114,16 @@ def cmd_advise_rank(args) -> int:
 def cmd_drift(args) -> int:
     if not is_checkpoint(args.model):
         raise CheckpointError(f"{args.model} is not a quadllm checkpoint; drift checks a quantized model")
-    quantized, tok, meta = load(args.model)
-    original = load_model((meta.get("original_model") or {}).get("spec"))[0]
+    meta = read_meta(args.model)
     ref_spec = args.reference_data or meta["quant_config"].get("calib")
+    texts = [(load_text(spec, split, data_dir=args.data_dir), role) for spec, split, role in (
+        (args.data, "eval", "new"), (ref_spec, "calib" if args.reference_data is None else "eval", "reference"))]
+    quantized, tok, meta = load(args.model)  # the data are checked before any model is loaded
+    original = load_model((meta.get("original_model") or {}).get("spec"))[0]
     n, e = args.samples, args.eval_windows
     groups = []
-    for spec, split in ((args.data, "eval"), (ref_spec, "calib" if args.reference_data is None else "eval")):
-        src = load_text(spec, split, data_dir=args.data_dir)
-        log.info("%s data: %s", "new" if not groups else "reference", src.origin)
+    for src, role in texts:
+        log.info("%s data: %s", role, src.origin)
         groups.append((src.origin, disjoint_windows(tok, src.text, args.seqlen, [n, e] if e else [n], args.seed)))
     (new_origin, new_w), (ref_origin, ref_w) = groups
     report = check_drift(quantized, original, new_w[0], ref_w[0], new_w[1] if e else None, ref_w[1] if e else None,

@@ -249,6 +249,25 @@ def _hub_records(name: str) -> list[Any]:
     return [dict(r) for r in ds]
 
 
+def check_training_source(spec: str, data_dir: str | Path | None = None) -> None:
+    """What can be checked of ``--data`` without a tokenizer: a file exists and reads, a named
+    text is there. (A hub data set name is only checked when it is loaded.)"""
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError("--data is required: a .jsonl (Alpaca, chat, GSM8K or text records) or text file, "
+                        f"one of {', '.join(KNOWN_NAMES)}, or a hub data set name")
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".jsonl":
+        if not path.is_file():
+            raise DataError(f"training data file not found: {path}")
+        _read_jsonl(path)
+    elif path.is_file() or spec.strip().lower() in KNOWN_NAMES:
+        load_text(spec, "calib", data_dir=data_dir)
+    elif path.exists():
+        raise DataError(f"{path} is a directory; pass a .jsonl file, a text file, or a data set name")
+    elif path.suffix or spec.startswith((".", "/", "~")) or spec.count("/") > 1:  # a path, not a hub name
+        raise DataError(f"training data file not found: {path}")
+
+
 def load_training_set(spec: str, tokenizer: Any, max_seqlen: int = 512, train_on_prompt: bool = False,
                       data_dir: str | Path | None = None, limit: int | None = None) -> TrainingSet:
     """Load and tokenize fine-tuning data (see the module docstring for the accepted forms)."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..data.training import load_training_set
+from ..data.training import check_training_source, load_training_set
 from ..io.checkpoint import CheckpointError, dir_size, is_checkpoint, save, weights_hash
 from ..io.sources import load_model
 from ..pipelines.loading import load
@@ -62,8 +62,9 @@ def run(base: str, config: FinetuneConfig, out: str, *, adapter_only: bool = Fal
     """Fine-tune checkpoint ``base`` as ``config`` says and write ``out``; returns the summary."""
     t0 = time.perf_counter()
     base_p, out_p = Path(base).expanduser(), Path(out).expanduser()
+    check_output(base_p, out_p, adapter_only)  # before anything is loaded
+    check_training_source(config.data, data_dir)
     model, tok, meta = load(base_p, verify=True)  # a damaged or foreign base is a CheckpointError, never trained
-    check_output(base_p, out_p, adapter_only)
     if meta.get("finetune"):
         log.warning("%s is already fine-tuned; training continues from its weights", base_p)
     tset = load_training_set(config.data, tok, config.max_seqlen, config.train_on_prompt, data_dir, config.limit)
