@@ -119,3 +119,12 @@ def quantize_tiny(arch: str = "llama", *, seed: int = 0, model_kwargs: dict | No
 def quantized_tiny():
     """:func:`quantize_tiny`: ``quantized_tiny("qwen2", rank=8, weights="rtn")`` in a test."""
     return quantize_tiny
+
+
+@pytest.fixture
+def tiny_original(tmp_path):
+    """A tiny random llama saved as a Hugging Face directory (weights and tokenizer)."""
+    d = tmp_path / "orig"
+    tiny_model("llama", torch.float32).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d

@@ -7,18 +7,13 @@ import collections
 import logging
 
 import pytest
-import torch
-from conftest import tiny_model, tiny_tokenizer
 
 from quadllm.cli import main
 
 
 @pytest.fixture
-def tiny_dir(tmp_path):
-    d = tmp_path / "orig"
-    tiny_model("llama", torch.float32).save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
+def tiny_dir(tiny_original):
+    return tiny_original
 
 
 @pytest.fixture

@@ -8,10 +8,6 @@ import logging
 import subprocess
 import sys
 
-import pytest
-import torch
-from conftest import tiny_model, tiny_tokenizer
-
 from quadllm.cli import app as cli_app
 from quadllm.cli import build_parser, main
 from quadllm.cli.common import config_from_args
@@ -48,12 +44,6 @@ def test_any_quadllm_error_is_one_line_and_exit_code_2(monkeypatch, caplog):
     assert [r.getMessage() for r in caplog.records] == ["what is wrong, and what to pass instead"]
 
 
-@pytest.fixture
-def tiny_original(tmp_path):
-    d = tmp_path / "orig"
-    tiny_model("llama", torch.float32).save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
 
 
 def test_a_kernel_backend_on_an_original_model_is_an_error(tiny_original, caplog):

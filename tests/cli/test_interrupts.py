@@ -9,8 +9,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
-from conftest import tiny_model, tiny_tokenizer
 
 from quadllm.cli import main
 from quadllm.io.checkpoint import weights_hash
@@ -18,11 +16,8 @@ from quadllm.io.files import output_lock
 
 
 @pytest.fixture
-def orig(tmp_path):
-    d = tmp_path / "orig"
-    tiny_model("llama", torch.float32).save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
+def orig(tiny_original):
+    return tiny_original
 
 
 def _quantize_args(orig, out):
