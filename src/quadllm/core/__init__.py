@@ -1,0 +1,1 @@
+"""Pure math on tensors: Hadamard and orthogonal transforms, quantizers, GPTQ (no models, no files)."""

@@ -1,0 +1,1 @@
+"""Data: text sources and windows, calibration samples, fine-tuning sets."""
