@@ -177,7 +177,7 @@ def cmd_compare(args) -> int:
     if tasks is None and args.data is None:
         raise DataError("compare needs --tasks, --data or both")
     for spec in args.models:  # every path before the first model is loaded
-        if spec != "default" and not is_checkpoint(spec):
+        if spec != "default" and not is_checkpoint(spec) and not is_adapter_file(spec):
             resolve(spec)
     source = load_text(args.data, "eval", data_dir=args.data_dir) if args.data is not None else None
     names = _display_names(args.models)
