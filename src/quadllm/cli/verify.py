@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from ..io.checkpoint import read_meta, verify_files
 from .common import add_common
@@ -16,7 +17,9 @@ def add_parsers(sub) -> None:
 
 
 def cmd_verify(args) -> int:
+    t0 = time.perf_counter()
     result = verify_files(args.model, read_meta(args.model), full=not args.quick)
+    result["seconds"] = round(time.perf_counter() - t0, 3)
     ok = None if result["checked"] == "nothing" else True  # None: nothing recorded to check against
     print(json.dumps({"checkpoint": args.model, "ok": ok, **result}, indent=2))
     return 0

@@ -249,9 +249,9 @@ def _hub_records(name: str) -> list[Any]:
     return [dict(r) for r in ds]
 
 
-def check_training_source(spec: str, data_dir: str | Path | None = None) -> None:
-    """What can be checked of ``--data`` without a tokenizer: a file exists and reads, a named
-    text is there. (A hub data set name is only checked when it is loaded.)"""
+def source_kind(spec: str) -> str:
+    """What ``--data`` names: ``"jsonl"`` (a records file), ``"text"`` (any other file, or a named
+    text) or ``"hub"`` (a hub data set name); :class:`DataError` for anything else."""
     if not isinstance(spec, str) or not spec.strip():
         raise DataError("--data is required: a .jsonl (Alpaca, chat, GSM8K or text records) or text file, "
                         f"one of {', '.join(KNOWN_NAMES)}, or a hub data set name")
@@ -259,31 +259,33 @@ def check_training_source(spec: str, data_dir: str | Path | None = None) -> None
     if path.suffix.lower() == ".jsonl":
         if not path.is_file():
             raise DataError(f"training data file not found: {path}")
-        _read_jsonl(path)
-    elif path.is_file() or spec.strip().lower() in KNOWN_NAMES:
-        load_text(spec, "calib", data_dir=data_dir)
-    elif path.exists():
+        return "jsonl"
+    if path.is_file() or spec.strip().lower() in KNOWN_NAMES:  # any other file is plain text, whatever its suffix
+        return "text"
+    if path.exists():
         raise DataError(f"{path} is a directory; pass a .jsonl file, a text file, or a data set name")
-    elif path.suffix or spec.startswith((".", "/", "~")) or spec.count("/") > 1:  # a path, not a hub name
+    if path.suffix or spec.startswith((".", "/", "~")) or spec.count("/") > 1:  # a path, not a hub name
         raise DataError(f"training data file not found: {path}")
+    return "hub"
+
+
+def check_training_source(spec: str, data_dir: str | Path | None = None) -> None:
+    """What can be checked of ``--data`` without a tokenizer: a file exists and reads, a named
+    text is there. (A hub data set name is only checked when it is loaded.)"""
+    kind = source_kind(spec)
+    if kind == "jsonl":
+        _read_jsonl(Path(spec).expanduser())
+    elif kind == "text":
+        load_text(spec, "calib", data_dir=data_dir)
 
 
 def load_training_set(spec: str, tokenizer: Any, max_seqlen: int = 512, train_on_prompt: bool = False,
                       data_dir: str | Path | None = None, limit: int | None = None) -> TrainingSet:
     """Load and tokenize fine-tuning data (see the module docstring for the accepted forms)."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise DataError("--data is required: a .jsonl (Alpaca, chat, GSM8K or text records) or .txt file, "
-                        f"one of {', '.join(KNOWN_NAMES)}, or a hub data set name")
+    kind = source_kind(spec)
     if max_seqlen < 16:
         raise DataError(f"--max-seqlen must be at least 16, got {max_seqlen}")
-    path = Path(spec).expanduser()
-    name = spec.strip().lower()
-    if path.suffix.lower() == ".jsonl":
-        if not path.is_file():
-            raise DataError(f"training data file not found: {path}")
-        records = _read_jsonl(path)
-        origin = str(path)
-    elif path.is_file() or name in KNOWN_NAMES:  # any other file is plain text, whatever its suffix
+    if kind == "text":
         src = load_text(spec, "calib", data_dir=data_dir)
         tset = TrainingSet(text_examples(tokenizer, src.text, max_seqlen), {"text": 1}, src.origin)
         if not tset.examples:
@@ -291,11 +293,11 @@ def load_training_set(spec: str, tokenizer: Any, max_seqlen: int = 512, train_on
         if limit is not None:
             tset.examples = tset.examples[:limit]
         return tset
-    elif path.exists():
-        raise DataError(f"{path} is a directory; pass a .jsonl file, a text file, or a data set name")
+    if kind == "jsonl":
+        path = Path(spec).expanduser()
+        records, origin = _read_jsonl(path), str(path)
     else:
-        records = _hub_records(spec)
-        origin = f"hub:{spec} (train)"
+        records, origin = _hub_records(spec), f"hub:{spec} (train)"
     if limit is not None:
         records = records[:limit]
     return records_to_set(records, tokenizer, max_seqlen, origin, train_on_prompt)

@@ -260,16 +260,13 @@ def verify_files(path: str | Path, meta: dict[str, Any], full: bool | None = Non
             isinstance(r, dict) and isinstance(r.get("bytes"), int) and isinstance(r.get("sha256"), str)
             for r in record.values()):
         raise CheckpointError(f"{p / CONFIG_FILE} is damaged: its record of the files is malformed")
-    found = [f for f in _recorded_files(p) if f.name in record or f.suffix == ".safetensors"]
-    if "config.json" not in record:  # a record written before config.json was covered
-        found = [f for f in found if f.name != "config.json"]
-    names = {f.name for f in found if f.is_file()}
-    missing = sorted(set(record) - names)
-    extra = sorted(names - set(record))
-    if missing or extra:
-        raise CheckpointError(f"{p} is damaged: {'files ' + ', '.join(missing) + ' are missing' if missing else ''}"
-                              f"{'; ' if missing and extra else ''}"
-                              f"{'files ' + ', '.join(extra) + ' are not in its record' if extra else ''}")
+    found = [f for f in _recorded_files(p) if f.is_file()]
+    missing = sorted(set(record) - {f.name for f in found})
+    if missing:
+        raise CheckpointError(f"{p} is damaged: {', '.join(missing)} missing")
+    extra = sorted({f.name for f in found} - set(record))
+    if extra:
+        raise CheckpointError(f"{p} is damaged: {', '.join(extra)} not in the record written with it")
     total = sum(r["bytes"] for r in record.values())
     full = total <= FULL_VERIFY_BYTES if full is None else full
     for f in found:

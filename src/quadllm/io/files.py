@@ -81,7 +81,7 @@ def atomic_write(path: str | Path, data: bytes | str | None = None,
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, WriteError):
+        if isinstance(exc, QuadllmError):
             raise
         raise _write_error(path, exc) from exc
     except BaseException:

@@ -65,9 +65,9 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, adapter: str | Pa
     model = _empty_model(p, meta)
     try:
         build_skeleton(model, config, meta["structure"], dtype)
-    except (QuadllmError, TypeError, ValueError, KeyError, AttributeError) as exc:
-        if isinstance(exc, CheckpointError):
-            raise
+    except QuadllmError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise CheckpointError(f"{p}: its configuration and structure do not describe a model ({exc})") from exc
     state = read_state(p, dtype)
     weights = p / (WEIGHTS_FILE if (p / WEIGHTS_FILE).is_file() else WEIGHTS_INDEX)

@@ -141,7 +141,7 @@ class LayerRecipe:
         the steps above produce, ready for ``load_state_dict``."""
         adapter, config = self.adapter, self.config
         d, r = adapter.hidden_size, self.rank
-        wide = d + r if config.residual_transform else d
+        wide = d + r  # the expanded residual stream (rank 0 without a residual transform)
         online = online_transforms(adapter, layer) if config.rotate else {}
         for group in adapter.reader_groups:
             for name in group.linears:
@@ -165,7 +165,7 @@ class LayerRecipe:
         """The empty embedding, final norm and head of the quantized model."""
         adapter = self.adapter
         d = adapter.hidden_size
-        wide = d + self.rank if self.config.residual_transform else d
+        wide = d + self.rank
         adapter.set_final_norm(model, QuadRMSNorm(d, norm_eps(adapter.final_norm(model))))
         vocab = adapter.embedding(model).weight.shape[0]
         emb = QuadEmbedding(torch.empty(vocab, d, dtype=dtype),
