@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from results_smollm2 import ROWS, add_checkpoint_args, portable, quantize_args, quantize_row, slug  # noqa: E402
+from results_smollm2 import ROWS, add_checkpoint_args, portable, quantize_args, quantize_row, resolve_paths, slug  # noqa: E402
 
 from quadllm.evaluation.speed import machine_description  # noqa: E402
 
@@ -66,6 +66,7 @@ def main() -> None:
     p.add_argument("--drift-only", action="store_true",
                    help="rerun only the drift checks; the report and advisor results are kept from the JSON")
     args = p.parse_args()
+    resolve_paths(args)
     if args.render_only:
         out = Path(args.out)
         out.with_suffix(".md").write_text(markdown(json.loads(out.with_suffix(".json").read_text())))

