@@ -66,6 +66,12 @@ def model_slug(model: str) -> str:
     return "smollm2" if known.name == "smollm2-135m" else known.name
 
 
+def results_stem(model: str, suffix: str) -> Path:
+    """``results/<model>_<suffix>``, without dots (the scripts add ``.json`` and ``.md`` with
+    ``Path.with_suffix``, which would cut a name such as ``qwen2.5-coder-0.5b`` at its first dot)."""
+    return ROOT / "results" / f"{model_slug(model).replace('.', '_')}_{suffix}"
+
+
 def model_title(model: str) -> str:
     return lookup(model).title
 
@@ -96,7 +102,7 @@ def resolve_paths(args: argparse.Namespace, suffix: str | None = None) -> None:
     if args.work is None:
         args.work = str(ROOT / "runs" / model_slug(args.model))
     if suffix is not None and getattr(args, "out", None) is None:
-        args.out = str(ROOT / "results" / f"{model_slug(args.model)}_{suffix}")
+        args.out = str(results_stem(args.model, suffix))
 
 
 def quantize_args(args: argparse.Namespace) -> argparse.Namespace:

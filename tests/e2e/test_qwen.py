@@ -38,8 +38,8 @@ def qwen05():
     return load_model(NAME)
 
 
-@pytest.mark.parametrize("method,dtype,tol", [("quad", torch.float64, 1e-6), ("quad", torch.float32, 1e-3),
-                                              ("quarot", torch.float32, 1e-3)])
+# float32 only: a float64 copy of the model needs 5 GB more (scripts/check_exact.py measures float64)
+@pytest.mark.parametrize("method,dtype,tol", [("quad", torch.float32, 1e-4), ("quarot", torch.float32, 1e-4)])
 def test_qwen_transform_is_exact(qwen05, method, dtype, tol):
     base, tok, _ = qwen05
     calib = sample_calibration(tok, load_text(None, "calib").text, 2, 64, seed=0)
