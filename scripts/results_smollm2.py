@@ -155,12 +155,17 @@ def fmt_md(results: dict, meta: dict) -> str:
         "| model | ppl | KL | top-1 | quantize s | peak MB | size MB | size vs FP16 |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    uneven = len({r["windows"] for r in results.values()}) > 1
+    if uneven:  # an evaluation in progress: say how far each row is
+        lines[-2] = lines[-2].replace("| model |", "| model | windows |")
+        lines[-1] = lines[-1].replace("| --- |", "| --- | ---: |", 1)
     for name, r in results.items():
         q = r.get("quantize", {})
         kl = "-" if name == "FP" else f"{r['kl']:.4f}"
         top1 = "-" if name == "FP" else f"{100 * r['top1_agreement']:.1f}%"
+        done = f" {r['windows']} |" if uneven else ""
         lines.append(
-            f"| {name} | {r['ppl']:.2f} | {kl} | {top1} | {q.get('quantize_seconds', '-')} | "
+            f"| {name} |{done} {r['ppl']:.2f} | {kl} | {top1} | {q.get('quantize_seconds', '-')} | "
             f"{q.get('peak_memory_mb', '-')} | {q.get('checkpoint_mb', meta['fp16_mb'])} | "
             f"{q.get('size_vs_fp16', 1.0)} |")
     if meta["windows"] < meta["windows_total"]:
