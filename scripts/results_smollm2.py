@@ -35,7 +35,7 @@ from quadllm import load  # noqa: E402
 from quadllm.data.text import load_text, tokenize_windows  # noqa: E402
 from quadllm.evaluation.perplexity import evaluate_many  # noqa: E402
 from quadllm.evaluation.speed import machine_description  # noqa: E402
-from quadllm.io.registry import lookup  # noqa: E402
+from quadllm.io.registry import DEFAULT_MODEL, lookup  # noqa: E402
 from quadllm.io.sources import fp16_size_bytes, load_model  # noqa: E402
 
 ROWS = [
@@ -63,7 +63,7 @@ def model_slug(model: str) -> str:
     known = lookup(model)
     if known is None:
         raise SystemExit(f"--model {model!r} is not a known offline model (see `quadllm models`)")
-    return "smollm2" if known.name == "smollm2-135m" else known.name
+    return "smollm2" if known.name == DEFAULT_MODEL else known.name
 
 
 def results_stem(model: str, suffix: str) -> Path:

