@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""Run the analysis tools on SmolLM2 and record what they say: the outlier report of the QUAD
-W4A4 r=64 checkpoint, the rank advisor on the original model, and the drift check of that
-checkpoint on held-out WikiText-2 text (the calibration domain) and on GSM8K questions and
-Python source (other domains). Each command runs through the CLI in its own process, timed.
+"""Run the analysis tools on a model and record what they say: the outlier report of the QUAD
+W4A4 r=64 checkpoint (with its per-layer error by linear type), the rank advisor on the original
+model, and the drift check of that checkpoint on held-out WikiText-2 text (the calibration
+domain) and on GSM8K questions and Python source (other domains). Each command runs through the
+CLI in its own process, timed. The model is SmolLM2-135M-Instruct unless ``--model`` says.
 
-Writes results/smollm2_analysis.{md,json} and copies two of the report's figures to
-results/figures/ (the README shows them); the full report (HTML, every PNG, its JSON) stays in
-runs/smollm2_report/.
+Writes results/<model>_analysis.{md,json} and copies two of the report's figures to
+results/figures/<model>_quad_r64_{spectrum,errors}.png (the README shows them); the full report
+(HTML, every PNG, its JSON) stays in runs/<model>_report/.
 
     python scripts/results_analysis.py
+    python scripts/results_analysis.py --model qwen2.5-coder-0.5b
 """
 
 from __future__ import annotations
@@ -27,7 +29,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from results_smollm2 import ROWS, add_checkpoint_args, portable, quantize_args, quantize_row, resolve_paths, slug  # noqa: E402
+from results_smollm2 import (  # noqa: E402
+    ROWS,
+    add_checkpoint_args,
+    file_slug,
+    model_title,
+    portable,
+    quantize_args,
+    quantize_row,
+    resolve_paths,
+    slug,
+)
 
 from quadllm.evaluation.speed import machine_description  # noqa: E402
 
@@ -61,12 +73,13 @@ def python_source(out: Path, max_chars: int = 400_000) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(p)
-    p.add_argument("--out", default=str(ROOT / "results" / "smollm2_analysis"))
+    p.add_argument("--out", default=None, help="results file stem (default: results/<model>_analysis)")
     p.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON and stop")
     p.add_argument("--drift-only", action="store_true",
                    help="rerun only the drift checks; the report and advisor results are kept from the JSON")
     args = p.parse_args()
-    resolve_paths(args)
+    resolve_paths(args, "analysis")
+    stem = file_slug(args.model)
     if args.render_only:
         out = Path(args.out)
         out.with_suffix(".md").write_text(markdown(json.loads(out.with_suffix(".json").read_text())))
@@ -74,7 +87,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quantize_row(BASE, dict(ROWS)[BASE], quantize_args(args))
     ckpt = str(Path(args.work) / slug(BASE))
-    work = ROOT / "runs" / "smollm2_report"
+    work = ROOT / "runs" / f"{stem}_report"
     work.mkdir(parents=True, exist_ok=True)
     data = Path(args.data_dir) if args.data_dir else ROOT.parent / "shared" / "data"
     dd = ["--data-dir", str(data)] if args.data_dir else []
@@ -85,29 +98,42 @@ def main() -> None:
         results = {"report": old["report"], "advise_rank": old["advise_rank"],
                    "earlier": old.get("earlier") or {"command": old["meta"]["command"], "date": old["meta"]["date"]}}
     else:
-        results.update(report_and_advice(ckpt, work, dd))
+        results.update(report_and_advice(ckpt, work, dd, args.model, stem))
     results["drift"] = drift(ckpt, work, data, dd)
-    meta = {"command": "python scripts/results_analysis.py " + " ".join(sys.argv[1:]),
-            "date": dt.date.today().isoformat(), "machine": machine_description(), "checkpoint": ckpt}
+    meta = {"command": " ".join(["python scripts/results_analysis.py", *sys.argv[1:]]),
+            "date": dt.date.today().isoformat(), "machine": machine_description(), "checkpoint": ckpt,
+            "model": args.model, "model_title": model_title(args.model)}
     saved = portable({"meta": meta, **results})
     out.with_suffix(".json").write_text(json.dumps(saved, indent=2, default=str) + "\n")
     out.with_suffix(".md").write_text(markdown(saved))
     print(out.with_suffix(".md").read_text())
 
 
-def report_and_advice(ckpt: str, work: Path, dd: list[str]) -> dict:
+def error_by_type(linear_errors: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    """``{linear: {method: mean relative output error over layers}}`` from the report's
+    ``linear_errors`` (``{method: {linear: [per layer]}}``)."""
+    out: dict[str, dict[str, float]] = {}
+    for method, per in linear_errors.items():
+        for name, values in per.items():
+            out.setdefault(name, {})[method] = sum(values) / len(values)
+    return out
+
+
+def report_and_advice(ckpt: str, work: Path, dd: list[str], model: str, stem: str) -> dict:
     results: dict = {}
     r = run("report", ["report", ckpt, "--out", str(work / "report.html"), *dd, "-q"])
     report = json.loads((work / "report.json").read_text())
     results["report"] = {**{k: r[k] for k in ("command", "wall_seconds")},
                          "energy_by_rank": report["spectrum"]["energy_by_rank"], "memory": report["memory"],
-                         "calibration": report["calibration"]}
+                         "calibration": report["calibration"],
+                         "error_by_type": error_by_type(report["linear_errors"])}
     figdir = ROOT / "results" / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
     for name in FIGURES:
-        shutil.copyfile(work / f"report_{name}.png", figdir / f"smollm2_quad_r64_{name}.png")
+        shutil.copyfile(work / f"report_{name}.png", figdir / f"{stem}_quad_r64_{name}.png")
 
-    r = run("advise-rank", ["advise-rank", "--calib", "wikitext2", "--json", str(work / "advise.json"), *dd, "-q"])
+    r = run("advise-rank", ["advise-rank", "--model", model, "--calib", "wikitext2", "--json",
+                            str(work / "advise.json"), *dd, "-q"])
     results["advise_rank"] = {**{k: r[k] for k in ("command", "wall_seconds", "stdout")},
                               **json.loads((work / "advise.json").read_text())}
     return results
@@ -127,10 +153,27 @@ def drift(ckpt: str, work: Path, data: Path, dd: list[str]) -> list[dict]:
     return results
 
 
+def error_lines(errors: dict[str, dict[str, float]] | None) -> list[str]:
+    """The report's per-layer errors averaged by linear type, with QUAD against QuaRot."""
+    if not errors:
+        return []
+    methods = list(next(iter(errors.values())))
+    quad = next((x for x in methods if x.startswith("QUAD")), None)
+    lines = ["Relative output error of each linear quantized alone (INT4 RTN weights, the checkpoint's activation "
+             "mode, the rest of the model exact), averaged over the layers; the figure "
+             "`report_errors.png` shows it layer by layer:", "",
+             "| linear | " + " | ".join(methods) + (f" | {quad} / QuaRot |" if quad else " |"),
+             "| --- |" + " ---: |" * (len(methods) + bool(quad))]
+    for name, per in errors.items():
+        ratio = [f"{per[quad] / per['QuaRot']:.2f}"] if quad and per.get("QuaRot") else []
+        lines.append(f"| {name} | " + " | ".join([f"{per[x]:.4f}" for x in methods] + ratio) + " |")
+    return lines + [""]
+
+
 def markdown(s: dict) -> str:
     m = s["meta"]
     rep, adv = s["report"], s["advise_rank"]
-    lines = ["# SmolLM2-135M-Instruct: outlier report, rank advisor, drift check", "",
+    lines = [f"# {m.get('model_title', 'SmolLM2-135M-Instruct')}: outlier report, rank advisor, drift check", "",
              f"Generated by `{m['command']}` on {m['date']} ({m['machine']}); checkpoint: {m['checkpoint']} "
              "(QUAD W4A4 r=64, GPTQ). Wall times include model loading."
              + (f" The report and advisor sections are from `{s['earlier']['command']}` on {s['earlier']['date']}."
@@ -140,6 +183,7 @@ def markdown(s: dict) -> str:
              "| r | " + " | ".join(str(k) for k in rep["energy_by_rank"]) + " |",
              "|---|" + "---:|" * len(rep["energy_by_rank"]),
              "| energy | " + " | ".join(f"{100 * v:.1f}%" for v in rep["energy_by_rank"].values()) + " |", "",
+             *error_lines(rep.get("error_by_type")),
              f"## Rank advisor: {adv['wall_seconds']:.0f} s", "", f"`{adv['command']}`", "",
              f"Recommended r = {adv['recommended']} (best: r = {adv['best']}, tolerance {adv['tolerance']:.0%}). "
              "What it printed:", "", adv["stdout"].strip(), "",

@@ -66,10 +66,15 @@ def model_slug(model: str) -> str:
     return "smollm2" if known.name == DEFAULT_MODEL else known.name
 
 
-def results_stem(model: str, suffix: str) -> Path:
-    """``results/<model>_<suffix>``, without dots (the scripts add ``.json`` and ``.md`` with
+def file_slug(model: str) -> str:
+    """:func:`model_slug` without dots, for file names (the scripts add ``.json`` and ``.md`` with
     ``Path.with_suffix``, which would cut a name such as ``qwen2.5-coder-0.5b`` at its first dot)."""
-    return ROOT / "results" / f"{model_slug(model).replace('.', '_')}_{suffix}"
+    return model_slug(model).replace(".", "_")
+
+
+def results_stem(model: str, suffix: str) -> Path:
+    """``results/<model>_<suffix>`` (:func:`file_slug`)."""
+    return ROOT / "results" / f"{file_slug(model)}_{suffix}"
 
 
 def model_title(model: str) -> str:
@@ -249,7 +254,9 @@ def main() -> None:
                                                       "calib_seqlen", "seed", "data", "model") if k in old["meta"])
         if not same:
             raise SystemExit("--resume: the existing results were made with other settings")
-        results = {name: {k: v for k, v in r.items() if k != "quantize"} for name, r in old["rows"].items()}
+        # A row not quantized in this run keeps the summary of the run that made its checkpoint.
+        results = {name: {k: v for k, v in r.items() if k != "quantize" or name not in summaries}
+                   for name, r in old["rows"].items()}
         log.info("resuming: %s", {n: r["windows"] for n, r in results.items()})
     # Rows are evaluated a few at a time (every model of a group is in memory together, and the
     # reference runs once per window per group); a row keeps its windows across groups and runs.

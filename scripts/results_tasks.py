@@ -1,20 +1,24 @@
 #!/usr/bin/env python
-"""Regenerate the task table: SmolLM2 FP, QuaRot W4A4, QUAD W4A4 r=64 and QUAD W4A4A8 r=64 (and
+"""Regenerate a model's task table: FP, QuaRot W4A4, QUAD W4A4 r=64 and QUAD W4A4A8 r=64 (and
 the outlier-fine-tuned QUAD model when scripts/results_finetune.py has made it) on the eight
 zero-shot tasks of lm-evaluation-harness and on GSM8K and HumanEval, as "% of FP".
 
-The checkpoints are those of scripts/results_smollm2.py (reused from runs/smollm2, made there
-when missing). Every (task, model) cell is one `quadllm eval MODEL --tasks TASK --limit N --json
-...` in its own process; its JSON is kept in results/smollm2_tasks/<model>/<task>.json (committed),
+The model is SmolLM2-135M-Instruct unless ``--model`` names another known offline model. The
+checkpoints are those of scripts/results_smollm2.py (reused from runs/<model>, made there when
+missing). Every (task, model) cell is one `quadllm eval MODEL --tasks TASK --limit N --json ...`
+in its own process; its JSON is kept in results/<model>_tasks/<model>/<task>.json (committed),
 so the table can be filled over several sittings: cells already there are reused, and
 `--budget-minutes` stops starting new cells after that long. Cells run task by task (every model
-on one task, then the next task), so a partial table holds complete rows. Per-item records go to
-runs/smollm2_tasks_samples/. The table (with the wall time of every cell) is
-results/smollm2_tasks.{md,json}, built from the cells with quadllm.evaluation.compare.
+on one task, then the next task), so a partial table holds complete rows. A zero-shot task on
+which FP scores at chance is not run on the quantized models (nothing can be read from it), unless
+``--all-tasks``. Per-item records go to runs/<model>_tasks_samples/. The table (with the wall time
+of every cell) is results/<model>_tasks.{md,json}, built from the cells with quadllm.evaluation.compare.
 
     python scripts/results_tasks.py                           # 500 items per zero-shot task, 100 generative
     python scripts/results_tasks.py --budget-minutes 60       # as many cells as fit in an hour
     python scripts/results_tasks.py --limit 50 --gen-limit 10 --out runs/quick   # a quick look, kept out of results/
+    python scripts/results_tasks.py --model qwen2.5-coder-0.5b --gen-limit 164 \
+        --tasks piqa,arc_easy,arc_challenge,hellaswag,winogrande,lambada_openai,openbookqa,boolq,humaneval_chat,gsm8k
 """
 
 from __future__ import annotations
@@ -33,27 +37,37 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from results_finetune import OUTLIER_FT_DIR  # noqa: E402
-from results_smollm2 import ROWS, add_checkpoint_args, portable, quantize_args, quantize_row, resolve_paths, slug  # noqa: E402
+from results_smollm2 import (  # noqa: E402
+    ROWS,
+    add_checkpoint_args,
+    model_title,
+    portable,
+    quantize_args,
+    quantize_row,
+    resolve_paths,
+    slug,
+)
 
 from quadllm.evaluation.compare import build_rows, compare_markdown, mean_paired_difference, papers_average  # noqa: E402
 from quadllm.evaluation.speed import machine_description  # noqa: E402
 from quadllm.io.checkpoint import CheckpointError, weights_hash  # noqa: E402
 
 ZERO_SHOT = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada_openai", "openbookqa", "boolq")
-GENERATIVE = ("gsm8k", "humaneval")
+GENERATIVE = ("gsm8k", "humaneval", "humaneval_chat")
 QUANTIZED = ("QuaRot W4A4", "QUAD W4A4 r=64", "QUAD W4A4A8 r=64")
-FP = "SmolLM2-135M-Instruct"
 FINETUNED = "QUAD W4A4 r=64 + outlier FT"
 WEAK = 0.10  # an FP score below this is too low to tell quantization methods apart
 #: Accuracy of guessing at random (1 / number of choices) on each multiple-choice task; an FP
 #: score within two standard errors of it means the model cannot do the task.
 CHANCE = {"piqa": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25, "winogrande": 0.5,
           "openbookqa": 0.25, "boolq": 0.5}
-#: Model pairs compared item by item (first minus second).
+#: Model pairs compared item by item (first minus second); "FP" stands for the full-precision model.
 PAIRS = (("QUAD W4A4 r=64", "QuaRot W4A4"), ("QUAD W4A4A8 r=64", "QUAD W4A4 r=64"),
-         (FINETUNED, "QUAD W4A4 r=64"), ("QUAD W4A4 r=64", FP))
+         (FINETUNED, "QUAD W4A4 r=64"), ("QUAD W4A4 r=64", "FP"))
 #: The metric compared for a generative task (zero-shot tasks use the papers' choice).
-GEN_METRIC = {"gsm8k": "exact_match,flexible-extract", "humaneval": "pass@1"}
+GEN_METRIC = {"gsm8k": "exact_match,flexible-extract", "humaneval": "pass@1", "humaneval_chat": "pass@1"}
+
+# In the functions below, ``models[0]`` is the full-precision model (its title, as in the table).
 
 log = logging.getLogger("results")
 
@@ -76,7 +90,8 @@ def checkpoint_sha256(spec: str) -> str | None:
 
 
 def samples_file(out: Path) -> Path:
-    return ROOT / "runs" / "smollm2_tasks_samples" / out.parent.name / f"{out.stem}.jsonl"
+    """Per-item records of the cell ``out`` (``<parts>/<model>/<task>.json``): runs/<parts>_samples/<model>/<task>.jsonl."""
+    return ROOT / "runs" / f"{out.parent.parent.name}_samples" / out.parent.name / f"{out.stem}.jsonl"
 
 
 def item_scores(samples: Path, task: str, metrics: dict) -> dict[str, str]:
@@ -151,13 +166,13 @@ def merge(cells: dict[tuple[str, str], dict], models: list[str]) -> dict[str, di
     return merged
 
 
-def weak_notes(rows: list[dict]) -> list[str]:
+def weak_notes(rows: list[dict], fp: str) -> list[str]:
     notes = []
     for row in rows:
-        v = row["values"].get(FP)
+        v = row["values"].get(fp)
         if row["task"] in GENERATIVE and isinstance(v, (int, float)) and v < WEAK:
             notes.append(f"- {row['task']} `{row['metric']}`: the FP model scores {100 * v:.1f}%, too close to zero "
-                         "for this 135M model to tell the quantization methods apart; do not read the percentages "
+                         f"for {fp} to tell the quantization methods apart; do not read the percentages "
                          "of FP on this row as a ranking.")
     return notes
 
@@ -176,12 +191,13 @@ def chance_tasks(fp_tasks: dict[str, dict]) -> dict[str, str]:
 
 def chance_lines(merged: dict[str, dict], models: list[str], group: list[str]) -> list[str]:
     """Notes on the tasks where FP is at chance, and the papers' average without them."""
-    fp_tasks = {t: v for t, v in merged[FP]["tasks"].items() if t in group}
+    fp = models[0]
+    fp_tasks = {t: v for t, v in merged[fp]["tasks"].items() if t in group}
     weak = chance_tasks(fp_tasks)
     if not weak:
         return []
     lines = [f"- {t} `{m}`: the FP model scores {100 * float(fp_tasks[t][m]):.1f}%, at most two standard errors "
-             f"above guessing ({100 * CHANCE[t]:.0f}%): this 135M model cannot do the task, so its % of FP "
+             f"above guessing ({100 * CHANCE[t]:.0f}%): {fp} cannot do the task, so its % of FP "
              "(quantized models included) says nothing about the methods." for t, m in weak.items()]
     _, used = papers_average(fp_tasks)
     keep = {t: m for t, m in used.items() if t not in weak}
@@ -191,7 +207,7 @@ def chance_lines(merged: dict[str, dict], models: list[str], group: list[str]) -
         for model in models:
             avg = papers_average({t: v for t, v in merged[model]["tasks"].items() if t in group}, keep)[0]
             if avg is not None:
-                parts.append(f"{model} {100 * avg:.2f}" + ("" if model == FP else f" ({100 * avg / fp_avg:.1f}% of FP)"))
+                parts.append(f"{model} {100 * avg:.2f}" + ("" if model == fp else f" ({100 * avg / fp_avg:.1f}% of FP)"))
         lines += ["", f"Average over the {len(keep)} tasks where FP is above chance ({', '.join(keep)}): "
                   + "; ".join(parts) + "."]
     return lines + [""]
@@ -200,11 +216,12 @@ def chance_lines(merged: dict[str, dict], models: list[str], group: list[str]) -
 def paired_table(cells: dict, models: list[str], group: list[str]) -> tuple[list[str], list[dict]]:
     """Item-by-item differences (points, ± standard error) of the PAIRS on the tasks of ``group``
     done for both models, per task and for the papers' average (zero-shot)."""
-    fp_tasks = {t: cells[(t, FP)]["tasks"][t] for t in group if (t, FP) in cells}
+    fp = models[0]
+    fp_tasks = {t: cells[(t, fp)]["tasks"][t] for t in group if (t, fp) in cells}
     metric = {t: GEN_METRIC.get(t) or papers_average({t: m})[1].get(t) for t, m in fp_tasks.items()}
     zero_shot = [t for t in group if t in ZERO_SHOT]
     records = []
-    for a, b in PAIRS:
+    for a, b in ((fp if a == "FP" else a, fp if b == "FP" else b) for a, b in PAIRS):
         if a not in models or b not in models:
             continue
         per_task = {}
@@ -252,7 +269,7 @@ def checkpoint_lines(cells: dict, models: list[str]) -> list[str]:
     for model in models:
         seen: dict[str, list[str]] = {}
         for (task, m), c in cells.items():
-            if m == model and model != FP:
+            if m == model and model != models[0]:
                 seen.setdefault(c.get("checkpoint_sha256") or "unrecorded", []).append(task)
         if len(seen) > 1:
             parts = [f"{h}: {', '.join(ts)}" for h, ts in seen.items()]
@@ -263,16 +280,24 @@ def checkpoint_lines(cells: dict, models: list[str]) -> list[str]:
     return lines
 
 
-def render(cells: dict, models: list[str], tasks: list[str], args, total: int) -> str:
+def render(cells: dict, models: list[str], tasks: list[str], args, total: int,
+           skipped: dict[str, str] | None = None) -> str:
+    """The Markdown table; ``skipped``: zero-shot tasks (-> the papers' metric) on which FP is at
+    chance and the quantized models were not run."""
+    fp, skipped = models[0], skipped or {}
     merged = merge(cells, models)
-    lines = ["# SmolLM2-135M-Instruct: tasks as % of full precision", ""]
+    parts = Path(args.out)
+    lines = [f"# {fp}: tasks as % of full precision", ""]
     status = "complete" if len(cells) == total else f"**in progress: {len(cells)} of {total} cells done**"
     machines = sorted({c.get("machine", "?") for c in cells.values()})
-    lines += [f"Generated by `python scripts/results_tasks.py` ({status}); each cell's command, date and machine "
-              "are in results/smollm2_tasks/<model>/<task>.json. Checkpoints: GPTQ weights, calibration "
+    where = parts.relative_to(ROOT) if parts.is_relative_to(ROOT) else parts
+    lines += [f"Generated by `{args.command}` ({status}); each cell's command, date and machine "
+              f"are in {where}/<model>/<task>.json. Checkpoints: GPTQ weights, calibration "
               f"{args.calib_samples} x {args.calib_seqlen} tokens of `wiki.valid.tokens`, seed {args.seed} "
               "(scripts/results_smollm2.py). Zero-shot tasks: the first "
-              f"{args.limit} items (the whole split when smaller); GSM8K and HumanEval: the first {args.gen_limit}. "
+              f"{args.limit} items (the whole split when smaller); GSM8K and HumanEval: the first {args.gen_limit} "
+              "(`humaneval`: the raw prompt completed, as the harness; `humaneval_chat`: EvalPlus's instruct prompt "
+              "through the chat template, as the Qwen2.5-Coder authors evaluate). "
               f"Machines: {'; '.join(machines) if machines else 'none yet'}.", ""]
     lines += checkpoint_lines(cells, models)
     for label, group in (("zero-shot", [t for t in tasks if t in ZERO_SHOT]),
@@ -281,17 +306,24 @@ def render(cells: dict, models: list[str], tasks: list[str], args, total: int) -
             continue
         complete = [t for t in group if all((t, m) in cells for m in models)]
         lines += [f"## {label}", ""]
+        at_chance = [t for t in group if t in skipped and t not in complete and (t, fp) in cells]
+        if at_chance:
+            lines += ["FP scores at chance (at most two standard errors above guessing) on "
+                      + ", ".join(f"{t} ({100 * float(cells[(t, fp)]['tasks'][t][skipped[t]]):.1f}% `{skipped[t]}`, "
+                                  f"chance {100 * CHANCE[t]:.0f}%)" for t in at_chance)
+                      + ": the quantized models were not run on them and they are left out of the table.", ""]
+            group = [t for t in group if t not in at_chance]
         if not complete:
             lines += ["No task done for every model yet.", ""]
             continue
         done = {k: v for k, v in cells.items() if k[0] in complete}
-        rows = build_rows(merge(done, models), FP)
-        lines += compare_markdown(rows, models, FP).splitlines() + [""]
+        rows = build_rows(merge(done, models), fp)
+        lines += compare_markdown(rows, models, fp).splitlines() + [""]
         missing = [t for t in group if t not in complete]
         if missing:
             lines += [f"Not yet done for every model (left out of the table and the average): {', '.join(missing)}.",
                       ""]
-        lines += weak_notes(rows)
+        lines += weak_notes(rows, fp)
         if label == "zero-shot":
             lines += chance_lines(merge(done, models), models, complete)
         paired_lines, _ = paired_table({k: v for k, v in cells.items() if k[0] in complete}, models, complete)
@@ -305,15 +337,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limit", type=int, default=500, help="items per zero-shot task (first N, the harness's way)")
     p.add_argument("--gen-limit", type=int, default=100, help="items for GSM8K and HumanEval")
-    p.add_argument("--tasks", default=",".join(ZERO_SHOT + GENERATIVE), help="comma-separated subset of the tasks")
+    p.add_argument("--tasks", default=",".join(ZERO_SHOT + ("gsm8k", "humaneval")),
+                   help=f"comma-separated, from {', '.join(ZERO_SHOT + GENERATIVE)}")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="start no new cell after this many minutes (finished cells are kept)")
     add_checkpoint_args(p)
-    p.add_argument("--out", default=str(ROOT / "results" / "smollm2_tasks"),
-                   help="OUT.md and OUT.json; the cells go to the directory OUT/")
+    p.add_argument("--out", default=None,
+                   help="OUT.md and OUT.json; the cells go to the directory OUT/ (default: results/<model>_tasks)")
     p.add_argument("--force", action="store_true", help="re-run cells whose output exists")
+    p.add_argument("--render-only", action="store_true", help="rebuild the table from the cells there and stop")
+    p.add_argument("--all-tasks", action="store_true",
+                   help="run the quantized models also on zero-shot tasks where FP is at chance")
     args = p.parse_args()
-    resolve_paths(args)
+    args.command = " ".join(["python scripts/results_tasks.py", *(a for a in sys.argv[1:] if a != "--render-only")]).strip()
+    resolve_paths(args, "tasks")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = sorted(set(tasks) - set(ZERO_SHOT + GENERATIVE))
@@ -321,12 +358,14 @@ def main() -> None:
         raise SystemExit(f"unknown tasks {unknown}; choose from {ZERO_SHOT + GENERATIVE}")
     qargs = quantize_args(args)
     flags = dict(ROWS)
-    specs = {FP: "default"}
+    fp = model_title(args.model)
+    specs = {fp: args.model}
     for name in QUANTIZED:
-        quantize_row(name, flags[name], qargs)
+        if not args.render_only:
+            quantize_row(name, flags[name], qargs)
         specs[name] = str(Path(args.work) / slug(name))
     ft = Path(args.work) / OUTLIER_FT_DIR
-    if (ft / "quadllm_config.json").is_file():
+    if (ft / "quadllm_config.json").is_file() or (args.render_only and cell_file(Path(args.out), FINETUNED, "piqa").parent.is_dir()):
         specs[FINETUNED] = str(ft)
     else:
         log.info("no fine-tuned checkpoint at %s (run scripts/results_finetune.py first to include it)", ft)
@@ -335,13 +374,20 @@ def main() -> None:
     parts = out.parent / out.name
     t0 = time.perf_counter()
     cells: dict[tuple[str, str], dict] = {}
+    skipped: dict[str, str] = {}
     stopped = False
     for task in tasks:
         limit = args.gen_limit if task in GENERATIVE else args.limit
         for model in models:
             path = cell_file(parts, model, task)
             cell = None if args.force else load_cell(path, limit, args.seed)
-            if cell is None and not stopped:
+            if cell is None and model != fp and (task, fp) in cells and not args.all_tasks:
+                weak = chance_tasks(cells[(task, fp)]["tasks"])
+                if task in weak:
+                    log.info("%s: FP is at chance; the quantized models are not run on it", task)
+                    skipped[task] = weak[task]
+                    continue
+            if cell is None and not stopped and not args.render_only:
                 if args.budget_minutes is not None and time.perf_counter() - t0 > 60 * args.budget_minutes:
                     log.info("budget of %.0f min spent: no new cells (rerun to continue)", args.budget_minutes)
                     stopped = True
@@ -350,11 +396,12 @@ def main() -> None:
                     cell = run_cell(model, specs[model], task, limit, parts, args)
             if cell is not None:
                 cells[(task, model)] = cell
-            md = render(cells, models, tasks, args, len(tasks) * len(models))
+            total = (len(tasks) - len(skipped)) * len(models) + len(skipped)
+            md = render(cells, models, tasks, args, total, skipped)
             out.with_suffix(".md").write_text(md)
     summary = {"models": {m: portable(s) for m, s in specs.items()}, "tasks": tasks, "limit": args.limit,
                "gen_limit": args.gen_limit, "seed": args.seed,
-               "cells_done": len(cells), "cells_total": len(tasks) * len(models),
+               "cells_done": len(cells), "cells_total": total, "skipped_at_chance": skipped,
                "results": merge(cells, models),
                "paired": paired_table(cells, models, tasks)[1]}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str) + "\n")

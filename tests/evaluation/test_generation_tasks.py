@@ -371,6 +371,33 @@ def test_humaneval_programs(own_tmp):
     assert loop["status"] == "timeout"
 
 
+def test_humaneval_chat_prompt_is_evalplus_instruct_prompt(tokenizer, own_tmp):
+    from transformers import PreTrainedTokenizerFast
+
+    from quadllm.evaluation.tasks.humaneval import CHAT_STOP, chat_prompt
+
+    problem = {"task_id": "T/0", "prompt": "def one():\n    \"\"\"Return 1.\"\"\"\n", "test": "def check(f):\n    assert f() == 1\n",
+               "entry_point": "one"}
+    with pytest.raises(DataError, match="chat template"):
+        chat_prompt(tokenizer, problem)
+    chat_tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="</s>")
+    chat_tok.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    # EvalPlus (provider/utility.py make_raw_chat_prompt): instruction, fenced prompt, then the
+    # assistant's turn cut right after its opening fence.
+    assert chat_prompt(chat_tok, problem) == (
+        "<|user|>Please provide a self-contained Python script that solves the following problem in a markdown "
+        "code block:\n```\ndef one():\n    \"\"\"Return 1.\"\"\"\n```\n<|end|>"
+        "<|assistant|>Below is a Python script with a self-contained function that solves the problem and "
+        "passes corresponding tests:\n```python\n")
+    script = "def one():\n    return 1\n"
+    assert cut_at_stop(script + "```\nThis function returns one.", CHAT_STOP)[0] == script.rstrip("\n")
+    # A chat completion is the whole script, so the prompt is not prepended and a body alone fails.
+    assert program(problem, script, "chat") == script + "\n" + problem["test"] + "\ncheck(one)"
+    assert program(problem, "    return 1\n").startswith(problem["prompt"])
+    assert run_python(program(problem, script, "chat")).passed
+    assert not run_python(program(problem, "    return 1\n", "chat")).passed
+
+
 # ---------------------------------------------------------------------------- compare table
 
 

@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 rt = pytest.importorskip("results_tasks")
+FP = "SmolLM2-135M-Instruct"  # the full-precision model is the first of the models given
 
 
 def _task(acc_norm: float, se: float) -> dict:
@@ -33,7 +34,7 @@ def test_chance_tasks_ignores_tasks_without_a_chance_level_or_a_standard_error()
 
 
 def test_chance_lines_gives_the_average_without_the_chance_tasks():
-    fp, q = rt.FP, "QuaRot W4A4"
+    fp, q = FP, "QuaRot W4A4"
     merged = {
         fp: {"tasks": {"piqa": _task(0.60, 0.02), "arc_easy": _task(0.40, 0.02), "boolq": {"acc": 0.45, "acc_stderr": 0.02}}},
         q: {"tasks": {"piqa": _task(0.54, 0.02), "arc_easy": _task(0.30, 0.02), "boolq": {"acc": 0.60, "acc_stderr": 0.02}}},
@@ -46,8 +47,8 @@ def test_chance_lines_gives_the_average_without_the_chance_tasks():
 
 
 def test_chance_lines_is_empty_when_fp_beats_chance_everywhere():
-    merged = {rt.FP: {"tasks": {"piqa": _task(0.70, 0.02)}}}
-    assert rt.chance_lines(merged, [rt.FP], ["piqa"]) == []
+    merged = {FP: {"tasks": {"piqa": _task(0.70, 0.02)}}}
+    assert rt.chance_lines(merged, [FP], ["piqa"]) == []
 
 
 def _cell(task: str, items: str, sha: str | None = None) -> dict:
@@ -61,11 +62,11 @@ def _cell(task: str, items: str, sha: str | None = None) -> dict:
 
 def test_paired_table_differences_match_a_hand_computation():
     a, b = "QUAD W4A4 r=64", "QuaRot W4A4"
-    cells = {("piqa", rt.FP): _cell("piqa", "1111"), ("piqa", a): _cell("piqa", "1101"),
+    cells = {("piqa", FP): _cell("piqa", "1111"), ("piqa", a): _cell("piqa", "1101"),
              ("piqa", b): _cell("piqa", "1000"),
-             ("arc_easy", rt.FP): _cell("arc_easy", "1100"), ("arc_easy", a): _cell("arc_easy", "1100"),
+             ("arc_easy", FP): _cell("arc_easy", "1100"), ("arc_easy", a): _cell("arc_easy", "1100"),
              ("arc_easy", b): _cell("arc_easy", "1100")}
-    lines, records = rt.paired_table(cells, [rt.FP, b, a], ["piqa", "arc_easy"])
+    lines, records = rt.paired_table(cells, [FP, b, a], ["piqa", "arc_easy"])
     rec = next(r for r in records if (r["a"], r["b"]) == (a, b))
     # piqa: d = [0, 1, 0, 1], mean 0.5, sample sd sqrt(1/3), se sqrt(1/3)/2; arc_easy: all zero
     assert rec["per_task"]["piqa"]["diff"] == pytest.approx(0.5)
@@ -81,8 +82,22 @@ def test_checkpoint_lines_lists_models_scored_on_more_than_one_build():
     cells = {("piqa", q): _cell("piqa", "10", "aaa"), ("boolq", q): _cell("boolq", "10", "bbb"),
              ("hellaswag", q): _cell("hellaswag", "10"),
              ("piqa", a): _cell("piqa", "10", "ccc"), ("boolq", a): _cell("boolq", "10", "ccc")}
-    text = "\n".join(rt.checkpoint_lines(cells, [rt.FP, q, a]))
+    text = "\n".join(rt.checkpoint_lines(cells, [FP, q, a]))
     assert "QuaRot W4A4: cells from 3 builds" in text
     assert "aaa: piqa" in text and "bbb: boolq" in text and "unrecorded: hellaswag" in text
     assert a not in text
-    assert rt.checkpoint_lines({("piqa", a): _cell("piqa", "1", "ccc")}, [a]) == []
+    assert rt.checkpoint_lines({("piqa", a): _cell("piqa", "1", "ccc")}, [FP, a]) == []
+
+
+def test_render_leaves_out_tasks_where_fp_is_at_chance_and_names_the_model(tmp_path):
+    q = "QuaRot W4A4"
+    fp = "Qwen2.5-Coder-0.5B-Instruct"
+    cells = {("piqa", fp): _cell("piqa", "1110"), ("piqa", q): _cell("piqa", "1100"),
+             ("boolq", fp): _cell("boolq", "0110")}
+    args = type("A", (), {"out": str(tmp_path / "t"), "command": "python scripts/results_tasks.py --model x",
+                          "calib_samples": 32, "calib_seqlen": 512, "seed": 0, "limit": 4, "gen_limit": 2})()
+    md = rt.render(cells, [fp, q], ["piqa", "boolq"], args, 3, {"boolq": "acc"})
+    assert md.startswith(f"# {fp}: tasks as % of full precision")
+    assert "FP scores at chance" in md and "boolq (50.0% `acc`, chance 50%)" in md
+    assert "Not yet done" not in md  # boolq is left out as at chance, not as unfinished
+    assert "--model x` (complete)" in md

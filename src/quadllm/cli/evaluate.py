@@ -28,7 +28,7 @@ log = logging.getLogger("quadllm")
 def add_tasks(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default=None, help="comma-separated: zero-shot tasks of lm-evaluation-harness "
                    "(piqa, arc_easy, arc_challenge, hellaswag, winogrande, lambada_openai, openbookqa, boolq), "
-                   "gsm8k, humaneval")
+                   "gsm8k, humaneval (raw prompt), humaneval_chat (EvalPlus instruct prompt)")
     p.add_argument("--limit", type=int, default=None, help="the first N items of each task (harness convention)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="seed of the harness and of GSM8K's few-shot draws")

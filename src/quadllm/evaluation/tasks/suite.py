@@ -1,9 +1,10 @@
 """One entry point for every task ``quadllm eval --tasks`` accepts: zero-shot tasks through
-lm-evaluation-harness (:func:`quadllm.evaluation.tasks.run_tasks`), ``gsm8k`` and ``humaneval`` through
+lm-evaluation-harness (:func:`quadllm.evaluation.tasks.run_tasks`), ``gsm8k``, ``humaneval`` (the raw
+prompt completed) and ``humaneval_chat`` (EvalPlus's instruct prompt) through
 :mod:`quadllm.evaluation.tasks.gsm8k` and :mod:`quadllm.evaluation.tasks.humaneval`.
 
 Metric names are the harness's: ``acc``, ``acc_norm`` (zero-shot), ``exact_match,strict-match``,
-``exact_match,flexible-extract`` (GSM8K), ``pass@1`` (HumanEval); every task also reports ``n``.
+``exact_match,flexible-extract`` (GSM8K), ``pass@1`` (HumanEval, both prompts); every task also reports ``n``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def check_tasks(tasks: list[str], data_dir: str | Path | None = None, offline: b
     if "gsm8k" in tasks:
         for split in FILES:
             load_split(split, data_dir)
-    if "humaneval" in tasks:
+    if "humaneval" in tasks or "humaneval_chat" in tasks:
         problems_file()
     if zero_shot:
         try:
@@ -80,10 +81,11 @@ def run_suite(model: nn.Module, tokenizer, tasks: list[str], *, limit: int | Non
                           progress=progress, **gen_kw)
             scores[task], samples[task] = r["metrics"], r["samples"]
             details[task] = {"prompt_format": r["prompt_format"]}
-        elif task == "humaneval":
-            r = run_humaneval(model, tokenizer, limit=limit, batch_size=batch_size, progress=progress, **gen_kw)
+        elif task in ("humaneval", "humaneval_chat"):
+            r = run_humaneval(model, tokenizer, limit=limit, batch_size=batch_size, progress=progress,
+                              prompt_format="chat" if task == "humaneval_chat" else "completion", **gen_kw)
             scores[task], samples[task] = r["metrics"], r["samples"]
-            details[task] = {"statuses": r["statuses"], "isolation": r["isolation"]}
+            details[task] = {"statuses": r["statuses"], "isolation": r["isolation"], "prompt_format": r["prompt_format"]}
         else:
             r = run_tasks(model, tokenizer, [task], limit=limit, seed=seed, data_dir=data_dir,
                           batch_size=batch_size, offline=offline)
