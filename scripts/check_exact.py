@@ -34,6 +34,7 @@ from results_smollm2 import model_title, portable, results_stem  # noqa: E402
 
 import quadllm  # noqa: E402
 from quadllm import QuantConfig, load, quantize  # noqa: E402
+from quadllm.core.hadamard import has_hadamard  # noqa: E402
 from quadllm.data.text import load_text, sample_calibration  # noqa: E402
 from quadllm.evaluation.speed import machine_description  # noqa: E402
 from quadllm.io.sources import gguf_cache_dir, load_model  # noqa: E402
@@ -51,11 +52,21 @@ def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
             "top1_agreement": float((out.argmax(-1) == ref.argmax(-1)).double().mean())}
 
 
+def describe(t) -> str | None:
+    """An online transform as its Kronecker factors: ``H76`` a Hadamard factor, ``DCT14`` the
+    exact orthogonal stand-in for an order without one, ``I64`` an identity."""
+    if t is None:
+        return None
+    parts = [f"I{k}" if ident else (f"H{k}" if has_hadamard(k) else f"DCT{k}")
+             for k, ident in zip(t.orders, t.identity)]
+    return f"{t.n} = " + " ⊗ ".join(parts)
+
+
 def transforms_used(model) -> dict:
-    """Which online transform each of the first layer's o_proj and down_proj got (class names)."""
+    """Which online transform each of the first layer's o_proj and down_proj got."""
     layer = model.model.layers[0]
     found = {"o_proj": layer.self_attn.o_proj.transform, "down_proj": layer.mlp.down_proj.transform}
-    return {k: type(t).__name__ if t is not None else None for k, t in found.items()}
+    return {k: describe(t) for k, t in found.items()}
 
 
 @torch.no_grad()

@@ -97,6 +97,20 @@ def test_cli_quantize_eval_generate(tmp_path, smol_quad):
     assert r.stdout.strip()
 
 
+def test_cli_streaming_from_a_gguf_equals_in_memory(tmp_path, smollm2):
+    """``--streaming on`` reads a GGUF model through its dequantized cache and writes the same
+    tensors as the in-memory path."""
+    from quadllm.io.checkpoint import weights_hash
+
+    common = ("--weights", "rtn", "--calib-samples", "2", "--calib-seqlen", "128", "-q")
+    for mode in ("on", "off"):
+        r = _cli("quantize", "--model", "default", "--streaming", mode, "--out", str(tmp_path / mode), *common,
+                 cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout).get("streaming", False) is (mode == "on")
+    assert weights_hash(tmp_path / "on") == weights_hash(tmp_path / "off")
+
+
 def test_cli_finetune_adapter_eval_generate(tmp_path, smol_quad, wiki):
     """`quadllm finetune` on GSM8K train (a few steps), as an adapter, then eval and generate with it."""
     base, _ = smol_quad

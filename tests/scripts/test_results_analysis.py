@@ -22,3 +22,4 @@ def test_error_by_type_averages_the_layers_and_compares_quad_with_quarot():
     assert "| q_proj | 2.0000 | 0.3000 | 0.1500 | 0.50 |" in lines
     assert "| o_proj | 2.0000 | 0.2000 | 0.2000 | 1.00 |" in lines
     assert ra.error_lines(None) == []
+

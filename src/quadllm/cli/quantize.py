@@ -26,6 +26,7 @@ from ..io.sources import (
     model_size_bytes,
     parameter_count,
     resolve,
+    streaming_dir,
 )
 from ..pipelines.in_memory import quantize
 from ..pipelines.streaming import quantize_streaming
@@ -83,8 +84,10 @@ def _use_streaming(args) -> bool:
     source = resolve(args.model)
     if source.kind != "hf-dir":
         if args.streaming == "on":
-            raise ModelError(f"--streaming reads a local Hugging Face directory of safetensors files, not "
-                             f"{source.kind} {source.path}")
+            if source.kind == "gguf":  # streamed from its dequantized cache (streaming_dir)
+                return True
+            raise ModelError(f"--streaming reads a local Hugging Face directory of safetensors files or a GGUF "
+                             f"file, not {source.kind} {source.path}")
         return False
     if args.streaming == "on":
         return True
@@ -102,11 +105,12 @@ def _use_streaming(args) -> bool:
 
 def _quantize_streaming(args, config: QuantConfig, calib: TextSource | None, t0: float) -> int:
     source = resolve(args.model)
-    tok = AutoTokenizer.from_pretrained(source.path)
-    fp16_bytes = 2 * LazyWeights(source.path).numel()
+    model_dir = streaming_dir(source)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    fp16_bytes = 2 * LazyWeights(model_dir).numel()
     log.info("plan: %s (streaming)", config.describe())
     samples = calibration_samples(tok, config, args.data_dir, calib) if config.needs_calibration else None
-    result = quantize_streaming(source.path, config, samples, args.out, tok, source, progress=not args.quiet,
+    result = quantize_streaming(model_dir, config, samples, args.out, tok, source, progress=not args.quiet,
                                 activation_budget_bytes=args.activation_budget_mb * 2**20)
     return _print_summary(Path(args.out).resolve(), config, result["timings"]["quantize_s"], t0, fp16_bytes,
                           source, streaming=True)

@@ -134,6 +134,27 @@ def _save_cache(model, tok, target: Path) -> None:
         log.warning("could not cache the converted GGUF model in %s", target, exc_info=True)
 
 
+def streaming_dir(source: ModelSource) -> Path:
+    """The safetensors directory the streaming path reads: a Hugging Face directory itself; for a
+    GGUF file, its dequantized cache, made here the first time (that conversion holds the whole
+    model in memory once, as transformers' GGUF reader does)."""
+    if source.kind == "hf-dir":
+        return Path(source.path)
+    if source.kind != "gguf":
+        raise ModelError(f"streaming reads a Hugging Face directory of safetensors files or a GGUF file, not "
+                         f"{source.kind} {source.path}")
+    cdir = gguf_cache_dir(Path(source.path))
+    if not (cdir / "config.json").is_file():
+        model, tok = _convert_gguf(Path(source.path))
+        get_adapter(model.config)
+        _save_cache(model, tok, cdir)
+        del model
+        if not (cdir / "config.json").is_file():
+            raise ModelError(f"streaming needs the dequantized copy of {source.path} in {cdir}, which could not be "
+                             "written (see the warning above)")
+    return cdir
+
+
 def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, cache: bool = True):
     """Load an original model and its tokenizer: ``(model, tokenizer, ModelSource)``.
 
