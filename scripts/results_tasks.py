@@ -120,6 +120,10 @@ def run_cell(model: str, spec: str, task: str, limit: int, parts: Path, args) ->
     tmp = out.with_suffix(".json.tmp")
     cmd = [sys.executable, "-m", "quadllm.cli", "eval", spec, "--tasks", task, "--limit", str(limit),
            "--seed", str(args.seed), "--json", str(tmp), "--samples", str(samples), "-q"]
+    if args.batch_size != 8:
+        cmd += ["--batch-size", str(args.batch_size)]
+    if args.backend != "fake" and Path(spec).is_dir():  # a checkpoint; FP has no quantized linears
+        cmd += ["--backend", args.backend]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     log.info("%s on %s: %s", model, task, " ".join(cmd[3:]))
@@ -346,6 +350,9 @@ def main() -> None:
                    help="OUT.md and OUT.json; the cells go to the directory OUT/ (default: results/<model>_tasks)")
     p.add_argument("--force", action="store_true", help="re-run cells whose output exists")
     p.add_argument("--render-only", action="store_true", help="rebuild the table from the cells there and stop")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch in every cell (quadllm eval)")
+    p.add_argument("--backend", default="fake", choices=("fake", "cpu-int8"),
+                   help="how the checkpoints' quantized linears run (recorded in each cell's command)")
     p.add_argument("--all-tasks", action="store_true",
                    help="run the quantized models also on zero-shot tasks where FP is at chance")
     args = p.parse_args()
