@@ -289,6 +289,7 @@ def render(cells: dict, models: list[str], tasks: list[str], args, total: int,
     """The Markdown table; ``skipped``: zero-shot tasks (-> the papers' metric) on which FP is at
     chance and the quantized models were not run."""
     fp, skipped = models[0], skipped or {}
+    gsm8k_limit = getattr(args, "gsm8k_limit", None)
     merged = merge(cells, models)
     parts = Path(args.out)
     lines = [f"# {fp}: tasks as % of full precision", ""]
@@ -299,7 +300,9 @@ def render(cells: dict, models: list[str], tasks: list[str], args, total: int,
               f"are in {where}/<model>/<task>.json. Checkpoints: GPTQ weights, calibration "
               f"{args.calib_samples} x {args.calib_seqlen} tokens of `wiki.valid.tokens`, seed {args.seed} "
               "(scripts/results_smollm2.py). Zero-shot tasks: the first "
-              f"{args.limit} items (the whole split when smaller); GSM8K and HumanEval: the first {args.gen_limit} "
+              f"{args.limit} items (the whole split when smaller); "
+              + (f"GSM8K and HumanEval: the first {args.gen_limit} " if gsm8k_limit in (None, args.gen_limit) else
+                 f"GSM8K: the first {gsm8k_limit}; HumanEval: the first {args.gen_limit} ") +
               "(`humaneval`: the raw prompt completed, as the harness; `humaneval_chat`: EvalPlus's instruct prompt "
               "through the chat template, as the Qwen2.5-Coder authors evaluate). "
               f"Machines: {'; '.join(machines) if machines else 'none yet'}.", ""]
@@ -341,6 +344,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limit", type=int, default=500, help="items per zero-shot task (first N, the harness's way)")
     p.add_argument("--gen-limit", type=int, default=100, help="items for GSM8K and HumanEval")
+    p.add_argument("--gsm8k-limit", type=int, default=None, help="items for GSM8K (default: --gen-limit)")
     p.add_argument("--tasks", default=",".join(ZERO_SHOT + ("gsm8k", "humaneval")),
                    help=f"comma-separated, from {', '.join(ZERO_SHOT + GENERATIVE)}")
     p.add_argument("--budget-minutes", type=float, default=None,
@@ -384,7 +388,8 @@ def main() -> None:
     skipped: dict[str, str] = {}
     stopped = False
     for task in tasks:
-        limit = args.gen_limit if task in GENERATIVE else args.limit
+        limit = (args.gsm8k_limit or args.gen_limit) if task == "gsm8k" else \
+            args.gen_limit if task in GENERATIVE else args.limit
         for model in models:
             path = cell_file(parts, model, task)
             cell = None if args.force else load_cell(path, limit, args.seed)
@@ -407,7 +412,7 @@ def main() -> None:
             md = render(cells, models, tasks, args, total, skipped)
             out.with_suffix(".md").write_text(md)
     summary = {"models": {m: portable(s) for m, s in specs.items()}, "tasks": tasks, "limit": args.limit,
-               "gen_limit": args.gen_limit, "seed": args.seed,
+               "gen_limit": args.gen_limit, "gsm8k_limit": args.gsm8k_limit or args.gen_limit, "seed": args.seed,
                "cells_done": len(cells), "cells_total": total, "skipped_at_chance": skipped,
                "results": merge(cells, models),
                "paired": paired_table(cells, models, tasks)[1]}
