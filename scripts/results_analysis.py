@@ -97,15 +97,22 @@ def main() -> None:
         old = json.loads(out.with_suffix(".json").read_text())
         results = {"report": old["report"], "advise_rank": old["advise_rank"],
                    "earlier": old.get("earlier") or {"command": old["meta"]["command"], "date": old["meta"]["date"]}}
-    else:
-        results.update(report_and_advice(ckpt, work, dd, args.model, stem))
-    results["drift"] = drift(ckpt, work, data, dd)
     meta = {"command": " ".join(["python scripts/results_analysis.py", *sys.argv[1:]]),
             "date": dt.date.today().isoformat(), "machine": machine_description(), "checkpoint": ckpt,
             "model": args.model, "model_title": model_title(args.model)}
-    saved = portable({"meta": meta, **results})
-    out.with_suffix(".json").write_text(json.dumps(saved, indent=2, default=str) + "\n")
-    out.with_suffix(".md").write_text(markdown(saved))
+
+    def write(drift_rows: list[dict], pending: bool) -> None:
+        """Save what is done so far (an interrupted run keeps its report and advisor sections)."""
+        saved = portable({"meta": {**meta, **({"drift_pending": True} if pending else {})}, **results,
+                          "drift": drift_rows})
+        out.with_suffix(".json").write_text(json.dumps(saved, indent=2, default=str) + "\n")
+        out.with_suffix(".md").write_text(markdown(saved))
+
+    if not args.drift_only:
+        results.update(report_and_advice(ckpt, work, dd, args.model, stem))
+        write([], pending=True)
+    results["drift"] = drift(ckpt, work, data, dd, on_row=lambda rows: write(rows, pending=True))
+    write(results.pop("drift"), pending=False)
     print(out.with_suffix(".md").read_text())
 
 
@@ -139,7 +146,7 @@ def report_and_advice(ckpt: str, work: Path, dd: list[str], model: str, stem: st
     return results
 
 
-def drift(ckpt: str, work: Path, data: Path, dd: list[str]) -> list[dict]:
+def drift(ckpt: str, work: Path, data: Path, dd: list[str], on_row=None) -> list[dict]:
     code = python_source(work / "python_source.txt")
     domains = [("WikiText-2 test (calibration domain, held out)", "wikitext2"),
                ("GSM8K test questions", str(data / "gsm8k" / "test.jsonl")),
@@ -150,6 +157,8 @@ def drift(ckpt: str, work: Path, data: Path, dd: list[str]) -> list[dict]:
         r = run(f"drift on {label}", ["drift", ckpt, "--data", spec, "--json", str(js), *dd, "-q"], ok=(0, 3))
         results.append({"data": label, **{k: r[k] for k in ("command", "wall_seconds", "exit_code")},
                         **json.loads(js.read_text())})
+        if on_row is not None:
+            on_row(results)
     return results
 
 
@@ -206,6 +215,9 @@ def markdown(s: dict) -> str:
                      f"{fmt(new.get('median_angle_deg'), '{:.1f}')} | {probe_txt} | {fmt(new.get('kl'), '{:.4f}')} | "
                      f"{fmt(ref.get('kl'), '{:.4f}')} | {d['wall_seconds']:.0f} |")
     lines += [""] + [f"- {d['data']}: {'; '.join(d['reasons'])}" for d in s["drift"] if d["reasons"]] + [""]
+    if m.get("drift_pending"):
+        lines += [f"**In progress**: {len(s['drift'])} of 3 drift checks done; "
+                  f"`{m['command'].replace(' --drift-only', '')} --drift-only` runs them.", ""]
     return "\n".join(lines)
 
 
