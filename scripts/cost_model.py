@@ -25,33 +25,20 @@ import datetime as dt
 import json
 import logging
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from results_smollm2 import file_slug, model_title, portable, results_stem  # noqa: E402
+from results_smollm2 import file_slug, model_title, portable, results_stem, run_cli  # noqa: E402
 
 from quadllm.evaluation.speed import machine_description  # noqa: E402
 from quadllm.io.checkpoint import weights_hash  # noqa: E402
 
 log = logging.getLogger("cost")
 PATHS = ("in memory", "streaming")
-
-
-def cli(args: list[str]) -> tuple[str, float]:
-    """Run ``quadllm ARGS`` in its own process: (stdout, wall seconds); a failure stops the script."""
-    cmd = [sys.executable, "-m", "quadllm.cli", *args]
-    log.info("quadllm %s", " ".join(args))
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if r.returncode != 0:
-        raise SystemExit(f"quadllm {' '.join(args)} failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
-    return r.stdout, round(time.perf_counter() - t0, 1)
 
 
 def quantize(args, path: str, out: Path) -> dict:
@@ -67,8 +54,8 @@ def quantize(args, path: str, out: Path) -> dict:
              "--out", str(out), "-q"]
     if args.data_dir:
         flags += ["--data-dir", args.data_dir]
-    stdout, wall = cli(flags)
-    summary = {**json.loads(stdout), "command": "quadllm " + " ".join(flags), "wall_seconds": wall,
+    r = run_cli(path, flags)
+    summary = {**json.loads(r["stdout"]), "command": r["command"], "wall_seconds": r["wall_seconds"],
                "date": dt.date.today().isoformat(), "machine": machine_description()}
     summary_file.write_text(json.dumps(portable(summary), indent=2) + "\n")
     return summary
@@ -81,8 +68,8 @@ def bench(args, ckpt: Path, work: Path) -> dict:
         return json.loads(js.read_text())
     flags = ["bench", "model", str(ckpt), "--prefill", str(args.prefill), "--decode", str(args.decode),
              "--batch", "1", "--backends", "fake,cpu-int8", "--repeat", str(args.repeat), "--json", str(js), "-q"]
-    _, wall = cli(flags)
-    result = {**json.loads(js.read_text()), "command": "quadllm " + " ".join(flags), "wall_seconds": wall,
+    r = run_cli("bench", flags)
+    result = {**json.loads(js.read_text()), "command": r["command"], "wall_seconds": r["wall_seconds"],
               "date": dt.date.today().isoformat(), "machine": machine_description()}
     js.write_text(json.dumps(portable(result), indent=2) + "\n")
     return result

@@ -20,9 +20,7 @@ import datetime as dt
 import json
 import logging
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +36,7 @@ from results_smollm2 import (  # noqa: E402
     quantize_args,
     quantize_row,
     resolve_paths,
+    run_cli,
     slug,
 )
 
@@ -46,18 +45,6 @@ from quadllm.evaluation.speed import machine_description  # noqa: E402
 BASE = "QUAD W4A4 r=64"
 FIGURES = ("spectrum", "errors")
 log = logging.getLogger("results")
-
-
-def run(label: str, args: list[str], ok: tuple[int, ...] = (0,)) -> dict:
-    cmd = [sys.executable, "-m", "quadllm.cli", *args]
-    log.info("%s: quadllm %s", label, " ".join(args))
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    seconds = round(time.perf_counter() - t0, 1)
-    if r.returncode not in ok:
-        raise SystemExit(f"{label} failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
-    return {"command": "quadllm " + " ".join(args), "exit_code": r.returncode, "wall_seconds": seconds,
-            "stdout": r.stdout}
 
 
 def python_source(out: Path, max_chars: int = 400_000) -> Path:
@@ -128,7 +115,7 @@ def error_by_type(linear_errors: dict[str, dict[str, list[float]]]) -> dict[str,
 
 def report_and_advice(ckpt: str, work: Path, dd: list[str], model: str, stem: str) -> dict:
     results: dict = {}
-    r = run("report", ["report", ckpt, "--out", str(work / "report.html"), *dd, "-q"])
+    r = run_cli("report", ["report", ckpt, "--out", str(work / "report.html"), *dd, "-q"])
     report = json.loads((work / "report.json").read_text())
     results["report"] = {**{k: r[k] for k in ("command", "wall_seconds")},
                          "energy_by_rank": report["spectrum"]["energy_by_rank"], "memory": report["memory"],
@@ -139,7 +126,7 @@ def report_and_advice(ckpt: str, work: Path, dd: list[str], model: str, stem: st
     for name in FIGURES:
         shutil.copyfile(work / f"report_{name}.png", figdir / f"{stem}_quad_r64_{name}.png")
 
-    r = run("advise-rank", ["advise-rank", "--model", model, "--calib", "wikitext2", "--json",
+    r = run_cli("advise-rank", ["advise-rank", "--model", model, "--calib", "wikitext2", "--json",
                             str(work / "advise.json"), *dd, "-q"])
     results["advise_rank"] = {**{k: r[k] for k in ("command", "wall_seconds", "stdout")},
                               **json.loads((work / "advise.json").read_text())}
@@ -154,7 +141,7 @@ def drift(ckpt: str, work: Path, data: Path, dd: list[str], on_row=None) -> list
     results = []
     for label, spec in domains:
         js = work / f"drift_{len(results)}.json"
-        r = run(f"drift on {label}", ["drift", ckpt, "--data", spec, "--json", str(js), *dd, "-q"], ok=(0, 3))
+        r = run_cli(f"drift on {label}", ["drift", ckpt, "--data", spec, "--json", str(js), *dd, "-q"], ok=(0, 3))
         results.append({"data": label, **{k: r[k] for k in ("command", "wall_seconds", "exit_code")},
                         **json.loads(js.read_text())})
         if on_row is not None:

@@ -144,6 +144,20 @@ def run_cli_cached(name: str, cmd: list[str], out: Path, force: bool) -> dict:
     return summary
 
 
+def run_cli(label: str, args: list[str], ok: tuple[int, ...] = (0,)) -> dict:
+    """``quadllm ARGS`` in its own process, timed: ``{command, exit_code, wall_seconds, stdout}``;
+    an exit code outside ``ok`` stops the script with the command's stderr."""
+    cmd = [sys.executable, "-m", "quadllm.cli", *args]
+    log.info("%s: quadllm %s", label, " ".join(args))
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    seconds = round(time.perf_counter() - t0, 1)
+    if r.returncode not in ok:
+        raise SystemExit(f"{label} failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
+    return {"command": "quadllm " + " ".join(args), "exit_code": r.returncode, "wall_seconds": seconds,
+            "stdout": r.stdout}
+
+
 def fmt_md(results: dict, meta: dict) -> str:
     lines = [
         f"# {meta.get('model_title', 'SmolLM2-135M-Instruct')} on {meta['data_title']}",

@@ -50,10 +50,11 @@ from results_smollm2 import (  # noqa: E402
 
 from quadllm.evaluation.compare import build_rows, compare_markdown, mean_paired_difference, papers_average  # noqa: E402
 from quadllm.evaluation.speed import machine_description  # noqa: E402
+from quadllm.evaluation.tasks.scores import GENERATION_TASKS  # noqa: E402
 from quadllm.io.checkpoint import CheckpointError, weights_hash  # noqa: E402
 
 ZERO_SHOT = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada_openai", "openbookqa", "boolq")
-GENERATIVE = ("gsm8k", "humaneval", "humaneval_chat")
+GENERATIVE = GENERATION_TASKS
 QUANTIZED = ("QuaRot W4A4", "QUAD W4A4 r=64", "QUAD W4A4A8 r=64")
 FINETUNED = "QUAD W4A4 r=64 + outlier FT"
 WEAK = 0.10  # an FP score below this is too low to tell quantization methods apart
