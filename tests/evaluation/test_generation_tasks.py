@@ -114,6 +114,28 @@ def test_batched_generation_equals_one_by_one(model, tokenizer):
         assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == text
 
 
+def _ends_early(texts: list[str]) -> str:
+    """A stop string that occurs midway through the first text (so that sequence ends early)."""
+    first = texts[0]
+    return first[len(first) // 2:len(first) // 2 + 2]
+
+
+def test_ended_sequences_leave_the_batch(model, tokenizer):
+    free = [generate(model, tokenizer, [p], max_new_tokens=12, batch_size=1, progress=False)[0] for p in PROMPTS]
+    stop = (_ends_early(free),)
+    single = [generate(model, tokenizer, [p], max_new_tokens=12, stop=stop, batch_size=1, progress=False)[0]
+              for p in PROMPTS]
+    assert len(single[0]) < len(free[0]) and any(len(s) == len(f) for s, f in zip(single, free))
+    sizes = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        batched = generate(model, tokenizer, PROMPTS, max_new_tokens=12, stop=stop, batch_size=5, progress=False)
+    finally:
+        hook.remove()
+    assert batched == single
+    assert sizes[0] == 5 and min(sizes) < 5 and sizes == sorted(sizes, reverse=True)
+
+
 def test_generation_of_a_quantized_checkpoint_batches_exactly(quad_dir, tokenizer):
     qmodel, tok, _ = load(quad_dir, dtype=torch.float64)  # float64: batching cannot flip a rounding
     batched = generate(qmodel, tok, PROMPTS, max_new_tokens=8, batch_size=5, progress=False)

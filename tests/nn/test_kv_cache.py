@@ -85,3 +85,18 @@ def test_generation_uses_the_integer_cache(monkeypatch):
     out = generate(model, tok, ["abc", "hello there"], max_new_tokens=4, progress=False)
     assert len(out) == 2 and made and isinstance(made[0], IntKVCache)
     assert made[0].get_seq_length() > 0 and cache_nbytes(made[0]) > 0
+
+
+def test_the_integer_cache_drops_ended_rows():
+    model = _kv_model(4)
+    ids = torch.randint(0, 64, (3, 7))
+    cache = IntKVCache(model)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})
+        cache.batch_select_indices(torch.tensor([0, 2]))
+        nxt = torch.randint(0, 64, (3, 1))
+        kept = model(input_ids=nxt[[0, 2]], use_cache=True, **{cache_kwarg(model): cache}).logits
+        ref = IntKVCache(model)
+        model(input_ids=ids[[0, 2]], use_cache=True, **{cache_kwarg(model): ref})
+        want = model(input_ids=nxt[[0, 2]], use_cache=True, **{cache_kwarg(model): ref}).logits
+    assert torch.allclose(kept, want, atol=1e-5) and cache.get_seq_length() == 8

@@ -113,6 +113,10 @@ class IntKVLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("the integer KV cache cannot be cropped")
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the batch rows ``indices`` (generation drops the sequences that ended)."""
+        self.parts = {name: [t[indices] for t in ts] for name, ts in self.parts.items()}
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for ts in self.parts.values() for t in ts)
 

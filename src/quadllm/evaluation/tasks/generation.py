@@ -4,8 +4,8 @@ Works with any transformers causal LM, quadllm models included (``quadllm.load(d
 are tokenized one by one, sorted by length (longest first, as lm-evaluation-harness does),
 left-padded into batches with an attention mask and matching position ids, prefilled once and
 decoded token by token from the cache. A sequence ends at an end-of-sequence token, at the first
-occurrence of a stop string (cut off, not returned) or after ``max_new_tokens``; a batch ends
-when all its sequences have. Decoding is plain argmax (no sampling, no penalties), so a prompt
+occurrence of a stop string (cut off, not returned) or after ``max_new_tokens``; it then leaves
+the batch (its rows of the cache are dropped), and a batch ends when all its sequences have. Decoding is plain argmax (no sampling, no penalties), so a prompt
 gives the same text alone or in any batch, up to float rounding.
 """
 
@@ -139,11 +139,10 @@ def _batch(model: nn.Module, tokenizer, rows: list[list[int]], pad: int, eos: se
     cache = _cache_of(result)
     generated: list[list[int]] = [[] for _ in rows]
     texts, done = [""] * n, [False] * n
+    live = list(range(n))  # the rows still in the model's batch, in batch order
     for step in range(max_new_tokens):
-        nxt = result.logits[:, -1].argmax(-1)
-        for i, t in enumerate(nxt.tolist()):
-            if done[i]:
-                continue
+        nxt = result.logits[:, -1].argmax(-1).tolist()
+        for i, t in zip(live, nxt):
             if t in eos:
                 done[i] = True
                 continue
@@ -152,13 +151,26 @@ def _batch(model: nn.Module, tokenizer, rows: list[list[int]], pad: int, eos: se
             done[i] = hit
         if all(done) or step == max_new_tokens - 1:
             break
-        feed = torch.tensor([pad if d else t for d, t in zip(done, nxt.tolist())], dtype=torch.long, device=device)
-        mask = torch.cat([mask, mask.new_ones((n, 1))], dim=1)
+        keep = [j for j, i in enumerate(live) if not done[i]]
+        if len(keep) < len(live):  # drop ended rows: the rest decode as before, for less compute
+            sel = torch.tensor(keep, dtype=torch.long, device=device)
+            _select_rows(cache, sel)
+            mask, pos = mask[sel], pos[sel]
+            live, nxt = [live[j] for j in keep], [nxt[j] for j in keep]
+        feed = torch.tensor(nxt, dtype=torch.long, device=device)
+        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
         pos = pos[:, -1:] + 1
         result = model(input_ids=feed[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
                        **{cache_arg: cache})
         cache = _cache_of(result)
     return texts, sum(len(g) for g in generated)
+
+
+def _select_rows(cache, rows: torch.Tensor) -> None:
+    """Keep only the batch ``rows`` of a transformers ``Cache`` (quadllm's integer cache included)."""
+    if not hasattr(cache, "batch_select_indices"):
+        raise TypeError(f"cannot drop finished rows from a {type(cache).__name__} cache")
+    cache.batch_select_indices(rows)
 
 
 def _cache_of(result):
