@@ -123,6 +123,8 @@ def run_cell(model: str, spec: str, task: str, limit: int, parts: Path, args) ->
            "--seed", str(args.seed), "--json", str(tmp), "--samples", str(samples), "-q"]
     if args.batch_size != 8:
         cmd += ["--batch-size", str(args.batch_size)]
+    if args.dtype != "float32":
+        cmd += ["--dtype", args.dtype]
     if args.backend != "fake" and Path(spec).is_dir():  # a checkpoint; FP has no quantized linears
         cmd += ["--backend", args.backend]
     if args.data_dir:
@@ -147,14 +149,16 @@ def run_cell(model: str, spec: str, task: str, limit: int, parts: Path, args) ->
     return result
 
 
-def load_cell(path: Path, limit: int, seed: int) -> dict | None:
-    """A finished cell, or None; a cell made with another limit or seed is an error."""
+def load_cell(path: Path, limit: int, seed: int, dtype: str = "float32") -> dict | None:
+    """A finished cell, or None; a cell made with another limit, seed or dtype is an error (cells
+    from before ``--dtype`` existed ran in float32)."""
     if not path.is_file():
         return None
     cell = json.loads(path.read_text())
-    if cell.get("limit") != limit or cell.get("seed") != seed:
-        raise SystemExit(f"{path} was made with limit {cell.get('limit')}, seed {cell.get('seed')}, not "
-                         f"{limit}, {seed}: use another --parts directory or delete it")
+    made = (cell.get("limit"), cell.get("seed"), cell.get("dtype", "float32"))
+    if made != (limit, seed, dtype):
+        raise SystemExit(f"{path} was made with limit {made[0]}, seed {made[1]}, dtype {made[2]}, not "
+                         f"{limit}, {seed}, {dtype}: use another --out directory or delete it")
     if "items" not in cell and samples_file(path).is_file():  # cells made before per-item scores were kept
         task = path.stem
         cell["items"] = item_scores(samples_file(path), task, cell["tasks"][task])
@@ -291,6 +295,7 @@ def render(cells: dict, models: list[str], tasks: list[str], args, total: int,
     chance and the quantized models were not run."""
     fp, skipped = models[0], skipped or {}
     gsm8k_limit = getattr(args, "gsm8k_limit", None)
+    dtype = getattr(args, "dtype", "float32")
     merged = merge(cells, models)
     parts = Path(args.out)
     lines = [f"# {fp}: tasks as % of full precision", ""]
@@ -302,6 +307,8 @@ def render(cells: dict, models: list[str], tasks: list[str], args, total: int,
               f"{args.calib_samples} x {args.calib_seqlen} tokens of `wiki.valid.tokens`, seed {args.seed} "
               "(scripts/results_smollm2.py). Zero-shot tasks: the first "
               f"{args.limit} items (the whole split when smaller); "
+              + (f"every model runs in {dtype} (quantized linears simulated in it, log-probabilities in "
+                 "float32); " if dtype != "float32" else "")
               + (f"GSM8K and HumanEval: the first {args.gen_limit} " if gsm8k_limit in (None, args.gen_limit) else
                  f"GSM8K: the first {gsm8k_limit}; HumanEval: the first {args.gen_limit} ") +
               "(`humaneval`: the raw prompt completed, as the harness; `humaneval_chat`: EvalPlus's instruct prompt "
@@ -356,6 +363,8 @@ def main() -> None:
     p.add_argument("--force", action="store_true", help="re-run cells whose output exists")
     p.add_argument("--render-only", action="store_true", help="rebuild the table from the cells there and stop")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch in every cell (quadllm eval)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="what every model runs in (quadllm eval --dtype); one dtype per table")
     p.add_argument("--backend", default="fake", choices=("fake", "cpu-int8"),
                    help="how the checkpoints' quantized linears run (recorded in each cell's command)")
     p.add_argument("--all-tasks", action="store_true",
@@ -393,7 +402,7 @@ def main() -> None:
             args.gen_limit if task in GENERATIVE else args.limit
         for model in models:
             path = cell_file(parts, model, task)
-            cell = None if args.force else load_cell(path, limit, args.seed)
+            cell = None if args.force else load_cell(path, limit, args.seed, args.dtype)
             if cell is None and model != fp and (task, fp) in cells and not args.all_tasks:
                 weak = chance_tasks(cells[(task, fp)]["tasks"])
                 if task in weak:
@@ -413,7 +422,7 @@ def main() -> None:
             md = render(cells, models, tasks, args, total, skipped)
             out.with_suffix(".md").write_text(md)
     summary = {"models": {m: portable(s) for m, s in specs.items()}, "tasks": tasks, "limit": args.limit,
-               "gen_limit": args.gen_limit, "gsm8k_limit": args.gsm8k_limit or args.gen_limit, "seed": args.seed,
+               "gen_limit": args.gen_limit, "gsm8k_limit": args.gsm8k_limit or args.gen_limit, "seed": args.seed, "dtype": args.dtype,
                "cells_done": len(cells), "cells_total": total, "skipped_at_chance": skipped,
                "results": merge(cells, models),
                "paired": paired_table(cells, models, tasks)[1]}

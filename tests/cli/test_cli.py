@@ -4,6 +4,7 @@ code 2, and ``--backend`` is never silently dropped."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import subprocess
 import sys
@@ -62,3 +63,24 @@ def test_auto_backend_on_an_original_model_warns_and_runs(tiny_original, caplog,
 def test_the_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "quadllm.cli", "--help"], capture_output=True, text=True, check=True)
     assert "quantize" in out.stdout and "bench" in out.stdout
+
+
+def test_eval_in_bfloat16_is_close_to_float32_and_says_so(tiny_original, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("a small model reads the same words in two dtypes. " * 60)
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{dtype}.json"
+        assert main(["eval", str(tiny_original), "--data", str(text), "--seqlen", "32", "--max-windows", "2",
+                     "--dtype", dtype, "--json", str(out), "-q"]) == 0
+        results[dtype] = json.loads(out.read_text())
+    assert results["bfloat16"]["dtype"] == "bfloat16" and results["float32"]["dtype"] == "float32"
+    f32, bf16 = results["float32"]["ppl"], results["bfloat16"]["ppl"]
+    assert f32 != bf16 and abs(bf16 - f32) / f32 < 0.05
+
+
+def test_bfloat16_on_a_kernel_backend_is_an_error(tiny_original, caplog):
+    with caplog.at_level(logging.ERROR, logger="quadllm"):
+        assert main(["generate", str(tiny_original), "hi", "--max-new-tokens", "1", "--backend", "cpu-int8",
+                     "--dtype", "bfloat16", "-q"]) == 2
+    assert "--dtype bfloat16 runs on the fake backend" in caplog.text

@@ -3,6 +3,7 @@ without those tasks, item-by-item differences and the list of checkpoint builds.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -101,3 +102,11 @@ def test_render_leaves_out_tasks_where_fp_is_at_chance_and_names_the_model(tmp_p
     assert "FP scores at chance" in md and "boolq (50.0% `acc`, chance 50%)" in md
     assert "Not yet done" not in md  # boolq is left out as at chance, not as unfinished
     assert "--model x` (complete)" in md
+
+
+def test_a_cell_made_in_another_dtype_is_refused(tmp_path):
+    cell = tmp_path / "piqa.json"
+    cell.write_text(json.dumps({"limit": 5, "seed": 0, "tasks": {"piqa": {"acc": 0.6}}, "items": {}}))
+    assert rt.load_cell(cell, 5, 0)["limit"] == 5  # cells from before --dtype ran in float32
+    with pytest.raises(SystemExit, match="dtype float32"):
+        rt.load_cell(cell, 5, 0, "bfloat16")

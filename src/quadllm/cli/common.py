@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+
 from ..backends import BACKENDS, BackendError, place
 from ..finetune.adapter_file import is_adapter_file, read_adapter_meta
 from ..io.checkpoint import CheckpointError, is_checkpoint
@@ -22,7 +24,11 @@ log = logging.getLogger("quadllm")
 
 C = TypeVar("C")
 
-__all__ = ["add_common", "add_backend", "setup_logging", "config_from_args", "open_model", "write_text"]
+__all__ = ["add_common", "add_backend", "add_dtype", "DTYPES", "setup_logging", "config_from_args", "open_model",
+           "write_text"]
+
+#: The dtypes a model can be evaluated in (``--dtype``).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -35,6 +41,13 @@ def add_backend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="fake",
                    help="how a quadllm checkpoint's quantized linears run: float simulation (default), INT8 GEMM "
                         "on the CPU, Triton kernels on a CUDA device, or the fastest available")
+
+
+def add_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="the dtype the model's weights and activations run in (bfloat16: about 3x faster prefill "
+                        "on CPUs with bfloat16 matrix units; quantized linears keep their INT4 grid, simulated "
+                        "in that dtype; the fake backend only)")
 
 
 def setup_logging(args) -> None:
@@ -51,15 +64,21 @@ def config_from_args(cls: type[C], args: argparse.Namespace, **overrides: Any) -
     return cls(**{**values, **overrides})
 
 
-def open_model(spec: str | None, adapter: str | None = None, backend: str = "fake"):
+def open_model(spec: str | None, adapter: str | None = None, backend: str = "fake", dtype: str = "float32"):
     """A quadllm checkpoint (optionally with an adapter) placed on ``backend``, an adapter file
     (loaded on the base it records) or an original model: ``(model, tokenizer, meta_or_None,
     source_or_None)``. ``--backend`` names how a checkpoint's quantized linears run: asking for a
-    kernel on an original model is an error, ``auto`` there a warning."""
+    kernel on an original model is an error, ``auto`` there a warning. ``dtype`` (a key of
+    :data:`DTYPES`) is the dtype everything runs in; the kernels take float32 models only."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if dtype != "float32" and backend != "fake":
+        raise BackendError(f"--dtype {dtype} runs on the fake backend; --backend {backend} takes float32 models")
+    torch_dtype = DTYPES[dtype]
     if spec is not None and str(spec).endswith(".safetensors") and adapter is None and is_adapter_file(spec):
         adapter, spec = spec, read_adapter_meta(spec)["base_path"]
     if spec is not None and spec != "default" and is_checkpoint(spec):
-        model, tok, meta = load(spec, adapter=adapter)
+        model, tok, meta = load(spec, dtype=torch_dtype, adapter=adapter)
         if backend != "fake":
             meta = dict(meta, backend=place(model, backend))
         return model, tok, meta, None
@@ -71,7 +90,7 @@ def open_model(spec: str | None, adapter: str | None = None, backend: str = "fak
     elif backend != "fake":
         raise BackendError(f"--backend {backend} runs quadllm checkpoints; {spec or 'the default model'} is an "
                            "original model (quantize it first, or drop --backend)")
-    model, tok, source = load_model(spec)
+    model, tok, source = load_model(spec, dtype=torch_dtype)
     return model, tok, None, source
 
 

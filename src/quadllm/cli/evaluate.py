@@ -20,7 +20,7 @@ from ..io.checkpoint import is_checkpoint
 from ..io.memory import peak_rss_mb
 from ..io.sources import load_model, resolve
 from ..nn.kv_cache import make_cache
-from .common import add_backend, add_common, open_model, write_text
+from .common import DTYPES, add_backend, add_common, add_dtype, open_model, write_text
 
 log = logging.getLogger("quadllm")
 
@@ -48,6 +48,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--json", default=None, help="write the results as JSON to this file")
     e.add_argument("--adapter", default=None, help="apply this fine-tuning adapter file to the checkpoint")
     add_backend(e)
+    add_dtype(e)
     add_tasks(e)
     e.add_argument("--samples", default=None, help="with --tasks: write per-item records to this .jsonl file")
     add_common(e)
@@ -61,6 +62,7 @@ def add_parsers(sub) -> None:
     c.add_argument("--max-windows", type=int, default=None)
     c.add_argument("--out", required=True, help="Markdown file to write (and the same stem .json)")
     add_backend(c)
+    add_dtype(c)
     add_tasks(c)
     add_common(c)
 
@@ -70,18 +72,20 @@ def add_parsers(sub) -> None:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--adapter", default=None, help="apply this fine-tuning adapter file to the checkpoint")
     add_backend(g)
+    add_dtype(g)
     add_common(g)
 
 
 def _reference_model(args, model, meta):
-    """The model ``--reference`` names (None without the option)."""
+    """The model ``--reference`` names (None without the option), in the same dtype as the model."""
+    dtype = DTYPES[args.dtype]
     if args.reference is True:
         if meta is not None:
             orig = meta.get("original_model") or {}
-            return load_model(orig.get("spec"))[0]
+            return load_model(orig.get("spec"), dtype=dtype)[0]
         return model  # the original against itself: KL 0, agreement 1
     if args.reference:
-        return load_model(args.reference)[0]
+        return load_model(args.reference, dtype=dtype)[0]
     return None
 
 
@@ -117,11 +121,12 @@ def cmd_eval(args) -> int:
     if tasks is not None:
         return _eval_tasks(args, tasks, t0)
     text = _check_eval_inputs(args, True)
-    model, tok, meta, source = open_model(args.model, args.adapter, args.backend)
+    model, tok, meta, source = open_model(args.model, args.adapter, args.backend, args.dtype)
     reference = _reference_model(args, model, meta)
     result: dict[str, Any] = evaluate(model, tok, text, args.seqlen, args.max_windows, reference,
                                       args.data_dir, progress=not args.quiet)
     result["model"] = args.model or "default"
+    result["dtype"] = args.dtype
     if meta is not None:
         result["quant_config"] = meta.get("quant_config")
     result["peak_memory_mb"] = round(peak_rss_mb())
@@ -138,12 +143,12 @@ def _eval_tasks(args, tasks: list[str], t0: float) -> int:
     if args.data is None and args.reference:
         log.warning("--reference is used with --data (perplexity, KL); ignored for tasks")
     text = _check_eval_inputs(args, args.data is not None)
-    model, tok, meta, _ = open_model(args.model, args.adapter, args.backend)
+    model, tok, meta, _ = open_model(args.model, args.adapter, args.backend, args.dtype)
     suite = _suite(args, model, tok, tasks)
     result: dict[str, Any] = {"model": args.model or "default", "tasks": suite["tasks"], "seconds": suite["seconds"],
                               "average": suite["average"], "average_metrics": suite["average_metrics"],
                               "details": suite["details"], "limit": args.limit, "seed": args.seed,
-                              "batch_size": args.batch_size}
+                              "batch_size": args.batch_size, "dtype": args.dtype}
     if args.data is not None:
         reference = _reference_model(args, model, meta)
         result["perplexity"] = evaluate(model, tok, text, args.seqlen, args.max_windows, reference,
@@ -189,7 +194,7 @@ def cmd_compare(args) -> int:
     ref_tok = None
     for name, spec in zip(names, args.models):
         log.info("model %s (%s)", name, spec)
-        model, tok, meta, _ = open_model(spec, backend=args.backend if is_checkpoint(spec) else "fake")
+        model, tok, meta, _ = open_model(spec, backend=args.backend if is_checkpoint(spec) else "fake", dtype=args.dtype)
         if ref_tok is None:
             ref_tok = tok
         results[name] = {"model": spec, "quant_config": meta.get("quant_config") if meta else None}
@@ -208,7 +213,7 @@ def cmd_compare(args) -> int:
     out = Path(args.out)
     write_text(str(out), f"# quadllm compare\n\nFP reference: {args.models[0]}\n\n{table}")
     summary = {"reference": reference, "models": dict(zip(names, args.models)), "rows": rows, "results": results,
-               "limit": args.limit, "seed": args.seed, "total_seconds": round(time.perf_counter() - t0, 1)}
+               "limit": args.limit, "seed": args.seed, "dtype": args.dtype, "total_seconds": round(time.perf_counter() - t0, 1)}
     write_text(str(out.with_suffix(".json")), json.dumps(summary, indent=2, default=str) + "\n")
     print(table, end="")
     log.info("wrote %s and %s", out, out.with_suffix(".json"))
@@ -216,7 +221,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    model, tok, _, _ = open_model(args.model, args.adapter, args.backend)
+    model, tok, _, _ = open_model(args.model, args.adapter, args.backend, args.dtype)
     if getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]
