@@ -45,9 +45,9 @@ def add_backend(p: argparse.ArgumentParser) -> None:
 
 def add_dtype(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
-                   help="the dtype the model's weights and activations run in (bfloat16: about 3x faster prefill "
-                        "on CPUs with bfloat16 matrix units; quantized linears keep their INT4 grid, simulated "
-                        "in that dtype; the fake backend only)")
+                   help="the dtype the model's weights and activations run in (bfloat16: faster on CPUs with "
+                        "bfloat16 matrix units; quantized linears keep their INT4 grid, simulated in that dtype; "
+                        "the fake backend only)")
 
 
 def setup_logging(args) -> None:
