@@ -73,3 +73,19 @@ def test_bench_cli_writes_json_and_rejects_gpu_for_models(tmp_path):
     records = json.loads(out.read_text())["records"]
     assert {r["backend"] for r in records} == {"fp32", "fake"}
     assert main(["bench", "model", "--backends", "fake,gpu", "-q"]) == 2  # a clear error before any loading
+
+
+def test_bench_model_times_the_checkpoint_in_bfloat16_too(tmp_path, tiny_original):
+    from conftest import quantize_tiny, tiny_tokenizer
+
+    from quadllm import save
+
+    ckpt = save(quantize_tiny("llama", rank=4, weights="rtn"), tiny_tokenizer(), tmp_path / "q",
+                original={"spec": str(tiny_original)})
+    out = tmp_path / "model.json"
+    assert main(["bench", "model", str(ckpt), "--prefill", "8", "--decode", "2", "--batch", "1", "--repeat", "1",
+                 "--backends", "fake,fake-bf16", "--json", str(out), "-q"]) == 0
+    result = json.loads(out.read_text())
+    assert {r["variant"] for r in result["records"]} == {"fp32", "bf16", "fake", "fake-bf16"}
+    assert result["weights_mb"]["fake-bf16"] < result["weights_mb"]["fake"]
+    assert main(["bench", "model", str(ckpt), "--backends", "fake,int4", "-q"]) == 2

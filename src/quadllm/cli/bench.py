@@ -37,7 +37,9 @@ def add_parsers(sub) -> None:
     mod.add_argument("--prefill", default="512,2048", help="prompt lengths")
     mod.add_argument("--decode", type=int, default=128, help="generated tokens (0: no decode)")
     mod.add_argument("--batch", default="1,8", help="batch sizes")
-    mod.add_argument("--backends", default="fake,cpu-int8", help="backends for a quantized checkpoint")
+    mod.add_argument("--backends", default="fake,cpu-int8",
+                     help="backends for a quantized checkpoint: fake, fake-bf16 (the simulation in bfloat16, as "
+                          "eval --dtype bfloat16 runs it), cpu-int8")
     mod.add_argument("--repeat", type=int, default=3)
     mod.add_argument("--json", default=None, help="write the records as JSON to this file")
     add_common(mod)
@@ -70,9 +72,14 @@ def cmd_bench(args) -> int:
         extra: dict[str, Any] = {}
     else:
         prefill, batches = _ints(args.prefill, "--prefill"), _ints(args.batch, "--batch")
-        if "gpu" in args.backends.split(","):
-            raise ConfigError("bench model times CPU backends (fake, cpu-int8); time the gpu backend's kernels "
-                              "with `quadllm bench linear --device cuda` (scripts/gpu_check.py)")
+        backends = args.backends.split(",")
+        if "gpu" in backends:
+            raise ConfigError("bench model times CPU backends (fake, fake-bf16, cpu-int8); time the gpu backend's "
+                              "kernels with `quadllm bench linear --device cuda` (scripts/gpu_check.py)")
+        unknown = [b for b in backends if b not in MODEL_BACKENDS]
+        if unknown:
+            raise ConfigError(f"bench model --backends: unknown {', '.join(unknown)} (choose from "
+                              f"{', '.join(MODEL_BACKENDS)})")
         model, tok, meta, _ = open_model(args.model)
         if meta is not None:
             original = load_model((meta.get("original_model") or {}).get("spec"))[0]
@@ -80,7 +87,10 @@ def cmd_bench(args) -> int:
             original = model
         variants = {"fp32": original, "bf16": _bf16_copy(original)}
         if meta is not None:
-            for backend in args.backends.split(","):
+            for backend in backends:
+                if backend == "fake-bf16":
+                    variants[backend] = load(args.model, dtype=torch.bfloat16)[0]
+                    continue
                 m = model if backend == "fake" else load(args.model)[0]
                 place(m, backend)
                 variants[backend] = m
@@ -94,6 +104,10 @@ def cmd_bench(args) -> int:
     if args.json:
         write_text(args.json, json.dumps(out, indent=2) + "\n")
     return 0
+
+
+#: What ``bench model --backends`` times for a checkpoint.
+MODEL_BACKENDS = ("fake", "fake-bf16", "cpu-int8")
 
 
 def _bf16_copy(model):
