@@ -7,6 +7,7 @@ Needs the optional extra ``quadllm[tasks]`` (lm-eval) and the offline data direc
 from __future__ import annotations
 
 import bz2
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -130,6 +131,20 @@ def test_harness_scores_match_hand_computed_loglikelihoods(quad_model):
         assert metrics["acc_norm"] == pytest.approx(acc_norm)
     assert res["average_metrics"] == {"piqa": "acc_norm", "arc_easy": "acc_norm"}
     assert res["average"] == pytest.approx((res["tasks"]["piqa"]["acc_norm"] + res["tasks"]["arc_easy"]["acc_norm"]) / 2)
+
+
+@needs_data
+def test_a_bfloat16_model_gets_float32_log_probabilities(quad_model):
+    model, tok = quad_model
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    res = run_tasks(bf16, tok, ["piqa"], limit=2, batch_size=1, offline=True)
+    items = [(f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]], int(y))
+             for r, y in zip(_jsonl("piqa/valid.jsonl")[:2], _lines("piqa/valid-labels.lst"))]
+    lls, _, _ = _hand_scores(bf16, tok, items)  # the bfloat16 logits, log-softmax in float64
+    for s, ll in zip(sorted(res["samples"]["piqa"], key=lambda s: s["doc_id"]), lls):
+        harness_ll = [r[0] for r in s["filtered_resps"]]
+        # float32 log-softmax of the same bfloat16 logits; a bfloat16 one is off by ~1e-2 per token
+        assert harness_ll == pytest.approx(ll, rel=1e-5)
 
 
 def test_papers_metric():

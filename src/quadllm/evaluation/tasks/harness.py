@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ...data.text import DataError, default_data_dir, hub_reachable
@@ -131,9 +132,10 @@ def run_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: int | None =
         check_offline_tasks(tasks, tm.metadata["data_dir"])
     log.info("zero-shot tasks %s via lm-evaluation-harness %s (%s)", tasks, lm_eval.__version__,
              f"offline copies in {tm.metadata['data_dir']}" if off else "the harness's datasets")
-    # log-probabilities in float32 whatever the model's dtype: in bfloat16 they would round
-    # differences between the choices of an item that decide its score
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype="float32")
+    # log-probabilities in float32 at least: in bfloat16 they would round away differences between
+    # the choices of an item that decide its score
+    low = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype="float32" if low else None)
     t0 = time.perf_counter()
     results = lm_eval.simple_evaluate(
         model=lm, tasks=tasks, limit=limit, task_manager=tm, log_samples=True,
