@@ -48,6 +48,7 @@ from results_smollm2 import (  # noqa: E402
     slug,
 )
 
+from quadllm.cli.common import DTYPES  # noqa: E402
 from quadllm.evaluation.compare import build_rows, compare_markdown, mean_paired_difference, papers_average  # noqa: E402
 from quadllm.evaluation.speed import machine_description  # noqa: E402
 from quadllm.evaluation.tasks.scores import GENERATION_TASKS  # noqa: E402
@@ -363,7 +364,7 @@ def main() -> None:
     p.add_argument("--force", action="store_true", help="re-run cells whose output exists")
     p.add_argument("--render-only", action="store_true", help="rebuild the table from the cells there and stop")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch in every cell (quadllm eval)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                    help="what every model runs in (quadllm eval --dtype); one dtype per table")
     p.add_argument("--backend", default="fake", choices=("fake", "cpu-int8"),
                    help="how the checkpoints' quantized linears run (recorded in each cell's command)")
