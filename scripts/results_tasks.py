@@ -48,6 +48,7 @@ from results_smollm2 import (  # noqa: E402
     slug,
 )
 
+from quadllm.backends import BACKENDS  # noqa: E402
 from quadllm.cli.common import DTYPES  # noqa: E402
 from quadllm.evaluation.compare import build_rows, compare_markdown, mean_paired_difference, papers_average  # noqa: E402
 from quadllm.evaluation.speed import machine_description  # noqa: E402
@@ -366,7 +367,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch in every cell (quadllm eval)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                    help="what every model runs in (quadllm eval --dtype); one dtype per table")
-    p.add_argument("--backend", default="fake", choices=("fake", "cpu-int8"),
+    p.add_argument("--backend", default="fake", choices=BACKENDS,
                    help="how the checkpoints' quantized linears run (recorded in each cell's command)")
     p.add_argument("--all-tasks", action="store_true",
                    help="run the quantized models also on zero-shot tasks where FP is at chance")
