@@ -18,7 +18,6 @@ import datetime as dt
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from make_random_llama8b import llama3_8b_config, write  # noqa: E402
-from results_smollm2 import portable  # noqa: E402
+from results_smollm2 import portable, run_child  # noqa: E402
 
 from quadllm.evaluation.speed import machine_description  # noqa: E402
 
@@ -59,7 +58,7 @@ def main() -> None:
            str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen), "--out", str(out), "-q"]
     log.info("running: %s", " ".join(cmd[1:]))
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = run_child(cmd, cwd=Path.cwd())
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)

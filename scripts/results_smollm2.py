@@ -22,8 +22,11 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -126,6 +129,47 @@ def portable(obj):
     return json.loads(text)
 
 
+def _exit_on_signal(signum: int, frame) -> None:
+    # SIGTERM would otherwise end this process without running `finally`, leaving a child
+    # `quadllm quantize` working on for an hour; as SystemExit it passes through run_child's cleanup.
+    raise SystemExit(128 + signum)
+
+
+def _die_with_parent() -> None:
+    # In the child, before exec: Linux sends SIGTERM when the parent dies, even by SIGKILL.
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_child(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)``, except that the child does not
+    outlive this script: it runs in its own process group, which is terminated when this script
+    is interrupted (Ctrl-C, SIGTERM, SIGHUP) or exits, and on Linux it also dies with its parent."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                signal.signal(sig, _exit_on_signal)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=cwd if cwd is not None else ROOT, start_new_session=True,
+                            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    try:
+        out, err = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_cli_cached(name: str, cmd: list[str], out: Path, force: bool) -> dict:
     """Run a `quadllm` CLI command in its own process (so its time and peak memory are its own)
     and keep its JSON summary beside ``out``; reuse both when ``out`` exists, unless ``force``."""
@@ -134,7 +178,7 @@ def run_cli_cached(name: str, cmd: list[str], out: Path, force: bool) -> dict:
         log.info("%s: reusing %s", name, out)
         return json.loads(summary_file.read_text())
     log.info("%s: %s", name, " ".join(cmd[1:]))
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    r = run_child(cmd)
     if r.returncode != 0:
         raise SystemExit(f"{name} failed:\n{r.stderr[-4000:]}")
     summary = json.loads(r.stdout)
@@ -150,7 +194,7 @@ def run_cli(label: str, args: list[str], ok: tuple[int, ...] = (0,)) -> dict:
     cmd = [sys.executable, "-m", "quadllm.cli", *args]
     log.info("%s: quadllm %s", label, " ".join(args))
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    r = run_child(cmd)
     seconds = round(time.perf_counter() - t0, 1)
     if r.returncode not in ok:
         raise SystemExit(f"{label} failed (exit {r.returncode}):\n{r.stderr[-4000:]}")

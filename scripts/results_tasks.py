@@ -27,7 +27,6 @@ import argparse
 import datetime as dt
 import json
 import logging
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ from results_smollm2 import (  # noqa: E402
     quantize_args,
     quantize_row,
     resolve_paths,
+    run_child,
     slug,
 )
 
@@ -133,7 +133,7 @@ def run_cell(model: str, spec: str, task: str, limit: int, parts: Path, args) ->
         cmd += ["--data-dir", args.data_dir]
     log.info("%s on %s: %s", model, task, " ".join(cmd[3:]))
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    r = run_child(cmd)
     if r.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise SystemExit(f"{model} on {task} failed:\n{r.stderr[-4000:]}")
