@@ -40,6 +40,7 @@ TINY_CONFIGS = {
     "rtn-w4a4a8": dict(method="rtn", weights="rtn", mode="w4a4a8"),
     "quad-r4-g16-actorder-w4a8-normalized": dict(method="quad", rank=4, weights="gptq", group_size=16,
                                                  act_order=True, mode="w4a8", moment="normalized", kv_bits=8),
+    "quad-r8-gptq-clip-search": dict(method="quad", rank=8, weights="gptq", a_clip_search=True),
 }
 CALIB = dict(calib_samples=4, calib_seqlen=16, calib_batch=2)
 

@@ -76,6 +76,7 @@ class QuantConfig:
     gptq_block: int = 128
     true_sequential: bool = True  # GPTQ: re-run the layer after each group of linears
     a_clip: float = 0.9
+    a_clip_search: bool = False  # search each linear input's clip ratio on the calibration data
     kv_bits: int = 16
     kv_clip: float = 1.0
     moment: str = "raw"  # how the residual second moment weights tokens
@@ -144,9 +145,19 @@ class QuantConfig:
         return self.rotate or self.rank > 0
 
     @property
+    def needs_layer_inputs(self) -> bool:
+        """Whether each decoder layer's calibration inputs are needed: for GPTQ or the clip search."""
+        return self.weights == "gptq" or self.searches_act_clips
+
+    @property
+    def searches_act_clips(self) -> bool:
+        """Whether the activation clip ratios are searched (some activations are quantized)."""
+        return self.a_clip_search and self.mode != "w4a16"
+
+    @property
     def needs_calibration(self) -> bool:
-        """Whether the run needs calibration samples: for the outlier subspace or for GPTQ."""
-        return self.rank > 0 or self.weights == "gptq"
+        """Whether the run needs calibration samples: for the outlier subspace, GPTQ or the clip search."""
+        return self.rank > 0 or self.needs_layer_inputs
 
     def act_spec(self, role: str) -> ActSpec:
         """Activation quantization for a linear of the given role (``reader`` of the residual
@@ -179,6 +190,7 @@ class QuantConfig:
                "rtn": "no rotation (plain RTN baseline)"}[self.method]
         grp = f"group {self.group_size}" if self.group_size else "per-channel"
         return (f"{rot}; {self.mode}; weights INT{self.w_bits} {self.weights.upper()} {grp}"
-                f"{' act-order' if self.act_order else ''}; activations clip {self.a_clip}; "
+                f"{' act-order' if self.act_order else ''}; activations clip "
+                f"{'searched per input' if self.searches_act_clips else self.a_clip}; "
                 f"KV {self.kv_bits}-bit; calibration {self.calib_samples}x{self.calib_seqlen} "
                 f"tokens from {self.calib or 'the embedded default'}; seed {self.seed}")

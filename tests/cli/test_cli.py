@@ -18,10 +18,11 @@ from quadllm.finetune.config import FinetuneConfig
 
 def test_quantize_options_become_the_config_by_field_name():
     args = build_parser().parse_args(["quantize", "--out", "x", "--rank", "8", "--no-w-clip", "--act-order",
-                                      "--group-size", "16", "--kv-bits", "4", "--moment", "normalized"])
+                                      "--group-size", "16", "--kv-bits", "4", "--moment", "normalized",
+                                      "--a-clip-search"])
     cfg = config_from_args(QuantConfig, args)
-    assert (cfg.rank, cfg.w_clip, cfg.act_order, cfg.group_size, cfg.kv_bits, cfg.moment) == (
-        8, False, True, 16, 4, "normalized")
+    assert (cfg.rank, cfg.w_clip, cfg.act_order, cfg.group_size, cfg.kv_bits, cfg.moment, cfg.a_clip_search) == (
+        8, False, True, 16, 4, "normalized", True)
     default = config_from_args(QuantConfig, build_parser().parse_args(["quantize", "--out", "x"]))
     assert default == QuantConfig()  # the parser's defaults are the dataclass's
 

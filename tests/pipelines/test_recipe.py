@@ -20,12 +20,15 @@ from quadllm.pipelines.loading import build_skeleton
 from quadllm.pipelines.recipe import LayerRecipe
 
 CONFIGS = [dict(method="quad", rank=8, weights="rtn"), dict(method="quarot", weights="rtn", kv_bits=4),
-           dict(method="rtn", weights="rtn", mode="w4a4a8"), dict(method="quad", rank=4, weights="gptq", group_size=16)]
+           dict(method="rtn", weights="rtn", mode="w4a4a8"), dict(method="quad", rank=4, weights="gptq", group_size=16),
+           dict(method="quad", rank=8, weights="rtn", a_clip_search=True)]
 
 
 def _layout(model):
     tensors = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
-    linears = {n: (m.in_features, m.out_features, m.rank, m.act, type(m.transform).__name__,
+    linears = {n: (m.in_features, m.out_features, m.rank,
+                   m.act.bits if "act_clip" in m._buffers else m.act,  # a searched clip comes with the tensors
+                   type(m.transform).__name__,
                    getattr(m.transform, "orders", None)) for n, m in model.named_modules() if isinstance(m, QuadLinear)}
     return tensors, linears
 

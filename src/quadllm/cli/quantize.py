@@ -50,6 +50,8 @@ def add_parsers(sub) -> None:
     q.add_argument("--calib-seqlen", type=int, default=d.calib_seqlen)
     q.add_argument("--seed", type=int, default=d.seed)
     q.add_argument("--a-clip", type=float, default=d.a_clip, help="activation clip ratio")
+    q.add_argument("--a-clip-search", action="store_true", default=d.a_clip_search,
+                   help="search each linear input's clip ratio on the calibration data (instead of --a-clip)")
     q.add_argument("--act-order", action="store_true", default=d.act_order, help="GPTQ act-order")
     q.add_argument("--damp", type=float, default=d.damp, help="GPTQ damping (fraction of mean diagonal)")
     q.add_argument("--no-w-clip", dest="w_clip", action="store_false", default=d.w_clip,
@@ -168,7 +170,7 @@ def _quantize(args, config: QuantConfig) -> int:
     log.info("plan: %s", config.describe())
     samples = calibration_samples(tok, config, args.data_dir, calib) if config.needs_calibration else None
     if samples is not None:
-        passes = (1 if config.rank > 0 else 0) + (3 if config.weights == "gptq" else 0)
+        passes = (1 if config.rank > 0 else 0) + (3 if config.needs_layer_inputs else 0)
         log.info("estimated calibration time: about %.0f s (%d passes over %d x %d tokens)",
                  _estimate(model, samples, passes), passes, *samples.shape)
     quantize(model, config, samples, progress=not args.quiet)

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
@@ -205,9 +206,21 @@ class QuadLinear(nn.Module):
     def holds_dequantized(self) -> bool:
         return self._deq is not None
 
+    def set_act_clip(self, clip: float) -> None:
+        """Quantize this linear's input with its own clip ratio (``--a-clip-search``), held in the
+        float32 buffer ``act_clip`` so that a checkpoint carries it and loading restores it."""
+        if "act_clip" in self._buffers:
+            self.act_clip.fill_(float(clip))
+        else:
+            self.register_buffer("act_clip", torch.tensor(float(clip), dtype=torch.float32))
+        self.act = dataclasses.replace(self.act, clip_ratio=float(clip))
+
     def _load_from_state_dict(self, *args, **kwargs):
         self._deq = None
-        return super()._load_from_state_dict(*args, **kwargs)
+        result = super()._load_from_state_dict(*args, **kwargs)
+        if self._buffers.get("act_clip") is not None:  # the loaded value becomes the quantizer's
+            self.act = dataclasses.replace(self.act, clip_ratio=float(self.act_clip))
+        return result
 
     # --- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -77,16 +77,17 @@ def _quantize_weights(model: nn.Module, recipe: LayerRecipe, samples: torch.Tens
     (activation quantization off while calibrating, as in QuaRot), or RTN."""
     adapter, config = recipe.adapter, recipe.config
     layers = adapter.layers(model)
-    if config.weights != "gptq":
+    if not config.needs_layer_inputs:
         for i, layer in enumerate(tqdm(layers, desc="RTN weights", unit="layer", disable=not progress)):
             recipe.quantize_weights(layer, i, None)
         return
     if samples is None:
-        raise ConfigError("GPTQ needs calibration samples")
+        raise ConfigError("GPTQ and the clip search need calibration samples")
     set_act_enabled(model, False)
     try:
         inputs = capture_layer_inputs(model, adapter, samples, config.calib_batch)
-        bar = tqdm(layers, desc="GPTQ", unit="layer", disable=not progress)
+        desc = config.weights.upper() + (" + clip search" if config.searches_act_clips else "")
+        bar = tqdm(layers, desc=desc, unit="layer", disable=not progress)
         for i, layer in enumerate(bar):
             t0 = time.perf_counter()
             recipe.quantize_weights(layer, i, inputs)

@@ -8,7 +8,7 @@ all go through one :class:`LayerRecipe` built from the :class:`~quadllm.config.Q
 2. :meth:`~LayerRecipe.fit_basis` (once per model): ``Q`` from the residual second moment;
 3. :meth:`~LayerRecipe.transform`: the residual basis ``Q``, the online transforms, the KV quantizer;
 4. :meth:`~LayerRecipe.set_quantizers`: the activation quantizer of every linear;
-5. :meth:`~LayerRecipe.quantize_weights`: GPTQ or RTN;
+5. :meth:`~LayerRecipe.quantize_weights`: GPTQ or RTN, then (``a_clip_search``) each input's clip ratio;
 
 and :meth:`~LayerRecipe.skeleton`: the empty modules those steps produce, for loading a checkpoint.
 The embedding, final norm and head have the same steps (``*_ends``). A new per-layer step goes
@@ -27,6 +27,7 @@ from ..arch import ArchAdapter, get_submodule, set_submodule
 from ..config import QuantConfig
 from ..nn.modules import QuadEmbedding, QuadHead, QuadLinear, QuadRMSNorm
 from ..steps.calibration import LayerInputs
+from ..steps.clipping import float_weights, search_layer_act_clips
 from ..steps.transforms import (
     attach_layer_kv_quant,
     kv_rotation,
@@ -127,13 +128,17 @@ class LayerRecipe:
         set_layer_activation_quant(layer, self.adapter, self.config)
 
     def quantize_weights(self, layer: nn.Module, index: int, inputs: LayerInputs | None) -> None:
-        """GPTQ on ``inputs`` (the layer's inputs, activation quantization off) or RTN."""
+        """GPTQ on ``inputs`` (the layer's inputs, activation quantization off) or RTN; then,
+        with ``a_clip_search``, the clip ratio of each linear input on the same inputs."""
+        if self.config.needs_layer_inputs and inputs is None:
+            raise ValueError("GPTQ and the clip search need the layer's calibration inputs")
+        reference = float_weights(layer, self.adapter) if self.config.searches_act_clips else None
         if self.config.weights == "gptq":
-            if inputs is None:
-                raise ValueError("GPTQ needs the layer's calibration inputs")
             gptq_layer(layer, self.adapter, self.config, inputs, index)
         else:
             rtn_layer(layer, self.adapter, self.config, index)
+        if reference is not None:
+            search_layer_act_clips(layer, self.adapter, inputs, reference, index)
 
     # --- loading --------------------------------------------------------------------------
     def skeleton(self, layer: nn.Module, dtype: torch.dtype) -> None:
@@ -159,6 +164,8 @@ class LayerRecipe:
                        bias=lin.bias is not None, act=self.config.act_spec(self.adapter.role(name)),
                        transform=transform, dtype=dtype, allocate=False)
         q.allocate_quantized(self.config.w_bits, self.config.group_size, dtype)
+        if self.config.searches_act_clips and q.act.enabled:
+            q.set_act_clip(self.config.a_clip)  # a place for the searched value the checkpoint holds
         set_submodule(layer, name, q)
 
     def skeleton_ends(self, model: nn.Module, dtype: torch.dtype, tied: bool) -> None:

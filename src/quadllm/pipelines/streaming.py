@@ -226,7 +226,7 @@ def _quantize_layers(run: _Run, inputs: ActivationStore | None, tmp: Path) -> di
     tensor -> shard map."""
     recipe, config = run.recipe, run.config
     weight_map: dict[str, str] = {}
-    hidden = inputs if config.weights == "gptq" else None  # RTN needs no activations in pass 2
+    hidden = inputs if config.needs_layer_inputs else None  # RTN alone needs no activations in pass 2
     if inputs is not None and hidden is None:
         inputs.close()
     if hidden is not None and recipe.basis is not None:

@@ -1,9 +1,10 @@
-"""Calibration passes: the residual stream's second moment, and the inputs of the first
-decoder layer (from which GPTQ proceeds layer by layer)."""
+"""Calibration passes: the residual stream's second moment, the inputs of the first decoder layer
+(from which GPTQ proceeds layer by layer), and the inputs of a group of linears inside a layer."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,3 +125,56 @@ def capture_layer_inputs(model: nn.Module, adapter: ArchAdapter, samples: torch.
 def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
     out = layer(hidden, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _GroupCaptured(Exception):
+    """Raised from inside a layer's forward once every input of a group of linears has been seen."""
+
+
+def input_owners(layer: nn.Module, adapter: ArchAdapter, names: Sequence[str]) -> dict[str, str]:
+    """For each linear of ``names``, the first linear of ``names`` that reads the same tensor:
+    the readers of one norm read one tensor, every other linear its own."""
+    def source(name: str) -> int:
+        for group in adapter.reader_groups:
+            if name in group.linears:
+                return id(get_submodule(layer, group.norm))
+        return id(get_submodule(layer, name))
+
+    first: dict[int, str] = {}
+    return {name: first.setdefault(source(name), name) for name in names}
+
+
+@torch.no_grad()
+def capture_group(layer: nn.Module, adapter: ArchAdapter, names: Sequence[str], inputs: LayerInputs,
+                  sink: Callable[[str, torch.Tensor], None]) -> dict[str, str]:
+    """Run ``layer`` on every batch of ``inputs`` and hand each distinct input of the linears
+    ``names`` (after their online transform, before activation quantization) to
+    ``sink(owner, x)``; each batch's forward stops once all of them are seen (the rest of the
+    layer cannot change them). Returns :func:`input_owners`."""
+    owners = input_owners(layer, adapter, names)
+    readers = sorted(set(owners.values()), key=list(names).index)
+    seen: set[str] = set()
+
+    def capture_for(owner: str):
+        def capture(x: torch.Tensor) -> None:
+            sink(owner, x)
+            seen.add(owner)
+            if len(seen) == len(readers):
+                raise _GroupCaptured
+
+        return capture
+
+    lins = [get_submodule(layer, owner) for owner in readers]
+    for owner, lin in zip(readers, lins):
+        lin.capture = capture_for(owner)
+    try:
+        for h, kw in zip(inputs.hidden, inputs.kwargs):
+            seen.clear()
+            try:
+                run_layer(layer, h, kw)
+            except _GroupCaptured:
+                pass
+    finally:
+        for lin in lins:
+            lin.capture = None
+    return owners

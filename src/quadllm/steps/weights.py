@@ -17,7 +17,7 @@ from ..arch import ArchAdapter, get_submodule
 from ..config import ConfigError, QuantConfig
 from ..core.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
 from ..nn.modules import QuadLinear
-from .calibration import CalibrationError, LayerInputs, run_layer
+from .calibration import CalibrationError, LayerInputs, capture_group
 
 log = logging.getLogger(__name__)
 
@@ -61,29 +61,27 @@ def gptq_layer(layer: nn.Module, adapter: ArchAdapter, config: QuantConfig, inpu
                 m.capture = None
 
 
+def _hessians(layer: nn.Module, adapter: ArchAdapter, group, inputs: LayerInputs
+              ) -> tuple[dict[str, HessianAccumulator], dict[str, str]]:
+    """One Hessian per distinct input of the linears ``group`` (keyed by the first linear reading
+    it) and, per linear, the key of its Hessian."""
+    accs: dict[str, HessianAccumulator] = {}
+
+    def add(owner: str, x: torch.Tensor) -> None:
+        if owner not in accs:
+            accs[owner] = HessianAccumulator(get_submodule(layer, owner).in_features)
+        accs[owner].add(x)
+
+    return accs, capture_group(layer, adapter, group, inputs, add)
+
+
 def _gptq_groups(layer: nn.Module, adapter: ArchAdapter, config: QuantConfig, inputs: LayerInputs, index: int,
-             groups) -> None:
+                 groups) -> None:
     for group in groups:
         lins = {name: get_submodule(layer, name) for name in group}
-        accs: dict[int, HessianAccumulator] = {}
-        owner: dict[str, int] = {}
-        seen: set[int] = set()
         for name, lin in lins.items():
             _check_group(lin, config, f"layer {index} {name}")
-            key = id(_input_of(layer, name, adapter))
-            owner[name] = key
-            if key not in accs:
-                accs[key] = HessianAccumulator(lin.in_features)
-                lin.capture = _capture(accs[key], key, seen, len(set(map(id, (_input_of(layer, n, adapter)
-                                                                               for n in group)))))
-        for h, kw in zip(inputs.hidden, inputs.kwargs):
-            seen.clear()
-            try:
-                run_layer(layer, h, kw)
-            except _GroupCaptured:  # the rest of the layer does not change these Hessians
-                pass
-        for lin in lins.values():
-            lin.capture = None
+        accs, owner = _hessians(layer, adapter, group, inputs)
         last = {key: name for name, key in owner.items()}  # the last linear reading each Hessian
         for name, lin in lins.items():
             key = owner[name]
@@ -95,25 +93,3 @@ def _gptq_groups(layer: nn.Module, adapter: ArchAdapter, config: QuantConfig, in
             del H
             _apply(lin, res, config)
         del accs
-
-
-class _GroupCaptured(Exception):
-    """Raised from inside a layer's forward once every input of a GPTQ group has been seen."""
-
-
-def _capture(acc: HessianAccumulator, key: int, seen: set[int], n_inputs: int):
-    def capture(x: torch.Tensor) -> None:
-        acc.add(x)
-        seen.add(key)
-        if len(seen) == n_inputs:
-            raise _GroupCaptured
-
-    return capture
-
-
-def _input_of(layer: nn.Module, name: str, adapter: ArchAdapter) -> object:
-    """Linears that read the same tensor share one Hessian: readers of one norm share it."""
-    for group in adapter.reader_groups:
-        if name in group.linears:
-            return get_submodule(layer, group.norm)
-    return get_submodule(layer, name)

@@ -1,0 +1,65 @@
+"""The activation clipping search as pure functions: for the input ``x`` of one or more linears
+(the readers of one tensor), the per-token clip ratio ``c`` whose quantized input gives the
+outputs closest to the full-precision ones.
+
+For a candidate ``c`` the error is ``sum_l ||[x_:r, Q_c(x_r:)] W_lᵀ - y_l||²`` over the linears
+``l`` that read ``x``, where ``W_l`` is the quantized weight (outlier columns first, in full
+precision) and ``y_l`` the full-precision layer's output for the same ``x``: the search sees the
+weights' rounding error too and may compensate it. ``Q_c`` is :func:`~quadllm.core.quantizers.fake_quant_act`
+with clip ratio ``c`` (per token, symmetric) applied to the columns ``r:`` only.
+
+The candidates are multiples of 1/32 (exact in bfloat16 and float16, so a checkpoint's clip ratios
+are the same in every precision): a coarse pass over every other one from 1 down to
+:data:`MIN_CLIP`, then the two neighbours of the best.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .quantizers import fake_quant_act
+
+__all__ = ["MIN_CLIP", "CLIP_STEP", "act_clip_error", "coarse_clips", "search_act_clip"]
+
+#: the smallest clip ratio the search tries
+MIN_CLIP = 0.5
+#: the spacing of the candidates
+CLIP_STEP = 1.0 / 32
+
+
+def act_clip_error(x: torch.Tensor, weights: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+                   rank: int, bits: int, clip: float) -> float:
+    """``sum_l ||[x_:r, Q_clip(x_r:)] W_lᵀ - y_l||²`` for ``x`` [n, in], weights ``W_l`` [out_l, in]
+    and targets ``y_l`` [n, out_l] (computed in float64 when ``x`` is float64)."""
+    xq = x.clone()
+    xq[:, rank:] = fake_quant_act(x[:, rank:].clone(), bits, clip)
+    return float(sum(((xq @ w.T) - y).pow(2).sum() for w, y in zip(weights, targets)))
+
+
+def coarse_clips() -> list[float]:
+    """Every other candidate from 1 down to :data:`MIN_CLIP`."""
+    n = round((1.0 - MIN_CLIP) / CLIP_STEP)
+    return [1.0 - k * CLIP_STEP for k in range(0, n + 1, 2)]
+
+
+def search_act_clip(x: torch.Tensor, weights: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+                    rank: int, bits: int) -> tuple[float, dict[float, float]]:
+    """The clip ratio with the smallest :func:`act_clip_error` (the largest ratio on ties) and
+    the error of every candidate tried."""
+    errors: dict[float, float] = {}
+
+    def err(c: float) -> float:
+        if c not in errors:
+            errors[c] = act_clip_error(x, weights, targets, rank, bits, c)
+        return errors[c]
+
+    for c in coarse_clips():
+        err(c)
+    best = min(errors, key=lambda c: (errors[c], -c))
+    for c in (best + CLIP_STEP, best - CLIP_STEP):
+        if MIN_CLIP <= c <= 1.0:
+            err(c)
+    best = min(errors, key=lambda c: (errors[c], -c))
+    return best, errors
