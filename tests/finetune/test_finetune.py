@@ -225,6 +225,19 @@ def test_finetune_lowers_the_loss_and_keeps_the_best_weights():
     assert res.n_model == logical_param_count(model)
 
 
+def test_finetune_on_searched_clips_trains_the_outliers_and_keeps_the_clips():
+    model = _quantized(weights="gptq", a_clip_search=True)
+    clips = {n: float(m.act_clip) for n, m in model.named_modules() if isinstance(m, QuadLinear)}
+    assert clips and len(set(clips.values())) > 1
+    res = finetune(model, _pattern_set(), FinetuneConfig(data="pattern", loss="ce", max_steps=8, batch_size=4,
+                                                          lr=3e-3, eval_every=4, val_fraction=0.2), pad_id=0,
+                   progress=False)
+    assert res.best_val_loss < res.initial_val_loss
+    for n, m in model.named_modules():
+        if isinstance(m, QuadLinear):
+            assert float(m.act_clip) == clips[n] == m.act.clip_ratio
+
+
 def test_distillation_brings_the_model_closer_to_its_teacher():
     teacher = tiny_model("llama", torch.float32, seed=0)
     with torch.no_grad():
