@@ -399,6 +399,13 @@ def main() -> None:
     cells: dict[tuple[str, str], dict] = {}
     skipped: dict[str, str] = {}
     stopped = False
+
+    def cells_total() -> int:
+        return (len(tasks) - len(skipped)) * len(models) + len(skipped)
+
+    def write_md() -> None:
+        out.with_suffix(".md").write_text(render(cells, models, tasks, args, cells_total(), skipped))
+
     for task in tasks:
         limit = (args.gsm8k_limit or args.gen_limit) if task == "gsm8k" else \
             args.gen_limit if task in GENERATIVE else args.limit
@@ -418,14 +425,12 @@ def main() -> None:
                 else:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     cell = run_cell(model, specs[model], task, limit, parts, args)
+                    cells[(task, model)] = cell
+                    write_md()  # progress after every new cell
             if cell is not None:
                 cells[(task, model)] = cell
-            total = (len(tasks) - len(skipped)) * len(models) + len(skipped)
-            md = render(cells, models, tasks, args, total, skipped)
-            out.with_suffix(".md").write_text(md)
-    # once more: a task found at chance on its last cells was skipped after the last render above
-    total = (len(tasks) - len(skipped)) * len(models) + len(skipped)
-    out.with_suffix(".md").write_text(render(cells, models, tasks, args, total, skipped))
+    write_md()  # after the loop: it also sees the tasks skipped at chance
+    total = cells_total()
     summary = {"models": {m: portable(s) for m, s in specs.items()}, "tasks": tasks, "limit": args.limit,
                "gen_limit": args.gen_limit, "gsm8k_limit": args.gsm8k_limit or args.gen_limit, "seed": args.seed, "dtype": args.dtype,
                "cells_done": len(cells), "cells_total": total, "skipped_at_chance": skipped,
