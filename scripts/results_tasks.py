@@ -412,6 +412,7 @@ def main() -> None:
         for model in models:
             path = cell_file(parts, model, task)
             cell = None if args.force else load_cell(path, limit, args.seed, args.dtype)
+            ran = False
             if cell is None and model != fp and (task, fp) in cells and not args.all_tasks:
                 weak = chance_tasks(cells[(task, fp)]["tasks"])
                 if task in weak:
@@ -425,10 +426,11 @@ def main() -> None:
                 else:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     cell = run_cell(model, specs[model], task, limit, parts, args)
-                    cells[(task, model)] = cell
-                    write_md()  # progress after every new cell
+                    ran = True
             if cell is not None:
                 cells[(task, model)] = cell
+            if ran:
+                write_md()  # progress after every new cell
     write_md()  # after the loop: it also sees the tasks skipped at chance
     total = cells_total()
     summary = {"models": {m: portable(s) for m, s in specs.items()}, "tasks": tasks, "limit": args.limit,
