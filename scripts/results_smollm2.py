@@ -20,6 +20,7 @@ full-precision model, which runs once per window. Writes results/smollm2_wikitex
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import logging
@@ -34,8 +35,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+import torch  # noqa: E402
+
 import quadllm  # noqa: E402
 from quadllm import load  # noqa: E402
+from quadllm.arch import get_adapter  # noqa: E402
 from quadllm.data.text import load_text, tokenize_windows  # noqa: E402
 from quadllm.evaluation.perplexity import evaluate_many  # noqa: E402
 from quadllm.evaluation.speed import machine_description  # noqa: E402
@@ -54,10 +58,12 @@ ROWS = [
     ("QUAD W4A4 r=64 KV4", ["--method", "quad", "--rank", "64", "--kv-bits", "4"]),
 ]
 
-#: the accuracy techniques, each alone on top of QUAD W4A4 r=64 (``--table ablation``)
+#: the accuracy techniques, each alone on top of QUAD W4A4 r=64 (``--table ablation``); the
+#: first row is the base every speed ratio is taken against
 ABLATION_ROWS = [
     ("QUAD W4A4 r=64", ["--method", "quad", "--rank", "64"]),
     ("QUAD W4A4 r=64 + clip search", ["--method", "quad", "--rank", "64", "--a-clip-search"]),
+    ("QUAD W4A4 r=64 + down-rank 64", ["--method", "quad", "--rank", "64", "--down-rank", "64"]),
 ]
 TABLES = {"main": ROWS, "ablation": ABLATION_ROWS}
 
@@ -210,6 +216,79 @@ def run_cli(label: str, args: list[str], ok: tuple[int, ...] = (0,)) -> dict:
             "stdout": r.stdout}
 
 
+def structure_cost(fp, meta: dict) -> dict:
+    """What a checkpoint adds beyond today's QUAD W4A4 in full-precision width and online work,
+    from its recorded configuration: ``{rank, down_rank, online_macs_per_token, online_share}``
+    (the share is of the multiply-adds per token of the original model's decoder linears)."""
+    cfg = meta["quant_config"]
+    layers = get_adapter(fp).layers(fp)
+    k = int(cfg.get("down_rank", 0))
+    macs = 2 * k * int(fp.config.intermediate_size) * len(layers)  # the split's two products with P
+    linear = sum(m.in_features * m.out_features for layer in layers for m in layer.modules()
+                 if isinstance(m, torch.nn.Linear))
+    return {"rank": int(cfg["rank"]), "down_rank": k, "online_macs_per_token": macs,
+            "online_share": round(macs / linear, 5)}
+
+
+def time_rows(models: dict, vocab: int, tokens: int, repeat: int) -> dict:
+    """Per model (on its backend already): the median ms of one prefill of ``tokens`` tokens (batch
+    1, no cache) and of the middle layer's o_proj and down_proj on ``tokens`` rows, the models taking
+    turns in every round so that a slow spell of the machine hits all of them."""
+    import statistics
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, tokens), generator=g)
+    any_model = next(iter(models.values()))
+    adapter = get_adapter(any_model)
+    mid = len(adapter.layers(any_model)) // 2
+    inputs = {}
+    calls = {}
+    for name, m in models.items():
+        layer = adapter.layers(m)[mid]
+        o, down = layer.get_submodule(adapter.o_proj), layer.get_submodule(adapter.down_proj)
+        for key, lin in (("o_proj", o), ("down_proj", down)):
+            n = lin.transform.in_features if hasattr(lin.transform, "in_features") else lin.in_features
+            inputs.setdefault(key, torch.randn(tokens, n, generator=g))
+        calls[name] = {"prefill": (lambda m=m: m(input_ids=ids, use_cache=False)),
+                       "o_proj": (lambda o=o: o(inputs["o_proj"])), "down_proj": (lambda d=down: d(inputs["down_proj"]))}
+    times: dict = {name: {k: [] for k in c} for name, c in calls.items()}
+    with torch.no_grad():
+        for rnd in range(repeat + 1):  # round 0 warms up
+            for name, c in calls.items():
+                for key, fn in c.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    if rnd:
+                        times[name][key].append(1000 * (time.perf_counter() - t0))
+    return {name: {f"{k}_ms": round(statistics.median(v), 2) for k, v in t.items()} for name, t in times.items()}
+
+
+def speed_step(rows: list, args, fp) -> dict:
+    """The cost columns of the ablation: each checkpoint of ``rows`` that exists (the first row's
+    always: the base of the ratios) on ``cpu-int8`` (prefill and the middle
+    layer's o_proj and down_proj, :func:`time_rows`), the original in bfloat16 beside them, and
+    :func:`structure_cost`."""
+    from quadllm.backends import place
+
+    models, costs = {}, {}
+    for name, _ in rows:
+        if not (Path(args.work) / slug(name)).is_dir() and name != rows[0][0]:
+            continue
+        m, _, meta = load(Path(args.work) / slug(name))
+        place(m, "cpu-int8")
+        models[name] = m
+        costs[name] = structure_cost(fp, meta)
+    log.info("timing %d checkpoints on cpu-int8 (%d tokens, %d rounds)", len(models), args.speed_tokens,
+             args.speed_repeat)
+    timed = time_rows(models, int(fp.config.vocab_size), args.speed_tokens, args.speed_repeat)
+    bf16 = copy.deepcopy(fp).to(torch.bfloat16)
+    ref = time_rows({"bf16": bf16}, int(fp.config.vocab_size), args.speed_tokens, args.speed_repeat)["bf16"]
+    return {"rows": {n: {**costs[n], **timed[n]} for n in models}, "bf16_prefill_ms": ref["prefill_ms"],
+            "tokens": args.speed_tokens, "rounds": args.speed_repeat, "threads": torch.get_num_threads(),
+            "date": dt.date.today().isoformat(), "machine": machine_description(),
+            "command": "python scripts/results_smollm2.py " + " ".join(sys.argv[1:])}
+
+
 def fmt_md(results: dict, meta: dict) -> str:
     lines = [
         f"# {meta.get('model_title', 'SmolLM2-135M-Instruct')}"
@@ -229,6 +308,11 @@ def fmt_md(results: dict, meta: dict) -> str:
         "| model | ppl | KL | top-1 | quantize s | peak MB | size MB | size vs FP16 |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    speed = meta.get("speed")
+    if meta.get("table") == "ablation":
+        lines[-2:] = ["| model | ppl | KL | top-1 | FP width: residual + down_proj | online MACs/token (share) | "
+                      "cpu-int8 prefill vs base | o_proj vs base | down_proj vs base | quantize s |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     uneven = len({r["windows"] for r in results.values()}) > 1
     if uneven:  # an evaluation in progress: say how far each row is
         lines[-2] = lines[-2].replace("| model |", "| model | windows |")
@@ -238,10 +322,25 @@ def fmt_md(results: dict, meta: dict) -> str:
         kl = "-" if name == "FP" else f"{r['kl']:.4f}"
         top1 = "-" if name == "FP" else f"{100 * r['top1_agreement']:.1f}%"
         done = f" {r['windows']} |" if uneven else ""
+        if meta.get("table") == "ablation":
+            lines.append(f"| {name} |{done} {r['ppl']:.2f} | {kl} | {top1} | " + ablation_cells(name, speed)
+                         + f" {q.get('quantize_seconds', '-')} |")
+            continue
         lines.append(
             f"| {name} |{done} {r['ppl']:.2f} | {kl} | {top1} | {q.get('quantize_seconds', '-')} | "
             f"{q.get('peak_memory_mb', '-')} | {q.get('checkpoint_mb', meta['fp16_mb'])} | "
             f"{q.get('size_vs_fp16', 1.0)} |")
+    if speed:
+        first = next(iter(speed["rows"]))
+        lines += ["", f"Cost columns: `{speed['command']}` on {speed['date']} ({speed['machine']}, "
+                  f"{speed['threads']} threads): every checkpoint on `cpu-int8`, timed in turns over "
+                  f"{speed['rounds']} rounds after a warm-up, medians; prefill of {speed['tokens']} tokens "
+                  f"(batch 1), o_proj and down_proj of the middle layer on {speed['tokens']} rows; ratios are "
+                  f"time against `{first}` in the same run (above 1: slower). The original in bfloat16 "
+                  f"prefills in {speed['bf16_prefill_ms']:.0f} ms, `{first}` on cpu-int8 in "
+                  f"{speed['rows'][first]['prefill_ms']:.0f} ms. Online MACs: multiply-adds per token beyond "
+                  "today's QUAD (the down_proj split's products with P), and their share of the decoder "
+                  "linears' own."]
     if meta["windows"] < meta["windows_total"]:
         if "--max-windows" in meta["command"]:
             lines += ["", f"**Subset**: {meta['windows']} of {meta['windows_total']} windows; rerun without "
@@ -250,6 +349,17 @@ def fmt_md(results: dict, meta: dict) -> str:
             lines += ["", f"**In progress**: the full run has covered {meta['windows']} of {meta['windows_total']} "
                       "windows so far; `python scripts/results_smollm2.py --resume` continues it from there."]
     return "\n".join(lines) + "\n"
+
+
+def ablation_cells(name: str, speed: dict | None) -> str:
+    """The cost cells of one ablation row (dashes until the speed step has run)."""
+    if not speed or name not in speed["rows"]:
+        return "- | - | - | - | - |"
+    c, first = speed["rows"][name], speed["rows"][next(iter(speed["rows"]))]
+    width = f"{c['rank']} + {c['down_rank']}" if c["down_rank"] else str(c["rank"])
+    macs = f"{c['online_macs_per_token'] / 1e6:.2f} M ({100 * c['online_share']:.1f}%)" if c["down_rank"] else "0"
+    ratio = {k: f"{c[k] / first[k]:.2f}" for k in ("prefill_ms", "o_proj_ms", "down_proj_ms")}
+    return f"{width} | {macs} | {ratio['prefill_ms']} | {ratio['o_proj_ms']} | {ratio['down_proj_ms']} |"
 
 
 def main() -> None:
@@ -269,6 +379,10 @@ def main() -> None:
     p.add_argument("--quantize-only", action="store_true", help="make the checkpoints and stop")
     p.add_argument("--group", type=int, default=9, help="rows evaluated together (all in memory at once)")
     p.add_argument("--save-every", type=int, default=5, help="write the partial results every N windows")
+    p.add_argument("--speed-only", action="store_true",
+                   help="ablation: time the checkpoints (the cost columns) into the existing results and stop")
+    p.add_argument("--speed-tokens", type=int, default=2048, help="ablation timing: prefill tokens")
+    p.add_argument("--speed-repeat", type=int, default=5, help="ablation timing: rounds")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     resolve_paths(args, "wikitext2" if args.table == "main" else "ablation")
@@ -290,6 +404,15 @@ def main() -> None:
     if args.quantize_only:
         return
     fp, tok, _ = load_model(args.model)
+    if args.speed_only:
+        if args.table != "ablation":
+            raise SystemExit("--speed-only times the ablation's checkpoints (--table ablation)")
+        saved = json.loads(Path(args.out).with_suffix(".json").read_text())
+        saved["meta"]["speed"] = portable(speed_step(table, args, fp))
+        Path(args.out).with_suffix(".json").write_text(json.dumps(saved, indent=2))
+        Path(args.out).with_suffix(".md").write_text(fmt_md(saved["rows"], saved["meta"]))
+        print(Path(args.out).with_suffix(".md").read_text())
+        return
     source = load_text(args.data, "eval", data_dir=args.data_dir)
     text = source.text
     all_windows = tokenize_windows(tok, text, args.seqlen)
@@ -353,6 +476,9 @@ def main() -> None:
         write(results)
         del models
     log.info("evaluated %d rows on %d windows in %.0f s", len(pending), windows.shape[0], time.perf_counter() - t0)
+    if args.table == "ablation":
+        meta["speed"] = speed_step(table, args, fp)
+        write(results)
     print(out.with_suffix(".md").read_text())
 
 

@@ -47,6 +47,13 @@ def test_what_a_config_needs():
     assert QuantConfig(method="quarot", weights="gptq").needs_calibration
     assert not QuantConfig(method="rtn", weights="rtn").residual_transform
     assert QuantConfig(method="quarot", weights="rtn").residual_transform
-    QuantConfig(rank=48).check_hidden_size(48)
+    QuantConfig(rank=48).check_model_sizes(48)
     with pytest.raises(ConfigError, match="larger than the hidden size"):
-        QuantConfig(rank=49).check_hidden_size(48)
+        QuantConfig(rank=49).check_model_sizes(48)
+    QuantConfig(rank=8, down_rank=8).check_model_sizes(48, 9)
+    with pytest.raises(ConfigError, match="smaller than the intermediate size"):
+        QuantConfig(rank=8, down_rank=9).check_model_sizes(48, 9)
+    with pytest.raises(ConfigError, match="down_rank must be >= 0"):
+        QuantConfig(down_rank=-1)
+    assert QuantConfig(method="quarot", weights="rtn", down_rank=4).needs_layer_inputs
+    assert "down_proj input rank 4" in QuantConfig(down_rank=4).describe()

@@ -77,6 +77,7 @@ class QuantConfig:
     true_sequential: bool = True  # GPTQ: re-run the layer after each group of linears
     a_clip: float = 0.9
     a_clip_search: bool = False  # search each linear input's clip ratio on the calibration data
+    down_rank: int = 0  # top principal coordinates of each down_proj input kept in full precision (online)
     kv_bits: int = 16
     kv_clip: float = 1.0
     moment: str = "raw"  # how the residual second moment weights tokens
@@ -117,6 +118,8 @@ class QuantConfig:
         choice("moment", self.moment, MOMENTS)
         if self.rank < 0:
             raise ConfigError(f"rank must be >= 0, got {self.rank}")
+        if self.down_rank < 0:
+            raise ConfigError(f"down_rank must be >= 0, got {self.down_rank}")
         if self.w_bits not in (2, 3, 4, 8):
             raise ConfigError(f"w_bits must be 2, 3, 4 or 8, got {self.w_bits}")
         if self.group_size < 0:
@@ -128,10 +131,14 @@ class QuantConfig:
         if self.calib_samples < 1 or self.calib_seqlen < 8:
             raise ConfigError("calib_samples must be >= 1 and calib_seqlen >= 8")
 
-    def check_hidden_size(self, hidden_size: int) -> None:
-        """The checks that need the model: the rank must fit in its hidden size."""
+    def check_model_sizes(self, hidden_size: int, intermediate_size: int | None = None) -> None:
+        """The checks that need the model: the rank must fit in its hidden size, the down_proj
+        rank in its intermediate size."""
         if self.rank > hidden_size:
             raise ConfigError(f"rank {self.rank} is larger than the hidden size {hidden_size}")
+        if intermediate_size is not None and self.down_rank >= intermediate_size:
+            raise ConfigError(f"down_rank {self.down_rank} must be smaller than the intermediate size "
+                              f"{intermediate_size}")
 
     # --- derived ---------------------------------------------------------------------------
     @property
@@ -146,8 +153,9 @@ class QuantConfig:
 
     @property
     def needs_layer_inputs(self) -> bool:
-        """Whether each decoder layer's calibration inputs are needed: for GPTQ or the clip search."""
-        return self.weights == "gptq" or self.searches_act_clips
+        """Whether each decoder layer's calibration inputs are needed: for GPTQ, the clip search or
+        the down_proj subspace."""
+        return self.weights == "gptq" or self.searches_act_clips or self.down_rank > 0
 
     @property
     def searches_act_clips(self) -> bool:
@@ -156,7 +164,7 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether the run needs calibration samples: for the outlier subspace, GPTQ or the clip search."""
+        """Whether the run needs calibration samples: for an outlier subspace, GPTQ or the clip search."""
         return self.rank > 0 or self.needs_layer_inputs
 
     def act_spec(self, role: str) -> ActSpec:
@@ -192,5 +200,6 @@ class QuantConfig:
         return (f"{rot}; {self.mode}; weights INT{self.w_bits} {self.weights.upper()} {grp}"
                 f"{' act-order' if self.act_order else ''}; activations clip "
                 f"{'searched per input' if self.searches_act_clips else self.a_clip}; "
+                f"{f'down_proj input rank {self.down_rank} (online); ' if self.down_rank else ''}"
                 f"KV {self.kv_bits}-bit; calibration {self.calib_samples}x{self.calib_seqlen} "
                 f"tokens from {self.calib or 'the embedded default'}; seed {self.seed}")

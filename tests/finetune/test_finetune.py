@@ -238,6 +238,19 @@ def test_finetune_on_searched_clips_trains_the_outliers_and_keeps_the_clips():
             assert float(m.act_clip) == clips[n] == m.act.clip_ratio
 
 
+def test_finetune_trains_the_down_proj_outlier_columns_of_down_rank():
+    model = _quantized(down_rank=4)
+    downs = {i: layer.mlp.down_proj for i, layer in enumerate(model.model.layers)}
+    before = {i: m.w_outlier.detach().clone() for i, m in downs.items()}
+    res = finetune(model, _pattern_set(), FinetuneConfig(data="pattern", loss="ce", max_steps=8, batch_size=4,
+                                                          lr=3e-3, eval_every=4, val_fraction=0.2), pad_id=0,
+                   progress=False)
+    assert res.best_val_loss < res.initial_val_loss
+    assert any(n.endswith("mlp.down_proj.w_outlier") for n in res.trainable)
+    assert all(m.w_outlier.shape[1] == 4 for m in downs.values())
+    assert any(not torch.equal(m.w_outlier, before[i]) for i, m in downs.items())
+
+
 def test_distillation_brings_the_model_closer_to_its_teacher():
     teacher = tiny_model("llama", torch.float32, seed=0)
     with torch.no_grad():

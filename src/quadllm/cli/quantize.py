@@ -21,9 +21,9 @@ from ..io.memory import peak_rss_mb
 from ..io.sources import (
     ModelError,
     fp16_size_bytes,
-    hidden_size,
     load_model,
     model_size_bytes,
+    model_sizes,
     parameter_count,
     resolve,
     streaming_dir,
@@ -52,6 +52,9 @@ def add_parsers(sub) -> None:
     q.add_argument("--a-clip", type=float, default=d.a_clip, help="activation clip ratio")
     q.add_argument("--a-clip-search", action="store_true", default=d.a_clip_search,
                    help="search each linear input's clip ratio on the calibration data (instead of --a-clip)")
+    q.add_argument("--down-rank", type=int, default=d.down_rank,
+                   help="keep the top-k principal coordinates of each down_proj input in full precision "
+                   "(fitted per layer; an online projection of 2·k·intermediate multiply-adds per token)")
     q.add_argument("--act-order", action="store_true", default=d.act_order, help="GPTQ act-order")
     q.add_argument("--damp", type=float, default=d.damp, help="GPTQ damping (fraction of mean diagonal)")
     q.add_argument("--no-w-clip", dest="w_clip", action="store_false", default=d.w_clip,
@@ -144,9 +147,9 @@ def _check_inputs(args, config: QuantConfig) -> TextSource | None:
     out = check_output_dir(args.out)
     source = resolve(args.model)
     calib = load_text(config.calib, "calib", data_dir=args.data_dir) if config.needs_calibration else None
-    hidden = hidden_size(source)
-    if hidden is not None:
-        config.check_hidden_size(hidden)
+    sizes = model_sizes(source)
+    if sizes is not None:
+        config.check_model_sizes(*sizes)
     params = parameter_count(source)
     if params:
         check_free_space(out, int(CHECKPOINT_SIZE_VS_FP16 * 2 * params), "the checkpoint")

@@ -226,13 +226,16 @@ def parameter_count(source: ModelSource) -> int | None:
     return None
 
 
-def hidden_size(source: ModelSource) -> int | None:
-    """The model's hidden size from its configuration alone (None when only loading would tell)."""
+def model_sizes(source: ModelSource) -> tuple[int, int | None] | None:
+    """The model's hidden and intermediate sizes from its configuration alone (None when only
+    loading would tell)."""
     directory = gguf_cache_dir(Path(source.path)) if source.kind == "gguf" else Path(source.path)
     if source.kind == "hub" or not (directory / "config.json").is_file():
         return None
     try:
-        return int(AutoConfig.from_pretrained(directory).hidden_size)
+        cfg = AutoConfig.from_pretrained(directory)
+        inter = getattr(cfg, "intermediate_size", None)
+        return int(cfg.hidden_size), None if inter is None else int(inter)
     except Exception:  # an unreadable config: loading the model says what is wrong
         return None
 

@@ -8,7 +8,8 @@ all go through one :class:`LayerRecipe` built from the :class:`~quadllm.config.Q
 2. :meth:`~LayerRecipe.fit_basis` (once per model): ``Q`` from the residual second moment;
 3. :meth:`~LayerRecipe.transform`: the residual basis ``Q``, the online transforms, the KV quantizer;
 4. :meth:`~LayerRecipe.set_quantizers`: the activation quantizer of every linear;
-5. :meth:`~LayerRecipe.quantize_weights`: GPTQ or RTN, then (``a_clip_search``) each input's clip ratio;
+5. :meth:`~LayerRecipe.quantize_weights`: (``down_rank``) down_proj's input subspace, GPTQ or RTN,
+   then (``a_clip_search``) each input's clip ratio;
 
 and :meth:`~LayerRecipe.skeleton`: the empty modules those steps produce, for loading a checkpoint.
 The embedding, final norm and head have the same steps (``*_ends``). A new per-layer step goes
@@ -28,6 +29,7 @@ from ..config import QuantConfig
 from ..nn.modules import QuadEmbedding, QuadHead, QuadLinear, QuadRMSNorm
 from ..steps.calibration import LayerInputs
 from ..steps.clipping import float_weights, search_layer_act_clips
+from ..steps.decompose import decompose_down_proj, empty_split_transform
 from ..steps.transforms import (
     attach_layer_kv_quant,
     kv_rotation,
@@ -58,6 +60,7 @@ def structure_of(config: QuantConfig, adapter: ArchAdapter) -> dict[str, Any]:
         "online_transforms": config.rotate,
         "tied_head": adapter.tied,
         "kv_bits": config.kv_bits,
+        "down_rank": config.down_rank,
     }
 
 
@@ -69,11 +72,13 @@ class LayerRecipe:
 
     def __init__(self, config: QuantConfig, adapter: ArchAdapter) -> None:
         config.validate()
-        config.check_hidden_size(adapter.hidden_size)
+        config.check_model_sizes(adapter.hidden_size, adapter.intermediate_size)
         self.config = config
         self.adapter = adapter
         self.basis: torch.Tensor | None = None  # Q [d, d + rank], once fitted
         self._kv_rotation: torch.Tensor | None = None
+        #: per layer, the share of down_proj's input energy its full-precision coordinates hold
+        self.down_energy: list[float] = []
 
     @property
     def rank(self) -> int:
@@ -128,10 +133,13 @@ class LayerRecipe:
         set_layer_activation_quant(layer, self.adapter, self.config)
 
     def quantize_weights(self, layer: nn.Module, index: int, inputs: LayerInputs | None) -> None:
-        """GPTQ on ``inputs`` (the layer's inputs, activation quantization off) or RTN; then,
-        with ``a_clip_search``, the clip ratio of each linear input on the same inputs."""
+        """With ``down_rank``, down_proj's input subspace first (exact); then GPTQ on ``inputs``
+        (the layer's inputs, activation quantization off) or RTN; then, with ``a_clip_search``, the
+        clip ratio of each linear input on the same inputs."""
         if self.config.needs_layer_inputs and inputs is None:
-            raise ValueError("GPTQ and the clip search need the layer's calibration inputs")
+            raise ValueError("GPTQ, the clip search and --down-rank need the layer's calibration inputs")
+        if self.config.down_rank:
+            self.down_energy.append(decompose_down_proj(layer, self.adapter, inputs, self.config.down_rank, index))
         reference = float_weights(layer, self.adapter) if self.config.searches_act_clips else None
         if self.config.weights == "gptq":
             gptq_layer(layer, self.adapter, self.config, inputs, index)
@@ -153,7 +161,13 @@ class LayerRecipe:
                 self._empty_linear(layer, name, wide, None, r, None, dtype)
             set_submodule(layer, group.norm, QuadRMSNorm(d, norm_eps(get_submodule(layer, group.norm))))
         for name in adapter.writers:
-            self._empty_linear(layer, name, None, wide, 0, online.get(name), dtype)
+            if name == adapter.down_proj and config.down_rank:
+                k = config.down_rank
+                lin = get_submodule(layer, name)
+                split = empty_split_transform(lin, online.get(name), k, dtype)
+                self._empty_linear(layer, name, lin.in_features + k, wide, k, split, dtype)
+            else:
+                self._empty_linear(layer, name, None, wide, 0, online.get(name), dtype)
         if config.kv_bits < 16:
             attach_layer_kv_quant(layer, adapter, config.kv_bits, config.kv_clip, self.kv_rotation())
 
