@@ -64,6 +64,7 @@ ABLATION_ROWS = [
     ("QUAD W4A4 r=64", ["--method", "quad", "--rank", "64"]),
     ("QUAD W4A4 r=64 + clip search", ["--method", "quad", "--rank", "64", "--a-clip-search"]),
     ("QUAD W4A4 r=64 + down-rank 64", ["--method", "quad", "--rank", "64", "--down-rank", "64"]),
+    ("QUAD W4A4 r=64 + asymmetric activations", ["--method", "quad", "--rank", "64", "--act-asym"]),
 ]
 TABLES = {"main": ROWS, "ablation": ABLATION_ROWS}
 

@@ -35,10 +35,12 @@ def check_choice(name: str, value: Any, allowed: tuple) -> None:
 
 @dataclass(frozen=True)
 class ActSpec:
-    """How the input activations of one linear layer are quantized (per token, dynamic, symmetric)."""
+    """How the input activations of one linear layer are quantized (per token, dynamic; symmetric,
+    or ``sym=False``: asymmetric with a zero point)."""
 
     bits: int = 16
     clip_ratio: float = 1.0
+    sym: bool = True
 
     @property
     def enabled(self) -> bool:
@@ -77,6 +79,7 @@ class QuantConfig:
     true_sequential: bool = True  # GPTQ: re-run the layer after each group of linears
     a_clip: float = 0.9
     a_clip_search: bool = False  # search each linear input's clip ratio on the calibration data
+    act_sym: bool = True  # per-token activations symmetric (False: asymmetric, a zero point per token)
     down_rank: int = 0  # top principal coordinates of each down_proj input kept in full precision (online)
     kv_bits: int = 16
     kv_clip: float = 1.0
@@ -172,7 +175,7 @@ class QuantConfig:
         stream, ``o_proj`` or ``down_proj``)."""
         main = {"w4a4": 4, "w4a4a8": 4, "w4a8": 8, "w4a16": 16}[self.mode]
         bits = 8 if (self.mode == "w4a4a8" and role in ("o_proj", "down_proj")) else main
-        return ActSpec(bits=bits, clip_ratio=self.a_clip if bits < 16 else 1.0)
+        return ActSpec(bits=bits, clip_ratio=self.a_clip if bits < 16 else 1.0, sym=self.act_sym or bits >= 16)
 
     # --- persistence -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -199,7 +202,8 @@ class QuantConfig:
         grp = f"group {self.group_size}" if self.group_size else "per-channel"
         return (f"{rot}; {self.mode}; weights INT{self.w_bits} {self.weights.upper()} {grp}"
                 f"{' act-order' if self.act_order else ''}; activations clip "
-                f"{'searched per input' if self.searches_act_clips else self.a_clip}; "
+                f"{'searched per input' if self.searches_act_clips else self.a_clip}"
+                f"{'' if self.act_sym else ', asymmetric'}; "
                 f"{f'down_proj input rank {self.down_rank} (online); ' if self.down_rank else ''}"
                 f"KV {self.kv_bits}-bit; calibration {self.calib_samples}x{self.calib_seqlen} "
                 f"tokens from {self.calib or 'the embedded default'}; seed {self.seed}")

@@ -7,7 +7,7 @@ import torch
 from conftest import quantize_tiny, random_ids
 
 from quadllm.backends import BackendError, Int8Kernel, place
-from quadllm.backends.int8 import act_codes, int8_linear, int_mm_available
+from quadllm.backends.int8 import act_codes, asym_act_codes, int8_linear, int_mm_available
 from quadllm.core.quantizers import fake_quant_act
 from quadllm.nn.modules import QuadLinear
 
@@ -56,6 +56,7 @@ def test_int8_linear_matches_its_reference_definition():
     dict(method="quad", rank=8, mode="w4a4", group_size=16),
     dict(method="quad", rank=8, mode="w4a4", a_clip_search=True),
     dict(method="quad", rank=8, mode="w4a4", down_rank=4),
+    dict(method="quad", rank=8, mode="w4a4a8", act_sym=False),
 ])
 def test_cpu_int8_backend_matches_fake(arch, cfg):
     model = quantize_tiny(arch, weights="rtn", **cfg)
@@ -75,6 +76,22 @@ def test_cpu_int8_backend_matches_fake(arch, cfg):
     place(model, "fake")
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref)
+
+
+def test_asymmetric_codes_and_the_zero_point_epilogue_match_their_definition():
+    g = torch.Generator().manual_seed(4)
+    x = torch.nn.functional.silu(2 * torch.randn(40, 64, generator=g))
+    for bits in (4, 8):
+        codes, sx, zx = asym_act_codes(x, bits, 0.9)
+        assert codes.dtype == torch.int8 and int(codes.min()) >= -(2 ** (bits - 1)) and int(codes.max()) < 2 ** (bits - 1)
+        assert torch.allclose((codes.float() - zx) * sx, fake_quant_act(x, bits, 0.9, sym=False), atol=1e-6)
+        qw = torch.randint(-8, 8, (24, 64), generator=g, dtype=torch.int8)
+        sw = torch.rand(24, generator=g) + 0.1
+        wt = qw.t().contiguous()
+        sums = wt.sum(0, dtype=torch.int32).float()
+        ref = ((codes.double() - zx.double()) @ qw.double().t()) * sx.double() * sw.double()
+        out = int8_linear(codes, sx, wt, sw, zx, sums)
+        assert torch.allclose(out.double(), ref, rtol=1e-6, atol=1e-6)
 
 
 def test_weight_cache_is_optional_and_equal():

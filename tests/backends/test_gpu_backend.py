@@ -174,6 +174,13 @@ def test_gpu_backend_matches_fake(cfg):
     assert err < 1e-4, err
 
 
+def test_the_gpu_backend_refuses_asymmetric_activations_before_moving_anything():
+    model = quantize_tiny("llama", weights="rtn", rank=8, act_sym=False).to(DEVICE)
+    with pytest.raises(BackendError, match="no asymmetric per-token activation kernel"):
+        place(model, "gpu")
+    assert all(m.kernel is None for m in model.modules() if isinstance(m, QuadLinear))
+
+
 def test_gpu_backend_leaves_unsupported_layers_on_fake():
     model = quantize_tiny("llama", weights="rtn", rank=8, mode="w4a16")
     n = sum(isinstance(m, QuadLinear) for m in model.modules())

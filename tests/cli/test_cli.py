@@ -23,6 +23,10 @@ def test_quantize_options_become_the_config_by_field_name():
     cfg = config_from_args(QuantConfig, args)
     assert (cfg.rank, cfg.w_clip, cfg.act_order, cfg.group_size, cfg.kv_bits, cfg.moment, cfg.a_clip_search) == (
         8, False, True, 16, 4, "normalized", True)
+    asym = config_from_args(QuantConfig, build_parser().parse_args(["quantize", "--out", "x", "--act-asym",
+                                                                     "--down-rank", "16"]))
+    assert (asym.act_sym, asym.down_rank) == (False, 16) and asym.act_spec("reader").sym is False
+    assert asym.act_spec("reader").bits == 4 and QuantConfig(act_sym=False, mode="w4a16").act_spec("reader").sym
     default = config_from_args(QuantConfig, build_parser().parse_args(["quantize", "--out", "x"]))
     assert default == QuantConfig()  # the parser's defaults are the dataclass's
 

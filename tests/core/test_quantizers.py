@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from quadllm.core.quantizers import (
+    asym_params,
     dequantize_weight,
     fake_quant_act,
+    fake_quant_asym,
     fake_quant_kv,
     pack_int4,
     qrange,
@@ -320,6 +322,29 @@ def _ref_fake_quant_kv(x: torch.Tensor, bits: int, clip: float) -> torch.Tensor:
             q = min(max(round(v / scale) + zero, 0), levels)
             out[r, c] = (q - zero) * scale
     return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("clip", [1.0, 0.875])
+def test_asymmetric_activations_match_the_reference_and_beat_symmetric_on_skewed_rows(bits, clip):
+    g = _gen(5)
+    x = torch.nn.functional.silu(3 * torch.randn(6, 32, generator=g, dtype=torch.float64))  # skewed, as after SiLU
+    y = fake_quant_act(x, bits, clip, sym=False)
+    assert torch.allclose(y, _ref_fake_quant_kv(x, bits, clip), rtol=0, atol=1e-12)  # one asymmetric definition
+    assert torch.equal(fake_quant_asym(x, bits, clip), y) and torch.equal(fake_quant_kv(x, bits, clip), y)
+    scale, zero = asym_params(x, bits, clip)
+    assert torch.equal(zero, torch.round(zero)) and scale.shape == zero.shape == (6, 1)
+    if clip == 1.0:
+        assert (y - x).pow(2).sum() < (fake_quant_act(x, bits, 1.0) - x).pow(2).sum()
+    assert torch.equal(fake_quant_act(x, 16, clip, sym=False), x)
+
+
+def test_asymmetric_activations_pass_a_straight_through_gradient():
+    x = torch.linspace(-1, 3, 16, dtype=torch.float64).reshape(2, 8).requires_grad_(True)
+    y = fake_quant_act(x, 4, 1.0, sym=False)
+    assert torch.allclose(y.detach(), fake_quant_act(x.detach(), 4, 1.0, sym=False))
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
 def _kv_scale(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -238,8 +238,9 @@ def test_finetune_on_searched_clips_trains_the_outliers_and_keeps_the_clips():
             assert float(m.act_clip) == clips[n] == m.act.clip_ratio
 
 
-def test_finetune_trains_the_down_proj_outlier_columns_of_down_rank():
-    model = _quantized(down_rank=4)
+def test_finetune_trains_the_down_proj_outlier_columns_of_down_rank_with_asymmetric_activations():
+    model = _quantized(down_rank=4, act_sym=False)
+    assert all(not m.act.sym for m in model.modules() if isinstance(m, QuadLinear) and m.act.enabled)
     downs = {i: layer.mlp.down_proj for i, layer in enumerate(model.model.layers)}
     before = {i: m.w_outlier.detach().clone() for i, m in downs.items()}
     res = finetune(model, _pattern_set(), FinetuneConfig(data="pattern", loss="ce", max_steps=8, batch_size=4,

@@ -21,10 +21,10 @@ def _clips(model):
             "act_clip" in m._buffers}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("weights", ["gptq", "rtn"])
-def test_every_quantized_input_gets_a_searched_clip_shared_by_its_readers(arch, weights):
-    model = quantize_tiny(arch, method="quad", rank=8, weights=weights, a_clip_search=True)
+@pytest.mark.parametrize("arch, weights, sym", [("llama", "gptq", True), ("qwen2", "gptq", True),
+                                               ("llama", "rtn", True), ("qwen2", "rtn", False)])
+def test_every_quantized_input_gets_a_searched_clip_shared_by_its_readers(arch, weights, sym):
+    model = quantize_tiny(arch, method="quad", rank=8, weights=weights, a_clip_search=True, act_sym=sym)
     adapter = get_adapter(model)
     clips = _clips(model)
     assert len(clips) == len(adapter.layers(model)) * len(adapter.all_linears)

@@ -13,7 +13,8 @@
 Loading a checkpoint gives a ``fake`` model on the CPU; :func:`place` is the one step that then
 chooses the device and the kernel of every layer. Layers a kernel does not support (its
 ``supports``: weight-only ``w4a16`` inputs, activations wider than 8 bits, grouped weight scales)
-keep the float simulation, and :func:`place` reports how many layers use which.
+keep the float simulation, and :func:`place` reports how many layers use which; a layer a kernel
+``refuses`` (it would compute it otherwise than the checkpoint asks) stops :func:`place` with the reason.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def place(model: nn.Module, backend: str = "auto", cache_weights: bool = True) -
         reason = kernel_cls.unavailable_reason()
         if reason is not None:
             raise BackendError(reason)
+        for m in model.modules():  # before anything moves
+            if isinstance(m, QuadLinear) and (refusal := kernel_cls.refuses(m)) is not None:
+                raise BackendError(refusal)
         device = next(model.parameters()).device
         if device.type != kernel_cls.device():
             model.to(kernel_cls.device())

@@ -44,6 +44,12 @@ class Kernel:
         """Whether this kernel can run ``lin`` (others keep the float simulation)."""
         raise NotImplementedError
 
+    @staticmethod
+    def refuses(lin: "QuadLinear") -> str | None:
+        """Why this backend must not run ``lin`` at all, not even in the float simulation (a
+        layer it would silently compute otherwise than asked), or None."""
+        return None
+
     def __call__(self, lin: "QuadLinear", x: torch.Tensor) -> torch.Tensor:
         """The output of ``lin`` for its input ``x`` after the online transform."""
         raise NotImplementedError

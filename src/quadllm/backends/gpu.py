@@ -25,7 +25,7 @@ from ..core.hadamard import OnlineTransform
 from ..nn.modules import QuadLinear
 from .base import Kernel
 
-__all__ = ["FusedTransform", "TritonKernel", "fused_transform_plan", "gpu_available", "interpreting",
+__all__ = ["FusedTransform", "TritonKernel", "fused_transform_plan", "gpu_available", "gpu_refuses", "interpreting",
            "supports_gpu", "triton_available", "why_no_gpu"]
 
 # the transformed row is held in registers as an [A, B] tile (A padded to a power of two >= 16)
@@ -65,6 +65,15 @@ def supports_gpu(lin: QuadLinear) -> bool:
     activations of at most 8 bits, an even number of quantized input columns."""
     return (lin.quantized and lin.act.enabled and lin.act.bits <= 8 and lin.w_bits == 4
             and lin.group_size == 0 and (lin.in_features - lin.rank) % 2 == 0)
+
+
+def gpu_refuses(lin: QuadLinear) -> str | None:
+    """The layers the gpu backend refuses: asymmetric activations (its kernels quantize
+    symmetrically, and leaving those layers on the simulation would hide a slow path)."""
+    if lin.act.enabled and not lin.act.sym:
+        return ("the gpu backend has no asymmetric per-token activation kernel (a checkpoint made with "
+                "--act-asym); run it with --backend cpu-int8 or fake")
+    return None
 
 
 def _is_pow2(n: int) -> bool:
@@ -164,6 +173,7 @@ class TritonKernel(Kernel):
         return None
 
     supports = staticmethod(supports_gpu)
+    refuses = staticmethod(gpu_refuses)
 
     def __init__(self, fuse_transform: bool = True) -> None:
         self.fuse_transform = fuse_transform

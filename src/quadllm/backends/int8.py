@@ -6,17 +6,22 @@ GEMM with int32 accumulation (``torch._int_mm``) does the work and a per-token x
 scale epilogue turns it back into floats. The codes are exactly those of
 :func:`quadllm.core.quantizers.fake_quant_act`, so the result equals the float simulation up to the
 float rounding of the simulation's own sums.
+
+Asymmetric activations (``--act-asym``) have codes ``q`` in ``0..2**bits - 1`` and a zero point
+``z`` per token: ``x ≈ (q - z) s``. Shifted by ``h = 2**(bits-1)`` both fit in int8 (``c = q - h``,
+``z' = z - h``, ``x ≈ (c - z') s``), and ``Σ_k (c_k - z') w_k = Σ_k c_k w_k - z' Σ_k w_k``: the
+same GEMM, with the weight codes' row sums (kept beside the weight) subtracted in the epilogue.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..core.quantizers import qrange, row_absmax
+from ..core.quantizers import asym_params, qrange, row_absmax
 from ..nn.modules import QuadLinear
 from .base import Kernel
 
-__all__ = ["act_codes", "int8_linear", "int_mm_available", "supports_int8", "Int8Kernel"]
+__all__ = ["act_codes", "asym_act_codes", "int8_linear", "int_mm_available", "supports_int8", "Int8Kernel"]
 
 
 def act_codes(x: torch.Tensor, bits: int, clip_ratio: float = 1.0,
@@ -48,13 +53,29 @@ def act_codes(x: torch.Tensor, bits: int, clip_ratio: float = 1.0,
     return codes, scales
 
 
+def asym_act_codes(x: torch.Tensor, bits: int, clip_ratio: float = 1.0
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token asymmetric codes of ``x`` [M, K], shifted into int8: (codes ``c`` [M, K], scales
+    [M, 1], shifted zero points ``z'`` [M, 1], integers held as floats) with ``x ≈ (c - z') * scale``,
+    the grid of :func:`quadllm.core.quantizers.fake_quant_asym`."""
+    if bits > 8:
+        raise ValueError(f"integer activations need at most 8 bits, got {bits}")
+    half = 2 ** (bits - 1)
+    scale, zero = asym_params(x, bits, clip_ratio)
+    q = (x / scale).round_().add_(zero).clamp_(0, 2**bits - 1).sub_(half)
+    return q.to(torch.int8), scale, zero - half
+
+
 def int8_linear(codes: torch.Tensor, act_scale: torch.Tensor, weight_t: torch.Tensor,
-                weight_scale: torch.Tensor) -> torch.Tensor:
-    """``(codes @ weight_t) * act_scale * weight_scale`` with int32 accumulation.
+                weight_scale: torch.Tensor, act_zero: torch.Tensor | None = None,
+                weight_sums: torch.Tensor | None = None) -> torch.Tensor:
+    """``(codes @ weight_t - act_zero * weight_sums) * act_scale * weight_scale`` with int32
+    accumulation (no zero-point term without ``act_zero``).
 
     ``codes`` int8 [M, K], ``act_scale`` [M, 1], ``weight_t`` int8 [K, N] (the transposed weight
-    codes, contiguous), ``weight_scale`` [N] (per output channel). Returns float [M, N] in the
-    dtype of ``act_scale``.
+    codes, contiguous), ``weight_scale`` [N] (per output channel); ``act_zero`` [M, 1] and
+    ``weight_sums`` [N] (``weight_t``'s column sums) for asymmetric codes. Returns float [M, N] in
+    the dtype of ``act_scale``.
     """
     acc = torch._int_mm(codes, weight_t)
     if act_scale.dtype == torch.float32 and acc.dtype == torch.int32 and acc.is_contiguous():
@@ -64,6 +85,8 @@ def int8_linear(codes: torch.Tensor, act_scale: torch.Tensor, weight_t: torch.Te
         y.copy_(acc)
     else:
         y = acc.to(act_scale.dtype)
+    if act_zero is not None:
+        y.sub_(act_zero.to(y.dtype) * weight_sums.to(y.dtype))
     return y.mul_(act_scale).mul_(weight_scale.to(y.dtype))
 
 
@@ -104,6 +127,7 @@ class Int8Kernel(Kernel):
         self.cache_weights = cache_weights
         self._wt: torch.Tensor | None = None
         self._key: tuple | None = None
+        self._sums: tuple[tuple, torch.Tensor] | None = None
 
     def weight_t(self, lin: QuadLinear) -> torch.Tensor:
         key = (lin.qweight.data_ptr(), lin.qweight._version)
@@ -114,6 +138,13 @@ class Int8Kernel(Kernel):
             self._wt, self._key = wt, key
         return wt
 
+    def weight_sums(self, lin: QuadLinear, wt: torch.Tensor) -> torch.Tensor:
+        """The weight codes' sum per output channel (asymmetric activations' epilogue), kept."""
+        key = (lin.qweight.data_ptr(), lin.qweight._version)
+        if self._sums is None or self._sums[0] != key:
+            self._sums = (key, wt.sum(0, dtype=torch.int32).float())
+        return self._sums[1]
+
     def extra_bytes(self) -> int:
         return 0 if self._wt is None else self._wt.numel() * self._wt.element_size()
 
@@ -122,8 +153,13 @@ class Int8Kernel(Kernel):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         xs = x2 if x2.dtype == torch.float32 else x2.float()
-        codes, sx = act_codes(xs[:, r:], lin.act.bits, lin.act.clip_ratio)
-        y = int8_linear(codes, sx, self.weight_t(lin), lin.scales.reshape(-1))
+        wt = self.weight_t(lin)
+        if lin.act.sym:
+            codes, sx = act_codes(xs[:, r:], lin.act.bits, lin.act.clip_ratio)
+            y = int8_linear(codes, sx, wt, lin.scales.reshape(-1))
+        else:
+            codes, sx, zx = asym_act_codes(xs[:, r:], lin.act.bits, lin.act.clip_ratio)
+            y = int8_linear(codes, sx, wt, lin.scales.reshape(-1), zx, self.weight_sums(lin, wt))
         if r:
             y.addmm_(xs[:, :r], lin.w_outlier.t().to(y.dtype))
         if lin.bias is not None:

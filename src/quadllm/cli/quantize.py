@@ -52,6 +52,9 @@ def add_parsers(sub) -> None:
     q.add_argument("--a-clip", type=float, default=d.a_clip, help="activation clip ratio")
     q.add_argument("--a-clip-search", action="store_true", default=d.a_clip_search,
                    help="search each linear input's clip ratio on the calibration data (instead of --a-clip)")
+    q.add_argument("--act-asym", dest="act_sym", action="store_false", default=d.act_sym,
+                   help="asymmetric per-token activations (a zero point per token, applied in the GEMM epilogue)")
+    q.add_argument("--act-sym", dest="act_sym", action="store_true", help="symmetric per-token activations (default)")
     q.add_argument("--down-rank", type=int, default=d.down_rank,
                    help="keep the top-k principal coordinates of each down_proj input in full precision "
                    "(fitted per layer; an online projection of 2·k·intermediate multiply-adds per token)")

@@ -30,11 +30,12 @@ CLIP_STEP = 1.0 / 32
 
 
 def act_clip_error(x: torch.Tensor, weights: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
-                   rank: int, bits: int, clip: float) -> float:
+                   rank: int, bits: int, clip: float, sym: bool = True) -> float:
     """``sum_l ||[x_:r, Q_clip(x_r:)] W_lᵀ - y_l||²`` for ``x`` [n, in], weights ``W_l`` [out_l, in]
-    and targets ``y_l`` [n, out_l] (computed in float64 when ``x`` is float64)."""
+    and targets ``y_l`` [n, out_l] (computed in float64 when ``x`` is float64); ``sym``: the
+    quantizer's grid (False: asymmetric)."""
     xq = x.clone()
-    xq[:, rank:] = fake_quant_act(x[:, rank:].clone(), bits, clip)
+    xq[:, rank:] = fake_quant_act(x[:, rank:].clone(), bits, clip, sym)
     return float(sum(((xq @ w.T) - y).pow(2).sum() for w, y in zip(weights, targets)))
 
 
@@ -45,14 +46,14 @@ def coarse_clips() -> list[float]:
 
 
 def search_act_clip(x: torch.Tensor, weights: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
-                    rank: int, bits: int) -> tuple[float, dict[float, float]]:
+                    rank: int, bits: int, sym: bool = True) -> tuple[float, dict[float, float]]:
     """The clip ratio with the smallest :func:`act_clip_error` (the largest ratio on ties) and
     the error of every candidate tried."""
     errors: dict[float, float] = {}
 
     def err(c: float) -> float:
         if c not in errors:
-            errors[c] = act_clip_error(x, weights, targets, rank, bits, c)
+            errors[c] = act_clip_error(x, weights, targets, rank, bits, c, sym)
         return errors[c]
 
     for c in coarse_clips():

@@ -2,7 +2,8 @@
 of weights, per-token activations and KV heads, and INT4 packing.
 
 Conventions: symmetric signed integers with ``qmax = 2**(bits-1) - 1`` and
-``qmin = -(qmax + 1)`` (INT4: -8..7), ``x ≈ q * scale``. Scales are per output channel
+``qmin = -(qmax + 1)`` (INT4: -8..7), ``x ≈ q * scale``; the asymmetric grids (KV cache, and
+activations with ``--act-asym``) use ``0..2**bits - 1`` with a zero point. Scales are per output channel
 (``group_size == 0``) or per contiguous group of ``group_size`` input columns.
 """
 
@@ -17,6 +18,8 @@ __all__ = [
     "dequantize_weight",
     "row_absmax",
     "fake_quant_act",
+    "asym_params",
+    "fake_quant_asym",
     "ste_round",
     "fake_quant_kv",
     "pack_int4",
@@ -132,16 +135,20 @@ def row_absmax(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg())
 
 
-def fake_quant_act(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:
-    """Per-token (last dimension) dynamic symmetric quantize-dequantize.
+def fake_quant_act(x: torch.Tensor, bits: int, clip_ratio: float = 1.0, sym: bool = True) -> torch.Tensor:
+    """Per-token (last dimension) dynamic quantize-dequantize.
 
-    ``scale = clip_ratio * max|x| / qmax``; values beyond the clipped range saturate.
+    Symmetric (``sym``): ``scale = clip_ratio * max|x| / qmax``; values beyond the clipped range
+    saturate. Asymmetric: :func:`fake_quant_asym`, a grid over the token's clipped
+    ``[min, max]`` with an integer zero point.
     When ``x`` requires a gradient the rounding is a straight-through estimator: the gradient
     passes unchanged through ``round`` inside the clipping range and is zero outside it
     (values that saturate), and it also flows through the dynamic scale.
     """
     if bits >= 16:
         return x
+    if not sym:
+        return fake_quant_asym(x, bits, clip_ratio)
     qmin, qmax = qrange(bits)
     scale = (row_absmax(x) * clip_ratio / qmax).clamp_min(1e-8)
     q = x / scale
@@ -150,27 +157,39 @@ def fake_quant_act(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch
     return q.round_().clamp_(qmin, qmax).mul_(scale)  # in place: same values, fewer allocations
 
 
+def asym_params(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (last dimension) ``(scale, zero)`` of the asymmetric grid: ``2**bits`` levels over
+    ``[min, max] * clip_ratio``, ``zero = round(-min * clip_ratio / scale)`` (an integer, kept as a
+    float); ``x ≈ (clamp(round(x / scale) + zero, 0, 2**bits - 1) - zero) * scale``."""
+    levels = 2**bits - 1
+    xmax = x.amax(dim=-1, keepdim=True) * clip_ratio
+    xmin = x.amin(dim=-1, keepdim=True) * clip_ratio
+    scale = ((xmax - xmin) / levels).clamp_min(1e-8)
+    return scale, torch.round(-xmin / scale)
+
+
+def fake_quant_asym(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:
+    """Asymmetric per-row quantize-dequantize on the grid of :func:`asym_params` (the min and max
+    therefore move by up to scale/2); a straight-through estimator when ``x`` needs a gradient."""
+    if bits >= 16:
+        return x
+    scale, zero = asym_params(x, bits, clip_ratio)
+    r = x / scale
+    q = torch.clamp((ste_round(r) if torch.is_grad_enabled() and r.requires_grad else torch.round(r)) + zero,
+                    0, 2**bits - 1)
+    return (q - zero) * scale
+
+
 def ste_round(x: torch.Tensor) -> torch.Tensor:
     """``round(x)`` forward, identity backward (straight-through estimator)."""
     return x + (torch.round(x) - x).detach()
 
 
 def fake_quant_kv(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:
-    """Asymmetric per-token, per-head quantize-dequantize of a KV tensor [..., head_dim].
-
-    The grid spans ``[min, max] * clip_ratio`` with ``2**bits`` levels and an integer zero
-    point, as QuaRot does for the KV cache (min and max therefore move by up to scale/2). The
-    attention always quantizes the raw cached values, so repeated application never happens.
-    """
-    if bits >= 16:
-        return x
-    levels = 2**bits - 1
-    xmax = x.amax(dim=-1, keepdim=True) * clip_ratio
-    xmin = x.amin(dim=-1, keepdim=True) * clip_ratio
-    scale = ((xmax - xmin) / levels).clamp_min(1e-8)
-    zero = torch.round(-xmin / scale)
-    q = torch.clamp(torch.round(x / scale) + zero, 0, levels)
-    return (q - zero) * scale
+    """Asymmetric per-token, per-head quantize-dequantize of a KV tensor [..., head_dim]
+    (:func:`fake_quant_asym`), as QuaRot does for the KV cache. The attention always quantizes the
+    raw cached values, so repeated application never happens."""
+    return fake_quant_asym(x, bits, clip_ratio)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -241,12 +241,13 @@ class QuadLinear(nn.Module):
             return self.kernel(self, x)
         if not self.quantized:
             if quant_act:
-                x = torch.cat([x[..., :r], fake_quant_act(x[..., r:], self.act.bits, self.act.clip_ratio)], -1) \
-                    if r else fake_quant_act(x, self.act.bits, self.act.clip_ratio)
+                a = self.act
+                x = torch.cat([x[..., :r], fake_quant_act(x[..., r:], a.bits, a.clip_ratio, a.sym)], -1) \
+                    if r else fake_quant_act(x, a.bits, a.clip_ratio, a.sym)
             return F.linear(x, self.weight, self.bias)
         xq = x[..., r:]
         if quant_act:
-            xq = fake_quant_act(xq, self.act.bits, self.act.clip_ratio)
+            xq = fake_quant_act(xq, self.act.bits, self.act.clip_ratio, self.act.sym)
         if torch.is_grad_enabled() and (xq.requires_grad or self.scales.requires_grad):
             # training: dequantize inside forward and backward, keep no float weight around
             y = quant_linear(xq, self.qweight, self.scales, self.in_features - r, self.w_bits)
@@ -261,7 +262,7 @@ class QuadLinear(nn.Module):
     def extra_repr(self) -> str:
         state = f"W{self.w_bits}" + (f" g{self.group_size}" if self.group_size else "") if self.quantized else "float"
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, {state}, "
-                f"A{self.act.bits} clip={self.act.clip_ratio}, bias={self.bias is not None}")
+                f"A{self.act.bits}{'' if self.act.sym else ' asym'} clip={self.act.clip_ratio}, bias={self.bias is not None}")
 
 
 class KVQuant(nn.Module):

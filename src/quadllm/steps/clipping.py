@@ -69,7 +69,7 @@ def search_layer_act_clips(layer: nn.Module, adapter: ArchAdapter, inputs: Layer
                 weights = [lins[n].full_weight().detach().float() for n in readers]
                 targets = [x @ reference[n].float().T for n in readers]
                 lead = lins[owner]
-                best, errors = search_act_clip(x, weights, targets, lead.rank, lead.act.bits)
+                best, errors = search_act_clip(x, weights, targets, lead.rank, lead.act.bits, lead.act.sym)
                 for n in readers:
                     lins[n].set_act_clip(best)
                     chosen[n] = best

@@ -117,7 +117,7 @@ class _ErrProbe:
         y = F.linear(x, self.w)
         xr = x[..., self.r:]
         if self.act.enabled:
-            xr = fake_quant_act(xr.clone(), self.act.bits, self.act.clip_ratio)
+            xr = fake_quant_act(xr.clone(), self.act.bits, self.act.clip_ratio, self.act.sym)
         yq = F.linear(torch.cat([x[..., :self.r], xr], -1), self.wq)
         self.err += float((yq - y).pow(2).sum())
         self.ref += float(y.pow(2).sum())
