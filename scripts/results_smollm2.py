@@ -65,6 +65,7 @@ ABLATION_ROWS = [
     ("QUAD W4A4 r=64 + clip search", ["--method", "quad", "--rank", "64", "--a-clip-search"]),
     ("QUAD W4A4 r=64 + down-rank 64", ["--method", "quad", "--rank", "64", "--down-rank", "64"]),
     ("QUAD W4A4 r=64 + asymmetric activations", ["--method", "quad", "--rank", "64", "--act-asym"]),
+    ("QUAD W4A4 r=64 + o-rank 8", ["--method", "quad", "--rank", "64", "--o-rank", "8"]),
 ]
 TABLES = {"main": ROWS, "ablation": ABLATION_ROWS}
 
@@ -219,15 +220,17 @@ def run_cli(label: str, args: list[str], ok: tuple[int, ...] = (0,)) -> dict:
 
 def structure_cost(fp, meta: dict) -> dict:
     """What a checkpoint adds beyond today's QUAD W4A4 in full-precision width and online work,
-    from its recorded configuration: ``{rank, down_rank, online_macs_per_token, online_share}``
-    (the share is of the multiply-adds per token of the original model's decoder linears)."""
+    from its recorded configuration: ``{rank, down_rank, o_columns, online_macs_per_token,
+    online_share}`` (``o_columns``: o_proj's input columns kept in full precision, ``o_rank`` per
+    head; the share is of the multiply-adds per token of the original model's decoder linears)."""
     cfg = meta["quant_config"]
     layers = get_adapter(fp).layers(fp)
     k = int(cfg.get("down_rank", 0))
     macs = 2 * k * int(fp.config.intermediate_size) * len(layers)  # the split's two products with P
     linear = sum(m.in_features * m.out_features for layer in layers for m in layer.modules()
                  if isinstance(m, torch.nn.Linear))
-    return {"rank": int(cfg["rank"]), "down_rank": k, "online_macs_per_token": macs,
+    o_cols = int(cfg.get("o_rank", 0)) * int(fp.config.num_attention_heads)
+    return {"rank": int(cfg["rank"]), "down_rank": k, "o_columns": o_cols, "online_macs_per_token": macs,
             "online_share": round(macs / linear, 5)}
 
 
@@ -311,7 +314,7 @@ def fmt_md(results: dict, meta: dict) -> str:
     ]
     speed = meta.get("speed")
     if meta.get("table") == "ablation":
-        lines[-2:] = ["| model | ppl | KL | top-1 | FP width: residual + down_proj | online MACs/token (share) | "
+        lines[-2:] = ["| model | ppl | KL | top-1 | FP columns: residual + o_proj + down_proj | online MACs/token (share) | "
                       "cpu-int8 prefill vs base | o_proj vs base | down_proj vs base | quantize s |",
                       "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     uneven = len({r["windows"] for r in results.values()}) > 1
@@ -357,7 +360,8 @@ def ablation_cells(name: str, speed: dict | None) -> str:
     if not speed or name not in speed["rows"]:
         return "- | - | - | - | - |"
     c, first = speed["rows"][name], speed["rows"][next(iter(speed["rows"]))]
-    width = f"{c['rank']} + {c['down_rank']}" if c["down_rank"] else str(c["rank"])
+    width = str(c["rank"]) + (f" + o {c['o_columns']}" if c.get("o_columns") else "") + (
+        f" + down {c['down_rank']}" if c["down_rank"] else "")
     macs = f"{c['online_macs_per_token'] / 1e6:.2f} M ({100 * c['online_share']:.1f}%)" if c["down_rank"] else "0"
     ratio = {k: f"{c[k] / first[k]:.2f}" for k in ("prefill_ms", "o_proj_ms", "down_proj_ms")}
     return f"{width} | {macs} | {ratio['prefill_ms']} | {ratio['o_proj_ms']} | {ratio['down_proj_ms']} |"

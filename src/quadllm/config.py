@@ -80,6 +80,7 @@ class QuantConfig:
     a_clip: float = 0.9
     a_clip_search: bool = False  # search each linear input's clip ratio on the calibration data
     act_sym: bool = True  # per-token activations symmetric (False: asymmetric, a zero point per token)
+    o_rank: int = 0  # top principal coordinates of each KV head's values kept in full precision in o_proj
     down_rank: int = 0  # top principal coordinates of each down_proj input kept in full precision (online)
     kv_bits: int = 16
     kv_clip: float = 1.0
@@ -121,8 +122,11 @@ class QuantConfig:
         choice("moment", self.moment, MOMENTS)
         if self.rank < 0:
             raise ConfigError(f"rank must be >= 0, got {self.rank}")
-        if self.down_rank < 0:
-            raise ConfigError(f"down_rank must be >= 0, got {self.down_rank}")
+        if self.down_rank < 0 or self.o_rank < 0:
+            raise ConfigError(f"down_rank and o_rank must be >= 0, got {self.down_rank} and {self.o_rank}")
+        if self.o_rank and self.kv_bits < 16:
+            raise ConfigError("o_rank rotates the values to their principal coordinates, which a quantized KV "
+                              "cache would then store unrotated; use kv_bits 16 with o_rank")
         if self.w_bits not in (2, 3, 4, 8):
             raise ConfigError(f"w_bits must be 2, 3, 4 or 8, got {self.w_bits}")
         if self.group_size < 0:
@@ -134,14 +138,17 @@ class QuantConfig:
         if self.calib_samples < 1 or self.calib_seqlen < 8:
             raise ConfigError("calib_samples must be >= 1 and calib_seqlen >= 8")
 
-    def check_model_sizes(self, hidden_size: int, intermediate_size: int | None = None) -> None:
+    def check_model_sizes(self, hidden_size: int, intermediate_size: int | None = None,
+                          head_dim: int | None = None) -> None:
         """The checks that need the model: the rank must fit in its hidden size, the down_proj
-        rank in its intermediate size."""
+        rank in its intermediate size, the o_proj rank in its head dimension."""
         if self.rank > hidden_size:
             raise ConfigError(f"rank {self.rank} is larger than the hidden size {hidden_size}")
         if intermediate_size is not None and self.down_rank >= intermediate_size:
             raise ConfigError(f"down_rank {self.down_rank} must be smaller than the intermediate size "
                               f"{intermediate_size}")
+        if head_dim is not None and self.o_rank >= head_dim:
+            raise ConfigError(f"o_rank {self.o_rank} must be smaller than the head dimension {head_dim}")
 
     # --- derived ---------------------------------------------------------------------------
     @property
@@ -157,8 +164,8 @@ class QuantConfig:
     @property
     def needs_layer_inputs(self) -> bool:
         """Whether each decoder layer's calibration inputs are needed: for GPTQ, the clip search or
-        the down_proj subspace."""
-        return self.weights == "gptq" or self.searches_act_clips or self.down_rank > 0
+        the o_proj and down_proj subspaces."""
+        return self.weights == "gptq" or self.searches_act_clips or self.down_rank > 0 or self.o_rank > 0
 
     @property
     def searches_act_clips(self) -> bool:
@@ -204,6 +211,7 @@ class QuantConfig:
                 f"{' act-order' if self.act_order else ''}; activations clip "
                 f"{'searched per input' if self.searches_act_clips else self.a_clip}"
                 f"{'' if self.act_sym else ', asymmetric'}; "
+                f"{f'o_proj input rank {self.o_rank} per head; ' if self.o_rank else ''}"
                 f"{f'down_proj input rank {self.down_rank} (online); ' if self.down_rank else ''}"
                 f"KV {self.kv_bits}-bit; calibration {self.calib_samples}x{self.calib_seqlen} "
                 f"tokens from {self.calib or 'the embedded default'}; seed {self.seed}")

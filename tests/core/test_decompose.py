@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quadllm.core.decompose import SubspaceSplit, split_weight, top_eigenvectors
+from quadllm.core.decompose import Reordered, SubspaceSplit, head_basis, leading_order, split_weight, top_eigenvectors
 from quadllm.core.hadamard import OnlineTransform
 
 
@@ -69,3 +69,27 @@ def test_a_base_transform_runs_first_and_the_basis_is_a_saved_buffer():
     assert torch.equal(other(z), split(z))
     with pytest.raises(ValueError, match="0 < k < n"):
         SubspaceSplit(torch.zeros(4, 4))
+
+
+def test_head_basis_is_orthogonal_and_its_first_coordinates_are_the_top_eigenvectors():
+    v = _data(n=16)
+    m = v.T @ v / v.shape[0]
+    r = head_basis(m, 3)
+    assert torch.allclose(r @ r.T, torch.eye(16, dtype=torch.float64), atol=1e-12)
+    p = top_eigenvectors(m, 3)
+    assert torch.allclose((r[:3] @ p).abs(), torch.eye(3, dtype=torch.float64), atol=1e-9)  # the same directions
+    assert torch.allclose(r[3:] @ p, torch.zeros(13, 3, dtype=torch.float64), atol=1e-9)  # the rest is orthogonal
+    energy = (v @ r.T).pow(2).mean(0)
+    assert energy[:3].sum() / energy.sum() > 0.9
+
+
+def test_leading_order_and_reordered():
+    idx = leading_order(3, 4, 1)
+    assert idx.tolist() == [0, 4, 8, 1, 2, 3, 5, 6, 7, 9, 10, 11]
+    x = torch.arange(12.0).reshape(1, 12)
+    h = OnlineTransform.mixing(3, 4)
+    t = Reordered(idx, h)
+    assert torch.equal(t(x), h(x)[:, idx]) and t.in_features == 12
+    assert "index" not in t.state_dict()  # rebuilt from the shapes, never read from a file
+    with pytest.raises(ValueError, match="permutation"):
+        Reordered(torch.tensor([0, 0, 1]))

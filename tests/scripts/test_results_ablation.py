@@ -17,8 +17,8 @@ rs = pytest.importorskip("results_smollm2")
 def test_structure_cost_counts_the_down_proj_split():
     fp = tiny_model("llama", torch.float32)  # d=48, d_ff=96, 2 layers, q 48 / k,v 16 outputs
     linear = 2 * (48 * (48 + 16 + 16) + 48 * 48 + 3 * 48 * 96)
-    c = rs.structure_cost(fp, {"quant_config": {"rank": 8, "down_rank": 4}})
-    assert c == {"rank": 8, "down_rank": 4, "online_macs_per_token": 2 * 2 * 4 * 96,
+    c = rs.structure_cost(fp, {"quant_config": {"rank": 8, "down_rank": 4, "o_rank": 2}})
+    assert c == {"rank": 8, "down_rank": 4, "o_columns": 6, "online_macs_per_token": 2 * 2 * 4 * 96,
                  "online_share": round(2 * 2 * 4 * 96 / linear, 5)}
     assert rs.structure_cost(fp, {"quant_config": {"rank": 8}})["online_macs_per_token"] == 0  # old checkpoints
 
@@ -31,8 +31,8 @@ def test_time_rows_times_every_model_and_the_cells_are_ratios_to_the_first():
     assert all(set(v) == {"prefill_ms", "o_proj_ms", "down_proj_ms"} and min(v.values()) > 0 for v in t.values())
     speed = {"rows": {"base": {"rank": 8, "down_rank": 0, "online_macs_per_token": 0, "online_share": 0.0,
                                "prefill_ms": 10.0, "o_proj_ms": 1.0, "down_proj_ms": 2.0},
-                      "split": {"rank": 8, "down_rank": 4, "online_macs_per_token": 1_500_000, "online_share": 0.021,
+                      "split": {"rank": 8, "down_rank": 4, "o_columns": 6, "online_macs_per_token": 1_500_000, "online_share": 0.021,
                                 "prefill_ms": 11.0, "o_proj_ms": 1.0, "down_proj_ms": 3.0}}}
     assert rs.ablation_cells("base", speed) == "8 | 0 | 1.00 | 1.00 | 1.00 |"
-    assert rs.ablation_cells("split", speed) == "8 + 4 | 1.50 M (2.1%) | 1.10 | 1.00 | 1.50 |"
+    assert rs.ablation_cells("split", speed) == "8 + o 6 + down 4 | 1.50 M (2.1%) | 1.10 | 1.00 | 1.50 |"
     assert rs.ablation_cells("FP", speed) == rs.ablation_cells("split", None) == "- | - | - | - | - |"

@@ -1,5 +1,5 @@
-"""``down_rank``: each down_proj input's top principal coordinates kept in full precision. The split
-is exact on the float model; quantized, it lowers the error; the checkpoint carries it in memory and
+"""``down_rank`` and ``o_rank``: the top principal coordinates of down_proj's input, and of each KV
+head's values in o_proj's input, kept in full precision. Both are exact on the float model; quantized, it lowers the error; the checkpoint carries it in memory and
 streaming alike, with the clip search on it (the backends and fine-tuning: their own tests)."""
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from conftest import random_ids, tiny_model, tiny_tokenizer
 
 from quadllm import QuantConfig, load, quantize, save
 from quadllm.arch import get_adapter
-from quadllm.core.decompose import SubspaceSplit
+from quadllm.config import ConfigError
+from quadllm.core.decompose import Reordered, SubspaceSplit
 from quadllm.pipelines.in_memory import transform
 from quadllm.pipelines.streaming import quantize_streaming
 from quadllm.steps.calibration import capture_layer_inputs, run_layer
-from quadllm.steps.decompose import decompose_down_proj
+from quadllm.steps.decompose import decompose_down_proj, decompose_o_proj
 from quadllm.steps.transforms import set_act_enabled
 
 
@@ -45,24 +46,56 @@ def test_the_split_of_down_proj_is_exact_on_the_float_model(arch):
     assert torch.allclose(out, ref, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("arch, kv_heads", [("llama", 1), ("qwen2", 1), ("llama-untied", 3)])
+@pytest.mark.parametrize("method", ["quad", "rtn"])
+def test_the_o_proj_split_is_exact_on_the_float_model(arch, kv_heads, method):
+    model = tiny_model(arch, torch.float64, seed=0, num_key_value_heads=kv_heads)
+    samples = random_ids(4, 16)
+    cfg = QuantConfig(method=method, rank=8 if method == "quad" else None, weights="rtn", calib_samples=4,
+                      calib_seqlen=16)
+    transform(model, cfg, samples, progress=False)
+    set_act_enabled(model, False)
+    ids = random_ids(2, 12, seed=5)
+    with torch.no_grad():
+        ref = model(ids).logits
+    adapter = get_adapter(model)
+    inputs = capture_layer_inputs(model, adapter, samples, 2)
+    for i, layer in enumerate(adapter.layers(model)):
+        energy = decompose_o_proj(layer, adapter, inputs, 4, i)
+        assert 4 / adapter.head_dim < energy < 1
+        inputs.hidden = [run_layer(layer, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+        o = layer.get_submodule(adapter.o_proj)
+        assert isinstance(o.transform, Reordered) and o.rank == adapter.num_heads * 4
+        assert o.in_features == adapter.num_heads * adapter.head_dim  # no extra width
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_o_rank_refuses_a_quantized_kv_cache_and_a_rank_beyond_the_head():
+    with pytest.raises(ConfigError, match="kv_bits 16"):
+        QuantConfig(o_rank=4, kv_bits=4)
+    with pytest.raises(ConfigError, match="head dimension 16"):
+        QuantConfig(rank=8, o_rank=16).check_model_sizes(48, 96, 16)
+
+
 def _kl(ref, out):
     return float((ref.exp() * (ref - out)).sum(-1).mean())
 
 
-def test_keeping_down_proj_coordinates_lowers_the_error():
+def test_keeping_down_proj_or_o_proj_coordinates_lowers_the_error():
     samples = random_ids(8, 16)
     ids = random_ids(3, 16, seed=7)  # held out
     fp = tiny_model("llama", torch.float32, seed=0, intermediate_size=128)
     with torch.no_grad():
         ref = torch.log_softmax(fp(ids).logits, -1)
     errs = {}
-    for k in (0, 16):
+    for label, extra in (("base", {}), ("down", dict(down_rank=16)), ("o", dict(o_rank=4))):
         model = copy.deepcopy(fp)
-        quantize(model, QuantConfig(method="quad", rank=8, weights="gptq", down_rank=k, calib_samples=8,
-                                    calib_seqlen=16), samples, progress=False)
+        quantize(model, QuantConfig(method="quad", rank=8, weights="gptq", calib_samples=8, calib_seqlen=16, **extra),
+                 samples, progress=False)
         with torch.no_grad():
-            errs[k] = _kl(ref, torch.log_softmax(model(ids).logits, -1))
-    assert errs[16] < errs[0], errs
+            errs[label] = _kl(ref, torch.log_softmax(model(ids).logits, -1))
+    assert errs["down"] < errs["base"] and errs["o"] < errs["base"], errs
 
 
 def test_the_checkpoint_carries_the_split_in_memory_and_streaming(tmp_path):
@@ -70,8 +103,8 @@ def test_the_checkpoint_carries_the_split_in_memory_and_streaming(tmp_path):
     d = tmp_path / "orig"
     model.save_pretrained(d)
     tiny_tokenizer().save_pretrained(d)
-    cfg = QuantConfig(method="quad", rank=8, weights="gptq", down_rank=6, a_clip_search=True, calib_samples=4,
-                      calib_seqlen=16, calib_batch=2)
+    cfg = QuantConfig(method="quad", rank=8, weights="gptq", down_rank=6, o_rank=3, a_clip_search=True,
+                      calib_samples=4, calib_seqlen=16, calib_batch=2)
     samples = random_ids(4, 16, seed=3)
     quantize(model, cfg, samples, progress=False)
     save(model, tiny_tokenizer(), tmp_path / "mem")
@@ -79,6 +112,7 @@ def test_the_checkpoint_carries_the_split_in_memory_and_streaming(tmp_path):
     a, _, meta = load(tmp_path / "mem")
     b, _, _ = load(tmp_path / "stream")
     assert meta["quant_config"]["down_rank"] == 6 and meta["structure"]["down_rank"] == 6
+    assert meta["structure"]["o_rank"] == 3
     ids = random_ids(2, 12, seed=8)
     with torch.no_grad():
         ref = model(ids).logits
@@ -88,3 +122,5 @@ def test_the_checkpoint_carries_the_split_in_memory_and_streaming(tmp_path):
         downs = [layer.mlp.down_proj for layer in m.model.layers]
         assert all(isinstance(x.transform, SubspaceSplit) and x.rank == 6 and x.act.enabled for x in downs)
         assert all(x.act_enabled and x.act.clip_ratio == float(x.act_clip) for x in downs)
+        assert all(isinstance(layer.self_attn.o_proj.transform, Reordered) and layer.self_attn.o_proj.rank == 9
+                   for layer in m.model.layers)

@@ -55,6 +55,9 @@ def add_parsers(sub) -> None:
     q.add_argument("--act-asym", dest="act_sym", action="store_false", default=d.act_sym,
                    help="asymmetric per-token activations (a zero point per token, applied in the GEMM epilogue)")
     q.add_argument("--act-sym", dest="act_sym", action="store_true", help="symmetric per-token activations (default)")
+    q.add_argument("--o-rank", type=int, default=d.o_rank,
+                   help="keep the top-k principal coordinates of each KV head's values in full precision in "
+                   "o_proj (fitted per layer, fused into v_proj and o_proj: no online cost but a reordering)")
     q.add_argument("--down-rank", type=int, default=d.down_rank,
                    help="keep the top-k principal coordinates of each down_proj input in full precision "
                    "(fitted per layer; an online projection of 2·k·intermediate multiply-adds per token)")

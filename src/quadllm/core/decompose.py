@@ -12,6 +12,11 @@ basis it cannot be fused into the writers of ``z`` (the MLP's SiLU product is no
 runs online: two products with ``P`` (``2·k·n`` multiply-adds per token). ``P`` is the top-k
 eigenvectors of ``E[z zᵀ]`` on the calibration data, so ``e`` carries the least energy any
 rank-k split leaves behind.
+
+The o_proj input (``--o-rank``) is split without extra width: each KV head's values are rotated
+offline (:func:`head_basis`, fused into v_proj and o_proj) so that their top principal coordinates
+come first in every head; the online mixing across heads keeps that set of coordinates closed, and
+:class:`Reordered` puts them first, where o_proj keeps them in full precision.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["top_eigenvectors", "split_weight", "SubspaceSplit"]
+from .hadamard import orthogonal_matrix
+
+__all__ = ["top_eigenvectors", "split_weight", "SubspaceSplit", "head_basis", "leading_order", "Reordered"]
 
 
 def top_eigenvectors(moment: torch.Tensor, k: int) -> torch.Tensor:
@@ -79,3 +86,52 @@ class SubspaceSplit(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n={self.in_features}, k={self.rank}"
+
+
+# --- the o_proj input: per-KV-head principal coordinates (``--o-rank``) --------------------------
+
+def head_basis(moment: torch.Tensor, k: int) -> torch.Tensor:
+    """The orthogonal rotation R [hd, hd] (float64) of one KV head's values whose first ``k`` output
+    coordinates are the projections on the top-``k`` eigenvectors of ``moment`` (``E[v vᵀ]``, [hd, hd])
+    and whose other ``hd - k`` are spread by an orthogonal (Hadamard where one exists, else DCT)
+    rotation of the rest: ``R = blockdiag(I_k, O_{hd-k}) Uᵀ`` with U the eigenvectors, largest first."""
+    hd = moment.shape[0]
+    if not 0 < k < hd:
+        raise ValueError(f"k={k} must be in [1, {hd})")
+    m = moment.to(torch.float64)
+    evals, evecs = torch.linalg.eigh((m + m.T) / 2)
+    u = evecs[:, torch.argsort(evals, descending=True)]
+    rest = orthogonal_matrix(hd - k)
+    block = torch.block_diag(torch.eye(k, dtype=torch.float64), rest)
+    return block @ u.T
+
+
+def leading_order(groups: int, inner: int, k: int) -> torch.Tensor:
+    """The permutation (an index [groups * inner]) that puts coordinate ``j < k`` of every group
+    first, group by group, then the others in their order: the order in which a linear whose first
+    ``groups * k`` inputs stay in full precision reads ``groups`` heads of ``inner`` coordinates."""
+    idx = torch.arange(groups * inner).reshape(groups, inner)
+    return torch.cat([idx[:, :k].reshape(-1), idx[:, k:].reshape(-1)])
+
+
+class Reordered(nn.Module):
+    """Online ``x -> base(x)[..., index]``: a fixed reordering of a base transform's output
+    (``index`` from :func:`leading_order`, a non-persistent buffer rebuilt from the shapes)."""
+
+    def __init__(self, index: torch.Tensor, base: nn.Module | None = None) -> None:
+        super().__init__()
+        if sorted(index.tolist()) != list(range(index.numel())):
+            raise ValueError("index must be a permutation")
+        self.base = base
+        self.register_buffer("index", index.to(torch.long), persistent=False)
+
+    @property
+    def in_features(self) -> int:
+        return self.index.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.base(x) if self.base is not None else x
+        return z.index_select(-1, self.index)
+
+    def extra_repr(self) -> str:
+        return f"n={self.index.numel()}"

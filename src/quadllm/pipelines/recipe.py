@@ -8,7 +8,7 @@ all go through one :class:`LayerRecipe` built from the :class:`~quadllm.config.Q
 2. :meth:`~LayerRecipe.fit_basis` (once per model): ``Q`` from the residual second moment;
 3. :meth:`~LayerRecipe.transform`: the residual basis ``Q``, the online transforms, the KV quantizer;
 4. :meth:`~LayerRecipe.set_quantizers`: the activation quantizer of every linear;
-5. :meth:`~LayerRecipe.quantize_weights`: (``down_rank``) down_proj's input subspace, GPTQ or RTN,
+5. :meth:`~LayerRecipe.quantize_weights`: (``o_rank``, ``down_rank``) the input subspaces, GPTQ or RTN,
    then (``a_clip_search``) each input's clip ratio;
 
 and :meth:`~LayerRecipe.skeleton`: the empty modules those steps produce, for loading a checkpoint.
@@ -29,7 +29,7 @@ from ..config import QuantConfig
 from ..nn.modules import QuadEmbedding, QuadHead, QuadLinear, QuadRMSNorm
 from ..steps.calibration import LayerInputs
 from ..steps.clipping import float_weights, search_layer_act_clips
-from ..steps.decompose import decompose_down_proj, empty_split_transform
+from ..steps.decompose import decompose_down_proj, decompose_o_proj, empty_split_transform, o_rank_transform
 from ..steps.transforms import (
     attach_layer_kv_quant,
     kv_rotation,
@@ -61,6 +61,7 @@ def structure_of(config: QuantConfig, adapter: ArchAdapter) -> dict[str, Any]:
         "tied_head": adapter.tied,
         "kv_bits": config.kv_bits,
         "down_rank": config.down_rank,
+        "o_rank": config.o_rank,
     }
 
 
@@ -72,13 +73,14 @@ class LayerRecipe:
 
     def __init__(self, config: QuantConfig, adapter: ArchAdapter) -> None:
         config.validate()
-        config.check_model_sizes(adapter.hidden_size, adapter.intermediate_size)
+        config.check_model_sizes(adapter.hidden_size, adapter.intermediate_size, adapter.head_dim)
         self.config = config
         self.adapter = adapter
         self.basis: torch.Tensor | None = None  # Q [d, d + rank], once fitted
         self._kv_rotation: torch.Tensor | None = None
-        #: per layer, the share of down_proj's input energy its full-precision coordinates hold
+        #: per layer, the share of down_proj's input (o_proj's values') energy its full-precision coordinates hold
         self.down_energy: list[float] = []
+        self.o_energy: list[float] = []
 
     @property
     def rank(self) -> int:
@@ -133,11 +135,13 @@ class LayerRecipe:
         set_layer_activation_quant(layer, self.adapter, self.config)
 
     def quantize_weights(self, layer: nn.Module, index: int, inputs: LayerInputs | None) -> None:
-        """With ``down_rank``, down_proj's input subspace first (exact); then GPTQ on ``inputs``
+        """With ``o_rank`` and ``down_rank``, o_proj's and down_proj's input subspaces first (exact); then GPTQ on ``inputs``
         (the layer's inputs, activation quantization off) or RTN; then, with ``a_clip_search``, the
         clip ratio of each linear input on the same inputs."""
         if self.config.needs_layer_inputs and inputs is None:
             raise ValueError("GPTQ, the clip search and --down-rank need the layer's calibration inputs")
+        if self.config.o_rank:
+            self.o_energy.append(decompose_o_proj(layer, self.adapter, inputs, self.config.o_rank, index))
         if self.config.down_rank:
             self.down_energy.append(decompose_down_proj(layer, self.adapter, inputs, self.config.down_rank, index))
         reference = float_weights(layer, self.adapter) if self.config.searches_act_clips else None
@@ -166,6 +170,9 @@ class LayerRecipe:
                 lin = get_submodule(layer, name)
                 split = empty_split_transform(lin, online.get(name), k, dtype)
                 self._empty_linear(layer, name, lin.in_features + k, wide, k, split, dtype)
+            elif name == adapter.o_proj and config.o_rank:
+                t = o_rank_transform(adapter, online.get(name), config.o_rank)
+                self._empty_linear(layer, name, None, wide, adapter.num_heads * config.o_rank, t, dtype)
             else:
                 self._empty_linear(layer, name, None, wide, 0, online.get(name), dtype)
         if config.kv_bits < 16:
