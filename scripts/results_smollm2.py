@@ -66,6 +66,7 @@ ABLATION_ROWS = [
     ("QUAD W4A4 r=64 + down-rank 64", ["--method", "quad", "--rank", "64", "--down-rank", "64"]),
     ("QUAD W4A4 r=64 + asymmetric activations", ["--method", "quad", "--rank", "64", "--act-asym"]),
     ("QUAD W4A4 r=64 + o-rank 8", ["--method", "quad", "--rank", "64", "--o-rank", "8"]),
+    ("QUAD W4A4 r=64 + GPTAQ", ["--method", "quad", "--rank", "64", "--weights", "gptaq"]),
 ]
 TABLES = {"main": ROWS, "ablation": ABLATION_ROWS}
 
@@ -102,7 +103,8 @@ def model_title(model: str) -> str:
 
 def quantize_row(name: str, flags: list[str], args) -> dict:
     out = Path(args.work) / slug(name)
-    cmd = [sys.executable, "-m", "quadllm.cli", "quantize", "--model", args.model, *flags, "--weights", "gptq",
+    weights = [] if "--weights" in flags else ["--weights", "gptq"]  # GPTQ unless the row says otherwise
+    cmd = [sys.executable, "-m", "quadllm.cli", "quantize", "--model", args.model, *flags, *weights,
            "--calib", "wikitext2",
            "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
            "--seed", str(args.seed), "--out", str(out), "-q"]

@@ -15,7 +15,7 @@ from .errors import QuadllmError
 
 METHODS = ("quad", "quarot", "rtn")
 MODES = ("w4a4", "w4a4a8", "w4a8", "w4a16")
-WEIGHT_ALGOS = ("gptq", "rtn")
+WEIGHT_ALGOS = ("gptq", "gptaq", "rtn")
 KV_BITS = (16, 8, 4)
 MOMENTS = ("raw", "normalized")
 #: the outlier rank of ``--method quad`` unless given
@@ -163,9 +163,9 @@ class QuantConfig:
 
     @property
     def needs_layer_inputs(self) -> bool:
-        """Whether each decoder layer's calibration inputs are needed: for GPTQ, the clip search or
+        """Whether each decoder layer's calibration inputs are needed: for GPTQ or GPTAQ, the clip search or
         the o_proj and down_proj subspaces."""
-        return self.weights == "gptq" or self.searches_act_clips or self.down_rank > 0 or self.o_rank > 0
+        return self.weights != "rtn" or self.searches_act_clips or self.down_rank > 0 or self.o_rank > 0
 
     @property
     def searches_act_clips(self) -> bool:

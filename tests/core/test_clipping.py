@@ -60,6 +60,17 @@ def test_search_picks_the_smallest_error_of_what_it_tried_and_clips_heavy_tails(
     assert errors_r[best_r] < errors[best]
 
 
+def test_the_search_errors_are_the_definitions():
+    x, g = _heavy_tailed(n=40, d=12)
+    weights = [torch.randn(6, 12, generator=g, dtype=torch.float64), torch.randn(9, 12, generator=g, dtype=torch.float64)]
+    targets = [x @ (w + 0.05 * torch.randn(w.shape, generator=g, dtype=torch.float64)).T for w in weights]
+    for rank, sym in ((0, True), (3, True), (2, False)):
+        _, errors = search_act_clip(x, weights, targets, rank, 4, sym)
+        for c, e in errors.items():
+            ref = act_clip_error(x, weights, targets, rank, 4, c, sym)
+            assert abs(e - ref) <= 1e-9 * max(1.0, ref), (rank, sym, c)
+
+
 def test_ties_keep_the_largest_ratio():
     x = torch.zeros(4, 8, dtype=torch.float64)
     w = torch.ones(2, 8, dtype=torch.float64)

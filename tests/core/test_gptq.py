@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quadllm.core.gptq import GPTQResult, HessianAccumulator, gptq_quantize, rtn_quantize
+from quadllm.core.gptq import (
+    CrossAccumulator,
+    GPTQResult,
+    HessianAccumulator,
+    gptaq_target,
+    gptq_quantize,
+    rtn_quantize,
+)
 from quadllm.core.quantizers import qrange, quantize_weight, weight_scales
 
 OUT, IN = 16, 32
@@ -305,3 +312,54 @@ def test_gptq_overwrite_h_gives_the_same_result_in_the_callers_buffer(rank, grou
     assert torch.equal(a.fp_columns, b.fp_columns)
     if rank == 0 and not act_order:  # no column reordering: the buffer itself was used
         assert not torch.equal(H, keep)
+
+
+# ---------------------------------------------------------------------------
+# GPTAQ: the target W* = W C H⁻¹ and the accumulated cross moment
+# ---------------------------------------------------------------------------
+
+
+def _paired(n=400, d=24, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64)
+    # the quantized model's inputs: a systematic distortion (what earlier layers' rounding does) and noise
+    x_q = x @ (torch.eye(d, dtype=torch.float64) + 0.2 * torch.randn(d, d, generator=g, dtype=torch.float64))
+    x_q += 0.1 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(10, d, generator=g, dtype=torch.float64)
+    return x, x_q, w
+
+
+def test_cross_accumulator_matches_full_batch_and_checks_its_inputs():
+    x, x_q, _ = _paired()
+    acc = CrossAccumulator(24)
+    for i in range(0, 400, 96):
+        acc.add(x[i:i + 96], x_q[i:i + 96])
+    assert torch.allclose(acc.C, 2 / 400 * x.T @ x_q, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="differ in shape"):
+        acc.add(x[:3], x_q[:4])
+    with pytest.raises(FloatingPointError):
+        acc.add(x[:2] * float("nan"), x_q[:2])
+
+
+def test_gptaq_target_is_the_least_squares_map_from_the_quantized_inputs_to_the_fp_outputs():
+    x, x_q, w = _paired()
+    H, C = 2 / 400 * x_q.T @ x_q, 2 / 400 * x.T @ x_q
+    target = gptaq_target(w, H, C, damp=0.0)
+    lstsq = torch.linalg.lstsq(x_q, x @ w.T).solution.T
+    assert torch.allclose(target, lstsq, rtol=1e-8, atol=1e-8)
+    # with equal inputs the target is the weight itself (up to the damping)
+    assert torch.allclose(gptaq_target(w, H, H, damp=0.0), w, atol=1e-9)
+
+
+def test_gptq_on_the_gptaq_target_lowers_gptaqs_objective():
+    x, x_q, w = _paired()
+    H, C = 2 / 400 * x_q.T @ x_q, 2 / 400 * x.T @ x_q
+
+    def objective(res):
+        q = torch.cat([res.fp_columns, res.codes.double() * res.scales], 1)
+        return float((x_q @ q.T - x @ w.T).pow(2).sum())
+
+    for rank in (0, 4):
+        plain = gptq_quantize(w, H, rank)
+        gptaq = gptq_quantize(gptaq_target(w, H, C), H, rank)
+        assert objective(gptaq) < 0.5 * objective(plain), rank

@@ -4,6 +4,13 @@ Weights are quantized column by column; the error of each quantized column is sp
 the columns not yet processed through the inverse Hessian of the layer inputs. Columns
 listed as full precision (QUAD's outlier columns) are processed last and never quantized,
 so they absorb part of the quantization error of the others.
+
+GPTAQ (GPTQv2, Li et al., 2025) changes the target: the quantized layer, fed the inputs ``x̃`` of the
+quantized model, should reproduce the full-precision layer on the full-precision model's inputs
+``x``: ``min_Q Σ_t ||Q x̃_t - W x_t||²``. With ``H = Σ x̃ x̃ᵀ`` and ``C = Σ x x̃ᵀ`` this is
+``||(Q - W*) x̃||² + const`` for ``W* = W C H⁻¹`` (the least-squares map from ``x̃`` to ``W x``; the
+constant does not depend on Q), so GPTQ on the target :func:`gptaq_target` with the same ``H``
+minimizes GPTAQ's objective.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import torch
 
 from .quantizers import qrange, weight_scales
 
-__all__ = ["GPTQResult", "gptq_quantize", "rtn_quantize", "HessianAccumulator"]
+__all__ = ["GPTQResult", "gptq_quantize", "gptaq_target", "rtn_quantize", "HessianAccumulator", "CrossAccumulator"]
 
 
 @dataclass
@@ -50,6 +57,41 @@ class HessianAccumulator:
         rows = _HESSIAN_ROWS  # H += xᵀx by row blocks: no [n, n] temporary beside H
         for i in range(0, self.H.shape[0], rows):
             self.H[i:i + rows] += x[:, i:i + rows].T @ x
+
+
+class CrossAccumulator:
+    """Running ``C = 2/n * sum x_ref xᵀ`` over pairs of rows: the full-precision model's input of a
+    linear (``x_ref``) and the quantized model's (``x``), on the same tokens (GPTAQ)."""
+
+    def __init__(self, n: int) -> None:
+        self.C = torch.zeros(n, n, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, x_ref: torch.Tensor, x: torch.Tensor) -> None:
+        x_ref = x_ref.reshape(-1, x_ref.shape[-1])
+        x = x.reshape(-1, x.shape[-1])
+        if x_ref.shape != x.shape:
+            raise ValueError(f"paired inputs differ in shape: {tuple(x_ref.shape)} and {tuple(x.shape)}")
+        if not (torch.isfinite(x_ref).all() and torch.isfinite(x).all()):
+            raise FloatingPointError("non-finite values in GPTAQ calibration activations")
+        n = x.shape[0]
+        self.C *= self.count / (self.count + n)
+        self.count += n
+        self.C += (2.0 / self.count) * (x_ref.to(torch.float64).T @ x.to(torch.float64))
+
+
+def gptaq_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """``W* = W C (H + λI)⁻¹`` (float64) for ``w`` [out, in], ``H`` = ``2/n Σ x̃ x̃ᵀ`` and ``C`` =
+    ``2/n Σ x x̃ᵀ`` [in, in], with GPTQ's damping ``λ = damp * mean(diag H)``: the weight that maps the
+    quantized model's inputs closest to the full-precision outputs."""
+    Hd = H.to(torch.float64, copy=True)
+    dead = torch.diag(Hd) == 0
+    Hd[dead, dead] = 1
+    Hd.diagonal().add_(damp * torch.mean(torch.diag(Hd)))
+    rhs = w.to(torch.float64) @ C.to(torch.float64)  # [out, in]
+    rhs[:, dead] = 0
+    L = torch.linalg.cholesky(Hd)
+    return torch.cholesky_solve(rhs.T, L).T  # H symmetric: (H⁻¹ rhsᵀ)ᵀ = rhs H⁻¹
 
 
 def _codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:

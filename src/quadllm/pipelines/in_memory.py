@@ -90,8 +90,11 @@ def _quantize_weights(model: nn.Module, recipe: LayerRecipe, samples: torch.Tens
         bar = tqdm(layers, desc=desc, unit="layer", disable=not progress)
         for i, layer in enumerate(bar):
             t0 = time.perf_counter()
-            recipe.quantize_weights(layer, i, inputs)
+            float_layer = recipe.quantize_weights(layer, i, inputs)
             inputs.hidden = [run_layer(layer, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+            if float_layer is not None:  # GPTAQ: the full-precision model's hidden states too
+                inputs.reference = [run_layer(float_layer, h, kw) for h, kw in zip(inputs.reference, inputs.kwargs)]
+            del float_layer
             bar.set_postfix(sec=f"{time.perf_counter() - t0:.1f}")
     finally:
         set_act_enabled(model, True)

@@ -18,6 +18,7 @@ here, with its skeleton beside it.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -134,10 +135,12 @@ class LayerRecipe:
         """The activation quantizer of every linear of one layer."""
         set_layer_activation_quant(layer, self.adapter, self.config)
 
-    def quantize_weights(self, layer: nn.Module, index: int, inputs: LayerInputs | None) -> None:
+    def quantize_weights(self, layer: nn.Module, index: int, inputs: LayerInputs | None) -> nn.Module | None:
         """With ``o_rank`` and ``down_rank``, o_proj's and down_proj's input subspaces first (exact); then GPTQ on ``inputs``
         (the layer's inputs, activation quantization off) or RTN; then, with ``a_clip_search``, the
-        clip ratio of each linear input on the same inputs."""
+        clip ratio of each linear input on the same inputs. Returns, for GPTAQ, the layer as it was
+        before its weights were quantized: the caller runs the full-precision hidden states
+        (``inputs.reference``) through it for the next layer."""
         if self.config.needs_layer_inputs and inputs is None:
             raise ValueError("GPTQ, the clip search and --down-rank need the layer's calibration inputs")
         if self.config.o_rank:
@@ -145,12 +148,16 @@ class LayerRecipe:
         if self.config.down_rank:
             self.down_energy.append(decompose_down_proj(layer, self.adapter, inputs, self.config.down_rank, index))
         reference = float_weights(layer, self.adapter) if self.config.searches_act_clips else None
-        if self.config.weights == "gptq":
-            gptq_layer(layer, self.adapter, self.config, inputs, index)
+        reference_layer = copy.deepcopy(layer) if self.config.weights == "gptaq" else None
+        if reference_layer is not None and inputs.reference is None:
+            inputs.reference = list(inputs.hidden)  # the first layer: both models' inputs are the same
+        if self.config.weights in ("gptq", "gptaq"):
+            gptq_layer(layer, self.adapter, self.config, inputs, index, reference_layer)
         else:
             rtn_layer(layer, self.adapter, self.config, index)
         if reference is not None:
             search_layer_act_clips(layer, self.adapter, inputs, reference, index)
+        return reference_layer
 
     # --- loading --------------------------------------------------------------------------
     def skeleton(self, layer: nn.Module, dtype: torch.dtype) -> None:

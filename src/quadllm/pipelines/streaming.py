@@ -233,6 +233,7 @@ def _quantize_layers(run: _Run, inputs: ActivationStore | None, tmp: Path) -> di
         Q = recipe.basis
         proj = (Q.T @ torch.eye(Q.shape[0], dtype=torch.float64)).to(run.dtype)
         hidden = _map(inputs, lambda h: F.linear(h.to(run.dtype), proj), run.budget, run.workdir)
+    reference = hidden if config.weights == "gptaq" else None  # the full-precision model's hidden states
     bar = tqdm(run.layers, desc=f"{config.weights.upper()} (pass 2)", unit="layer", disable=not run.progress)
     for i, layer in enumerate(bar):
         t_layer = time.perf_counter()
@@ -244,7 +245,16 @@ def _quantize_layers(run: _Run, inputs: ActivationStore | None, tmp: Path) -> di
         for m in quad_linears:
             m.act_enabled = False
             m.cache_dequantized = False  # no float copy of the weights already quantized
-        recipe.quantize_weights(layer, i, LayerInputs(hidden, run.kwargs) if hidden is not None else None)
+        inputs = LayerInputs(hidden, run.kwargs, reference) if hidden is not None else None
+        float_layer = recipe.quantize_weights(layer, i, inputs)
+        if float_layer is not None and i + 1 < len(run.layers):  # GPTAQ: the full-precision stream too
+            new_reference = run.store()
+            for h, kw in zip(inputs.reference, run.kwargs):
+                new_reference.append(run_layer(float_layer, h, kw))
+            if reference is not None and reference is not hidden:
+                reference.close()
+            reference = new_reference
+        del float_layer, inputs
         if hidden is not None and i + 1 < len(run.layers):
             hidden = run.propagate(layer, hidden)
         for m in quad_linears:
@@ -260,6 +270,8 @@ def _quantize_layers(run: _Run, inputs: ActivationStore | None, tmp: Path) -> di
         bar.set_postfix(sec=f"{time.perf_counter() - t_layer:.1f}", peak_mb=f"{peak_rss_mb():.0f}")
     if hidden is not None:
         hidden.close()
+    if reference is not None and reference is not hidden:
+        reference.close()
     return weight_map
 
 

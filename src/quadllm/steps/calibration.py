@@ -83,11 +83,13 @@ class _Stop(Exception):
 
 @dataclass
 class LayerInputs:
-    """Hidden states entering the first decoder layer, per batch, and the keyword arguments the
-    layers are called with (positions, masks), which are the same for every batch of equal shape."""
+    """Hidden states entering a decoder layer, per batch, and the keyword arguments the layers are
+    called with (positions, masks), which are the same for every batch of equal shape.
+    ``reference``: the same batches' hidden states in the full-precision model (GPTAQ), or None."""
 
     hidden: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
+    reference: list[torch.Tensor] | None = None
 
 
 @torch.no_grad()
