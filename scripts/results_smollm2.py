@@ -67,6 +67,7 @@ ABLATION_ROWS = [
     ("QUAD W4A4 r=64 + asymmetric activations", ["--method", "quad", "--rank", "64", "--act-asym"]),
     ("QUAD W4A4 r=64 + o-rank 8", ["--method", "quad", "--rank", "64", "--o-rank", "8"]),
     ("QUAD W4A4 r=64 + GPTAQ", ["--method", "quad", "--rank", "64", "--weights", "gptaq"]),
+    ("QUAD W4A4 r=64 + down smoothing 0.5", ["--method", "quad", "--rank", "64", "--down-smooth", "0.5"]),
 ]
 TABLES = {"main": ROWS, "ablation": ABLATION_ROWS}
 

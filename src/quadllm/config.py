@@ -81,6 +81,7 @@ class QuantConfig:
     a_clip_search: bool = False  # search each linear input's clip ratio on the calibration data
     act_sym: bool = True  # per-token activations symmetric (False: asymmetric, a zero point per token)
     o_rank: int = 0  # top principal coordinates of each KV head's values kept in full precision in o_proj
+    down_smooth: float = 0.0  # SmoothQuant alpha of down_proj's input channel scales (0: off)
     down_rank: int = 0  # top principal coordinates of each down_proj input kept in full precision (online)
     kv_bits: int = 16
     kv_clip: float = 1.0
@@ -124,6 +125,8 @@ class QuantConfig:
             raise ConfigError(f"rank must be >= 0, got {self.rank}")
         if self.down_rank < 0 or self.o_rank < 0:
             raise ConfigError(f"down_rank and o_rank must be >= 0, got {self.down_rank} and {self.o_rank}")
+        if not 0.0 <= self.down_smooth < 1.0:
+            raise ConfigError(f"down_smooth (a SmoothQuant alpha) must be in [0, 1), got {self.down_smooth}")
         if self.o_rank and self.kv_bits < 16:
             raise ConfigError("o_rank rotates the values to their principal coordinates, which a quantized KV "
                               "cache would then store unrotated; use kv_bits 16 with o_rank")
@@ -165,7 +168,8 @@ class QuantConfig:
     def needs_layer_inputs(self) -> bool:
         """Whether each decoder layer's calibration inputs are needed: for GPTQ or GPTAQ, the clip search or
         the o_proj and down_proj subspaces."""
-        return self.weights != "rtn" or self.searches_act_clips or self.down_rank > 0 or self.o_rank > 0
+        return (self.weights != "rtn" or self.searches_act_clips or self.down_rank > 0 or self.o_rank > 0
+                or self.down_smooth > 0)
 
     @property
     def searches_act_clips(self) -> bool:
@@ -212,6 +216,7 @@ class QuantConfig:
                 f"{'searched per input' if self.searches_act_clips else self.a_clip}"
                 f"{'' if self.act_sym else ', asymmetric'}; "
                 f"{f'o_proj input rank {self.o_rank} per head; ' if self.o_rank else ''}"
+                f"{f'down_proj input smoothed (alpha {self.down_smooth}); ' if self.down_smooth else ''}"
                 f"{f'down_proj input rank {self.down_rank} (online); ' if self.down_rank else ''}"
                 f"KV {self.kv_bits}-bit; calibration {self.calib_samples}x{self.calib_seqlen} "
                 f"tokens from {self.calib or 'the embedded default'}; seed {self.seed}")

@@ -33,6 +33,8 @@ class ArchAdapter:
     mlp_readers: ClassVar[ReaderGroup] = ReaderGroup(
         "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))
     v_proj: ClassVar[str] = "self_attn.v_proj"
+    #: the MLP's linear factor: down_proj reads act(gate_proj(x)) * up_proj(x)
+    up_proj: ClassVar[str] = "mlp.up_proj"
     o_proj: ClassVar[str] = "self_attn.o_proj"
     down_proj: ClassVar[str] = "mlp.down_proj"
     attention: ClassVar[str] = "self_attn"

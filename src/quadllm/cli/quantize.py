@@ -58,6 +58,9 @@ def add_parsers(sub) -> None:
     q.add_argument("--o-rank", type=int, default=d.o_rank,
                    help="keep the top-k principal coordinates of each KV head's values in full precision in "
                    "o_proj (fitted per layer, fused into v_proj and o_proj: no online cost but a reordering)")
+    q.add_argument("--down-smooth", type=float, default=d.down_smooth, metavar="ALPHA",
+                   help="scale down_proj's input channels before its online Hadamard (SmoothQuant alpha, e.g. "
+                   "0.5; fused into up_proj, no run-time cost; 0: off)")
     q.add_argument("--down-rank", type=int, default=d.down_rank,
                    help="keep the top-k principal coordinates of each down_proj input in full precision "
                    "(fitted per layer; an online projection of 2·k·intermediate multiply-adds per token)")

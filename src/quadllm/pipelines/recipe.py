@@ -31,6 +31,7 @@ from ..nn.modules import QuadEmbedding, QuadHead, QuadLinear, QuadRMSNorm
 from ..steps.calibration import LayerInputs
 from ..steps.clipping import float_weights, search_layer_act_clips
 from ..steps.decompose import decompose_down_proj, decompose_o_proj, empty_split_transform, o_rank_transform
+from ..steps.smoothing import smooth_down_proj
 from ..steps.transforms import (
     attach_layer_kv_quant,
     kv_rotation,
@@ -145,6 +146,8 @@ class LayerRecipe:
             raise ValueError("GPTQ, the clip search and --down-rank need the layer's calibration inputs")
         if self.config.o_rank:
             self.o_energy.append(decompose_o_proj(layer, self.adapter, inputs, self.config.o_rank, index))
+        if self.config.down_smooth:
+            smooth_down_proj(layer, self.adapter, inputs, self.config.down_smooth, index)
         if self.config.down_rank:
             self.down_energy.append(decompose_down_proj(layer, self.adapter, inputs, self.config.down_rank, index))
         reference = float_weights(layer, self.adapter) if self.config.searches_act_clips else None
