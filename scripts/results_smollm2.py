@@ -58,8 +58,8 @@ ROWS = [
     ("QUAD W4A4 r=64 KV4", ["--method", "quad", "--rank", "64", "--kv-bits", "4"]),
 ]
 
-#: the accuracy techniques, each alone on top of QUAD W4A4 r=64 (``--table ablation``); the
-#: first row is the base every speed ratio is taken against
+#: the accuracy techniques, each alone on top of QUAD W4A4 r=64 (``--table ablation``), then
+#: together; the first row is the base every speed ratio is taken against
 ABLATION_ROWS = [
     ("QUAD W4A4 r=64", ["--method", "quad", "--rank", "64"]),
     ("QUAD W4A4 r=64 + clip search", ["--method", "quad", "--rank", "64", "--a-clip-search"]),
@@ -68,6 +68,13 @@ ABLATION_ROWS = [
     ("QUAD W4A4 r=64 + o-rank 8", ["--method", "quad", "--rank", "64", "--o-rank", "8"]),
     ("QUAD W4A4 r=64 + GPTAQ", ["--method", "quad", "--rank", "64", "--weights", "gptaq"]),
     ("QUAD W4A4 r=64 + down smoothing 0.5", ["--method", "quad", "--rank", "64", "--down-smooth", "0.5"]),
+    # cumulative: every technique without run-time cost, then the ones with one
+    ("QUAD W4A4 r=64 + clip + o-rank 8 + GPTAQ + smoothing",
+     ["--method", "quad", "--rank", "64", "--a-clip-search", "--o-rank", "8", "--weights", "gptaq",
+      "--down-smooth", "0.5"]),
+    ("QUAD W4A4 r=64 + all of the above + down-rank 64 + asym",
+     ["--method", "quad", "--rank", "64", "--a-clip-search", "--o-rank", "8", "--weights", "gptaq",
+      "--down-smooth", "0.5", "--down-rank", "64", "--act-asym"]),
 ]
 TABLES = {"main": ROWS, "ablation": ABLATION_ROWS}
 

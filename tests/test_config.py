@@ -53,7 +53,7 @@ def test_what_a_config_needs():
     QuantConfig(rank=8, down_rank=8).check_model_sizes(48, 9)
     with pytest.raises(ConfigError, match="smaller than the intermediate size"):
         QuantConfig(rank=8, down_rank=9).check_model_sizes(48, 9)
-    with pytest.raises(ConfigError, match="down_rank must be >= 0"):
+    with pytest.raises(ConfigError, match="down_rank and o_rank must be >= 0"):
         QuantConfig(down_rank=-1)
     assert QuantConfig(method="quarot", weights="rtn", down_rank=4).needs_layer_inputs
     assert "down_proj input rank 4" in QuantConfig(down_rank=4).describe()
