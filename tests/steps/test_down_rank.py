@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import random_ids, tiny_model, tiny_tokenizer
+from conftest import quantize_tiny, random_ids, tiny_model, tiny_tokenizer
 
 from quadllm import QuantConfig, load, quantize, save
 from quadllm.arch import get_adapter
@@ -124,3 +124,24 @@ def test_the_checkpoint_carries_the_split_in_memory_and_streaming(tmp_path):
         assert all(x.act_enabled and x.act.clip_ratio == float(x.act_clip) for x in downs)
         assert all(isinstance(layer.self_attn.o_proj.transform, Reordered) and layer.self_attn.o_proj.rank == 9
                    for layer in m.model.layers)
+
+
+def test_a_checkpoint_from_before_the_new_options_still_loads(tmp_path):
+    import json
+
+    from quadllm.io.checkpoint import settings_hash
+
+    model = quantize_tiny("llama", method="quad", rank=8, weights="rtn")
+    save(model, tiny_tokenizer(), tmp_path / "old")
+    meta_file = tmp_path / "old" / "quadllm_config.json"
+    meta = json.loads(meta_file.read_text())
+    for key in ("down_rank", "o_rank"):  # what a checkpoint of the previous release records
+        meta["structure"].pop(key)
+        meta["quant_config"].pop(key)
+    meta["quant_config"].pop("act_sym")
+    meta["integrity"] = settings_hash(meta)  # as that release wrote it
+    meta_file.write_text(json.dumps(meta))
+    loaded, _, _ = load(tmp_path / "old", verify=False)
+    ids = random_ids(2, 12, seed=8)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

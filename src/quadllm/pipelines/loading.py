@@ -24,6 +24,9 @@ from .recipe import LayerRecipe, structure_of
 
 __all__ = ["build_skeleton", "load"]
 
+#: structure keys checkpoints made before them lack, with the value those checkpoints have
+STRUCTURE_BEFORE_KEYS = {"down_rank": 0, "o_rank": 0}
+
 
 def build_skeleton(model: nn.Module, config: QuantConfig, structure: dict, dtype: torch.dtype) -> None:
     """Replace the modules of an (empty-weight) transformers model by the empty quantized modules
@@ -32,7 +35,9 @@ def build_skeleton(model: nn.Module, config: QuantConfig, structure: dict, dtype
     adapter = get_adapter(model)
     recipe = LayerRecipe(config, adapter)
     expected = structure_of(config, adapter)
-    wrong = {k: (structure.get(k), v) for k, v in expected.items() if k != "tied_head" and structure.get(k) != v}
+    # keys newer than a checkpoint: what it was made with then
+    recorded = {**STRUCTURE_BEFORE_KEYS, **structure}
+    wrong = {k: (recorded.get(k), v) for k, v in expected.items() if k != "tied_head" and recorded.get(k) != v}
     if wrong:
         raise CheckpointError("the checkpoint's structure disagrees with its configuration: " + ", ".join(
             f"{k} is {got!r}, the configuration gives {want!r}" for k, (got, want) in sorted(wrong.items())))
