@@ -128,3 +128,52 @@ def tiny_original(tmp_path):
     tiny_model("llama", torch.float32).save_pretrained(d)
     tiny_tokenizer().save_pretrained(d)
     return d
+
+
+def mean_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
+    """KL(reference ‖ model) per position, from log-probabilities."""
+    return float((ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1).mean())
+
+
+def quantized_in_memory_and_streaming(tmp_path, arch: str, config, samples: torch.Tensor):
+    """A tiny float32 model of ``arch`` quantized with ``config`` in memory (the model is returned)
+    and, from its saved original, by streaming; both checkpoints loaded back:
+    ``(model, in_memory, streamed, in_memory_meta)``."""
+    from quadllm import load, quantize, save
+    from quadllm.pipelines.streaming import quantize_streaming
+
+    model = tiny_model(arch, torch.float32, seed=0)
+    original = tmp_path / "orig"
+    model.save_pretrained(original)
+    tiny_tokenizer().save_pretrained(original)
+    quantize(model, config, samples, progress=False)
+    save(model, tiny_tokenizer(), tmp_path / "mem")
+    quantize_streaming(original, config, samples, tmp_path / "stream", tiny_tokenizer(), progress=False)
+    a, _, meta = load(tmp_path / "mem")
+    b, _, _ = load(tmp_path / "stream")
+    return model, a, b, meta
+
+
+def float_layers_in_basis(model, config, samples: torch.Tensor, ids: torch.Tensor):
+    """For the per-layer steps' exactness tests: ``model`` moved to the QUAD basis of ``config``
+    (the exact part only, activation quantization off). Returns ``(logits on ids, adapter, inputs,
+    layers)``: ``layers`` yields ``(index, layer)`` with ``inputs`` holding that layer's calibration
+    inputs, and runs them through the layer once the caller's step is done."""
+    from quadllm.arch import get_adapter
+    from quadllm.pipelines.in_memory import transform
+    from quadllm.steps.calibration import capture_layer_inputs, run_layer
+    from quadllm.steps.transforms import set_act_enabled
+
+    transform(model, config, samples, progress=False)
+    set_act_enabled(model, False)
+    with torch.no_grad():
+        ref = model(ids).logits
+    adapter = get_adapter(model)
+    inputs = capture_layer_inputs(model, adapter, samples, 2)
+
+    def layers():
+        for i, layer in enumerate(adapter.layers(model)):
+            yield i, layer
+            inputs.hidden = [run_layer(layer, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+
+    return ref, adapter, inputs, layers()

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import quantize_tiny, random_ids, tiny_model, tiny_tokenizer
+from conftest import mean_kl, quantize_tiny, quantized_in_memory_and_streaming, random_ids, tiny_model
 
-from quadllm import QuantConfig, load, quantize, save
+from quadllm import QuantConfig, quantize
 from quadllm.arch import get_adapter
 from quadllm.core.clipping import CLIP_STEP, MIN_CLIP
 from quadllm.nn.modules import QuadLinear
-from quadllm.pipelines.streaming import quantize_streaming
 from quadllm.steps.transforms import set_act_enabled
 
 
@@ -61,23 +60,14 @@ def test_searched_clips_bring_the_logits_closer_to_fp_than_no_clipping():
         set_act_enabled(model, True)
         with torch.no_grad():
             out = torch.log_softmax(model(ids).logits, -1)
-        errs[label] = float((ref.exp() * (ref - out)).sum(-1).mean())  # KL(FP || quantized) per token
+        errs[label] = mean_kl(ref, out)  # KL(FP || quantized) per token
     assert errs["searched"] < errs["fixed 1.0"], errs
 
 
 def test_the_checkpoint_carries_the_clips_in_memory_and_streaming(tmp_path):
-    model = tiny_model("qwen2", torch.float32, seed=0)
-    d = tmp_path / "orig"
-    model.save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
     cfg = QuantConfig(method="quad", rank=8, weights="gptq", a_clip_search=True, calib_samples=4, calib_seqlen=16,
                       calib_batch=2)
-    samples = random_ids(4, 16, seed=3)
-    quantize(model, cfg, samples, progress=False)
-    save(model, tiny_tokenizer(), tmp_path / "mem")
-    quantize_streaming(d, cfg, samples, tmp_path / "stream", tiny_tokenizer(), progress=False)
-    a, _, meta = load(tmp_path / "mem")
-    b, _, _ = load(tmp_path / "stream")
+    model, a, b, meta = quantized_in_memory_and_streaming(tmp_path, "qwen2", cfg, random_ids(4, 16, seed=3))
     assert meta["quant_config"]["a_clip_search"] is True
     assert _clips(a) == _clips(model) == _clips(b) and _clips(a)
     for m in (a, b):

@@ -8,35 +8,31 @@ import copy
 
 import pytest
 import torch
-from conftest import quantize_tiny, random_ids, tiny_model, tiny_tokenizer
+from conftest import (
+    float_layers_in_basis,
+    mean_kl,
+    quantize_tiny,
+    quantized_in_memory_and_streaming,
+    random_ids,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 from quadllm import QuantConfig, load, quantize, save
-from quadllm.arch import get_adapter
 from quadllm.config import ConfigError
 from quadllm.core.decompose import Reordered, SubspaceSplit
-from quadllm.pipelines.in_memory import transform
-from quadllm.pipelines.streaming import quantize_streaming
-from quadllm.steps.calibration import capture_layer_inputs, run_layer
 from quadllm.steps.decompose import decompose_down_proj, decompose_o_proj
-from quadllm.steps.transforms import set_act_enabled
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_the_split_of_down_proj_is_exact_on_the_float_model(arch):
     model = tiny_model(arch, torch.float64, seed=0)
-    samples = random_ids(4, 16)
     cfg = QuantConfig(method="quad", rank=8, weights="rtn", calib_samples=4, calib_seqlen=16)
-    transform(model, cfg, samples, progress=False)
-    set_act_enabled(model, False)
     ids = random_ids(2, 12, seed=5)
-    with torch.no_grad():
-        ref = model(ids).logits
-    adapter = get_adapter(model)
-    inputs = capture_layer_inputs(model, adapter, samples, 2)
+    ref, adapter, inputs, layers = float_layers_in_basis(model, cfg, random_ids(4, 16), ids)
     energies = []
-    for i, layer in enumerate(adapter.layers(model)):
+    for i, layer in layers:
         energies.append(decompose_down_proj(layer, adapter, inputs, 5, i))
-        inputs.hidden = [run_layer(layer, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
         down = layer.get_submodule(adapter.down_proj)
         assert isinstance(down.transform, SubspaceSplit) and down.rank == 5
         assert down.in_features == adapter.intermediate_size + 5 == down.weight.shape[1]
@@ -50,20 +46,13 @@ def test_the_split_of_down_proj_is_exact_on_the_float_model(arch):
 @pytest.mark.parametrize("method", ["quad", "rtn"])
 def test_the_o_proj_split_is_exact_on_the_float_model(arch, kv_heads, method):
     model = tiny_model(arch, torch.float64, seed=0, num_key_value_heads=kv_heads)
-    samples = random_ids(4, 16)
     cfg = QuantConfig(method=method, rank=8 if method == "quad" else None, weights="rtn", calib_samples=4,
                       calib_seqlen=16)
-    transform(model, cfg, samples, progress=False)
-    set_act_enabled(model, False)
     ids = random_ids(2, 12, seed=5)
-    with torch.no_grad():
-        ref = model(ids).logits
-    adapter = get_adapter(model)
-    inputs = capture_layer_inputs(model, adapter, samples, 2)
-    for i, layer in enumerate(adapter.layers(model)):
+    ref, adapter, inputs, layers = float_layers_in_basis(model, cfg, random_ids(4, 16), ids)
+    for i, layer in layers:
         energy = decompose_o_proj(layer, adapter, inputs, 4, i)
         assert 4 / adapter.head_dim < energy < 1
-        inputs.hidden = [run_layer(layer, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
         o = layer.get_submodule(adapter.o_proj)
         assert isinstance(o.transform, Reordered) and o.rank == adapter.num_heads * 4
         assert o.in_features == adapter.num_heads * adapter.head_dim  # no extra width
@@ -78,10 +67,6 @@ def test_o_rank_refuses_a_quantized_kv_cache_and_a_rank_beyond_the_head():
         QuantConfig(rank=8, o_rank=16).check_model_sizes(48, 96, 16)
 
 
-def _kl(ref, out):
-    return float((ref.exp() * (ref - out)).sum(-1).mean())
-
-
 def test_keeping_down_proj_or_o_proj_coordinates_lowers_the_error():
     samples = random_ids(8, 16)
     ids = random_ids(3, 16, seed=7)  # held out
@@ -94,23 +79,14 @@ def test_keeping_down_proj_or_o_proj_coordinates_lowers_the_error():
         quantize(model, QuantConfig(method="quad", rank=8, weights="gptq", calib_samples=8, calib_seqlen=16, **extra),
                  samples, progress=False)
         with torch.no_grad():
-            errs[label] = _kl(ref, torch.log_softmax(model(ids).logits, -1))
+            errs[label] = mean_kl(ref, torch.log_softmax(model(ids).logits, -1))
     assert errs["down"] < errs["base"] and errs["o"] < errs["base"], errs
 
 
 def test_the_checkpoint_carries_the_split_in_memory_and_streaming(tmp_path):
-    model = tiny_model("qwen2", torch.float32, seed=0)
-    d = tmp_path / "orig"
-    model.save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
     cfg = QuantConfig(method="quad", rank=8, weights="gptq", down_rank=6, o_rank=3, down_smooth=0.5,
                       a_clip_search=True, calib_samples=4, calib_seqlen=16, calib_batch=2)
-    samples = random_ids(4, 16, seed=3)
-    quantize(model, cfg, samples, progress=False)
-    save(model, tiny_tokenizer(), tmp_path / "mem")
-    quantize_streaming(d, cfg, samples, tmp_path / "stream", tiny_tokenizer(), progress=False)
-    a, _, meta = load(tmp_path / "mem")
-    b, _, _ = load(tmp_path / "stream")
+    model, a, b, meta = quantized_in_memory_and_streaming(tmp_path, "qwen2", cfg, random_ids(4, 16, seed=3))
     assert meta["quant_config"]["down_rank"] == 6 and meta["structure"]["down_rank"] == 6
     assert meta["structure"]["o_rank"] == 3
     ids = random_ids(2, 12, seed=8)

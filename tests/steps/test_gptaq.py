@@ -7,13 +7,12 @@ from __future__ import annotations
 import copy
 
 import torch
-from conftest import random_ids, tiny_model, tiny_tokenizer
+from conftest import mean_kl, quantized_in_memory_and_streaming, random_ids, tiny_model
 
 import quadllm.pipelines.recipe as recipe_module
-from quadllm import QuantConfig, load, quantize, save
+from quadllm import QuantConfig, quantize
 from quadllm.arch import get_adapter
 from quadllm.pipelines.in_memory import transform
-from quadllm.pipelines.streaming import quantize_streaming
 from quadllm.steps.calibration import capture_layer_inputs, run_layer
 from quadllm.steps.transforms import set_act_enabled
 
@@ -60,18 +59,9 @@ def inputs_after_quantized_layer0(cfg, samples):
 
 
 def test_gptaq_in_memory_and_streaming_give_the_same_checkpoint(tmp_path):
-    model = tiny_model("llama", torch.float32, seed=0)
-    d = tmp_path / "orig"
-    model.save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
     cfg = QuantConfig(method="quad", rank=8, weights="gptaq", down_rank=4, calib_samples=4, calib_seqlen=16,
                       calib_batch=2)
-    samples = random_ids(4, 16, seed=3)
-    quantize(model, cfg, samples, progress=False)
-    save(model, tiny_tokenizer(), tmp_path / "mem")
-    quantize_streaming(d, cfg, samples, tmp_path / "stream", tiny_tokenizer(), progress=False)
-    a, _, meta = load(tmp_path / "mem")
-    b, _, _ = load(tmp_path / "stream")
+    model, a, b, meta = quantized_in_memory_and_streaming(tmp_path, "llama", cfg, random_ids(4, 16, seed=3))
     assert meta["quant_config"]["weights"] == "gptaq"
     ids = random_ids(2, 12, seed=8)
     with torch.no_grad():
@@ -93,5 +83,5 @@ def test_gptaq_brings_the_outputs_closer_to_fp_than_gptq():
                                     calib_seqlen=16), samples, progress=False)
         with torch.no_grad():
             out = torch.log_softmax(model(ids).logits, -1)
-        errs[weights] = float((ref.exp() * (ref - out)).sum(-1).mean())
+        errs[weights] = mean_kl(ref, out)
     assert errs["gptaq"] < errs["gptq"], errs

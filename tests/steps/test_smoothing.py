@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_ids, tiny_model
+from conftest import float_layers_in_basis, random_ids, tiny_model
 
 from quadllm import QuantConfig
-from quadllm.arch import get_adapter
 from quadllm.config import ConfigError
-from quadllm.pipelines.in_memory import transform
-from quadllm.steps.calibration import capture_group, capture_layer_inputs, run_layer
+from quadllm.steps.calibration import capture_group
 from quadllm.steps.smoothing import smooth_down_proj, smoothing_scales
-from quadllm.steps.transforms import set_act_enabled
 
 
 def test_smoothing_scales_are_smoothquants_normalized():
@@ -47,20 +44,13 @@ def test_smoothing_is_exact_on_the_float_model_and_flattens_the_channels(arch):
     with torch.no_grad():  # a few hot intermediate channels, as real MLPs have
         for layer in model.model.layers:
             layer.mlp.up_proj.weight[:3] *= 25
-    samples = random_ids(4, 16)
-    transform(model, QuantConfig(method="quad", rank=8, weights="rtn", calib_samples=4, calib_seqlen=16), samples,
-              progress=False)
-    set_act_enabled(model, False)
+    cfg = QuantConfig(method="quad", rank=8, weights="rtn", calib_samples=4, calib_seqlen=16)
     ids = random_ids(2, 12, seed=5)
-    with torch.no_grad():
-        ref = model(ids).logits
-    adapter = get_adapter(model)
-    inputs = capture_layer_inputs(model, adapter, samples, 2)
-    for i, layer in enumerate(adapter.layers(model)):
+    ref, adapter, inputs, layers = float_layers_in_basis(model, cfg, random_ids(4, 16), ids)
+    for i, layer in layers:
         before = _channel_spread(layer, adapter, inputs)
         s = smooth_down_proj(layer, adapter, inputs, 0.5, i)
         assert s.shape == (adapter.intermediate_size,) and float(s.max()) > 2 * float(s.min())
         assert _channel_spread(layer, adapter, inputs) < 0.5 * before
-        inputs.hidden = [run_layer(layer, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, ref, rtol=1e-9, atol=1e-9)

@@ -129,8 +129,13 @@ class Int8Kernel(Kernel):
         self._key: tuple | None = None
         self._sums: tuple[tuple, torch.Tensor] | None = None
 
+    @staticmethod
+    def _weight_key(lin: QuadLinear) -> tuple:
+        """What the kept weight layouts were derived from: they are stale when it changes."""
+        return (lin.qweight.data_ptr(), lin.qweight._version)
+
     def weight_t(self, lin: QuadLinear) -> torch.Tensor:
-        key = (lin.qweight.data_ptr(), lin.qweight._version)
+        key = self._weight_key(lin)
         if self._wt is not None and self._key == key:
             return self._wt
         wt = lin.codes().t().contiguous()
@@ -140,7 +145,7 @@ class Int8Kernel(Kernel):
 
     def weight_sums(self, lin: QuadLinear, wt: torch.Tensor) -> torch.Tensor:
         """The weight codes' sum per output channel (asymmetric activations' epilogue), kept."""
-        key = (lin.qweight.data_ptr(), lin.qweight._version)
+        key = self._weight_key(lin)
         if self._sums is None or self._sums[0] != key:
             self._sums = (key, wt.sum(0, dtype=torch.int32).float())
         return self._sums[1]

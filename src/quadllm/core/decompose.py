@@ -26,7 +26,16 @@ from torch import nn
 
 from .hadamard import orthogonal_matrix
 
-__all__ = ["top_eigenvectors", "split_weight", "SubspaceSplit", "head_basis", "leading_order", "Reordered"]
+__all__ = ["eigenvectors_descending", "top_eigenvectors", "split_weight", "SubspaceSplit", "head_basis", "leading_order", "Reordered"]
+
+
+def eigenvectors_descending(moment: torch.Tensor) -> torch.Tensor:
+    """All orthonormal eigenvectors [n, n] (float64, as columns) of the symmetric ``moment``
+    (symmetrized first), by decreasing eigenvalue: the one eigendecomposition every principal
+    subspace here is cut from."""
+    m = moment.to(torch.float64)
+    evals, evecs = torch.linalg.eigh((m + m.T) / 2)
+    return evecs[:, torch.argsort(evals, descending=True)]
 
 
 def top_eigenvectors(moment: torch.Tensor, k: int) -> torch.Tensor:
@@ -38,9 +47,7 @@ def top_eigenvectors(moment: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"k={k} must be in [1, {moment.shape[0]})")
     if not torch.isfinite(moment).all():
         raise FloatingPointError("the second moment has NaN or Inf entries")
-    m = moment.to(torch.float64)
-    evals, evecs = torch.linalg.eigh((m + m.T) / 2)
-    return evecs[:, torch.argsort(evals, descending=True)[:k]].contiguous()
+    return eigenvectors_descending(moment)[:, :k].contiguous()
 
 
 def split_weight(weight: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -98,9 +105,7 @@ def head_basis(moment: torch.Tensor, k: int) -> torch.Tensor:
     hd = moment.shape[0]
     if not 0 < k < hd:
         raise ValueError(f"k={k} must be in [1, {hd})")
-    m = moment.to(torch.float64)
-    evals, evecs = torch.linalg.eigh((m + m.T) / 2)
-    u = evecs[:, torch.argsort(evals, descending=True)]
+    u = eigenvectors_descending(moment)
     rest = orthogonal_matrix(hd - k)
     block = torch.block_diag(torch.eye(k, dtype=torch.float64), rest)
     return block @ u.T

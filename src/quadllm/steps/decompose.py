@@ -115,8 +115,9 @@ def decompose_o_proj(layer: nn.Module, adapter: ArchAdapter, inputs: LayerInputs
         handle.remove()
     moments = acc / max(count, 1)
     rot = torch.stack([head_basis(moments[g], k) for g in range(nkv)])  # [nkv, hd, hd]
-    energy = float(sum(torch.linalg.eigvalsh(moments[g]).flip(0)[:k].sum() / moments[g].trace().clamp_min(1e-30)
-                       for g in range(nkv)) / nkv)
+    top = rot[:, :k]  # the rows that project on the top-k directions: their energy, without a second eigh
+    energy = float((torch.einsum("gki,gij,gkj->g", top, moments, top)
+                    / torch.einsum("gii->g", moments).clamp_min(1e-30)).mean())
 
     wv = v.weight.detach().to(torch.float64).reshape(nkv, hd, -1)
     v.weight.data.copy_(torch.einsum("gij,gjk->gik", rot, wv).reshape(nkv * hd, -1).to(v.weight.dtype))

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..arch import ArchAdapter, get_submodule, set_submodule
 from ..config import QuantConfig
+from ..core.decompose import eigenvectors_descending
 from ..core.hadamard import OnlineTransform, kron_transform, orthogonal_matrix, random_hadamard
 from ..nn.modules import KVQuant, QuadEmbedding, QuadHead, QuadLinear, QuadRMSNorm
 from .calibration import CalibrationError
@@ -113,9 +114,7 @@ def residual_basis(moment: torch.Tensor | None, rank: int, seed: int, rotate: bo
         if d is None:
             raise ValueError("hidden size unknown")
         return random_hadamard(d, seed) if rotate else torch.eye(d, dtype=torch.float64)
-    m = moment.to(torch.float64)
-    evals, evecs = torch.linalg.eigh((m + m.T) / 2)
-    P = evecs[:, torch.argsort(evals, descending=True)[:rank]]
+    P = eigenvectors_descending(moment)[:, :rank]
     Hr = random_hadamard(rank, seed + 1) if rotate else torch.eye(rank, dtype=torch.float64)
     Hd = random_hadamard(d, seed) if rotate else torch.eye(d, dtype=torch.float64)
     rest = torch.eye(d, dtype=torch.float64) - P @ P.T
