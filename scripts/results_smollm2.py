@@ -68,13 +68,16 @@ ABLATION_ROWS = [
     ("QUAD W4A4 r=64 + o-rank 8", ["--method", "quad", "--rank", "64", "--o-rank", "8"]),
     ("QUAD W4A4 r=64 + GPTAQ", ["--method", "quad", "--rank", "64", "--weights", "gptaq"]),
     ("QUAD W4A4 r=64 + down smoothing 0.5", ["--method", "quad", "--rank", "64", "--down-smooth", "0.5"]),
-    # cumulative: every technique without run-time cost, then the ones with one
+    # cumulative: every technique without run-time cost (GPTAQ's screening row was worse than the
+    # base, so the later rows leave it out), then with the two that have a run-time cost
     ("QUAD W4A4 r=64 + clip + o-rank 8 + GPTAQ + smoothing",
      ["--method", "quad", "--rank", "64", "--a-clip-search", "--o-rank", "8", "--weights", "gptaq",
       "--down-smooth", "0.5"]),
-    ("QUAD W4A4 r=64 + all of the above + down-rank 64 + asym",
-     ["--method", "quad", "--rank", "64", "--a-clip-search", "--o-rank", "8", "--weights", "gptaq",
-      "--down-smooth", "0.5", "--down-rank", "64", "--act-asym"]),
+    ("QUAD W4A4 r=64 + clip + o-rank 8 + smoothing",
+     ["--method", "quad", "--rank", "64", "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5"]),
+    ("QUAD W4A4 r=64 + clip + o-rank 8 + smoothing + down-rank 64 + asym",
+     ["--method", "quad", "--rank", "64", "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5",
+      "--down-rank", "64", "--act-asym"]),
 ]
 TABLES = {"main": ROWS, "ablation": ABLATION_ROWS}
 
@@ -261,8 +264,12 @@ def time_rows(models: dict, vocab: int, tokens: int, repeat: int) -> dict:
         layer = adapter.layers(m)[mid]
         o, down = layer.get_submodule(adapter.o_proj), layer.get_submodule(adapter.down_proj)
         for key, lin in (("o_proj", o), ("down_proj", down)):
-            n = lin.transform.in_features if hasattr(lin.transform, "in_features") else lin.in_features
-            inputs.setdefault(key, torch.randn(tokens, n, generator=g))
+            # a quantized linear's input width is its online transform's (QUAD's widened stream); a
+            # plain float linear (the bfloat16 reference) reads its own width in its own dtype
+            transform = getattr(lin, "transform", None)
+            n = transform.in_features if hasattr(transform, "in_features") else lin.in_features
+            dtype = lin.weight.dtype if isinstance(lin, torch.nn.Linear) else torch.float32
+            inputs.setdefault(key, torch.randn(tokens, n, generator=g).to(dtype))
         calls[name] = {"prefill": (lambda m=m: m(input_ids=ids, use_cache=False)),
                        "o_proj": (lambda o=o: o(inputs["o_proj"])), "down_proj": (lambda d=down: d(inputs["down_proj"]))}
     times: dict = {name: {k: [] for k in c} for name, c in calls.items()}

@@ -36,3 +36,9 @@ def test_time_rows_times_every_model_and_the_cells_are_ratios_to_the_first():
     assert rs.ablation_cells("base", speed) == "8 | 0 | 1.00 | 1.00 | 1.00 |"
     assert rs.ablation_cells("split", speed) == "8 + o 6 + down 4 | 1.50 M (2.1%) | 1.10 | 1.00 | 1.50 |"
     assert rs.ablation_cells("FP", speed) == rs.ablation_cells("split", None) == "- | - | - | - | - |"
+
+
+def test_time_rows_times_a_plain_bfloat16_model():
+    """The bfloat16 reference of the cost columns is the float model itself (plain linears)."""
+    t = rs.time_rows({"bf16": tiny_model("llama", torch.bfloat16)}, 160, 16, 1)
+    assert set(t["bf16"]) == {"prefill_ms", "o_proj_ms", "down_proj_ms"} and min(t["bf16"].values()) > 0
