@@ -66,13 +66,16 @@ ABLATION_ROWS = [
     ("QUAD W4A4 r=64 + down-rank 64", ["--method", "quad", "--rank", "64", "--down-rank", "64"]),
     ("QUAD W4A4 r=64 + asymmetric activations", ["--method", "quad", "--rank", "64", "--act-asym"]),
     ("QUAD W4A4 r=64 + o-rank 8", ["--method", "quad", "--rank", "64", "--o-rank", "8"]),
-    ("QUAD W4A4 r=64 + GPTAQ", ["--method", "quad", "--rank", "64", "--weights", "gptaq"]),
+    # GPTAQ's whole least-squares correction (the first implementation's), then its authors' share
+    ("QUAD W4A4 r=64 + GPTAQ", ["--method", "quad", "--rank", "64", "--weights", "gptaq", "--gptaq-alpha", "1"]),
+    ("QUAD W4A4 r=64 + GPTAQ 0.25", ["--method", "quad", "--rank", "64", "--weights", "gptaq",
+                                     "--gptaq-alpha", "0.25"]),
     ("QUAD W4A4 r=64 + down smoothing 0.5", ["--method", "quad", "--rank", "64", "--down-smooth", "0.5"]),
     # cumulative: every technique without run-time cost (GPTAQ's screening row was worse than the
     # base, so the later rows leave it out), then with the two that have a run-time cost
     ("QUAD W4A4 r=64 + clip + o-rank 8 + GPTAQ + smoothing",
      ["--method", "quad", "--rank", "64", "--a-clip-search", "--o-rank", "8", "--weights", "gptaq",
-      "--down-smooth", "0.5"]),
+      "--gptaq-alpha", "1", "--down-smooth", "0.5"]),
     ("QUAD W4A4 r=64 + clip + o-rank 8 + smoothing",
      ["--method", "quad", "--rank", "64", "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5"]),
     ("QUAD W4A4 r=64 + clip + o-rank 8 + smoothing + down-rank 64 + asym",

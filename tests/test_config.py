@@ -27,6 +27,7 @@ def test_method_defaults_and_roles():
     (dict(a_clip=1.5), "a_clip"),
     (dict(group_size=-4), "group_size"),
     (dict(calib_samples=0), "calib_samples"),
+    (dict(weights="gptaq", gptaq_alpha=1.5), "gptaq_alpha"),
 ])
 def test_bad_configurations(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -39,6 +40,12 @@ def test_config_round_trip():
     with pytest.raises(ConfigError, match="unknown"):
         QuantConfig.from_dict({**c.to_dict(), "bogus": 1})
     assert "QUAD rank 16" in c.describe() and "seed 3" in c.describe()
+
+
+def test_a_config_recorded_before_a_key_existed_reads_as_it_was_made():
+    old = {k: v for k, v in QuantConfig(weights="gptaq").to_dict().items() if k != "gptaq_alpha"}
+    assert QuantConfig.from_dict(old).gptaq_alpha == 1.0  # GPTAQ applied the whole correction then
+    assert QuantConfig().gptaq_alpha == 0.25
 
 
 def test_what_a_config_needs():

@@ -21,6 +21,8 @@ MOMENTS = ("raw", "normalized")
 #: the outlier rank of ``--method quad`` unless given
 DEFAULT_RANK = 64
 OBSOLETE_KEYS = frozenset({"dtype"})  # configuration keys this version ignores when reading a checkpoint
+#: configuration keys that checkpoints made before them lack, with the value those were made with
+RECORDED_BEFORE_KEYS = {"gptaq_alpha": 1.0}
 
 
 class ConfigError(QuadllmError, ValueError):
@@ -70,6 +72,7 @@ class QuantConfig:
     rank: int | None = None  # None: DEFAULT_RANK for quad, 0 otherwise
     mode: str = "w4a4"
     weights: str = "gptq"
+    gptaq_alpha: float = 0.25  # GPTAQ: share of the asymmetric correction W(C H⁻¹ - I) applied (its authors' 0.25)
     w_bits: int = 4
     group_size: int = 0  # 0: per output channel
     w_clip: bool = True  # MSE clipping search for weight scales
@@ -134,6 +137,8 @@ class QuantConfig:
             raise ConfigError(f"w_bits must be 2, 3, 4 or 8, got {self.w_bits}")
         if self.group_size < 0:
             raise ConfigError(f"group_size must be >= 0 (0 = per channel), got {self.group_size}")
+        if not 0.0 <= self.gptaq_alpha <= 1.0:
+            raise ConfigError(f"gptaq_alpha must be in [0, 1], got {self.gptaq_alpha}")
         if not 0.0 < self.a_clip <= 1.0:
             raise ConfigError(f"a_clip must be in (0, 1], got {self.a_clip}")
         if not 0.0 < self.kv_clip <= 1.0:
@@ -197,7 +202,7 @@ class QuantConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"a configuration must be an object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        data = {k: v for k, v in data.items() if k not in OBSOLETE_KEYS}
+        data = {**RECORDED_BEFORE_KEYS, **{k: v for k, v in data.items() if k not in OBSOLETE_KEYS}}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"unknown configuration keys: {sorted(unknown)}")

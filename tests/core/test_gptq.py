@@ -349,6 +349,10 @@ def test_gptaq_target_is_the_least_squares_map_from_the_quantized_inputs_to_the_
     assert torch.allclose(target, lstsq, rtol=1e-8, atol=1e-8)
     # with equal inputs the target is the weight itself (up to the damping)
     assert torch.allclose(gptaq_target(w, H, H, damp=0.0), w, atol=1e-9)
+    # alpha: that share of the way from the weight to the least-squares map
+    assert torch.equal(gptaq_target(w, H, C, damp=0.0, alpha=0.0), w.double())
+    half = gptaq_target(w, H, C, damp=0.0, alpha=0.5)
+    assert torch.allclose(half, (w.double() + lstsq) / 2, rtol=1e-8, atol=1e-8)
 
 
 def test_gptq_on_the_gptaq_target_lowers_gptaqs_objective():

@@ -43,6 +43,9 @@ def add_parsers(sub) -> None:
     q.add_argument("--rank", type=int, default=None, help=f"outlier rank r (quad; default {d.rank})")
     q.add_argument("--mode", choices=MODES, default=d.mode)
     q.add_argument("--weights", choices=WEIGHT_ALGOS, default=d.weights)
+    q.add_argument("--gptaq-alpha", type=float, default=d.gptaq_alpha, metavar="ALPHA",
+                   help="--weights gptaq: the share of the correction toward the full-precision outputs that "
+                   "is applied (1: the whole least-squares map; default %(default)s, the GPTAQ authors')")
     q.add_argument("--group-size", type=int, default=d.group_size, help="0 = per channel")
     q.add_argument("--kv-bits", type=int, choices=KV_BITS, default=d.kv_bits)
     q.add_argument("--calib", default=d.calib, help="wikitext2, ptb, a .jsonl or text file (default: embedded text)")

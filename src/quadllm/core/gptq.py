@@ -80,10 +80,13 @@ class CrossAccumulator:
         self.C += (2.0 / self.count) * (x_ref.to(torch.float64).T @ x.to(torch.float64))
 
 
-def gptaq_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+def gptaq_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float = 0.01,
+                 alpha: float = 1.0) -> torch.Tensor:
     """``W* = W C (H + λI)⁻¹`` (float64) for ``w`` [out, in], ``H`` = ``2/n Σ x̃ x̃ᵀ`` and ``C`` =
     ``2/n Σ x x̃ᵀ`` [in, in], with GPTQ's damping ``λ = damp * mean(diag H)``: the weight that maps the
-    quantized model's inputs closest to the full-precision outputs."""
+    quantized model's inputs closest to the full-precision outputs. ``alpha`` < 1 applies only that
+    share of the correction, ``W + alpha (W* - W)``: the cross moment is estimated from the same few
+    calibration tokens as ``H``, and the whole map fits their noise (GPTAQ's authors scale it by 0.25)."""
     Hd = H.to(torch.float64, copy=True)
     dead = torch.diag(Hd) == 0
     Hd[dead, dead] = 1
@@ -91,7 +94,11 @@ def gptaq_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float 
     rhs = w.to(torch.float64) @ C.to(torch.float64)  # [out, in]
     rhs[:, dead] = 0
     L = torch.linalg.cholesky(Hd)
-    return torch.cholesky_solve(rhs.T, L).T  # H symmetric: (H⁻¹ rhsᵀ)ᵀ = rhs H⁻¹
+    full = torch.cholesky_solve(rhs.T, L).T  # H symmetric: (H⁻¹ rhsᵀ)ᵀ = rhs H⁻¹
+    if alpha == 1.0:
+        return full
+    w64 = w.to(torch.float64)
+    return w64 + alpha * (full - w64)
 
 
 def _codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:

@@ -112,7 +112,7 @@ def _gptq_groups(layer: nn.Module, adapter: ArchAdapter, config: QuantConfig, in
             H = (accs.pop(key) if mine else accs[key]).H
             w = lin.weight.detach()
             if reference_layer is not None:
-                w = gptaq_target(w, H, cross[key].C, config.damp).to(w.dtype)
+                w = gptaq_target(w, H, cross[key].C, config.damp, config.gptaq_alpha).to(w.dtype)
             res = gptq_quantize(w, H, lin.rank, config.w_bits, config.group_size,
                                 config.w_clip, config.act_order, config.damp, config.gptq_block,
                                 overwrite_h=mine)
