@@ -71,8 +71,8 @@ ABLATION_ROWS = [
     ("QUAD W4A4 r=64 + GPTAQ 0.25", ["--method", "quad", "--rank", "64", "--weights", "gptaq",
                                      "--gptaq-alpha", "0.25"]),
     ("QUAD W4A4 r=64 + down smoothing 0.5", ["--method", "quad", "--rank", "64", "--down-smooth", "0.5"]),
-    # cumulative: every technique without run-time cost (GPTAQ's screening row was worse than the
-    # base, so the later rows leave it out), then with the two that have a run-time cost
+    # cumulative: every technique without run-time cost (GPTAQ with alpha 1 was worse than the base
+    # on the screening windows, so the later rows leave it out), then with the two that have one
     ("QUAD W4A4 r=64 + clip + o-rank 8 + GPTAQ + smoothing",
      ["--method", "quad", "--rank", "64", "--a-clip-search", "--o-rank", "8", "--weights", "gptaq",
       "--gptaq-alpha", "1", "--down-smooth", "0.5"]),
@@ -269,8 +269,7 @@ def time_rows(models: dict, vocab: int, tokens: int, repeat: int) -> dict:
         for key, lin in (("o_proj", o), ("down_proj", down)):
             # a quantized linear's input width is its online transform's (QUAD's widened stream); a
             # plain float linear (the bfloat16 reference) reads its own width in its own dtype
-            transform = getattr(lin, "transform", None)
-            n = transform.in_features if hasattr(transform, "in_features") else lin.in_features
+            n = getattr(getattr(lin, "transform", None), "in_features", lin.in_features)
             dtype = lin.weight.dtype if isinstance(lin, torch.nn.Linear) else torch.float32
             inputs.setdefault(key, torch.randn(tokens, n, generator=g).to(dtype))
         calls[name] = {"prefill": (lambda m=m: m(input_ids=ids, use_cache=False)),
