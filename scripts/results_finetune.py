@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from results_smollm2 import (  # noqa: E402
+    ROWS,
     add_checkpoint_args,
     portable,
     quantize_args,
@@ -43,7 +44,7 @@ from quadllm.evaluation.perplexity import evaluate_many  # noqa: E402
 from quadllm.evaluation.speed import machine_description  # noqa: E402
 from quadllm.io.sources import load_model  # noqa: E402
 
-BASE = ("QUAD W4A4 r=64", ["--method", "quad", "--rank", "64"])
+BASE = ("QUAD W4A4 r=64", dict(ROWS)["QUAD W4A4 r=64"])
 
 log = logging.getLogger("results")
 

@@ -40,47 +40,53 @@ import torch  # noqa: E402
 import quadllm  # noqa: E402
 from quadllm import load  # noqa: E402
 from quadllm.arch import get_adapter  # noqa: E402
+from quadllm.cli.app import build_parser  # noqa: E402
+from quadllm.cli.common import config_from_args  # noqa: E402
+from quadllm.config import QuantConfig  # noqa: E402
 from quadllm.data.text import load_text, tokenize_windows  # noqa: E402
 from quadllm.evaluation.perplexity import evaluate_many  # noqa: E402
 from quadllm.evaluation.speed import machine_description  # noqa: E402
+from quadllm.io.checkpoint import read_meta  # noqa: E402
 from quadllm.io.registry import DEFAULT_MODEL, lookup  # noqa: E402
 from quadllm.io.sources import fp16_size_bytes, load_model  # noqa: E402
+
+#: QUAD as published (arXiv 2503.19353): the accuracy techniques quadllm's default adds are off
+PAPER = ["--no-a-clip-search", "--o-rank", "0", "--down-smooth", "0"]
 
 ROWS = [
     # name, CLI flags
     ("RTN W4A4", ["--method", "rtn"]),
     ("QuaRot W4A4", ["--method", "quarot"]),
-    ("QUAD W4A4 r=16", ["--method", "quad", "--rank", "16"]),
-    ("QUAD W4A4 r=32", ["--method", "quad", "--rank", "32"]),
-    ("QUAD W4A4 r=64", ["--method", "quad", "--rank", "64"]),
-    ("QUAD W4A4A8 r=64", ["--method", "quad", "--rank", "64", "--mode", "w4a4a8"]),
+    ("QUAD W4A4 r=16", ["--method", "quad", "--rank", "16", *PAPER]),
+    ("QUAD W4A4 r=32", ["--method", "quad", "--rank", "32", *PAPER]),
+    ("QUAD W4A4 r=64", ["--method", "quad", "--rank", "64", *PAPER]),
+    ("QUAD W4A4A8 r=64", ["--method", "quad", "--rank", "64", "--mode", "w4a4a8", *PAPER]),
     ("QuaRot W4A4 KV4", ["--method", "quarot", "--kv-bits", "4"]),
-    ("QUAD W4A4 r=64 KV4", ["--method", "quad", "--rank", "64", "--kv-bits", "4"]),
+    ("QUAD W4A4 r=64 KV4", ["--method", "quad", "--rank", "64", "--kv-bits", "4", *PAPER]),
 ]
 
+BASE = ["--method", "quad", "--rank", "64", *PAPER]
 #: the accuracy techniques, each alone on top of QUAD W4A4 r=64 (``--table ablation``), then
-#: together; the first row is the base every speed ratio is taken against
+#: together; the first row is the base every speed ratio is taken against (a later flag overrides
+#: PAPER's)
 ABLATION_ROWS = [
-    ("QUAD W4A4 r=64", ["--method", "quad", "--rank", "64"]),
-    ("QUAD W4A4 r=64 + clip search", ["--method", "quad", "--rank", "64", "--a-clip-search"]),
-    ("QUAD W4A4 r=64 + down-rank 64", ["--method", "quad", "--rank", "64", "--down-rank", "64"]),
-    ("QUAD W4A4 r=64 + asymmetric activations", ["--method", "quad", "--rank", "64", "--act-asym"]),
-    ("QUAD W4A4 r=64 + o-rank 8", ["--method", "quad", "--rank", "64", "--o-rank", "8"]),
+    ("QUAD W4A4 r=64", BASE),
+    ("QUAD W4A4 r=64 + clip search", [*BASE, "--a-clip-search"]),
+    ("QUAD W4A4 r=64 + down-rank 64", [*BASE, "--down-rank", "64"]),
+    ("QUAD W4A4 r=64 + asymmetric activations", [*BASE, "--act-asym"]),
+    ("QUAD W4A4 r=64 + o-rank 8", [*BASE, "--o-rank", "8"]),
     # GPTAQ's whole least-squares correction (the first implementation's), then its authors' share
-    ("QUAD W4A4 r=64 + GPTAQ", ["--method", "quad", "--rank", "64", "--weights", "gptaq", "--gptaq-alpha", "1"]),
-    ("QUAD W4A4 r=64 + GPTAQ 0.25", ["--method", "quad", "--rank", "64", "--weights", "gptaq",
-                                     "--gptaq-alpha", "0.25"]),
-    ("QUAD W4A4 r=64 + down smoothing 0.5", ["--method", "quad", "--rank", "64", "--down-smooth", "0.5"]),
+    ("QUAD W4A4 r=64 + GPTAQ", [*BASE, "--weights", "gptaq", "--gptaq-alpha", "1"]),
+    ("QUAD W4A4 r=64 + GPTAQ 0.25", [*BASE, "--weights", "gptaq", "--gptaq-alpha", "0.25"]),
+    ("QUAD W4A4 r=64 + down smoothing 0.5", [*BASE, "--down-smooth", "0.5"]),
     # cumulative: every technique without run-time cost (GPTAQ with alpha 1 was worse than the base
     # on the screening windows, so the later rows leave it out), then with the two that have one
     ("QUAD W4A4 r=64 + clip + o-rank 8 + GPTAQ + smoothing",
-     ["--method", "quad", "--rank", "64", "--a-clip-search", "--o-rank", "8", "--weights", "gptaq",
-      "--gptaq-alpha", "1", "--down-smooth", "0.5"]),
+     [*BASE, "--a-clip-search", "--o-rank", "8", "--weights", "gptaq", "--gptaq-alpha", "1", "--down-smooth", "0.5"]),
     ("QUAD W4A4 r=64 + clip + o-rank 8 + smoothing",
-     ["--method", "quad", "--rank", "64", "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5"]),
+     [*BASE, "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5"]),
     ("QUAD W4A4 r=64 + clip + o-rank 8 + smoothing + down-rank 64 + asym",
-     ["--method", "quad", "--rank", "64", "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5",
-      "--down-rank", "64", "--act-asym"]),
+     [*BASE, "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5", "--down-rank", "64", "--act-asym"]),
 ]
 TABLES = {"main": ROWS, "ablation": ABLATION_ROWS}
 
@@ -124,7 +130,25 @@ def quantize_row(name: str, flags: list[str], args) -> dict:
            "--seed", str(args.seed), "--out", str(out), "-q"]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
+    if out.exists() and not args.force:
+        check_reused(name, out, expected_config(cmd[3:]))
     return run_cli_cached(name, cmd, out, args.force)
+
+
+def expected_config(quantize_argv: list[str]) -> dict:
+    """The configuration ``quadllm QUANTIZE_ARGV`` gives with this checkout's code (its defaults)."""
+    return config_from_args(QuantConfig, build_parser().parse_args(quantize_argv)).to_dict()
+
+
+def check_reused(name: str, out: Path, expected: dict) -> None:
+    """Stop unless the checkpoint at ``out`` was made with ``expected`` (a checkpoint made before a
+    default changed would otherwise stand in for a row it no longer is)."""
+    made = QuantConfig.from_dict(read_meta(out)["quant_config"]).to_dict()
+    wrong = {k: (made.get(k), v) for k, v in expected.items() if made.get(k) != v}
+    if wrong:
+        raise SystemExit(f"{name}: {out} was made with " + ", ".join(
+            f"{k}={got!r}" for k, (got, _) in sorted(wrong.items())) + "; the row now gives " + ", ".join(
+            f"{k}={want!r}" for k, (_, want) in sorted(wrong.items())) + " (rerun with --force or remove it)")
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from quadllm.config import DEFAULT_RANK, ConfigError, QuantConfig
+from quadllm.config import DEFAULT_RANK, QUAD_RECIPE, RECIPE_OFF, ConfigError, QuantConfig
 
 
 def test_method_defaults_and_roles():
@@ -46,6 +46,22 @@ def test_a_config_recorded_before_a_key_existed_reads_as_it_was_made():
     old = {k: v for k, v in QuantConfig(weights="gptaq").to_dict().items() if k != "gptaq_alpha"}
     assert QuantConfig.from_dict(old).gptaq_alpha == 1.0  # GPTAQ applied the whole correction then
     assert QuantConfig().gptaq_alpha == 0.25
+
+
+def test_quad_at_w4a4_defaults_to_the_recipe_and_the_baselines_do_not():
+    assert {k: getattr(QuantConfig(), k) for k in QUAD_RECIPE} == QUAD_RECIPE
+    for off in (dict(method="quarot"), dict(method="rtn"), dict(mode="w4a16"), dict(mode="w4a8")):
+        assert {k: getattr(QuantConfig(**off), k) for k in RECIPE_OFF} == RECIPE_OFF, off
+    assert QuantConfig(kv_bits=4).o_rank == 0 and QuantConfig(kv_bits=4).a_clip_search  # o_rank needs KV16
+    explicit = QuantConfig(a_clip_search=False, o_rank=4, down_smooth=0.0)
+    assert (explicit.a_clip_search, explicit.o_rank, explicit.down_smooth) == (False, 4, 0.0)
+    assert QuantConfig(method="quarot", o_rank=4).o_rank == 4
+    with pytest.raises(ConfigError, match="use kv_bits 16 with o_rank"):
+        QuantConfig(kv_bits=4, o_rank=8)
+    # a saved configuration holds the resolved values, so it reads back as it was made
+    assert QuantConfig.from_dict(QuantConfig().to_dict()) == QuantConfig()
+    old = {k: v for k, v in QuantConfig().to_dict().items() if k not in QUAD_RECIPE}
+    assert {k: getattr(QuantConfig.from_dict(old), k) for k in RECIPE_OFF} == RECIPE_OFF
 
 
 def test_what_a_config_needs():

@@ -22,7 +22,15 @@ MOMENTS = ("raw", "normalized")
 DEFAULT_RANK = 64
 OBSOLETE_KEYS = frozenset({"dtype"})  # configuration keys this version ignores when reading a checkpoint
 #: configuration keys that checkpoints made before them lack, with the value those were made with
-RECORDED_BEFORE_KEYS = {"gptaq_alpha": 1.0}
+RECORDED_BEFORE_KEYS = {"gptaq_alpha": 1.0, "a_clip_search": False, "act_sym": True, "o_rank": 0,
+                        "down_smooth": 0.0, "down_rank": 0}
+#: what ``--method quad`` at W4A4 does unless told otherwise: the combination of accuracy techniques
+#: without run-time cost that did best in the ablation (results/smollm2_ablation_final.md); the
+#: baselines (quarot, rtn) and the other modes keep them off (:data:`RECIPE_OFF`)
+QUAD_RECIPE = {"a_clip_search": True, "o_rank": 8, "down_smooth": 0.5}
+RECIPE_OFF = {"a_clip_search": False, "o_rank": 0, "down_smooth": 0.0}
+#: the modes :data:`QUAD_RECIPE` applies to by default
+RECIPE_MODES = ("w4a4",)
 
 
 class ConfigError(QuadllmError, ValueError):
@@ -52,6 +60,7 @@ class ActSpec:
 #: the Python types each annotation of :class:`QuantConfig` accepts
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "str": (str,), "int": (int,), "float": (float, int), "bool": (bool,), "int | None": (int,),
+    "bool | None": (bool,), "float | None": (float, int),
     "str | None": (str, type(None)), "dict[str, Any]": (dict,),
 }
 
@@ -81,10 +90,11 @@ class QuantConfig:
     gptq_block: int = 128
     true_sequential: bool = True  # GPTQ: re-run the layer after each group of linears
     a_clip: float = 0.9
-    a_clip_search: bool = False  # search each linear input's clip ratio on the calibration data
+    # None (these three): QUAD_RECIPE's value for --method quad in RECIPE_MODES, RECIPE_OFF's otherwise
+    a_clip_search: bool | None = None  # search each linear input's clip ratio on the calibration data
     act_sym: bool = True  # per-token activations symmetric (False: asymmetric, a zero point per token)
-    o_rank: int = 0  # top principal coordinates of each KV head's values kept in full precision in o_proj
-    down_smooth: float = 0.0  # SmoothQuant alpha of down_proj's input channel scales (0: off)
+    o_rank: int | None = None  # top principal coordinates of each KV head's values kept in full precision in o_proj
+    down_smooth: float | None = None  # SmoothQuant alpha of down_proj's input channel scales (0: off)
     down_rank: int = 0  # top principal coordinates of each down_proj input kept in full precision (online)
     kv_bits: int = 16
     kv_clip: float = 1.0
@@ -105,7 +115,19 @@ class QuantConfig:
             self.rank = 0
         elif self.rank is None:
             self.rank = DEFAULT_RANK
+        self.resolve_recipe()
         self.validate()
+
+    def resolve_recipe(self) -> None:
+        """Fill the fields left ``None`` from :data:`QUAD_RECIPE` (``--method quad`` in
+        :data:`RECIPE_MODES`) or :data:`RECIPE_OFF`. A quantized KV cache stores the values that
+        ``o_rank`` would rotate, and its full-precision columns leave a count of quantized o_proj inputs
+        that weight groups need not divide, so the default o_rank is 0 with either."""
+        on = self.method == "quad" and self.mode in RECIPE_MODES
+        for key, value in (QUAD_RECIPE if on else RECIPE_OFF).items():
+            if getattr(self, key) is None:
+                o_off = key == "o_rank" and (self.kv_bits != 16 or self.group_size != 0)
+                setattr(self, key, RECIPE_OFF[key] if o_off else value)
 
     def check_types(self) -> None:
         """Every field has its declared type (bool is not an int here): a configuration read from a

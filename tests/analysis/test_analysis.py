@@ -26,6 +26,7 @@ from quadllm.analysis.subspace import (
     top_subspace,
 )
 from quadllm.arch import get_adapter
+from quadllm.config import RECIPE_OFF
 from quadllm.steps.calibration import residual_second_moment
 
 
@@ -100,7 +101,10 @@ def test_drift_fits_same_domain_and_flags_a_different_one():
     model = _shifted_model()
     g = torch.Generator().manual_seed(5)
     calib = torch.randint(0, 100, (8, 24), generator=g)
-    quantize(model, QuantConfig(rank=4, weights="rtn", calib_samples=8, calib_seqlen=24), calib, progress=False)
+    # QUAD as published: with the default recipe this tiny model is nearly lossless (KL ~1e-5) and the
+    # 2x KL rule would compare noise
+    quantize(model, QuantConfig(rank=4, weights="rtn", calib_samples=8, calib_seqlen=24, **RECIPE_OFF), calib,
+             progress=False)
     same = torch.randint(0, 100, (8, 24), generator=g)
     other = torch.randint(100, 160, (8, 24), generator=g)
     ok = check_drift(model, original, same, calib, same[:2], calib[:2], progress=False)

@@ -29,6 +29,11 @@ def test_quantize_options_become_the_config_by_field_name():
     assert asym.act_spec("reader").bits == 4 and QuantConfig(act_sym=False, mode="w4a16").act_spec("reader").sym
     default = config_from_args(QuantConfig, build_parser().parse_args(["quantize", "--out", "x"]))
     assert default == QuantConfig()  # the parser's defaults are the dataclass's
+    paper = config_from_args(QuantConfig, build_parser().parse_args(
+        ["quantize", "--out", "x", "--no-a-clip-search", "--o-rank", "0", "--down-smooth", "0"]))
+    assert (paper.a_clip_search, paper.o_rank, paper.down_smooth) == (False, 0, 0.0)
+    quarot = config_from_args(QuantConfig, build_parser().parse_args(["quantize", "--out", "x", "--method", "quarot"]))
+    assert quarot == QuantConfig(method="quarot") and not quarot.a_clip_search
 
 
 def test_every_finetune_field_has_its_option():

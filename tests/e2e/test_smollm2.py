@@ -124,8 +124,9 @@ def test_cli_finetune_adapter_eval_generate(tmp_path, smol_quad, wiki):
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["steps"] == 3 and summary["data"]["kinds"] == {"gsm8k": 24}
-    # QUAD r=64 on SmolLM2: 30 layers x (576+192+192+1536+1536) outputs x 64 columns, plus one scale per output
-    assert summary["trainable"] == 30 * 4032 * 64 + 30 * (576 + 192 + 192 + 640 + 1536 + 1536 + 640)
+    # QUAD r=64 on SmolLM2: 30 layers x (576+192+192+1536+1536) outputs x 64 columns, o_proj's 640 outputs x
+    # (9 heads x o-rank 8) columns, plus one scale per output
+    assert summary["trainable"] == 30 * 4032 * 64 + 30 * 640 * 72 + 30 * (576 + 192 + 192 + 640 + 1536 + 1536 + 640)
     assert summary["best_val_loss"] <= summary["initial_val_loss"]
     assert (tmp_path / "gsm8k.finetune_history.json").is_file() and (tmp_path / "gsm8k.finetune_loss.png").is_file()
     res = tmp_path / "eval.json"

@@ -11,6 +11,7 @@ from conftest import quantize_tiny, random_ids, tiny_model, tiny_tokenizer
 
 from quadllm import QuantConfig, load, quantize, save
 from quadllm.cli import main
+from quadllm.config import RECIPE_OFF
 from quadllm.core.quantizers import dequantize_weight, fake_quant_act, pack_int4, ste_round
 from quadllm.data.training import IGNORE, Example, TrainingSet, records_to_set
 from quadllm.finetune.adapter_file import AdapterError, apply_adapter, read_adapter_meta
@@ -257,7 +258,8 @@ def test_distillation_brings_the_model_closer_to_its_teacher():
     with torch.no_grad():
         teacher.model.norm.weight.mul_(20)  # peaked next-token distributions (a random model's are nearly flat)
     model = copy.deepcopy(teacher)
-    quantize(model, QuantConfig(method="quad", rank=8, weights="rtn", calib_samples=4, calib_seqlen=16),
+    # QUAD as published: the default recipe leaves this tiny model too little to learn back
+    quantize(model, QuantConfig(method="quad", rank=8, weights="rtn", calib_samples=4, calib_seqlen=16, **RECIPE_OFF),
              random_ids(4, 16), progress=False)
     tset = TrainingSet([Example(i, i.clone()) for i in random_ids(24, 24, seed=4)], {"text": 24}, "random")
     with pytest.raises(FinetuneError, match="teacher"):

@@ -7,6 +7,7 @@ import torch
 from conftest import quantize_tiny, random_ids, tiny_tokenizer
 from transformers import DynamicCache
 
+from quadllm.config import RECIPE_OFF
 from quadllm.core.quantizers import fake_quant_kv
 from quadllm.evaluation.tasks.generation import generate
 from quadllm.nn.kv_cache import (
@@ -36,7 +37,9 @@ def test_codes_reproduce_the_simulated_grid(bits):
 
 
 def _kv_model(bits, arch="llama"):
-    model = quantize_tiny(arch, seed=0, method="quad", rank=8, weights="rtn", kv_bits=bits)
+    # without the searched clips and smoothing: the FP16 scales' rounding differences then cross fewer
+    # activation rounding boundaries downstream, so the tolerance below holds
+    model = quantize_tiny(arch, seed=0, method="quad", rank=8, weights="rtn", kv_bits=bits, **RECIPE_OFF)
     return model
 
 

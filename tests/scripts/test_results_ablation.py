@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import quantize_tiny, tiny_model
+from conftest import quantize_tiny, tiny_model, tiny_tokenizer
+
+from quadllm.io.checkpoint import save
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 rs = pytest.importorskip("results_smollm2")
@@ -42,3 +44,13 @@ def test_time_rows_times_a_plain_bfloat16_model():
     """The bfloat16 reference of the cost columns is the float model itself (plain linears)."""
     t = rs.time_rows({"bf16": tiny_model("llama", torch.bfloat16)}, 160, 16, 1)
     assert set(t["bf16"]) == {"prefill_ms", "o_proj_ms", "down_proj_ms"} and min(t["bf16"].values()) > 0
+
+
+def test_a_reused_checkpoint_must_have_been_made_with_the_rows_configuration(tmp_path):
+    model = quantize_tiny(method="quad", rank=8, a_clip_search=False, o_rank=0, down_smooth=0.0, weights="rtn")
+    save(model, tiny_tokenizer(), tmp_path / "ckpt")
+    argv = ["quantize", "--method", "quad", "--rank", "8", "--weights", "rtn", "--calib-samples", "4",
+            "--calib-seqlen", "16", "--out", "x"]
+    rs.check_reused("row", tmp_path / "ckpt", rs.expected_config([*argv, *rs.PAPER]))  # the same: no error
+    with pytest.raises(SystemExit, match="a_clip_search=False.*the row now gives.*a_clip_search=True"):
+        rs.check_reused("row", tmp_path / "ckpt", rs.expected_config(argv))  # today's defaults differ

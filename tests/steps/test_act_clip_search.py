@@ -38,9 +38,11 @@ def test_every_quantized_input_gets_a_searched_clip_shared_by_its_readers(arch, 
     assert len(set(clips.values())) > 1  # chosen per input, not one global value
 
 
-def test_w4a16_has_nothing_to_search_and_the_default_searches_nothing():
+def test_w4a16_has_nothing_to_search_and_only_quad_at_w4a4_searches_by_default():
     assert not _clips(quantize_tiny("llama", method="quad", rank=8, weights="rtn", mode="w4a16", a_clip_search=True))
-    assert not _clips(quantize_tiny("llama", method="quad", rank=8, weights="rtn"))
+    assert _clips(quantize_tiny("llama", method="quad", rank=8, weights="rtn"))
+    assert not _clips(quantize_tiny("llama", method="quad", rank=8, weights="rtn", a_clip_search=False))
+    assert not _clips(quantize_tiny("llama", method="quarot", weights="rtn"))
     assert QuantConfig(a_clip_search=True, mode="w4a16").needs_calibration is (QuantConfig(mode="w4a16").rank > 0)
     assert QuantConfig(method="quarot", weights="rtn", a_clip_search=True).needs_calibration
     assert not QuantConfig(method="quarot", weights="rtn").needs_calibration
@@ -53,9 +55,10 @@ def test_searched_clips_bring_the_logits_closer_to_fp_than_no_clipping():
     with torch.no_grad():
         ref = torch.log_softmax(fp(ids).logits, -1)
     errs = {}
-    for label, extra in (("fixed 1.0", dict(a_clip=1.0)), ("searched", dict(a_clip_search=True))):
+    for label, extra in (("fixed 1.0", dict(a_clip=1.0, a_clip_search=False)), ("searched", dict(a_clip_search=True))):
         model = tiny_model("llama", torch.float32, seed=0)
-        quantize(model, QuantConfig(method="quad", rank=8, weights="gptq", calib_samples=4, calib_seqlen=16, **extra),
+        quantize(model, QuantConfig(method="quad", rank=8, weights="gptq", calib_samples=4, calib_seqlen=16, o_rank=0,
+                                    down_smooth=0.0, **extra),
                  samples, progress=False)
         set_act_enabled(model, True)
         with torch.no_grad():

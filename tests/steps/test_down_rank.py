@@ -19,7 +19,7 @@ from conftest import (
 )
 
 from quadllm import QuantConfig, load, quantize, save
-from quadllm.config import ConfigError
+from quadllm.config import RECIPE_OFF, ConfigError
 from quadllm.core.decompose import Reordered, SubspaceSplit
 from quadllm.steps.decompose import decompose_down_proj, decompose_o_proj
 
@@ -107,7 +107,7 @@ def test_a_checkpoint_from_before_the_new_options_still_loads(tmp_path):
 
     from quadllm.io.checkpoint import settings_hash
 
-    model = quantize_tiny("llama", method="quad", rank=8, weights="rtn")
+    model = quantize_tiny("llama", method="quad", rank=8, weights="rtn", **RECIPE_OFF)  # as the release made it
     save(model, tiny_tokenizer(), tmp_path / "old")
     meta_file = tmp_path / "old" / "quadllm_config.json"
     meta = json.loads(meta_file.read_text())

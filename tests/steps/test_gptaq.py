@@ -12,6 +12,7 @@ from conftest import mean_kl, quantized_in_memory_and_streaming, random_ids, tin
 import quadllm.pipelines.recipe as recipe_module
 from quadllm import QuantConfig, quantize
 from quadllm.arch import get_adapter
+from quadllm.config import RECIPE_OFF
 from quadllm.pipelines.in_memory import transform
 from quadllm.steps.calibration import capture_layer_inputs, run_layer
 from quadllm.steps.transforms import set_act_enabled
@@ -80,7 +81,7 @@ def test_gptaq_brings_the_outputs_closer_to_fp_than_gptq():
     for weights in ("gptq", "gptaq"):
         model = copy.deepcopy(fp)
         quantize(model, QuantConfig(method="quad", rank=8, weights=weights, calib_samples=32,
-                                    calib_seqlen=16), samples, progress=False)
+                                    calib_seqlen=16, **RECIPE_OFF), samples, progress=False)
         with torch.no_grad():
             out = torch.log_softmax(model(ids).logits, -1)
         errs[weights] = mean_kl(ref, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from ..config import KV_BITS, METHODS, MODES, MOMENTS, WEIGHT_ALGOS, QuantConfig
+from ..config import KV_BITS, METHODS, MODES, MOMENTS, QUAD_RECIPE, RECIPE_MODES, RECIPE_OFF, WEIGHT_ALGOS, QuantConfig
 from ..data.samples import calibration_samples
 from ..data.text import TextSource, load_text
 from ..io.checkpoint import CheckpointError, check_output_dir, dir_size, save
@@ -35,6 +36,12 @@ from .common import CHECKPOINT_SIZE_VS_FP16, add_common, check_free_space, confi
 log = logging.getLogger("quadllm")
 
 
+def recipe_default(key: str) -> str:
+    """The help text's default of a :data:`QUAD_RECIPE` option."""
+    on, off = QUAD_RECIPE[key], RECIPE_OFF[key]
+    return f"default {on} for --method quad --mode {'/'.join(RECIPE_MODES)}, {off} otherwise"
+
+
 def add_parsers(sub) -> None:
     d = QuantConfig()
     q = sub.add_parser("quantize", help="quantize a model and save a quadllm checkpoint")
@@ -53,17 +60,19 @@ def add_parsers(sub) -> None:
     q.add_argument("--calib-seqlen", type=int, default=d.calib_seqlen)
     q.add_argument("--seed", type=int, default=d.seed)
     q.add_argument("--a-clip", type=float, default=d.a_clip, help="activation clip ratio")
-    q.add_argument("--a-clip-search", action="store_true", default=d.a_clip_search,
-                   help="search each linear input's clip ratio on the calibration data (instead of --a-clip)")
+    q.add_argument("--a-clip-search", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"search each linear input's clip ratio on the calibration data (instead of --a-clip; "
+                   f"{recipe_default('a_clip_search')})")
     q.add_argument("--act-asym", dest="act_sym", action="store_false", default=d.act_sym,
                    help="asymmetric per-token activations (a zero point per token, applied in the GEMM epilogue)")
     q.add_argument("--act-sym", dest="act_sym", action="store_true", help="symmetric per-token activations (default)")
-    q.add_argument("--o-rank", type=int, default=d.o_rank,
+    q.add_argument("--o-rank", type=int, default=None,
                    help="keep the top-k principal coordinates of each KV head's values in full precision in "
-                   "o_proj (fitted per layer, fused into v_proj and o_proj: no online cost but a reordering)")
-    q.add_argument("--down-smooth", type=float, default=d.down_smooth, metavar="ALPHA",
-                   help="scale down_proj's input channels before its online Hadamard (SmoothQuant alpha, e.g. "
-                   "0.5; fused into up_proj, no run-time cost; 0: off)")
+                   "o_proj (fitted per layer, fused into v_proj and o_proj: no online cost but a reordering; "
+                   f"{recipe_default('o_rank')}, and 0 with a quantized KV cache)")
+    q.add_argument("--down-smooth", type=float, default=None, metavar="ALPHA",
+                   help="scale down_proj's input channels before its online Hadamard (SmoothQuant alpha; "
+                   f"fused into up_proj, no run-time cost; 0: off; {recipe_default('down_smooth')})")
     q.add_argument("--down-rank", type=int, default=d.down_rank,
                    help="keep the top-k principal coordinates of each down_proj input in full precision "
                    "(fitted per layer; an online projection of 2·k·intermediate multiply-adds per token)")
