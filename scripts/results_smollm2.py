@@ -87,6 +87,9 @@ ABLATION_ROWS = [
      [*BASE, "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5"]),
     ("QUAD W4A4 r=64 + clip + o-rank 8 + smoothing + down-rank 64 + asym",
      [*BASE, "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5", "--down-rank", "64", "--act-asym"]),
+    # the default's recipe with INT8 inputs to o_proj and down_proj (the main table's QUAD W4A4A8 r=64 beside it)
+    ("QUAD W4A4A8 r=64 + clip + o-rank 8 + smoothing",
+     [*BASE, "--mode", "w4a4a8", "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5"]),
 ]
 TABLES = {"main": ROWS, "ablation": ABLATION_ROWS}
 
@@ -431,6 +434,8 @@ def main() -> None:
                    help="ablation: time the checkpoints (the cost columns) into the existing results and stop")
     p.add_argument("--speed-tokens", type=int, default=2048, help="ablation timing: prefill tokens")
     p.add_argument("--speed-repeat", type=int, default=5, help="ablation timing: rounds")
+    p.add_argument("--no-speed", action="store_true",
+                   help="ablation: keep the cost columns of the results resumed from instead of timing again")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     resolve_paths(args, "wikitext2" if args.table == "main" else "ablation")
@@ -505,6 +510,8 @@ def main() -> None:
                    for name, r in old["rows"].items()}
         earlier = [*old["meta"].get("earlier_commands", []), old["meta"]["command"]]
         meta["earlier_commands"] = [c for i, c in enumerate(earlier) if c != meta["command"] and c not in earlier[:i]]
+        if "speed" in old["meta"]:  # timed in an earlier run (its command is in it); kept until timed again
+            meta["speed"] = old["meta"]["speed"]
         log.info("resuming: %s", {n: r["windows"] for n, r in results.items()})
     # Rows are evaluated a few at a time (every model of a group is in memory together, and the
     # reference runs once per window per group); a row keeps its windows across groups and runs.
@@ -524,7 +531,7 @@ def main() -> None:
         write(results)
         del models
     log.info("evaluated %d rows on %d windows in %.0f s", len(pending), windows.shape[0], time.perf_counter() - t0)
-    if args.table == "ablation":
+    if args.table == "ablation" and not args.no_speed:
         meta["speed"] = speed_step(table, args, fp)
         write(results)
     print(out.with_suffix(".md").read_text())

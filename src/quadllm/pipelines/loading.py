@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..arch import get_adapter
-from ..config import ConfigError, QuantConfig
+from ..config import RECORDED_BEFORE_KEYS, ConfigError, QuantConfig
 from ..errors import QuadllmError
 from ..finetune.adapter_file import apply_adapter
 from ..finetune.lora import inject_lora
@@ -24,8 +24,9 @@ from .recipe import LayerRecipe, structure_of
 
 __all__ = ["build_skeleton", "load"]
 
-#: structure keys checkpoints made before them lack, with the value those checkpoints have
-STRUCTURE_BEFORE_KEYS = {"down_rank": 0, "o_rank": 0}
+#: structure keys checkpoints made before them lack, with the value those checkpoints have (the
+#: structure records these configuration keys as they were)
+STRUCTURE_BEFORE_KEYS = {k: RECORDED_BEFORE_KEYS[k] for k in ("down_rank", "o_rank")}
 
 
 def build_skeleton(model: nn.Module, config: QuantConfig, structure: dict, dtype: torch.dtype) -> None:
