@@ -53,6 +53,7 @@ def test_quad_at_w4a4_defaults_to_the_recipe_and_the_baselines_do_not():
     for off in (dict(method="quarot"), dict(method="rtn"), dict(mode="w4a16"), dict(mode="w4a8")):
         assert {k: getattr(QuantConfig(**off), k) for k in RECIPE_OFF} == RECIPE_OFF, off
     assert QuantConfig(kv_bits=4).o_rank == 0 and QuantConfig(kv_bits=4).a_clip_search  # o_rank needs KV16
+    assert QuantConfig(group_size=128).o_rank == 0  # its FP columns would leave groups a count they need not divide
     explicit = QuantConfig(a_clip_search=False, o_rank=4, down_smooth=0.0)
     assert (explicit.a_clip_search, explicit.o_rank, explicit.down_smooth) == (False, 4, 0.0)
     assert QuantConfig(method="quarot", o_rank=4).o_rank == 4

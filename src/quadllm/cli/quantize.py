@@ -69,7 +69,7 @@ def add_parsers(sub) -> None:
     q.add_argument("--o-rank", type=int, default=None,
                    help="keep the top-k principal coordinates of each KV head's values in full precision in "
                    "o_proj (fitted per layer, fused into v_proj and o_proj: no online cost but a reordering; "
-                   f"{recipe_default('o_rank')}, and 0 with a quantized KV cache)")
+                   f"{recipe_default('o_rank')}, and 0 with a quantized KV cache or --group-size)")
     q.add_argument("--down-smooth", type=float, default=None, metavar="ALPHA",
                    help="scale down_proj's input channels before its online Hadamard (SmoothQuant alpha; "
                    f"fused into up_proj, no run-time cost; 0: off; {recipe_default('down_smooth')})")
