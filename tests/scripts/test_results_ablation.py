@@ -48,6 +48,7 @@ def test_time_rows_times_a_plain_bfloat16_model():
 
 def test_a_reused_checkpoint_must_have_been_made_with_the_rows_configuration(tmp_path):
     model = quantize_tiny(method="quad", rank=8, a_clip_search=False, o_rank=0, down_smooth=0.0, weights="rtn")
+    model.quadllm_info["quant_config"]["extra"] = {"calib_origin": "wiki.valid.tokens"}  # as the CLI records it
     save(model, tiny_tokenizer(), tmp_path / "ckpt")
     argv = ["quantize", "--method", "quad", "--rank", "8", "--weights", "rtn", "--calib-samples", "4",
             "--calib-seqlen", "16", "--out", "x"]
