@@ -47,6 +47,7 @@ from quadllm.data.text import load_text, tokenize_windows  # noqa: E402
 from quadllm.evaluation.perplexity import evaluate_many  # noqa: E402
 from quadllm.evaluation.speed import machine_description  # noqa: E402
 from quadllm.io.checkpoint import read_meta  # noqa: E402
+from quadllm.io.files import cache_root  # noqa: E402
 from quadllm.io.registry import DEFAULT_MODEL, lookup  # noqa: E402
 from quadllm.io.sources import fp16_size_bytes, load_model  # noqa: E402
 
@@ -181,10 +182,11 @@ def quantize_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def portable(obj):
-    """``obj`` (JSON-able) with this checkout's absolute paths written relative to it (``.``) and
-    to the data beside it (``../shared``), so results files name no machine's directories."""
+    """``obj`` (JSON-able) with this checkout's absolute paths written relative to it (``.``), to
+    the data beside it (``../shared``) and to quadllm's cache (``$QUADLLM_CACHE``), so results
+    files name no machine's directories."""
     text = json.dumps(obj, default=str)
-    for path, short in ((ROOT.parent / "shared", "../shared"), (ROOT, ".")):
+    for path, short in ((ROOT.parent / "shared", "../shared"), (ROOT, "."), (cache_root(), "$QUADLLM_CACHE")):
         text = text.replace(json.dumps(str(path))[1:-1], short)
     return json.loads(text)
 

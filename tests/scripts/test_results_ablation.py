@@ -55,3 +55,10 @@ def test_a_reused_checkpoint_must_have_been_made_with_the_rows_configuration(tmp
     rs.check_reused("row", tmp_path / "ckpt", rs.expected_config([*argv, *rs.PAPER]))  # the same: no error
     with pytest.raises(SystemExit, match="a_clip_search=False.*the row now gives.*a_clip_search=True"):
         rs.check_reused("row", tmp_path / "ckpt", rs.expected_config(argv))  # today's defaults differ
+
+
+def test_results_name_no_machine_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("QUADLLM_CACHE", str(tmp_path / "cache"))
+    obj = {"a": str(rs.ROOT / "runs" / "x"), "b": str(rs.ROOT.parent / "shared" / "data"),
+           "c": str(tmp_path / "cache" / "models" / "m.gguf")}
+    assert rs.portable(obj) == {"a": "./runs/x", "b": "../shared/data", "c": "$QUADLLM_CACHE/models/m.gguf"}
