@@ -42,7 +42,7 @@ from quadllm import load  # noqa: E402
 from quadllm.arch import get_adapter  # noqa: E402
 from quadllm.cli.app import build_parser  # noqa: E402
 from quadllm.cli.common import config_from_args  # noqa: E402
-from quadllm.config import QuantConfig  # noqa: E402
+from quadllm.config import RECIPE_OFF, QuantConfig  # noqa: E402
 from quadllm.data.text import load_text, tokenize_windows  # noqa: E402
 from quadllm.evaluation.perplexity import evaluate_many  # noqa: E402
 from quadllm.evaluation.speed import machine_description  # noqa: E402
@@ -51,8 +51,10 @@ from quadllm.io.files import cache_root  # noqa: E402
 from quadllm.io.registry import DEFAULT_MODEL, lookup  # noqa: E402
 from quadllm.io.sources import fp16_size_bytes, load_model  # noqa: E402
 
-#: QUAD as published (arXiv 2503.19353): the accuracy techniques quadllm's default adds are off
-PAPER = ["--no-a-clip-search", "--o-rank", "0", "--down-smooth", "0"]
+#: QUAD as published (arXiv 2503.19353): the flags that turn off what quadllm's default adds (RECIPE_OFF)
+PAPER = [f for key, off in RECIPE_OFF.items() for f in
+         ([f"--{'' if off else 'no-'}{key.replace('_', '-')}"] if isinstance(off, bool)
+          else [f"--{key.replace('_', '-')}", str(off)])]
 
 ROWS = [
     # name, CLI flags
