@@ -90,6 +90,15 @@ ABLATION_ROWS = [
      [*BASE, "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5"]),
     ("QUAD W4A4 r=64 + clip + o-rank 8 + smoothing + down-rank 64 + asym",
      [*BASE, "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5", "--down-rank", "64", "--act-asym"]),
+    # the clip ratios then trained block by block against the float layer's output (32 steps: 8 passes
+    # over the 4 calibration batches) on top of the default's recipe, with the plain squared error
+    # (measured first) and each token's error relative to its norm (the default), then alone (from --a-clip 0.9)
+    ("QUAD W4A4 r=64 + clip + o-rank 8 + smoothing + learned clip (MSE)",
+     [*BASE, "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5", "--a-clip-learn", "32",
+      "--a-clip-learn-loss", "mse"]),
+    ("QUAD W4A4 r=64 + clip + o-rank 8 + smoothing + learned clip",
+     [*BASE, "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5", "--a-clip-learn", "32"]),
+    ("QUAD W4A4 r=64 + learned clip", [*BASE, "--a-clip-learn", "32"]),
     # the default's recipe with INT8 inputs to o_proj and down_proj (the main table's QUAD W4A4A8 r=64 beside it)
     ("QUAD W4A4A8 r=64 + clip + o-rank 8 + smoothing",
      [*BASE, "--mode", "w4a4a8", "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5"]),

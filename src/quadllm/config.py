@@ -18,12 +18,14 @@ MODES = ("w4a4", "w4a4a8", "w4a8", "w4a16")
 WEIGHT_ALGOS = ("gptq", "gptaq", "rtn")
 KV_BITS = (16, 8, 4)
 MOMENTS = ("raw", "normalized")
+LEARN_LOSSES = ("token", "mse")  # what --a-clip-learn minimizes (quadllm.core.clipping.block_error)
 #: the outlier rank of ``--method quad`` unless given
 DEFAULT_RANK = 64
 OBSOLETE_KEYS = frozenset({"dtype"})  # configuration keys this version ignores when reading a checkpoint
 #: configuration keys that checkpoints made before them lack, with the value those were made with
 RECORDED_BEFORE_KEYS = {"gptaq_alpha": 1.0, "a_clip_search": False, "act_sym": True, "o_rank": 0,
-                        "down_smooth": 0.0, "down_rank": 0}
+                        "down_smooth": 0.0, "down_rank": 0, "a_clip_learn": 0,
+                        "a_clip_learn_loss": "mse"}
 #: what ``--method quad`` at W4A4 does unless told otherwise: the combination of accuracy techniques
 #: without run-time cost that did best in the ablation (results/smollm2_ablation_final.md); the
 #: baselines (quarot, rtn) and the other modes keep them off (:data:`RECIPE_OFF`)
@@ -92,6 +94,8 @@ class QuantConfig:
     a_clip: float = 0.9
     # None (these three): QUAD_RECIPE's value for --method quad in RECIPE_MODES, RECIPE_OFF's otherwise
     a_clip_search: bool | None = None  # search each linear input's clip ratio on the calibration data
+    a_clip_learn: int = 0  # steps training every layer's clip ratios jointly against its float output (0: off)
+    a_clip_learn_loss: str = "token"  # the error it minimizes: per token relative to its norm, or plain MSE
     act_sym: bool = True  # per-token activations symmetric (False: asymmetric, a zero point per token)
     o_rank: int | None = None  # top principal coordinates of each KV head's values kept in full precision in o_proj
     down_smooth: float | None = None  # SmoothQuant alpha of down_proj's input channel scales (0: off)
@@ -146,8 +150,11 @@ class QuantConfig:
         choice("weights", self.weights, WEIGHT_ALGOS)
         choice("kv_bits", self.kv_bits, KV_BITS)
         choice("moment", self.moment, MOMENTS)
+        choice("a_clip_learn_loss", self.a_clip_learn_loss, LEARN_LOSSES)
         if self.rank < 0:
             raise ConfigError(f"rank must be >= 0, got {self.rank}")
+        if self.a_clip_learn < 0:
+            raise ConfigError(f"a_clip_learn (training steps per layer) must be >= 0, got {self.a_clip_learn}")
         if self.down_rank < 0 or self.o_rank < 0:
             raise ConfigError(f"down_rank and o_rank must be >= 0, got {self.down_rank} and {self.o_rank}")
         if not 0.0 <= self.down_smooth < 1.0:
@@ -195,13 +202,23 @@ class QuantConfig:
     def needs_layer_inputs(self) -> bool:
         """Whether each decoder layer's calibration inputs are needed: for GPTQ or GPTAQ, the clip search or
         the o_proj and down_proj subspaces."""
-        return (self.weights != "rtn" or self.searches_act_clips or self.down_rank > 0 or self.o_rank > 0
+        return (self.weights != "rtn" or self.stores_act_clips or self.down_rank > 0 or self.o_rank > 0
                 or self.down_smooth > 0)
 
     @property
     def searches_act_clips(self) -> bool:
         """Whether the activation clip ratios are searched (some activations are quantized)."""
         return self.a_clip_search and self.mode != "w4a16"
+
+    @property
+    def learns_act_clips(self) -> bool:
+        """Whether the activation clip ratios are trained block by block (some activations are quantized)."""
+        return self.a_clip_learn > 0 and self.mode != "w4a16"
+
+    @property
+    def stores_act_clips(self) -> bool:
+        """Whether each linear holds its own clip ratio (searched, learned or both)."""
+        return self.searches_act_clips or self.learns_act_clips
 
     @property
     def needs_calibration(self) -> bool:
@@ -241,6 +258,7 @@ class QuantConfig:
         return (f"{rot}; {self.mode}; weights INT{self.w_bits} {self.weights.upper()} {grp}"
                 f"{' act-order' if self.act_order else ''}; activations clip "
                 f"{'searched per input' if self.searches_act_clips else self.a_clip}"
+                f"{f' then learned per layer ({self.a_clip_learn} steps, {self.a_clip_learn_loss} error)' if self.learns_act_clips else ''}"
                 f"{'' if self.act_sym else ', asymmetric'}; "
                 f"{f'o_proj input rank {self.o_rank} per head; ' if self.o_rank else ''}"
                 f"{f'down_proj input smoothed (alpha {self.down_smooth}); ' if self.down_smooth else ''}"

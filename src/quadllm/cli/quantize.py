@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from ..config import KV_BITS, METHODS, MODES, MOMENTS, QUAD_RECIPE, RECIPE_MODES, RECIPE_OFF, WEIGHT_ALGOS, QuantConfig
+from ..config import KV_BITS, LEARN_LOSSES, METHODS, MODES, MOMENTS, QUAD_RECIPE, RECIPE_MODES, RECIPE_OFF, WEIGHT_ALGOS, QuantConfig
 from ..data.samples import calibration_samples
 from ..data.text import TextSource, load_text
 from ..io.checkpoint import CheckpointError, check_output_dir, dir_size, save
@@ -63,6 +63,12 @@ def add_parsers(sub) -> None:
     q.add_argument("--a-clip-search", action=argparse.BooleanOptionalAction, default=None,
                    help=f"search each linear input's clip ratio on the calibration data (instead of --a-clip; "
                    f"{recipe_default('a_clip_search')})")
+    q.add_argument("--a-clip-learn", type=int, default=d.a_clip_learn, metavar="STEPS",
+                   help="then train every layer's clip ratios jointly for STEPS calibration batches against the "
+                   "float layer's output (kept only where they lower its error; no run-time cost; default 0: off)")
+    q.add_argument("--a-clip-learn-loss", choices=LEARN_LOSSES, default=d.a_clip_learn_loss,
+                   help="what --a-clip-learn minimizes: each token's error relative to its norm (as the next "
+                   "RMSNorm sees it; default) or the plain squared error")
     q.add_argument("--act-asym", dest="act_sym", action="store_false", default=d.act_sym,
                    help="asymmetric per-token activations (a zero point per token, applied in the GEMM epilogue)")
     q.add_argument("--act-sym", dest="act_sym", action="store_true", help="symmetric per-token activations (default)")

@@ -21,12 +21,17 @@ import torch
 
 from .quantizers import fake_quant_act
 
-__all__ = ["MIN_CLIP", "CLIP_STEP", "act_clip_error", "coarse_clips", "search_act_clip"]
+__all__ = ["MIN_CLIP", "CLIP_STEP", "LEARNED_CLIP_MIN", "LEARNED_CLIP_STEP", "act_clip_error", "coarse_clips",
+           "search_act_clip", "round_learned_clip", "block_error"]
 
 #: the smallest clip ratio the search tries
 MIN_CLIP = 0.5
 #: the spacing of the candidates
 CLIP_STEP = 1.0 / 32
+#: the range and spacing of a learned clip ratio (``--a-clip-learn``): multiples of 1/256 are exact in
+#: float16 and, within [0.5, 1], in bfloat16 (8 significant bits), so a checkpoint holds the trained value
+LEARNED_CLIP_MIN = 0.25
+LEARNED_CLIP_STEP = 1.0 / 256
 
 
 def act_clip_error(x: torch.Tensor, weights: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
@@ -73,3 +78,24 @@ def search_act_clip(x: torch.Tensor, weights: Sequence[torch.Tensor], targets: S
             err(c)
     best = min(errors, key=lambda c: (errors[c], -c))
     return best, errors
+
+
+def round_learned_clip(clip: float) -> float:
+    """A trained clip ratio as stored: clamped to [:data:`LEARNED_CLIP_MIN`, 1] and rounded to the
+    nearest multiple of :data:`LEARNED_CLIP_STEP`."""
+    c = min(max(float(clip), LEARNED_CLIP_MIN), 1.0)
+    return round(c / LEARNED_CLIP_STEP) * LEARNED_CLIP_STEP
+
+
+def block_error(out: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    """The error ``loss`` names (:data:`quadllm.config.LEARN_LOSSES`) between a block's output ``out`` and ``target``
+    ([..., d], tokens along the other dimensions), averaged over tokens: ``token``,
+    ``mean_t ||out_t - target_t||² / ||target_t||²``, each token's error as the next RMSNorm sees it
+    (it divides every token by its norm); ``mse``, ``mean((out - target)²)``, which the few tokens
+    with huge hidden states dominate."""
+    diff = (out - target).pow(2)
+    if loss == "mse":
+        return diff.mean()
+    if loss == "token":
+        return (diff.sum(-1) / target.pow(2).sum(-1).clamp_min(1e-12)).mean()
+    raise ValueError(f"loss must be 'token' or 'mse', got {loss!r}")

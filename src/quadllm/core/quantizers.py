@@ -135,7 +135,8 @@ def row_absmax(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg())
 
 
-def fake_quant_act(x: torch.Tensor, bits: int, clip_ratio: float = 1.0, sym: bool = True) -> torch.Tensor:
+def fake_quant_act(x: torch.Tensor, bits: int, clip_ratio: float | torch.Tensor = 1.0,
+                   sym: bool = True) -> torch.Tensor:
     """Per-token (last dimension) dynamic quantize-dequantize.
 
     Symmetric (``sym``): ``scale = clip_ratio * max|x| / qmax``; values beyond the clipped range
@@ -143,7 +144,8 @@ def fake_quant_act(x: torch.Tensor, bits: int, clip_ratio: float = 1.0, sym: boo
     ``[min, max]`` with an integer zero point.
     When ``x`` requires a gradient the rounding is a straight-through estimator: the gradient
     passes unchanged through ``round`` inside the clipping range and is zero outside it
-    (values that saturate), and it also flows through the dynamic scale.
+    (values that saturate), and it also flows through the dynamic scale, and so to ``clip_ratio``
+    when that is a tensor that needs one (the learned clip, LSQ's gradient).
     """
     if bits >= 16:
         return x
@@ -157,7 +159,7 @@ def fake_quant_act(x: torch.Tensor, bits: int, clip_ratio: float = 1.0, sym: boo
     return q.round_().clamp_(qmin, qmax).mul_(scale)  # in place: same values, fewer allocations
 
 
-def asym_params(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def asym_params(x: torch.Tensor, bits: int, clip_ratio: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (last dimension) ``(scale, zero)`` of the asymmetric grid: ``2**bits`` levels over
     ``[min, max] * clip_ratio``, ``zero = round(-min * clip_ratio / scale)`` (an integer, kept as a
     float); ``x ≈ (clamp(round(x / scale) + zero, 0, 2**bits - 1) - zero) * scale``."""
@@ -168,7 +170,7 @@ def asym_params(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> tuple[to
     return scale, torch.round(-xmin / scale)
 
 
-def fake_quant_asym(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:
+def fake_quant_asym(x: torch.Tensor, bits: int, clip_ratio: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Asymmetric per-row quantize-dequantize on the grid of :func:`asym_params` (the min and max
     therefore move by up to scale/2); a straight-through estimator when ``x`` needs a gradient."""
     if bits >= 16:

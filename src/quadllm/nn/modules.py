@@ -147,6 +147,9 @@ class QuadLinear(nn.Module):
         self.cache_dequantized = True
         # an execution kernel (quadllm.backends.Kernel) used for inference instead of the float simulation
         self.kernel: "Kernel | None" = None
+        # a trainable clip ratio (a 0-d tensor) used instead of ``act.clip_ratio`` while
+        # quadllm.steps.learned_clip trains it; never saved (set_act_clip stores the result)
+        self.clip_param: torch.Tensor | None = None
 
     # --- construction ---------------------------------------------------------------------
     @property
@@ -215,6 +218,10 @@ class QuadLinear(nn.Module):
             self.register_buffer("act_clip", torch.tensor(float(clip), dtype=torch.float32))
         self.act = dataclasses.replace(self.act, clip_ratio=float(clip))
 
+    def act_clip_ratio(self) -> float | torch.Tensor:
+        """The clip ratio the activation quantizer uses now: the one being trained, else ``act``'s."""
+        return self.act.clip_ratio if self.clip_param is None else self.clip_param
+
     def _load_from_state_dict(self, *args, **kwargs):
         self._deq = None
         result = super()._load_from_state_dict(*args, **kwargs)
@@ -241,13 +248,13 @@ class QuadLinear(nn.Module):
             return self.kernel(self, x)
         if not self.quantized:
             if quant_act:
-                a = self.act
-                x = torch.cat([x[..., :r], fake_quant_act(x[..., r:], a.bits, a.clip_ratio, a.sym)], -1) \
-                    if r else fake_quant_act(x, a.bits, a.clip_ratio, a.sym)
+                a, c = self.act, self.act_clip_ratio()
+                x = torch.cat([x[..., :r], fake_quant_act(x[..., r:], a.bits, c, a.sym)], -1) \
+                    if r else fake_quant_act(x, a.bits, c, a.sym)
             return F.linear(x, self.weight, self.bias)
         xq = x[..., r:]
         if quant_act:
-            xq = fake_quant_act(xq, self.act.bits, self.act.clip_ratio, self.act.sym)
+            xq = fake_quant_act(xq, self.act.bits, self.act_clip_ratio(), self.act.sym)
         if torch.is_grad_enabled() and (xq.requires_grad or self.scales.requires_grad):
             # training: dequantize inside forward and backward, keep no float weight around
             y = quant_linear(xq, self.qweight, self.scales, self.in_features - r, self.w_bits)

@@ -86,7 +86,8 @@ def _quantize_weights(model: nn.Module, recipe: LayerRecipe, samples: torch.Tens
     set_act_enabled(model, False)
     try:
         inputs = capture_layer_inputs(model, adapter, samples, config.calib_batch)
-        desc = config.weights.upper() + (" + clip search" if config.searches_act_clips else "")
+        desc = config.weights.upper() + (" + clip search" if config.searches_act_clips else "") + (
+            " + learned clips" if config.learns_act_clips else "")
         bar = tqdm(layers, desc=desc, unit="layer", disable=not progress)
         for i, layer in enumerate(bar):
             t0 = time.perf_counter()

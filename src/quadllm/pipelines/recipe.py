@@ -9,7 +9,7 @@ all go through one :class:`LayerRecipe` built from the :class:`~quadllm.config.Q
 3. :meth:`~LayerRecipe.transform`: the residual basis ``Q``, the online transforms, the KV quantizer;
 4. :meth:`~LayerRecipe.set_quantizers`: the activation quantizer of every linear;
 5. :meth:`~LayerRecipe.quantize_weights`: (``o_rank``, ``down_rank``) the input subspaces, GPTQ or RTN,
-   then (``a_clip_search``) each input's clip ratio;
+   then (``a_clip_search``) each input's clip ratio, then (``a_clip_learn``) the layer's ratios trained jointly;
 
 and :meth:`~LayerRecipe.skeleton`: the empty modules those steps produce, for loading a checkpoint.
 The embedding, final norm and head have the same steps (``*_ends``). A new per-layer step goes
@@ -30,6 +30,7 @@ from ..config import QuantConfig
 from ..nn.modules import QuadEmbedding, QuadHead, QuadLinear, QuadRMSNorm
 from ..steps.calibration import LayerInputs
 from ..steps.clipping import float_weights, search_layer_act_clips
+from ..steps.learned_clip import float_copy, learn_layer_act_clips
 from ..steps.decompose import decompose_down_proj, decompose_o_proj, empty_split_transform, o_rank_transform
 from ..steps.smoothing import smooth_down_proj
 from ..steps.transforms import (
@@ -139,7 +140,8 @@ class LayerRecipe:
     def quantize_weights(self, layer: nn.Module, index: int, inputs: LayerInputs | None) -> nn.Module | None:
         """With ``o_rank`` and ``down_rank``, o_proj's and down_proj's input subspaces first (exact); then GPTQ on ``inputs``
         (the layer's inputs, activation quantization off) or RTN; then, with ``a_clip_search``, the
-        clip ratio of each linear input on the same inputs. Returns, for GPTAQ, the layer as it was
+        clip ratio of each linear input on the same inputs, and with ``a_clip_learn`` the layer's
+        ratios trained against its float output. Returns, for GPTAQ, the layer as it was
         before its weights were quantized: the caller runs the full-precision hidden states
         (``inputs.reference``) through it for the next layer."""
         if self.config.needs_layer_inputs and inputs is None:
@@ -152,6 +154,7 @@ class LayerRecipe:
             self.down_energy.append(decompose_down_proj(layer, self.adapter, inputs, self.config.down_rank, index))
         reference = float_weights(layer, self.adapter) if self.config.searches_act_clips else None
         reference_layer = copy.deepcopy(layer) if self.config.weights == "gptaq" else None
+        float_layer = float_copy(layer) if self.config.learns_act_clips else None
         if reference_layer is not None and inputs.reference is None:
             inputs.reference = list(inputs.hidden)  # the first layer: both models' inputs are the same
         if self.config.weights in ("gptq", "gptaq"):
@@ -160,6 +163,9 @@ class LayerRecipe:
             rtn_layer(layer, self.adapter, self.config, index)
         if reference is not None:
             search_layer_act_clips(layer, self.adapter, inputs, reference, index)
+        if float_layer is not None:
+            learn_layer_act_clips(layer, self.adapter, inputs, float_layer, self.config.a_clip_learn, index,
+                                  self.config.a_clip_learn_loss)
         return reference_layer
 
     # --- loading --------------------------------------------------------------------------
@@ -195,8 +201,8 @@ class LayerRecipe:
                        bias=lin.bias is not None, act=self.config.act_spec(self.adapter.role(name)),
                        transform=transform, dtype=dtype, allocate=False)
         q.allocate_quantized(self.config.w_bits, self.config.group_size, dtype)
-        if self.config.searches_act_clips and q.act.enabled:
-            q.set_act_clip(self.config.a_clip)  # a place for the searched value the checkpoint holds
+        if self.config.stores_act_clips and q.act.enabled:
+            q.set_act_clip(self.config.a_clip)  # a place for the searched or learned value the checkpoint holds
         set_submodule(layer, name, q)
 
     def skeleton_ends(self, model: nn.Module, dtype: torch.dtype, tied: bool) -> None:

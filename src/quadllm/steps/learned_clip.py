@@ -1,0 +1,125 @@
+"""The activation clip ratios of one decoder layer, learned against the full-precision layer's output
+(``--a-clip-learn STEPS``), after its weights are quantized.
+
+The grid search (:mod:`quadllm.steps.clipping`) chooses each linear input's ratio for that linear's
+own output. Inside a layer the errors interact: q and k's errors pass through the softmax, the
+attention output's error feeds o_proj, gate's through the SiLU. Here every ratio of the layer is a
+trainable scalar (one per quantized tensor: the readers of one norm share theirs), trained jointly
+with Adam on the mean squared error between the quantized layer's output (INT4 weights, every
+activation quantizer on) and the float layer's output (float weights, nothing quantized) for the
+same calibration inputs, one batch a step. The error is each token's relative to its norm
+(``--a-clip-learn-loss token``, :func:`quadllm.core.clipping.block_error`), since the next layer's
+RMSNorm divides every token by its norm; the plain squared error (``mse``) lets the few tokens with
+huge hidden states choose the ratios, and was measured worse (results/smollm2_ablation.md). The rounding is a straight-through estimator, so the
+ratio gets LSQ's gradient (:func:`quadllm.core.quantizers.fake_quant_act`).
+
+The ratios start from what the layer has (the grid search's, or ``--a-clip``) and are kept only if
+the error over all calibration batches went down; they are stored like the searched ones (the
+``act_clip`` buffer), rounded to :data:`~quadllm.core.clipping.LEARNED_CLIP_STEP`, so nothing changes
+at run time. Cost: ``STEPS`` forward and backward passes of one layer on one calibration batch, plus
+two passes over all batches (the error before and after) and the float layer's forward for each.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..arch import ArchAdapter, get_submodule
+from ..core.clipping import LEARNED_CLIP_MIN, block_error, round_learned_clip
+from ..nn.modules import QuadLinear
+from .calibration import LayerInputs, input_owners, run_layer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LEARN_LR", "float_copy", "learn_layer_act_clips"]
+
+#: Adam's learning rate for the clip ratios (about 0.3 of movement over 60 steps at most)
+LEARN_LR = 5e-3
+
+
+def float_copy(layer: nn.Module) -> nn.Module:
+    """A copy of ``layer`` (float weights, before their quantization) that quantizes nothing: the
+    targets of :func:`learn_layer_act_clips`."""
+    ref = copy.deepcopy(layer)
+    for m in ref.modules():
+        if isinstance(m, QuadLinear):
+            m.act_enabled = False
+        kv = getattr(m, "quad_kv", None)
+        if kv is not None:
+            kv.bits = 16  # the rotation of q and k alone leaves q kᵀ as it was
+    return ref
+
+
+def _batches(inputs: LayerInputs, steps: int) -> Iterator[tuple[torch.Tensor, dict]]:
+    """``steps`` batches of ``inputs``, cycling (the hidden states may be a store read from disk)."""
+    done = 0
+    while done < steps:
+        for h, kw in zip(inputs.hidden, inputs.kwargs):
+            if done == steps:
+                return
+            yield h, kw
+            done += 1
+
+
+def _error(layer: nn.Module, reference: nn.Module, inputs: LayerInputs, loss: str) -> float:
+    """:func:`~quadllm.core.clipping.block_error` of the two layers' outputs over every calibration batch."""
+    total, count = 0.0, 0
+    for h, kw in zip(inputs.hidden, inputs.kwargs):
+        out = run_layer(layer, h, kw).double()
+        total += float(block_error(out, run_layer(reference, h, kw).double(), loss)) * out[..., 0].numel()
+        count += out[..., 0].numel()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def learn_layer_act_clips(layer: nn.Module, adapter: ArchAdapter, inputs: LayerInputs, reference: nn.Module,
+                          steps: int, index: int, loss: str = "token") -> dict[str, float]:
+    """Train the clip ratio of every activation-quantized linear of ``layer`` (weights quantized)
+    for ``steps`` batches of ``inputs`` against ``reference`` (:func:`float_copy`, taken before the
+    weights were quantized) on the error ``loss`` names (:func:`~quadllm.core.clipping.block_error`); returns the ratio each linear keeps (unchanged where training did not
+    lower the error over all batches)."""
+    lins: dict[str, QuadLinear] = {name: get_submodule(layer, name) for name in adapter.all_linears}
+    names = [n for n in adapter.all_linears if lins[n].act.enabled]
+    if not names or steps <= 0:
+        return {}
+    owners = input_owners(layer, adapter, names)
+    start = {owner: float(lins[owner].act.clip_ratio) for owner in set(owners.values())}
+    params = {owner: torch.tensor(c, dtype=torch.float32, requires_grad=True) for owner, c in start.items()}
+    before = {name: lin.act_enabled for name, lin in lins.items()}
+    try:
+        for name in names:
+            lins[name].act_enabled = True
+            lins[name].clip_param = params[owners[name]]
+        err_start = _error(layer, reference, inputs, loss)
+        opt = torch.optim.Adam(list(params.values()), lr=LEARN_LR)
+        for h, kw in _batches(inputs, steps):
+            target = run_layer(reference, h, kw)
+            with torch.enable_grad():
+                err = block_error(run_layer(layer, h, kw), target, loss)
+                opt.zero_grad(set_to_none=True)
+                err.backward()
+            opt.step()
+            for p in params.values():
+                p.clamp_(LEARNED_CLIP_MIN, 1.0)
+        for owner, p in params.items():
+            p.fill_(round_learned_clip(float(p)))
+        err_end = _error(layer, reference, inputs, loss)
+        if not err_end < err_start:  # worse, or NaN
+            for owner, p in params.items():
+                p.fill_(start[owner])
+    finally:
+        for name, lin in lins.items():
+            lin.clip_param = None
+            lin.act_enabled = before[name]
+    kept = err_end < err_start
+    chosen = {name: float(params[owners[name]]) for name in names}
+    for name, clip in chosen.items():
+        lins[name].set_act_clip(clip)
+    log.debug("layer %d: learned clips %s, output error %.4g -> %.4g (%s)", index,
+              {o: round(float(p), 4) for o, p in params.items()}, err_start, err_end, "kept" if kept else "discarded")
+    return chosen
