@@ -64,9 +64,11 @@ def finetune_rows(lrs: dict[str, float], loss: str, base: str = BASE,
                   lora: bool = True) -> list[tuple[str, str, list[str]]]:
     """(row name, output directory name, CLI flags). The default loss and base keep the plain
     directory names (scripts/results_tasks.py reads the outlier one); others get the loss and the
-    base row as a suffix."""
+    base row (and then the outlier learning rate) as a suffix."""
     suffix = ("" if loss == "kd" else f"-{loss.replace('+', '-')}") + ("" if base == BASE else f"-on-{slug(base)}")
-    rows = [("+ outlier FT (outliers+scales)", OUTLIER_FT_DIR + suffix,
+    # another base's directories also name the learning rate, so runs with other rates are kept apart
+    quad_dir = OUTLIER_FT_DIR + suffix + ("" if base == BASE else f"-lr{lrs['quad']:g}")
+    rows = [("+ outlier FT (outliers+scales)", quad_dir,
              ["--method", "quad", "--train", "outliers+scales", "--lr", str(lrs["quad"])])]
     if lora:
         rows.append(("+ LoRA, same budget", LORA_FT_DIR + suffix, ["--method", "lora", "--lr", str(lrs["lora"])]))
