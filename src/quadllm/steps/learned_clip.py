@@ -81,8 +81,9 @@ def learn_layer_act_clips(layer: nn.Module, adapter: ArchAdapter, inputs: LayerI
                           steps: int, index: int, loss: str = "token") -> dict[str, float]:
     """Train the clip ratio of every activation-quantized linear of ``layer`` (weights quantized)
     for ``steps`` batches of ``inputs`` against ``reference`` (:func:`float_copy`, taken before the
-    weights were quantized) on the error ``loss`` names (:func:`~quadllm.core.clipping.block_error`); returns the ratio each linear keeps (unchanged where training did not
-    lower the error over all batches)."""
+    weights were quantized) on the error ``loss`` names (:func:`~quadllm.core.clipping.block_error`);
+    returns the ratio each linear keeps (unchanged where training did not lower the error over all
+    batches)."""
     lins: dict[str, QuadLinear] = {name: get_submodule(layer, name) for name in adapter.all_linears}
     names = [n for n in adapter.all_linears if lins[n].act.enabled]
     if not names or steps <= 0:
@@ -106,7 +107,7 @@ def learn_layer_act_clips(layer: nn.Module, adapter: ArchAdapter, inputs: LayerI
             opt.step()
             for p in params.values():
                 p.clamp_(LEARNED_CLIP_MIN, 1.0)
-        for owner, p in params.items():
+        for p in params.values():
             p.fill_(round_learned_clip(float(p)))
         err_end = _error(layer, reference, inputs, loss)
         if not err_end < err_start:  # worse, or NaN
