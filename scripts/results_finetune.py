@@ -52,6 +52,11 @@ from quadllm.io.sources import load_model  # noqa: E402
 BASE = "QUAD W4A4 r=64"
 BASE_ROWS = {**dict(ROWS), **dict(ABLATION_ROWS)}
 
+
+def base_suffix(base: str, sep: str = "-on-") -> str:
+    """What the names of another base's files carry (nothing for :data:`BASE`)."""
+    return "" if base == BASE else f"{sep}{slug(base)}"
+
 log = logging.getLogger("results")
 
 
@@ -65,7 +70,7 @@ def finetune_rows(lrs: dict[str, float], loss: str, base: str = BASE,
     """(row name, output directory name, CLI flags). The default loss and base keep the plain
     directory names (scripts/results_tasks.py reads the outlier one); others get the loss and the
     base row (and then the outlier learning rate) as a suffix."""
-    suffix = ("" if loss == "kd" else f"-{loss.replace('+', '-')}") + ("" if base == BASE else f"-on-{slug(base)}")
+    suffix = ("" if loss == "kd" else f"-{loss.replace('+', '-')}") + base_suffix(base)
     # another base's directories also name the learning rate, so runs with other rates are kept apart
     quad_dir = OUTLIER_FT_DIR + suffix + ("" if base == BASE else f"-lr{lrs['quad']:g}")
     rows = [("+ outlier FT (outliers+scales)", quad_dir,
@@ -102,8 +107,8 @@ def probe_lrs(base: Path, args) -> tuple[list[dict], dict[str, float]]:
             continue
         best = None
         for lr in candidates[method].split(","):
-            on = "" if args.base == BASE else f"-on-{slug(args.base)}"
-            s = finetune_row(f"probe {method} lr={lr}", f"probe-{args.loss}-{method}-lr{lr}{on}.safetensors",
+            s = finetune_row(f"probe {method} lr={lr}",
+                             f"probe-{args.loss}-{method}-lr{lr}{base_suffix(args.base)}.safetensors",
                              ["--method", method, "--lr", lr], base, args, steps=args.probe_steps,
                              eval_every=args.probe_steps)
             probes.append({"method": method, "lr": float(lr), "steps": s["steps"],
@@ -192,7 +197,7 @@ def main() -> None:
     args = p.parse_args()
     resolve_paths(args)
     if args.out is None:
-        args.out = str(ROOT / "results" / ("smollm2_finetune" + ("" if args.base == BASE else f"_{slug(args.base)}")))
+        args.out = str(ROOT / "results" / ("smollm2_finetune" + base_suffix(args.base, "_")))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.render_only:
         saved = json.loads(Path(args.out).with_suffix(".json").read_text())

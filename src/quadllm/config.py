@@ -250,6 +250,11 @@ class QuantConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    def learned_clip_description(self) -> str:
+        if not self.learns_act_clips:
+            return ""
+        return f" then learned per layer ({self.a_clip_learn} steps, {self.a_clip_learn_loss} error)"
+
     def describe(self) -> str:
         """One line saying what will happen."""
         rot = {"quad": f"QUAD rank {self.rank} + Hadamard", "quarot": "QuaRot (Hadamard, rank 0)",
@@ -258,7 +263,7 @@ class QuantConfig:
         return (f"{rot}; {self.mode}; weights INT{self.w_bits} {self.weights.upper()} {grp}"
                 f"{' act-order' if self.act_order else ''}; activations clip "
                 f"{'searched per input' if self.searches_act_clips else self.a_clip}"
-                f"{f' then learned per layer ({self.a_clip_learn} steps, {self.a_clip_learn_loss} error)' if self.learns_act_clips else ''}"
+                f"{self.learned_clip_description()}"
                 f"{'' if self.act_sym else ', asymmetric'}; "
                 f"{f'o_proj input rank {self.o_rank} per head; ' if self.o_rank else ''}"
                 f"{f'down_proj input smoothed (alpha {self.down_smooth}); ' if self.down_smooth else ''}"

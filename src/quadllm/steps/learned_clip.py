@@ -16,8 +16,9 @@ ratio gets LSQ's gradient (:func:`quadllm.core.quantizers.fake_quant_act`).
 The ratios start from what the layer has (the grid search's, or ``--a-clip``) and are kept only if
 the error over all calibration batches went down; they are stored like the searched ones (the
 ``act_clip`` buffer), rounded to :data:`~quadllm.core.clipping.LEARNED_CLIP_STEP`, so nothing changes
-at run time. Cost: ``STEPS`` forward and backward passes of one layer on one calibration batch, plus
-two passes over all batches (the error before and after) and the float layer's forward for each.
+at run time. Cost: the float layer's outputs once per calibration batch (held in memory, as large as
+the layer's inputs), ``STEPS`` forward and backward passes of one layer on one batch, and two
+forward passes over all batches (the error before and after).
 """
 
 from __future__ import annotations
@@ -55,23 +56,25 @@ def float_copy(layer: nn.Module) -> nn.Module:
     return ref
 
 
-def _batches(inputs: LayerInputs, steps: int) -> Iterator[tuple[torch.Tensor, dict]]:
-    """``steps`` batches of ``inputs``, cycling (the hidden states may be a store read from disk)."""
+def _batches(inputs: LayerInputs, targets: list[torch.Tensor],
+             steps: int) -> Iterator[tuple[torch.Tensor, dict, torch.Tensor]]:
+    """``steps`` (input, keyword arguments, target) batches, cycling (the hidden states may be a
+    store read from disk)."""
     done = 0
     while done < steps:
-        for h, kw in zip(inputs.hidden, inputs.kwargs):
+        for h, kw, y in zip(inputs.hidden, inputs.kwargs, targets):
             if done == steps:
                 return
-            yield h, kw
+            yield h, kw, y
             done += 1
 
 
-def _error(layer: nn.Module, reference: nn.Module, inputs: LayerInputs, loss: str) -> float:
-    """:func:`~quadllm.core.clipping.block_error` of the two layers' outputs over every calibration batch."""
+def _error(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor], loss: str) -> float:
+    """:func:`~quadllm.core.clipping.block_error` of ``layer``'s outputs over every calibration batch."""
     total, count = 0.0, 0
-    for h, kw in zip(inputs.hidden, inputs.kwargs):
+    for h, kw, y in zip(inputs.hidden, inputs.kwargs, targets):
         out = run_layer(layer, h, kw).double()
-        total += float(block_error(out, run_layer(reference, h, kw).double(), loss)) * out[..., 0].numel()
+        total += float(block_error(out, y.double(), loss)) * out[..., 0].numel()
         count += out[..., 0].numel()
     return total / max(count, 1)
 
@@ -91,15 +94,15 @@ def learn_layer_act_clips(layer: nn.Module, adapter: ArchAdapter, inputs: LayerI
     owners = input_owners(layer, adapter, names)
     start = {owner: float(lins[owner].act.clip_ratio) for owner in set(owners.values())}
     params = {owner: torch.tensor(c, dtype=torch.float32, requires_grad=True) for owner, c in start.items()}
+    targets = [run_layer(reference, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
     before = {name: lin.act_enabled for name, lin in lins.items()}
     try:
         for name in names:
             lins[name].act_enabled = True
             lins[name].clip_param = params[owners[name]]
-        err_start = _error(layer, reference, inputs, loss)
+        err_start = _error(layer, inputs, targets, loss)
         opt = torch.optim.Adam(list(params.values()), lr=LEARN_LR)
-        for h, kw in _batches(inputs, steps):
-            target = run_layer(reference, h, kw)
+        for h, kw, target in _batches(inputs, targets, steps):
             with torch.enable_grad():
                 err = block_error(run_layer(layer, h, kw), target, loss)
                 opt.zero_grad(set_to_none=True)
@@ -109,7 +112,7 @@ def learn_layer_act_clips(layer: nn.Module, adapter: ArchAdapter, inputs: LayerI
                 p.clamp_(LEARNED_CLIP_MIN, 1.0)
         for p in params.values():
             p.fill_(round_learned_clip(float(p)))
-        err_end = _error(layer, reference, inputs, loss)
+        err_end = _error(layer, inputs, targets, loss)
         if not err_end < err_start:  # worse, or NaN
             for owner, p in params.items():
                 p.fill_(start[owner])
