@@ -43,6 +43,7 @@ from quadllm.arch import get_adapter  # noqa: E402
 from quadllm.cli.app import build_parser  # noqa: E402
 from quadllm.cli.common import config_from_args  # noqa: E402
 from quadllm.config import RECIPE_OFF, QuantConfig  # noqa: E402
+from quadllm.core.affine import affine_macs  # noqa: E402
 from quadllm.data.text import load_text, tokenize_windows  # noqa: E402
 from quadllm.evaluation.perplexity import evaluate_many  # noqa: E402
 from quadllm.evaluation.speed import machine_description  # noqa: E402
@@ -99,6 +100,11 @@ ABLATION_ROWS = [
     ("QUAD W4A4 r=64 + clip + o-rank 8 + smoothing + learned clip",
      [*BASE, "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5", "--a-clip-learn", "32"]),
     ("QUAD W4A4 r=64 + learned clip", [*BASE, "--a-clip-learn", "32"]),
+    # issue 19's item 7: an affine transform of every quantized input per layer, trained against the
+    # float layer's output (FlatQuant-style) before GPTQ, on top of the default's recipe, then alone
+    ("QUAD W4A4 r=64 + clip + o-rank 8 + smoothing + learned transform",
+     [*BASE, "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5", "--learn-transform", "32"]),
+    ("QUAD W4A4 r=64 + learned transform", [*BASE, "--learn-transform", "32"]),
     # the default's recipe with INT8 inputs to o_proj and down_proj (the main table's QUAD W4A4A8 r=64 beside it)
     ("QUAD W4A4A8 r=64 + clip + o-rank 8 + smoothing",
      [*BASE, "--mode", "w4a4a8", "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5"]),
@@ -279,14 +285,23 @@ def structure_cost(fp, meta: dict) -> dict:
     """What a checkpoint adds beyond today's QUAD W4A4 in full-precision width and online work,
     from its recorded configuration: ``{rank, down_rank, o_columns, online_macs_per_token,
     online_share}`` (``o_columns``: o_proj's input columns kept in full precision, ``o_rank`` per
-    head; the share is of the multiply-adds per token of the original model's decoder linears)."""
+    head; online work: the down_proj split's two products with P, and the learned transforms, each
+    applied by every linear that reads it; the share is of the multiply-adds per token of the
+    original model's decoder linears)."""
     cfg = meta["quant_config"]
-    layers = get_adapter(fp).layers(fp)
+    adapter = get_adapter(fp)
+    layers = adapter.layers(fp)
     k = int(cfg.get("down_rank", 0))
-    macs = 2 * k * int(fp.config.intermediate_size) * len(layers)  # the split's two products with P
+    d_ff = int(fp.config.intermediate_size)
+    o_cols = int(cfg.get("o_rank", 0)) * int(fp.config.num_attention_heads)
+    macs = 2 * k * d_ff * len(layers)
+    if QuantConfig.from_dict(cfg).learns_transforms:
+        readers = sum(len(group.linears) for group in adapter.reader_groups)
+        per_layer = readers * affine_macs(adapter.hidden_size) + affine_macs(d_ff)
+        per_layer += affine_macs(adapter.num_heads * adapter.head_dim - o_cols)
+        macs += per_layer * len(layers)
     linear = sum(m.in_features * m.out_features for layer in layers for m in layer.modules()
                  if isinstance(m, torch.nn.Linear))
-    o_cols = int(cfg.get("o_rank", 0)) * int(fp.config.num_attention_heads)
     return {"rank": int(cfg["rank"]), "down_rank": k, "o_columns": o_cols, "online_macs_per_token": macs,
             "online_share": round(macs / linear, 5)}
 
@@ -422,7 +437,8 @@ def ablation_cells(name: str, speed: dict | None) -> str:
     c, first = speed["rows"][name], speed["rows"][next(iter(speed["rows"]))]
     width = str(c["rank"]) + (f" + o {c['o_columns']}" if c.get("o_columns") else "") + (
         f" + down {c['down_rank']}" if c["down_rank"] else "")
-    macs = f"{c['online_macs_per_token'] / 1e6:.2f} M ({100 * c['online_share']:.1f}%)" if c["down_rank"] else "0"
+    macs = f"{c['online_macs_per_token'] / 1e6:.2f} M ({100 * c['online_share']:.1f}%)" \
+        if c["online_macs_per_token"] else "0"
     ratio = {k: f"{c[k] / first[k]:.2f}" for k in ("prefill_ms", "o_proj_ms", "down_proj_ms")}
     return f"{width} | {macs} | {ratio['prefill_ms']} | {ratio['o_proj_ms']} | {ratio['down_proj_ms']} |"
 

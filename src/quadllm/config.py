@@ -25,7 +25,7 @@ OBSOLETE_KEYS = frozenset({"dtype"})  # configuration keys this version ignores 
 #: configuration keys that checkpoints made before them lack, with the value those were made with
 RECORDED_BEFORE_KEYS = {"gptaq_alpha": 1.0, "a_clip_search": False, "act_sym": True, "o_rank": 0,
                         "down_smooth": 0.0, "down_rank": 0, "a_clip_learn": 0,
-                        "a_clip_learn_loss": "mse"}
+                        "a_clip_learn_loss": "mse", "learn_transform": 0}
 #: what ``--method quad`` at W4A4 does unless told otherwise: the combination of accuracy techniques
 #: without run-time cost that did best in the ablation (results/smollm2_ablation_final.md); the
 #: baselines (quarot, rtn) and the other modes keep them off (:data:`RECIPE_OFF`)
@@ -96,6 +96,7 @@ class QuantConfig:
     a_clip_search: bool | None = None  # search each linear input's clip ratio on the calibration data
     a_clip_learn: int = 0  # steps training every layer's clip ratios jointly against its float output (0: off)
     a_clip_learn_loss: str = "token"  # the error it minimizes: per token relative to its norm, or plain MSE
+    learn_transform: int = 0  # steps training an affine transform of every quantized input per layer (0: off)
     act_sym: bool = True  # per-token activations symmetric (False: asymmetric, a zero point per token)
     o_rank: int | None = None  # top principal coordinates of each KV head's values kept in full precision in o_proj
     down_smooth: float | None = None  # SmoothQuant alpha of down_proj's input channel scales (0: off)
@@ -155,6 +156,8 @@ class QuantConfig:
             raise ConfigError(f"rank must be >= 0, got {self.rank}")
         if self.a_clip_learn < 0:
             raise ConfigError(f"a_clip_learn (training steps per layer) must be >= 0, got {self.a_clip_learn}")
+        if self.learn_transform < 0:
+            raise ConfigError(f"learn_transform (training steps per layer) must be >= 0, got {self.learn_transform}")
         if self.down_rank < 0 or self.o_rank < 0:
             raise ConfigError(f"down_rank and o_rank must be >= 0, got {self.down_rank} and {self.o_rank}")
         if not 0.0 <= self.down_smooth < 1.0:
@@ -200,10 +203,10 @@ class QuantConfig:
 
     @property
     def needs_layer_inputs(self) -> bool:
-        """Whether each decoder layer's calibration inputs are needed: for GPTQ or GPTAQ, the clip search or
-        the o_proj and down_proj subspaces."""
+        """Whether each decoder layer's calibration inputs are needed: for GPTQ or GPTAQ, the clip search,
+        the o_proj and down_proj subspaces or the learned transforms."""
         return (self.weights != "rtn" or self.stores_act_clips or self.down_rank > 0 or self.o_rank > 0
-                or self.down_smooth > 0)
+                or self.down_smooth > 0 or self.learns_transforms)
 
     @property
     def searches_act_clips(self) -> bool:
@@ -214,6 +217,11 @@ class QuantConfig:
     def learns_act_clips(self) -> bool:
         """Whether the activation clip ratios are trained block by block (some activations are quantized)."""
         return self.a_clip_learn > 0 and self.mode != "w4a16"
+
+    @property
+    def learns_transforms(self) -> bool:
+        """Whether every quantized input gets a learned affine transform (some activations are quantized)."""
+        return self.learn_transform > 0 and self.mode != "w4a16"
 
     @property
     def stores_act_clips(self) -> bool:
@@ -268,5 +276,6 @@ class QuantConfig:
                 f"{f'o_proj input rank {self.o_rank} per head; ' if self.o_rank else ''}"
                 f"{f'down_proj input smoothed (alpha {self.down_smooth}); ' if self.down_smooth else ''}"
                 f"{f'down_proj input rank {self.down_rank} (online); ' if self.down_rank else ''}"
+                f"{f'learned transforms ({self.learn_transform} steps per layer, online); ' if self.learns_transforms else ''}"
                 f"KV {self.kv_bits}-bit; calibration {self.calib_samples}x{self.calib_seqlen} "
                 f"tokens from {self.calib or 'the embedded default'}; seed {self.seed}")

@@ -56,6 +56,7 @@ def test_int8_linear_matches_its_reference_definition():
     dict(method="quad", rank=8, mode="w4a4", group_size=16),
     dict(method="quad", rank=8, mode="w4a4", a_clip_search=True),
     dict(method="quad", rank=8, mode="w4a4", a_clip_learn=30),
+    dict(method="quad", rank=8, mode="w4a4", learn_transform=20, o_rank=4, down_rank=4),
     dict(method="quad", rank=8, mode="w4a4", down_rank=4),
     dict(method="quad", rank=8, mode="w4a4a8", act_sym=False),
     dict(method="quad", rank=8, mode="w4a4", o_rank=4),

@@ -159,6 +159,7 @@ def test_w4a8_linear_rejects_mismatched_inputs():
                                  dict(method="quarot", mode="w4a8"),
                                  dict(method="quad", rank=8, mode="w4a4", a_clip_search=True),
                                  dict(method="quad", rank=8, mode="w4a4", a_clip_learn=30),
+                                 dict(method="quad", rank=8, mode="w4a4", learn_transform=20),
                                  dict(method="quad", rank=8, mode="w4a4", down_rank=4),
                                  dict(method="quad", rank=8, mode="w4a4", o_rank=4)])
 def test_gpu_backend_matches_fake(cfg):

@@ -226,8 +226,9 @@ def test_finetune_lowers_the_loss_and_keeps_the_best_weights():
     assert res.n_model == logical_param_count(model)
 
 
-@pytest.mark.parametrize("clips", [dict(a_clip_search=True), dict(a_clip_search=True, a_clip_learn=30)],
-                         ids=["searched", "searched+learned"])
+@pytest.mark.parametrize("clips", [dict(a_clip_search=True), dict(a_clip_search=True, a_clip_learn=30),
+                                   dict(a_clip_search=True, learn_transform=20)],
+                         ids=["searched", "searched+learned", "searched+learned-transform"])
 def test_finetune_on_searched_clips_trains_the_outliers_and_keeps_the_clips(clips):
     model = _quantized(weights="gptq", **clips)
     clips = {n: float(m.act_clip) for n, m in model.named_modules() if isinstance(m, QuadLinear)}

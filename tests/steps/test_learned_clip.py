@@ -18,7 +18,8 @@ from quadllm.core.quantizers import fake_quant_act, qrange
 from quadllm.nn.modules import QuadLinear
 from quadllm.steps import learned_clip
 from quadllm.steps.calibration import run_layer
-from quadllm.steps.learned_clip import float_copy, learn_layer_act_clips
+from quadllm.steps.layer_fit import float_copy
+from quadllm.steps.learned_clip import learn_layer_act_clips
 from quadllm.steps.transforms import set_layer_activation_quant
 from quadllm.steps.weights import rtn_layer
 

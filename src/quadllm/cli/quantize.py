@@ -69,6 +69,11 @@ def add_parsers(sub) -> None:
     q.add_argument("--a-clip-learn-loss", choices=LEARN_LOSSES, default=d.a_clip_learn_loss,
                    help="what --a-clip-learn minimizes: each token's error relative to its norm (as the next "
                    "RMSNorm sees it; default) or the plain squared error")
+    q.add_argument("--learn-transform", type=int, default=d.learn_transform, metavar="STEPS",
+                   help="before the weights are quantized, train an affine transform kron(L, R) diag(s) of every "
+                   "quantized linear input per layer for STEPS calibration batches against the float layer's "
+                   "output (FlatQuant-style; applied online, about n*(a+b+1) multiply-adds per token for n = a*b "
+                   "inputs; default 0: off)")
     q.add_argument("--act-asym", dest="act_sym", action="store_false", default=d.act_sym,
                    help="asymmetric per-token activations (a zero point per token, applied in the GEMM epilogue)")
     q.add_argument("--act-sym", dest="act_sym", action="store_true", help="symmetric per-token activations (default)")

@@ -18,6 +18,7 @@ __all__ = [
     "dequantize_weight",
     "row_absmax",
     "fake_quant_act",
+    "fake_quant_weight",
     "asym_params",
     "fake_quant_asym",
     "ste_round",
@@ -125,6 +126,19 @@ def dequantize_weight(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype 
     out, inp = q.shape
     g = inp // scales.shape[1]
     return (q.to(dtype).reshape(out, -1, g) * scales.to(dtype).unsqueeze(-1)).reshape(out, inp)
+
+
+def fake_quant_weight(w: torch.Tensor, bits: int = 4, group_size: int = 0) -> torch.Tensor:
+    """Round-to-nearest quantize-dequantize of ``w`` [out, in] with absmax scales per output channel
+    (or per group of ``group_size`` input columns). When ``w`` needs a gradient, the rounding is a
+    straight-through estimator and the gradient also flows through the scales (training a
+    transform with the weight quantizer in the loop, :mod:`quadllm.steps.learned_transform`)."""
+    qmin, qmax = qrange(bits)
+    wg = _group_view(w, group_size)
+    scale = (row_absmax(wg) / qmax).clamp_min(1e-8)
+    q = wg / scale
+    q = ste_round(q) if torch.is_grad_enabled() and q.requires_grad else torch.round(q)
+    return (torch.clamp(q, qmin, qmax) * scale).reshape(w.shape)
 
 
 def row_absmax(x: torch.Tensor) -> torch.Tensor:

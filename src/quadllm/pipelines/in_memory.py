@@ -114,6 +114,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_samples: torch.Tensor 
     t0 = time.perf_counter()
     _quantize_weights(model, recipe, calib_samples, progress)
     info["weights_s"] = time.perf_counter() - t0
+    info.update(recipe.facts())
     round_to_storage(model)
     info["quantize_s"] = time.perf_counter() - t_start
     model.quadllm_info = {

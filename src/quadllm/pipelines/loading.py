@@ -26,7 +26,7 @@ __all__ = ["build_skeleton", "load"]
 
 #: structure keys checkpoints made before them lack, with the value those checkpoints have (the
 #: structure records these configuration keys as they were)
-STRUCTURE_BEFORE_KEYS = {k: RECORDED_BEFORE_KEYS[k] for k in ("down_rank", "o_rank")}
+STRUCTURE_BEFORE_KEYS = {**{k: RECORDED_BEFORE_KEYS[k] for k in ("down_rank", "o_rank")}, "learned_transform": False}
 
 
 def build_skeleton(model: nn.Module, config: QuantConfig, structure: dict, dtype: torch.dtype) -> None:

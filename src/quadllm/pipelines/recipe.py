@@ -8,7 +8,8 @@ all go through one :class:`LayerRecipe` built from the :class:`~quadllm.config.Q
 2. :meth:`~LayerRecipe.fit_basis` (once per model): ``Q`` from the residual second moment;
 3. :meth:`~LayerRecipe.transform`: the residual basis ``Q``, the online transforms, the KV quantizer;
 4. :meth:`~LayerRecipe.set_quantizers`: the activation quantizer of every linear;
-5. :meth:`~LayerRecipe.quantize_weights`: (``o_rank``, ``down_rank``) the input subspaces, GPTQ or RTN,
+5. :meth:`~LayerRecipe.quantize_weights`: (``o_rank``, ``down_rank``) the input subspaces, (``learn_transform``)
+   the learned transforms, GPTQ or RTN,
    then (``a_clip_search``) each input's clip ratio, then (``a_clip_learn``) the layer's ratios trained jointly;
 
 and :meth:`~LayerRecipe.skeleton`: the empty modules those steps produce, for loading a checkpoint.
@@ -27,10 +28,13 @@ from torch import nn
 
 from ..arch import ArchAdapter, get_submodule, set_submodule
 from ..config import QuantConfig
+from ..core.affine import AffineTail
 from ..nn.modules import QuadEmbedding, QuadHead, QuadLinear, QuadRMSNorm
 from ..steps.calibration import LayerInputs
 from ..steps.clipping import float_weights, search_layer_act_clips
-from ..steps.learned_clip import float_copy, learn_layer_act_clips
+from ..steps.layer_fit import float_copy
+from ..steps.learned_clip import learn_layer_act_clips
+from ..steps.learned_transform import learn_layer_transforms
 from ..steps.decompose import decompose_down_proj, decompose_o_proj, empty_split_transform, o_rank_transform
 from ..steps.smoothing import smooth_down_proj
 from ..steps.transforms import (
@@ -65,6 +69,7 @@ def structure_of(config: QuantConfig, adapter: ArchAdapter) -> dict[str, Any]:
         "kv_bits": config.kv_bits,
         "down_rank": config.down_rank,
         "o_rank": config.o_rank,
+        "learned_transform": config.learns_transforms,
     }
 
 
@@ -84,6 +89,8 @@ class LayerRecipe:
         #: per layer, the share of down_proj's input (o_proj's values') energy its full-precision coordinates hold
         self.down_energy: list[float] = []
         self.o_energy: list[float] = []
+        #: per layer, whether its learned transforms were kept (they lowered its output error)
+        self.transforms_kept: list[bool] = []
 
     @property
     def rank(self) -> int:
@@ -138,7 +145,8 @@ class LayerRecipe:
         set_layer_activation_quant(layer, self.adapter, self.config)
 
     def quantize_weights(self, layer: nn.Module, index: int, inputs: LayerInputs | None) -> nn.Module | None:
-        """With ``o_rank`` and ``down_rank``, o_proj's and down_proj's input subspaces first (exact); then GPTQ on ``inputs``
+        """With ``o_rank`` and ``down_rank``, o_proj's and down_proj's input subspaces first (exact), with
+        ``learn_transform`` every quantized input's learned transform (exact); then GPTQ on ``inputs``
         (the layer's inputs, activation quantization off) or RTN; then, with ``a_clip_search``, the
         clip ratio of each linear input on the same inputs, and with ``a_clip_learn`` the layer's
         ratios trained against its float output. Returns, for GPTAQ, the layer as it was
@@ -152,6 +160,8 @@ class LayerRecipe:
             smooth_down_proj(layer, self.adapter, inputs, self.config.down_smooth, index)
         if self.config.down_rank:
             self.down_energy.append(decompose_down_proj(layer, self.adapter, inputs, self.config.down_rank, index))
+        if self.config.learns_transforms:
+            self.transforms_kept.append(learn_layer_transforms(layer, self.adapter, inputs, self.config, index))
         reference = float_weights(layer, self.adapter) if self.config.searches_act_clips else None
         reference_layer = copy.deepcopy(layer) if self.config.weights == "gptaq" else None
         float_layer = float_copy(layer) if self.config.learns_act_clips else None
@@ -167,6 +177,12 @@ class LayerRecipe:
             learn_layer_act_clips(layer, self.adapter, inputs, float_layer, self.config.a_clip_learn, index,
                                   self.config.a_clip_learn_loss)
         return reference_layer
+
+    def facts(self) -> dict[str, Any]:
+        """What the quantization steps found, for the checkpoint's record."""
+        if not self.transforms_kept:
+            return {}
+        return {"learned_transforms_kept": f"{sum(self.transforms_kept)} of {len(self.transforms_kept)} layers"}
 
     # --- loading --------------------------------------------------------------------------
     def skeleton(self, layer: nn.Module, dtype: torch.dtype) -> None:
@@ -197,9 +213,12 @@ class LayerRecipe:
     def _empty_linear(self, layer: nn.Module, name: str, in_features: int | None, out_features: int | None,
                       rank: int, transform: nn.Module | None, dtype: torch.dtype) -> None:
         lin = get_submodule(layer, name)
-        q = QuadLinear(in_features or lin.in_features, out_features or lin.out_features, rank=rank,
-                       bias=lin.bias is not None, act=self.config.act_spec(self.adapter.role(name)),
-                       transform=transform, dtype=dtype, allocate=False)
+        in_features = in_features or lin.in_features
+        act = self.config.act_spec(self.adapter.role(name))
+        if self.config.learns_transforms and act.enabled:
+            transform = AffineTail.identity(rank, in_features - rank, dtype, transform)
+        q = QuadLinear(in_features, out_features or lin.out_features, rank=rank, bias=lin.bias is not None,
+                       act=act, transform=transform, dtype=dtype, allocate=False)
         q.allocate_quantized(self.config.w_bits, self.config.group_size, dtype)
         if self.config.stores_act_clips and q.act.enabled:
             q.set_act_clip(self.config.a_clip)  # a place for the searched or learned value the checkpoint holds

@@ -331,6 +331,7 @@ def quantize_streaming(model_dir: str | Path, config: QuantConfig, samples: torc
         total = write_index(tmp, weight_map)
         run.timings["quantize_s"] = time.perf_counter() - t_start
         info.update(run.timings)
+        info.update(recipe.facts())
         quad_info = {"quant_config": config.to_dict(), "structure": structure_of(config, recipe.adapter),
                      "timings": info, "library_version": __version__,
                      "streaming": {"peak_memory_mb": round(peak_rss_mb()), "shards": run.n_shards,

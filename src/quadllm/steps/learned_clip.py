@@ -23,9 +23,7 @@ forward passes over all batches (the error before and after).
 
 from __future__ import annotations
 
-import copy
 import logging
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -34,59 +32,24 @@ from ..arch import ArchAdapter, get_submodule
 from ..core.clipping import LEARNED_CLIP_MIN, block_error, round_learned_clip
 from ..nn.modules import QuadLinear
 from .calibration import LayerInputs, input_owners, run_layer
+from .layer_fit import cycle_batches, float_targets, layer_error
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LEARN_LR", "float_copy", "learn_layer_act_clips"]
+__all__ = ["LEARN_LR", "learn_layer_act_clips"]
 
 #: Adam's learning rate for the clip ratios (about 0.3 of movement over 60 steps at most)
 LEARN_LR = 5e-3
-
-
-def float_copy(layer: nn.Module) -> nn.Module:
-    """A copy of ``layer`` (float weights, before their quantization) that quantizes nothing: the
-    targets of :func:`learn_layer_act_clips`."""
-    ref = copy.deepcopy(layer)
-    for m in ref.modules():
-        if isinstance(m, QuadLinear):
-            m.act_enabled = False
-        kv = getattr(m, "quad_kv", None)
-        if kv is not None:
-            kv.bits = 16  # the rotation of q and k alone leaves q kᵀ as it was
-    return ref
-
-
-def _batches(inputs: LayerInputs, targets: list[torch.Tensor],
-             steps: int) -> Iterator[tuple[torch.Tensor, dict, torch.Tensor]]:
-    """``steps`` (input, keyword arguments, target) batches, cycling (the hidden states may be a
-    store read from disk)."""
-    done = 0
-    while done < steps:
-        for h, kw, y in zip(inputs.hidden, inputs.kwargs, targets):
-            if done == steps:
-                return
-            yield h, kw, y
-            done += 1
-
-
-def _error(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor], loss: str) -> float:
-    """:func:`~quadllm.core.clipping.block_error` of ``layer``'s outputs over every calibration batch."""
-    total, count = 0.0, 0
-    for h, kw, y in zip(inputs.hidden, inputs.kwargs, targets):
-        out = run_layer(layer, h, kw).double()
-        total += float(block_error(out, y.double(), loss)) * out[..., 0].numel()
-        count += out[..., 0].numel()
-    return total / max(count, 1)
 
 
 @torch.no_grad()
 def learn_layer_act_clips(layer: nn.Module, adapter: ArchAdapter, inputs: LayerInputs, reference: nn.Module,
                           steps: int, index: int, loss: str = "token") -> dict[str, float]:
     """Train the clip ratio of every activation-quantized linear of ``layer`` (weights quantized)
-    for ``steps`` batches of ``inputs`` against ``reference`` (:func:`float_copy`, taken before the
-    weights were quantized) on the error ``loss`` names (:func:`~quadllm.core.clipping.block_error`);
-    returns the ratio each linear keeps (unchanged where training did not lower the error over all
-    batches)."""
+    for ``steps`` batches of ``inputs`` against ``reference``
+    (:func:`~quadllm.steps.layer_fit.float_copy`, taken before the weights were quantized) on the
+    error ``loss`` names (:func:`~quadllm.core.clipping.block_error`); returns the ratio each linear
+    keeps (unchanged where training did not lower the error over all batches)."""
     lins: dict[str, QuadLinear] = {name: get_submodule(layer, name) for name in adapter.all_linears}
     names = [n for n in adapter.all_linears if lins[n].act.enabled]
     if not names or steps <= 0:
@@ -94,15 +57,15 @@ def learn_layer_act_clips(layer: nn.Module, adapter: ArchAdapter, inputs: LayerI
     owners = input_owners(layer, adapter, names)
     start = {owner: float(lins[owner].act.clip_ratio) for owner in set(owners.values())}
     params = {owner: torch.tensor(c, dtype=torch.float32, requires_grad=True) for owner, c in start.items()}
-    targets = [run_layer(reference, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+    targets = float_targets(reference, inputs)
     before = {name: lin.act_enabled for name, lin in lins.items()}
     try:
         for name in names:
             lins[name].act_enabled = True
             lins[name].clip_param = params[owners[name]]
-        err_start = _error(layer, inputs, targets, loss)
+        err_start = layer_error(layer, inputs, targets, loss)
         opt = torch.optim.Adam(list(params.values()), lr=LEARN_LR)
-        for h, kw, target in _batches(inputs, targets, steps):
+        for h, kw, target in cycle_batches(inputs, targets, steps):
             with torch.enable_grad():
                 err = block_error(run_layer(layer, h, kw), target, loss)
                 opt.zero_grad(set_to_none=True)
@@ -112,7 +75,7 @@ def learn_layer_act_clips(layer: nn.Module, adapter: ArchAdapter, inputs: LayerI
                 p.clamp_(LEARNED_CLIP_MIN, 1.0)
         for p in params.values():
             p.fill_(round_learned_clip(float(p)))
-        err_end = _error(layer, inputs, targets, loss)
+        err_end = layer_error(layer, inputs, targets, loss)
         if not err_end < err_start:  # worse, or NaN
             for owner, p in params.items():
                 p.fill_(start[owner])
