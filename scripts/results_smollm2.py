@@ -387,7 +387,7 @@ def fmt_md(results: dict, meta: dict) -> str:
         "| model | ppl | KL | top-1 | quantize s | peak MB | size MB | size vs FP16 |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    speed = meta.get("speed")
+    runs = speed_runs(meta)
     if meta.get("table") == "ablation":
         lines[-2:] = ["| model | ppl | KL | top-1 | FP columns: residual + o_proj + down_proj | online MACs/token (share) | "
                       "cpu-int8 prefill vs base | o_proj vs base | down_proj vs base | quantize s |",
@@ -402,24 +402,28 @@ def fmt_md(results: dict, meta: dict) -> str:
         top1 = "-" if name == "FP" else f"{100 * r['top1_agreement']:.1f}%"
         done = f" {r['windows']} |" if uneven else ""
         if meta.get("table") == "ablation":
-            lines.append(f"| {name} |{done} {r['ppl']:.2f} | {kl} | {top1} | " + ablation_cells(name, speed)
+            lines.append(f"| {name} |{done} {r['ppl']:.2f} | {kl} | {top1} | " + ablation_cells(name, runs)
                          + f" {q.get('quantize_seconds', '-')} |")
             continue
         lines.append(
             f"| {name} |{done} {r['ppl']:.2f} | {kl} | {top1} | {q.get('quantize_seconds', '-')} | "
             f"{q.get('peak_memory_mb', '-')} | {q.get('checkpoint_mb', meta['fp16_mb'])} | "
             f"{q.get('size_vs_fp16', 1.0)} |")
-    if speed:
+    for i, speed in enumerate(runs):
         first = next(iter(speed["rows"]))
-        lines += ["", f"Cost columns: `{speed['command']}` on {speed['date']} ({speed['machine']}, "
+        which = "Cost columns" if len(runs) == 1 else (
+            "Cost columns of " + ", ".join(f"`{n}`" for n in speed["rows"] if n not in
+                                           {r for later in runs[:i] for r in later["rows"]}))
+        lines += ["", f"{which}: `{speed['command']}` on {speed['date']} ({speed['machine']}, "
                   f"{speed['threads']} threads): every checkpoint on `cpu-int8`, timed in turns over "
                   f"{speed['rounds']} rounds after a warm-up, medians; prefill of {speed['tokens']} tokens "
                   f"(batch 1), o_proj and down_proj of the middle layer on {speed['tokens']} rows; ratios are "
                   f"time against `{first}` in the same run (above 1: slower). The original in bfloat16 "
                   f"prefills in {speed['bf16_prefill_ms']:.0f} ms, `{first}` on cpu-int8 in "
-                  f"{speed['rows'][first]['prefill_ms']:.0f} ms. Online MACs: multiply-adds per token beyond "
-                  "today's QUAD (the down_proj split's products with P), and their share of the decoder "
-                  "linears' own."]
+                  f"{speed['rows'][first]['prefill_ms']:.0f} ms."]
+    if runs:
+        lines += ["", "Online MACs: multiply-adds per token beyond today's QUAD (the down_proj split's products "
+                  "with P, the learned transforms), and their share of the decoder linears' own."]
     if meta["windows"] < meta["windows_total"]:
         if "--max-windows" in meta["command"]:
             lines += ["", f"**Subset**: {meta['windows']} of {meta['windows_total']} windows; rerun without "
@@ -430,9 +434,28 @@ def fmt_md(results: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ablation_cells(name: str, speed: dict | None) -> str:
-    """The cost cells of one ablation row (dashes until the speed step has run)."""
-    if not speed or name not in speed["rows"]:
+def speed_runs(meta: dict) -> list[dict]:
+    """The timing runs of an ablation's cost columns, newest first (``speed``, then ``speed_earlier``)."""
+    return ([meta["speed"]] if meta.get("speed") else []) + list(meta.get("speed_earlier", []))
+
+
+def merge_speed(meta: dict, new: dict) -> None:
+    """Make ``new`` the newest timing run of ``meta``, keeping each earlier run that timed a row the
+    newer ones did not (each row's cells come from the newest run that timed it, as ratios to that
+    run's own first row)."""
+    kept, covered = [new], set(new["rows"])
+    for run in speed_runs(meta):
+        if set(run["rows"]) - covered:
+            kept.append(run)
+            covered |= set(run["rows"])
+    meta["speed"], meta["speed_earlier"] = kept[0], kept[1:]
+
+
+def ablation_cells(name: str, runs: list[dict]) -> str:
+    """The cost cells of one ablation row from the newest of ``runs`` (:func:`speed_runs`) that timed
+    it (dashes until one has)."""
+    speed = next((run for run in runs if name in run["rows"]), None)
+    if speed is None:
         return "- | - | - | - | - |"
     c, first = speed["rows"][name], speed["rows"][next(iter(speed["rows"]))]
     width = str(c["rank"]) + (f" + o {c['o_columns']}" if c.get("o_columns") else "") + (
@@ -482,6 +505,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--rows {unknown} not in the {args.table} table: {', '.join(n for n, _ in table)}")
     rows = [r for r in table if args.rows is None or r[0] in args.rows.split(",")]
+    if args.speed_only and rows[0] != table[0]:
+        rows = [table[0], *rows]  # the base of the ratios is timed in every run
     summaries = {name: quantize_row(name, flags, args) for name, flags in rows}
 
     if args.quantize_only:
@@ -491,7 +516,7 @@ def main() -> None:
         if args.table != "ablation":
             raise SystemExit("--speed-only times the ablation's checkpoints (--table ablation)")
         saved = json.loads(Path(args.out).with_suffix(".json").read_text())
-        saved["meta"]["speed"] = portable(speed_step(table, args, fp))
+        merge_speed(saved["meta"], portable(speed_step(rows, args, fp)))
         Path(args.out).with_suffix(".json").write_text(json.dumps(saved, indent=2))
         Path(args.out).with_suffix(".md").write_text(fmt_md(saved["rows"], saved["meta"]))
         print(Path(args.out).with_suffix(".md").read_text())
@@ -540,8 +565,9 @@ def main() -> None:
                    for name, r in old["rows"].items()}
         earlier = [*old["meta"].get("earlier_commands", []), old["meta"]["command"]]
         meta["earlier_commands"] = [c for i, c in enumerate(earlier) if c != meta["command"] and c not in earlier[:i]]
-        if "speed" in old["meta"]:  # timed in an earlier run (its command is in it); kept until timed again
-            meta["speed"] = old["meta"]["speed"]
+        for key in ("speed", "speed_earlier"):  # timed in earlier runs (their commands are in them)
+            if key in old["meta"]:
+                meta[key] = old["meta"][key]
         log.info("resuming: %s", {n: r["windows"] for n, r in results.items()})
     # Rows are evaluated a few at a time (every model of a group is in memory together, and the
     # reference runs once per window per group); a row keeps its windows across groups and runs.
@@ -562,7 +588,7 @@ def main() -> None:
         del models
     log.info("evaluated %d rows on %d windows in %.0f s", len(pending), windows.shape[0], time.perf_counter() - t0)
     if args.table == "ablation" and not args.no_speed:
-        meta["speed"] = speed_step(table, args, fp)
+        merge_speed(meta, speed_step(table, args, fp))
         write(results)
     print(out.with_suffix(".md").read_text())
 

@@ -16,6 +16,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 rs = pytest.importorskip("results_smollm2")
 
 
+def test_structure_cost_counts_the_learned_transforms():
+    fp = tiny_model("llama", torch.float32)  # d=48 (6x8), d_ff=96 (8x12), 3 heads of 16, 5 readers
+    c = rs.structure_cost(fp, {"quant_config": {"rank": 8, "o_rank": 2, "learn_transform": 4}})
+    per_layer = 5 * 48 * (6 + 8 + 1) + 96 * (8 + 12 + 1) + 42 * (6 + 7 + 1)  # o_proj: 48 - 3 * 2 quantized inputs
+    assert c["online_macs_per_token"] == 2 * per_layer
+    w4a16 = rs.structure_cost(fp, {"quant_config": {"rank": 8, "learn_transform": 4, "mode": "w4a16"}})
+    assert w4a16["online_macs_per_token"] == 0
+
+
 def test_structure_cost_counts_the_down_proj_split():
     fp = tiny_model("llama", torch.float32)  # d=48, d_ff=96, 2 layers, q 48 / k,v 16 outputs
     linear = 2 * (48 * (48 + 16 + 16) + 48 * 48 + 3 * 48 * 96)
@@ -35,9 +44,26 @@ def test_time_rows_times_every_model_and_the_cells_are_ratios_to_the_first():
                                "prefill_ms": 10.0, "o_proj_ms": 1.0, "down_proj_ms": 2.0},
                       "split": {"rank": 8, "down_rank": 4, "o_columns": 6, "online_macs_per_token": 1_500_000, "online_share": 0.021,
                                 "prefill_ms": 11.0, "o_proj_ms": 1.0, "down_proj_ms": 3.0}}}
-    assert rs.ablation_cells("base", speed) == "8 | 0 | 1.00 | 1.00 | 1.00 |"
-    assert rs.ablation_cells("split", speed) == "8 + o 6 + down 4 | 1.50 M (2.1%) | 1.10 | 1.00 | 1.50 |"
-    assert rs.ablation_cells("FP", speed) == rs.ablation_cells("split", None) == "- | - | - | - | - |"
+    assert rs.ablation_cells("base", [speed]) == "8 | 0 | 1.00 | 1.00 | 1.00 |"
+    assert rs.ablation_cells("split", [speed]) == "8 + o 6 + down 4 | 1.50 M (2.1%) | 1.10 | 1.00 | 1.50 |"
+    assert rs.ablation_cells("FP", [speed]) == rs.ablation_cells("split", []) == "- | - | - | - | - |"
+
+
+def test_a_later_timing_run_replaces_the_rows_it_timed_and_keeps_the_others():
+    def run(rows: dict, command: str) -> dict:
+        return {"rows": {n: {"rank": 8, "down_rank": 0, "online_macs_per_token": 0, "online_share": 0.0,
+                             "prefill_ms": p, "o_proj_ms": 1.0, "down_proj_ms": 1.0} for n, p in rows.items()},
+                "command": command}
+
+    meta = {"speed": run({"base": 10.0, "a": 12.0, "b": 9.0}, "first")}
+    rs.merge_speed(meta, run({"base": 20.0, "c": 30.0, "a": 20.0}, "second"))
+    runs = rs.speed_runs(meta)
+    assert [r["command"] for r in runs] == ["second", "first"]  # the first still holds b
+    assert rs.ablation_cells("a", runs).split(" | ")[2] == "1.00"  # from the newer run, against its base
+    assert rs.ablation_cells("c", runs).split(" | ")[2] == "1.50"
+    assert rs.ablation_cells("b", runs).split(" | ")[2] == "0.90"  # the older run, against its own base
+    rs.merge_speed(meta, run({"base": 20.0, "b": 20.0}, "third"))
+    assert [r["command"] for r in rs.speed_runs(meta)] == ["third", "second"]  # nothing left of the first
 
 
 def test_time_rows_times_a_plain_bfloat16_model():
