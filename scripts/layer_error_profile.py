@@ -65,6 +65,12 @@ def quantized_errors(layer, adapter, recipe: LayerRecipe, index: int, inputs, ta
     return out
 
 
+def variant_label(variant: str) -> str:
+    """``STEPS[:LR]`` as a column title."""
+    steps, _, lr = variant.partition(":")
+    return f"{steps} steps" + (f", lr {lr}" if lr else "")
+
+
 def fmt_md(data: dict) -> str:
     m = data["meta"]
     names = list(next(iter(data["layers"].values()))["profile"])
@@ -74,13 +80,14 @@ def fmt_md(data: dict) -> str:
              f"Configuration: {m['describe']}.",
              "Each layer's output error against its float self, mean over the calibration tokens of "
              "||out - float||² / ||float||² per token, on its float-model inputs. 'weights only': GPTQ weights, "
-             "no activation quantizer; a linear's name: its input quantizer alone on; 'all': every quantizer on.",
+             "no activation quantizer; a linear's name: its input quantizer alone on; 'all': every quantizer on. "
+             "Errors x 1e-3.",
              "", "| layer | " + " | ".join(names) + " |", "| ---: |" + " ---: |" * len(names)]
     for i, r in data["layers"].items():
         lines.append(f"| {i} | " + " | ".join(f"{1e3 * r['profile'][n]:.3f}" for n in names) + " |")
-    lines += ["", "(x 1e-3.) With a learned transform of every quantized input trained before GPTQ "
+    lines += ["", "With a learned transform of every quantized input trained before GPTQ "
               "(`--learn-transform STEPS`, learning rate as given), every quantizer on:", "",
-              "| layer | none | " + " | ".join(f"{v} steps" for v in variants) + " |",
+              "| layer | none | " + " | ".join(variant_label(v) for v in variants) + " |",
               "| ---: | ---: |" + " ---: |" * len(variants)]
     for i, r in data["layers"].items():
         lines.append(f"| {i} | {1e3 * r['profile']['all']:.3f} | "
