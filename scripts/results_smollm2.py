@@ -413,7 +413,7 @@ def fmt_md(results: dict, meta: dict) -> str:
         first = next(iter(speed["rows"]))
         which = "Cost columns" if len(runs) == 1 else (
             "Cost columns of " + ", ".join(f"`{n}`" for n in speed["rows"] if n not in
-                                           {r for later in runs[:i] for r in later["rows"]}))
+                                           {r for newer in runs[:i] for r in newer["rows"]}))
         lines += ["", f"{which}: `{speed['command']}` on {speed['date']} ({speed['machine']}, "
                   f"{speed['threads']} threads): every checkpoint on `cpu-int8`, timed in turns over "
                   f"{speed['rounds']} rounds after a warm-up, medians; prefill of {speed['tokens']} tokens "

@@ -19,7 +19,7 @@ from torch import nn
 
 from .hadamard import kron_transform
 
-__all__ = ["AffineTail", "apply_affine", "affine_macs", "fuse_affine", "kron_shape"]
+__all__ = ["AffineTail", "apply_affine", "affine_macs", "fuse_affine", "identity_factors", "kron_shape"]
 
 
 def kron_shape(n: int) -> tuple[int, int]:
@@ -37,6 +37,12 @@ def affine_macs(n: int) -> int:
     """Multiply-adds per token of applying the transform of ``n`` coordinates (:func:`kron_shape`)."""
     a, b = kron_shape(n)
     return n * (a + b + 1)
+
+
+def identity_factors(n: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """``[L, R, s]`` of ``T = I`` on ``n`` coordinates (:func:`kron_shape`'s orders)."""
+    a, b = kron_shape(n)
+    return [torch.eye(a, dtype=dtype), torch.eye(b, dtype=dtype), torch.ones(n, dtype=dtype)]
 
 
 def apply_affine(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -76,8 +82,7 @@ class AffineTail(nn.Module):
     def identity(cls, keep: int, n: int, dtype: torch.dtype = torch.float32,
                  base: nn.Module | None = None) -> "AffineTail":
         """``T = I`` on ``n`` coordinates (the start of training, and the skeleton for loading)."""
-        a, b = kron_shape(n)
-        return cls(keep, torch.eye(a, dtype=dtype), torch.eye(b, dtype=dtype), torch.ones(n, dtype=dtype), base)
+        return cls(keep, *identity_factors(n, dtype), base=base)
 
     @property
     def n(self) -> int:

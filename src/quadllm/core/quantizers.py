@@ -135,7 +135,7 @@ def fake_quant_weight(w: torch.Tensor, bits: int = 4, group_size: int = 0) -> to
     transform with the weight quantizer in the loop, :mod:`quadllm.steps.learned_transform`)."""
     qmin, qmax = qrange(bits)
     wg = _group_view(w, group_size)
-    scale = (row_absmax(wg) / qmax).clamp_min(1e-8)
+    scale = weight_scales(w, bits, group_size, mse=False).to(w.dtype).unsqueeze(-1)
     q = wg / scale
     q = ste_round(q) if torch.is_grad_enabled() and q.requires_grad else torch.round(q)
     return (torch.clamp(q, qmin, qmax) * scale).reshape(w.shape)

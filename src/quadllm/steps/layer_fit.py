@@ -1,12 +1,13 @@
-"""What training part of one decoder layer against the float layer's output needs, shared by the
-learned clip (:mod:`quadllm.steps.learned_clip`) and the learned transform
-(:mod:`quadllm.steps.learned_transform`): the float copy that gives the targets, the batches of a
-training run, and the layer's error over all calibration batches."""
+"""Training part of one decoder layer against the float layer's output, shared by the learned clip
+(:mod:`quadllm.steps.learned_clip`) and the learned transform (:mod:`quadllm.steps.learned_transform`):
+the float copy that gives the targets, the training loop, and the layer's error over all
+calibration batches (the keep-or-discard test both apply)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -15,7 +16,7 @@ from ..core.clipping import block_error
 from ..nn.modules import QuadLinear
 from .calibration import LayerInputs, run_layer
 
-__all__ = ["cycle_batches", "float_copy", "float_targets", "layer_error"]
+__all__ = ["float_copy", "float_targets", "layer_error", "train_layer"]
 
 
 def float_copy(layer: nn.Module) -> nn.Module:
@@ -37,8 +38,8 @@ def float_targets(reference: nn.Module, inputs: LayerInputs) -> list[torch.Tenso
     return [run_layer(reference, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
 
 
-def cycle_batches(inputs: LayerInputs, targets: list[torch.Tensor],
-                  steps: int) -> Iterator[tuple[torch.Tensor, dict, torch.Tensor]]:
+def _cycle_batches(inputs: LayerInputs, targets: list[torch.Tensor],
+                   steps: int) -> Iterator[tuple[torch.Tensor, dict, torch.Tensor]]:
     """``steps`` (input, keyword arguments, target) batches, cycling (the hidden states may be a
     store read from disk)."""
     done = 0
@@ -48,6 +49,25 @@ def cycle_batches(inputs: LayerInputs, targets: list[torch.Tensor],
                 return
             yield h, kw, y
             done += 1
+
+
+def train_layer(layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor], params: Sequence[torch.Tensor],
+                steps: int, lr: float, loss: str, *, after_step: Callable[[], None] | None = None,
+                forward: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
+    """Adam on ``params`` for ``steps`` calibration batches (cycling) on
+    :func:`~quadllm.core.clipping.block_error` ``loss`` between ``layer``'s output and ``targets``.
+    ``forward``: the context each forward and backward pass runs in; ``after_step``: called after
+    each step (to project the parameters back onto their allowed range)."""
+    opt = torch.optim.Adam(list(params), lr=lr)
+    for h, kw, target in _cycle_batches(inputs, targets, steps):
+        with torch.enable_grad(), forward():
+            err = block_error(run_layer(layer, h, kw), target, loss)
+            opt.zero_grad(set_to_none=True)
+            err.backward()
+        opt.step()
+        if after_step is not None:
+            with torch.no_grad():
+                after_step()
 
 
 @torch.no_grad()

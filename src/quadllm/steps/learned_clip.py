@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from ..arch import ArchAdapter, get_submodule
-from ..core.clipping import LEARNED_CLIP_MIN, block_error, round_learned_clip
+from ..core.clipping import LEARNED_CLIP_MIN, round_learned_clip
 from ..nn.modules import QuadLinear
-from .calibration import LayerInputs, input_owners, run_layer
-from .layer_fit import cycle_batches, float_targets, layer_error
+from .calibration import LayerInputs, input_owners
+from .layer_fit import float_targets, layer_error, train_layer
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +64,12 @@ def learn_layer_act_clips(layer: nn.Module, adapter: ArchAdapter, inputs: LayerI
             lins[name].act_enabled = True
             lins[name].clip_param = params[owners[name]]
         err_start = layer_error(layer, inputs, targets, loss)
-        opt = torch.optim.Adam(list(params.values()), lr=LEARN_LR)
-        for h, kw, target in cycle_batches(inputs, targets, steps):
-            with torch.enable_grad():
-                err = block_error(run_layer(layer, h, kw), target, loss)
-                opt.zero_grad(set_to_none=True)
-                err.backward()
-            opt.step()
+
+        def clamp() -> None:
             for p in params.values():
                 p.clamp_(LEARNED_CLIP_MIN, 1.0)
+
+        train_layer(layer, inputs, targets, list(params.values()), steps, LEARN_LR, loss, after_step=clamp)
         for p in params.values():
             p.fill_(round_learned_clip(float(p)))
         err_end = layer_error(layer, inputs, targets, loss)

@@ -31,12 +31,11 @@ from torch.nn.utils import parametrize
 
 from ..arch import ArchAdapter, get_submodule
 from ..config import QuantConfig
-from ..core.affine import AffineTail, fuse_affine, kron_shape
-from ..core.clipping import block_error
+from ..core.affine import AffineTail, fuse_affine, identity_factors
 from ..core.quantizers import fake_quant_weight
 from ..nn.modules import QuadLinear
-from .calibration import LayerInputs, input_owners, run_layer
-from .layer_fit import cycle_batches, float_copy, float_targets, layer_error
+from .calibration import LayerInputs, input_owners
+from .layer_fit import float_copy, float_targets, layer_error, train_layer
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +64,6 @@ class FusedQuantizedWeight(nn.Module):
         return torch.cat([weight[:, :k], tail], dim=1) if k else tail
 
 
-def _identity(n: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    a, b = kron_shape(n)
-    return [torch.eye(a, dtype=dtype), torch.eye(b, dtype=dtype), torch.ones(n, dtype=dtype)]
-
-
 @torch.no_grad()
 def learn_layer_transforms(layer: nn.Module, adapter: ArchAdapter, inputs: LayerInputs, config: QuantConfig,
                            index: int) -> bool:
@@ -83,8 +77,7 @@ def learn_layer_transforms(layer: nn.Module, adapter: ArchAdapter, inputs: Layer
         return False
     owners = input_owners(layer, adapter, names)
     dtype = lins[names[0]].weight.dtype
-    params = {owner: [p.requires_grad_() for p in _identity(lins[owner].in_features - lins[owner].rank,
-                                                              torch.float32)]
+    params = {owner: [p.requires_grad_() for p in identity_factors(lins[owner].in_features - lins[owner].rank)]
               for owner in dict.fromkeys(owners.values())}
     targets = float_targets(float_copy(layer), inputs)
     bases = {name: lins[name].transform for name in names}
@@ -96,13 +89,8 @@ def learn_layer_transforms(layer: nn.Module, adapter: ArchAdapter, inputs: Layer
                 lin, "weight", FusedQuantizedWeight(lin.rank, factors, config.w_bits, config.group_size))
         with parametrize.cached():
             err_start = layer_error(layer, inputs, targets, TRANSFORM_LOSS)
-        opt = torch.optim.Adam([p for ps in params.values() for p in ps], lr=TRANSFORM_LR)
-        for h, kw, target in cycle_batches(inputs, targets, steps):
-            with torch.enable_grad(), parametrize.cached():
-                err = block_error(run_layer(layer, h, kw), target, TRANSFORM_LOSS)
-                opt.zero_grad(set_to_none=True)
-                err.backward()
-            opt.step()
+        train_layer(layer, inputs, targets, [p for ps in params.values() for p in ps], steps, TRANSFORM_LR,
+                    TRANSFORM_LOSS, forward=parametrize.cached)
         with parametrize.cached():
             err_end = layer_error(layer, inputs, targets, TRANSFORM_LOSS)
     finally:
@@ -115,7 +103,7 @@ def learn_layer_transforms(layer: nn.Module, adapter: ArchAdapter, inputs: Layer
         lin = lins[name]
         # the stored factors, rounded to the model's dtype first, are the ones the weight is fused with
         factors = [p.detach().to(dtype) for p in params[owners[name]]] if kept else \
-            _identity(lin.in_features - lin.rank, dtype)
+            identity_factors(lin.in_features - lin.rank, dtype)
         w = lin.weight.detach().to(torch.float64)
         k = lin.rank
         tail = fuse_affine(w[:, k:], *(f.to(torch.float64) for f in factors))
