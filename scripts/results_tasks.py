@@ -17,6 +17,8 @@ of every cell) is results/<model>_tasks.{md,json}, built from the cells with qua
     python scripts/results_tasks.py                           # 500 items per zero-shot task, 100 generative
     python scripts/results_tasks.py --budget-minutes 60       # as many cells as fit in an hour
     python scripts/results_tasks.py --limit 50 --gen-limit 10 --out runs/quick   # a quick look, kept out of results/
+    python scripts/results_tasks.py --rows "QUAD W4A4 r=64 + clip + o-rank 8 + smoothing" \
+        --finetuned-base "QUAD W4A4 r=64 + clip + o-rank 8 + smoothing" --finetuned-lr 3e-5   # later rows too
     python scripts/results_tasks.py --model qwen2.5-coder-0.5b --gen-limit 164 \
         --tasks piqa,arc_easy,arc_challenge,hellaswag,winogrande,lambada_openai,openbookqa,boolq,humaneval_chat,gsm8k
 """
@@ -35,9 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from results_finetune import OUTLIER_FT_DIR  # noqa: E402
+from results_finetune import BASE_ROWS, OUTLIER_FT_DIR, finetune_rows  # noqa: E402
 from results_smollm2 import (  # noqa: E402
-    ROWS,
     add_checkpoint_args,
     model_title,
     portable,
@@ -67,6 +68,23 @@ CHANCE = {"piqa": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.2
 #: Model pairs compared item by item (first minus second); "FP" stands for the full-precision model.
 PAIRS = (("QUAD W4A4 r=64", "QuaRot W4A4"), ("QUAD W4A4A8 r=64", "QUAD W4A4 r=64"),
          (FINETUNED, "QUAD W4A4 r=64"), ("QUAD W4A4 r=64", "FP"))
+
+
+def finetuned_title(base: str) -> str:
+    return f"{base} + outlier FT"
+
+
+def extra_pairs(rows: list[str], finetuned_base: str | None = None) -> tuple[tuple[str, str], ...]:
+    """:data:`PAIRS` and, for each further row, the row against QUAD W4A4 r=64 and against FP
+    (a fine-tune against its base)."""
+    pairs = list(PAIRS)
+    for row in rows:
+        pairs += [(row, "QUAD W4A4 r=64"), (row, "FP")]
+    if finetuned_base is not None:
+        pairs += [(finetuned_title(finetuned_base), finetuned_base), (finetuned_title(finetuned_base), "FP")]
+    return tuple(dict.fromkeys(pairs))
+
+
 #: The metric compared for a generative task (zero-shot tasks use the papers' choice).
 GEN_METRIC = {"gsm8k": "exact_match,flexible-extract", "humaneval": "pass@1", "humaneval_chat": "pass@1"}
 
@@ -224,15 +242,16 @@ def chance_lines(merged: dict[str, dict], models: list[str], group: list[str]) -
     return lines + [""]
 
 
-def paired_table(cells: dict, models: list[str], group: list[str]) -> tuple[list[str], list[dict]]:
-    """Item-by-item differences (points, ± standard error) of the PAIRS on the tasks of ``group``
+def paired_table(cells: dict, models: list[str], group: list[str],
+                 pairs: tuple[tuple[str, str], ...] = PAIRS) -> tuple[list[str], list[dict]]:
+    """Item-by-item differences (points, ± standard error) of ``pairs`` on the tasks of ``group``
     done for both models, per task and for the papers' average (zero-shot)."""
     fp = models[0]
     fp_tasks = {t: cells[(t, fp)]["tasks"][t] for t in group if (t, fp) in cells}
     metric = {t: GEN_METRIC.get(t) or papers_average({t: m})[1].get(t) for t, m in fp_tasks.items()}
     zero_shot = [t for t in group if t in ZERO_SHOT]
     records = []
-    for a, b in ((fp if a == "FP" else a, fp if b == "FP" else b) for a, b in PAIRS):
+    for a, b in ((fp if a == "FP" else a, fp if b == "FP" else b) for a, b in pairs):
         if a not in models or b not in models:
             continue
         per_task = {}
@@ -292,7 +311,7 @@ def checkpoint_lines(cells: dict, models: list[str]) -> list[str]:
 
 
 def render(cells: dict, models: list[str], tasks: list[str], args, total: int,
-           skipped: dict[str, str] | None = None) -> str:
+           skipped: dict[str, str] | None = None, pairs: tuple[tuple[str, str], ...] = PAIRS) -> str:
     """The Markdown table; ``skipped``: zero-shot tasks (-> the papers' metric) on which FP is at
     chance and the quantized models were not run."""
     fp, skipped = models[0], skipped or {}
@@ -317,12 +336,20 @@ def render(cells: dict, models: list[str], tasks: list[str], args, total: int,
               "through the chat template, as the Qwen2.5-Coder authors evaluate). "
               f"Machines: {'; '.join(machines) if machines else 'none yet'}.", ""]
     lines += checkpoint_lines(cells, models)
+    all_models = models
     for label, group in (("zero-shot", [t for t in tasks if t in ZERO_SHOT]),
                          ("generative", [t for t in tasks if t in GENERATIVE])):
         if not group:
             continue
-        complete = [t for t in group if all((t, m) in cells for m in models)]
         lines += [f"## {label}", ""]
+        models = all_models
+        # a model with no cell of this group was not run on these tasks (a row added later, scored
+        # on the zero-shot tasks only); it is named, not left blank in every row
+        unrun = [m for m in models[1:] if not any((t, m) in cells for t in group)]
+        if unrun and len(unrun) < len(models) - 1:
+            lines += [f"Not run on these tasks: {', '.join(unrun)}.", ""]
+            models = [m for m in models if m not in unrun]
+        complete = [t for t in group if all((t, m) in cells for m in models)]
         at_chance = [t for t in group if t in skipped and t not in complete and (t, fp) in cells]
         if at_chance:
             lines += ["FP scores at chance (at most two standard errors above guessing) on "
@@ -343,10 +370,10 @@ def render(cells: dict, models: list[str], tasks: list[str], args, total: int,
         lines += weak_notes(rows, fp)
         if label == "zero-shot":
             lines += chance_lines(merge(done, models), models, complete)
-        paired_lines, _ = paired_table({k: v for k, v in cells.items() if k[0] in complete}, models, complete)
+        paired_lines, _ = paired_table({k: v for k, v in cells.items() if k[0] in complete}, models, complete, pairs)
         lines += [""] + paired_lines
         lines += ["Wall seconds per cell (model load included):", ""]
-        lines += seconds_table(merged, group) + [""]
+        lines += seconds_table({m: merged[m] for m in models}, group) + [""]
     return "\n".join(lines)
 
 
@@ -369,6 +396,12 @@ def main() -> None:
                    help="what every model runs in (quadllm eval --dtype); one dtype per table")
     p.add_argument("--backend", default="fake", choices=BACKENDS,
                    help="how the checkpoints' quantized linears run (recorded in each cell's command)")
+    p.add_argument("--rows", default="",
+                   help="more rows of scripts/results_smollm2.py to score after the standard ones (comma-separated)")
+    p.add_argument("--finetuned-base", default=None, choices=sorted(BASE_ROWS),
+                   help="also score scripts/results_finetune.py's outlier fine-tune of this row")
+    p.add_argument("--finetuned-lr", type=float, default=None,
+                   help="the learning rate that fine-tune ran with (its directory names it)")
     p.add_argument("--all-tasks", action="store_true",
                    help="run the quantized models also on zero-shot tasks where FP is at chance")
     args = p.parse_args()
@@ -380,31 +413,42 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown tasks {unknown}; choose from {ZERO_SHOT + GENERATIVE}")
     qargs = quantize_args(args)
-    flags = dict(ROWS)
+    flags = BASE_ROWS
+    extra = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = sorted(set(extra) - set(flags))
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {sorted(flags)}")
+    if args.finetuned_base is not None and args.finetuned_lr is None:
+        raise SystemExit("--finetuned-base needs --finetuned-lr (the fine-tune's directory names its learning rate)")
     fp = model_title(args.model)
     specs = {fp: args.model}
-    for name in QUANTIZED:
-        if not args.render_only:
-            quantize_row(name, flags[name], qargs)
-        specs[name] = str(Path(args.work) / slug(name))
-    ft = Path(args.work) / OUTLIER_FT_DIR
-    if (ft / "quadllm_config.json").is_file() or (args.render_only and cell_file(Path(args.out), FINETUNED, "piqa").parent.is_dir()):
-        specs[FINETUNED] = str(ft)
-    else:
-        log.info("no fine-tuned checkpoint at %s (run scripts/results_finetune.py first to include it)", ft)
-    models = list(specs)
     out = Path(args.out)
     parts = out.parent / out.name
+    for name in (*QUANTIZED, *extra):  # quantized when one of their cells is run
+        specs[name] = str(Path(args.work) / slug(name))
+    # a fine-tune is made by scripts/results_finetune.py; its row stays while its cells are here
+    finetuned = {FINETUNED: Path(args.work) / OUTLIER_FT_DIR}
+    if args.finetuned_base is not None:
+        finetuned[finetuned_title(args.finetuned_base)] = Path(args.work) / finetune_rows(
+            {"quad": args.finetuned_lr}, "kd", args.finetuned_base, lora=False)[0][1]
+    for name, ft in finetuned.items():
+        if (ft / "quadllm_config.json").is_file() or cell_file(parts, name, "piqa").parent.is_dir():
+            specs[name] = str(ft)
+        else:
+            log.info("no fine-tuned checkpoint at %s (run scripts/results_finetune.py first to include it)", ft)
+    models = list(specs)
+    pairs = extra_pairs(extra, args.finetuned_base)
     t0 = time.perf_counter()
     cells: dict[tuple[str, str], dict] = {}
     skipped: dict[str, str] = {}
+    made: set[str] = set()
     stopped = False
 
     def cells_total() -> int:
         return (len(tasks) - len(skipped)) * len(models) + len(skipped)
 
     def write_md() -> None:
-        out.with_suffix(".md").write_text(render(cells, models, tasks, args, cells_total(), skipped))
+        out.with_suffix(".md").write_text(render(cells, models, tasks, args, cells_total(), skipped, pairs))
 
     for task in tasks:
         limit = (args.gsm8k_limit or args.gen_limit) if task == "gsm8k" else \
@@ -424,6 +468,12 @@ def main() -> None:
                     log.info("budget of %.0f min spent: no new cells (rerun to continue)", args.budget_minutes)
                     stopped = True
                 else:
+                    if model in flags and model not in made:
+                        quantize_row(model, flags[model], qargs)
+                        made.add(model)
+                    elif model != fp and not (Path(specs[model]) / "quadllm_config.json").is_file():
+                        raise SystemExit(f"{model}: no checkpoint at {specs[model]} for its missing {task} cell "
+                                         "(run scripts/results_finetune.py to make it)")
                     path.parent.mkdir(parents=True, exist_ok=True)
                     cell = run_cell(model, specs[model], task, limit, parts, args)
                     ran = True
@@ -437,7 +487,7 @@ def main() -> None:
                "gen_limit": args.gen_limit, "gsm8k_limit": args.gsm8k_limit or args.gen_limit, "seed": args.seed, "dtype": args.dtype,
                "cells_done": len(cells), "cells_total": total, "skipped_at_chance": skipped,
                "results": merge(cells, models),
-               "paired": paired_table(cells, models, tasks)[1]}
+               "paired": paired_table(cells, models, tasks, pairs)[1]}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(out.with_suffix(".md").read_text())
 

@@ -110,3 +110,31 @@ def test_a_cell_made_in_another_dtype_is_refused(tmp_path):
     assert rt.load_cell(cell, 5, 0)["limit"] == 5  # cells from before --dtype ran in float32
     with pytest.raises(SystemExit, match="dtype float32"):
         rt.load_cell(cell, 5, 0, "bfloat16")
+
+
+def test_further_rows_are_compared_with_quad_and_fp_and_a_finetune_with_its_base():
+    row = "QUAD W4A4 r=64 + clip + o-rank 8 + smoothing"
+    pairs = rt.extra_pairs([row], row)
+    assert pairs[:len(rt.PAIRS)] == rt.PAIRS
+    ft = rt.finetuned_title(row)
+    assert pairs[len(rt.PAIRS):] == ((row, "QUAD W4A4 r=64"), (row, "FP"), (ft, row), (ft, "FP"))
+    cells = {("piqa", FP): _cell("piqa", "1111"), ("piqa", row): _cell("piqa", "1101"),
+             ("piqa", ft): _cell("piqa", "1111")}
+    _, records = rt.paired_table(cells, [FP, row, ft], ["piqa"], pairs)
+    got = {(r["a"], r["b"]): r["per_task"]["piqa"]["diff"] for r in records}
+    assert got == {(row, FP): pytest.approx(-0.25), (ft, row): pytest.approx(0.25), (ft, FP): 0.0}
+
+
+def test_a_row_never_run_on_a_task_group_is_named_and_left_out_of_that_group(tmp_path):
+    q, row = "QUAD W4A4 r=64", "QUAD W4A4 r=64 + clip + o-rank 8 + smoothing"
+    gen = {"tasks": {"gsm8k": {"exact_match,flexible-extract": 0.5}}, "items": {}, "wall_seconds": 1.0}
+    cells = {("piqa", FP): _cell("piqa", "1110"), ("piqa", q): _cell("piqa", "1100"),
+             ("piqa", row): _cell("piqa", "1110"), ("gsm8k", FP): gen, ("gsm8k", q): gen}
+    args = type("A", (), {"out": str(tmp_path / "t"), "command": "python scripts/results_tasks.py",
+                          "calib_samples": 32, "calib_seqlen": 512, "seed": 0, "limit": 4, "gen_limit": 2})()
+    md = rt.render(cells, [FP, q, row], ["piqa", "gsm8k"], args, 6)
+    zero_shot, generative = md.split("## generative")
+    assert f"| {row} |" in zero_shot.split("Wall seconds")[1]
+    assert f"Not run on these tasks: {row}." in generative
+    assert row not in generative.replace(f"Not run on these tasks: {row}.", "")
+    assert "| gsm8k | exact_match,flexible-extract | 50.00 | 50.00 | 100.0% |" in generative
