@@ -16,7 +16,7 @@ from ..core.clipping import block_error
 from ..nn.modules import QuadLinear
 from .calibration import LayerInputs, run_layer
 
-__all__ = ["float_copy", "float_targets", "layer_error", "train_layer"]
+__all__ = ["act_quantizers_on", "float_copy", "float_targets", "layer_error", "train_layer"]
 
 
 def float_copy(layer: nn.Module) -> nn.Module:
@@ -30,6 +30,21 @@ def float_copy(layer: nn.Module) -> nn.Module:
         if kv is not None:
             kv.bits = 16  # the rotation of q and k alone leaves q kᵀ as it was
     return ref
+
+
+@contextlib.contextmanager
+def act_quantizers_on(lins: Sequence[QuadLinear]) -> Iterator[None]:
+    """Every activation quantizer of ``lins`` switched on for the block (the pipelines calibrate
+    with them off, as QuaRot does for GPTQ; a step that trains against the quantized layer's output
+    needs them on), then back as it was."""
+    before = [lin.act_enabled for lin in lins]
+    try:
+        for lin in lins:
+            lin.act_enabled = True
+        yield
+    finally:
+        for lin, on in zip(lins, before):
+            lin.act_enabled = on
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ from ..arch import ArchAdapter, get_submodule
 from ..core.clipping import LEARNED_CLIP_MIN, round_learned_clip
 from ..nn.modules import QuadLinear
 from .calibration import LayerInputs, input_owners
-from .layer_fit import float_targets, layer_error, train_layer
+from .layer_fit import act_quantizers_on, float_targets, layer_error, train_layer
 
 log = logging.getLogger(__name__)
 
@@ -58,28 +58,26 @@ def learn_layer_act_clips(layer: nn.Module, adapter: ArchAdapter, inputs: LayerI
     start = {owner: float(lins[owner].act.clip_ratio) for owner in set(owners.values())}
     params = {owner: torch.tensor(c, dtype=torch.float32, requires_grad=True) for owner, c in start.items()}
     targets = float_targets(reference, inputs)
-    before = {name: lin.act_enabled for name, lin in lins.items()}
     try:
         for name in names:
-            lins[name].act_enabled = True
             lins[name].clip_param = params[owners[name]]
-        err_start = layer_error(layer, inputs, targets, loss)
+        with act_quantizers_on([lins[n] for n in names]):
+            err_start = layer_error(layer, inputs, targets, loss)
 
-        def clamp() -> None:
+            def clamp() -> None:
+                for p in params.values():
+                    p.clamp_(LEARNED_CLIP_MIN, 1.0)
+
+            train_layer(layer, inputs, targets, list(params.values()), steps, LEARN_LR, loss, after_step=clamp)
             for p in params.values():
-                p.clamp_(LEARNED_CLIP_MIN, 1.0)
-
-        train_layer(layer, inputs, targets, list(params.values()), steps, LEARN_LR, loss, after_step=clamp)
-        for p in params.values():
-            p.fill_(round_learned_clip(float(p)))
-        err_end = layer_error(layer, inputs, targets, loss)
+                p.fill_(round_learned_clip(float(p)))
+            err_end = layer_error(layer, inputs, targets, loss)
         if not err_end < err_start:  # worse, or NaN
             for owner, p in params.items():
                 p.fill_(start[owner])
     finally:
-        for name, lin in lins.items():
+        for lin in lins.values():
             lin.clip_param = None
-            lin.act_enabled = before[name]
     kept = err_end < err_start
     chosen = {name: float(params[owners[name]]) for name in names}
     for name, clip in chosen.items():

@@ -35,7 +35,7 @@ from ..core.affine import AffineTail, fuse_affine, identity_factors
 from ..core.quantizers import fake_quant_weight
 from ..nn.modules import QuadLinear
 from .calibration import LayerInputs, input_owners
-from .layer_fit import float_copy, float_targets, layer_error, train_layer
+from .layer_fit import act_quantizers_on, float_copy, float_targets, layer_error, train_layer
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,13 @@ def learn_layer_transforms(layer: nn.Module, adapter: ArchAdapter, inputs: Layer
             lin.transform = AffineTail(lin.rank, *factors, base=bases[name])
             parametrize.register_parametrization(
                 lin, "weight", FusedQuantizedWeight(lin.rank, factors, config.w_bits, config.group_size))
-        with parametrize.cached():
-            err_start = layer_error(layer, inputs, targets, TRANSFORM_LOSS)
-        train_layer(layer, inputs, targets, [p for ps in params.values() for p in ps], steps, TRANSFORM_LR,
-                    TRANSFORM_LOSS, forward=parametrize.cached)
-        with parametrize.cached():
-            err_end = layer_error(layer, inputs, targets, TRANSFORM_LOSS)
+        with act_quantizers_on([lins[n] for n in names]):
+            with parametrize.cached():
+                err_start = layer_error(layer, inputs, targets, TRANSFORM_LOSS)
+            train_layer(layer, inputs, targets, [p for ps in params.values() for p in ps], steps, TRANSFORM_LR,
+                        TRANSFORM_LOSS, forward=parametrize.cached)
+            with parametrize.cached():
+                err_end = layer_error(layer, inputs, targets, TRANSFORM_LOSS)
     finally:
         for name in names:
             if parametrize.is_parametrized(lins[name], "weight"):
