@@ -105,6 +105,11 @@ ABLATION_ROWS = [
     ("QUAD W4A4 r=64 + clip + o-rank 8 + smoothing + learned transform",
      [*BASE, "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5", "--learn-transform", "32"]),
     ("QUAD W4A4 r=64 + learned transform", [*BASE, "--learn-transform", "32"]),
+    # item 1's last part: each weight row's clip ratio trained against the float layer's output from the
+    # MSE search's (OmniQuant's learnable weight clipping), on top of the default's recipe, then alone
+    ("QUAD W4A4 r=64 + clip + o-rank 8 + smoothing + learned weight clip",
+     [*BASE, "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5", "--w-clip-learn", "32"]),
+    ("QUAD W4A4 r=64 + learned weight clip", [*BASE, "--w-clip-learn", "32"]),
     # the default's recipe with INT8 inputs to o_proj and down_proj (the main table's QUAD W4A4A8 r=64 beside it)
     ("QUAD W4A4A8 r=64 + clip + o-rank 8 + smoothing",
      [*BASE, "--mode", "w4a4a8", "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5"]),
@@ -568,6 +573,9 @@ def main() -> None:
         for key in ("speed", "speed_earlier"):  # timed in earlier runs (their commands are in them)
             if key in old["meta"]:
                 meta[key] = old["meta"][key]
+        if args.force:  # rows quantized again: their earlier windows scored another checkpoint
+            for name, _ in rows:
+                results.pop(name, None)
         log.info("resuming: %s", {n: r["windows"] for n, r in results.items()})
     # Rows are evaluated a few at a time (every model of a group is in memory together, and the
     # reference runs once per window per group); a row keeps its windows across groups and runs.

@@ -25,7 +25,7 @@ OBSOLETE_KEYS = frozenset({"dtype"})  # configuration keys this version ignores 
 #: configuration keys that checkpoints made before them lack, with the value those were made with
 RECORDED_BEFORE_KEYS = {"gptaq_alpha": 1.0, "a_clip_search": False, "act_sym": True, "o_rank": 0,
                         "down_smooth": 0.0, "down_rank": 0, "a_clip_learn": 0,
-                        "a_clip_learn_loss": "mse", "learn_transform": 0}
+                        "a_clip_learn_loss": "mse", "learn_transform": 0, "w_clip_learn": 0}
 #: what ``--method quad`` at W4A4 does unless told otherwise: the combination of accuracy techniques
 #: without run-time cost that did best in the ablation (results/smollm2_ablation_final.md); the
 #: baselines (quarot, rtn) and the other modes keep them off (:data:`RECIPE_OFF`)
@@ -87,6 +87,7 @@ class QuantConfig:
     w_bits: int = 4
     group_size: int = 0  # 0: per output channel
     w_clip: bool = True  # MSE clipping search for weight scales
+    w_clip_learn: int = 0  # steps training the weight clip ratios per layer against its float output (0: off)
     act_order: bool = False
     damp: float = 0.01
     gptq_block: int = 128
@@ -158,6 +159,8 @@ class QuantConfig:
             raise ConfigError(f"a_clip_learn (training steps per layer) must be >= 0, got {self.a_clip_learn}")
         if self.learn_transform < 0:
             raise ConfigError(f"learn_transform (training steps per layer) must be >= 0, got {self.learn_transform}")
+        if self.w_clip_learn < 0:
+            raise ConfigError(f"w_clip_learn (training steps per layer) must be >= 0, got {self.w_clip_learn}")
         if self.down_rank < 0 or self.o_rank < 0:
             raise ConfigError(f"down_rank and o_rank must be >= 0, got {self.down_rank} and {self.o_rank}")
         if not 0.0 <= self.down_smooth < 1.0:
@@ -206,7 +209,7 @@ class QuantConfig:
         """Whether each decoder layer's calibration inputs are needed: for GPTQ or GPTAQ, the clip search,
         the o_proj and down_proj subspaces or the learned transforms."""
         return (self.weights != "rtn" or self.stores_act_clips or self.down_rank > 0 or self.o_rank > 0
-                or self.down_smooth > 0 or self.learns_transforms)
+                or self.down_smooth > 0 or self.learns_transforms or self.w_clip_learn > 0)
 
     @property
     def searches_act_clips(self) -> bool:
@@ -269,7 +272,9 @@ class QuantConfig:
                "rtn": "no rotation (plain RTN baseline)"}[self.method]
         grp = f"group {self.group_size}" if self.group_size else "per-channel"
         return (f"{rot}; {self.mode}; weights INT{self.w_bits} {self.weights.upper()} {grp}"
-                f"{' act-order' if self.act_order else ''}; activations clip "
+                f"{' act-order' if self.act_order else ''}"
+                f"{f', clip learned per layer ({self.w_clip_learn} steps)' if self.w_clip_learn else ''}"
+                "; activations clip "
                 f"{'searched per input' if self.searches_act_clips else self.a_clip}"
                 f"{self.learned_clip_description()}"
                 f"{'' if self.act_sym else ', asymmetric'}; "

@@ -367,3 +367,34 @@ def test_gptq_on_the_gptaq_target_lowers_gptaqs_objective():
         plain = gptq_quantize(w, H, rank)
         gptaq = gptq_quantize(gptaq_target(w, H, C), H, rank)
         assert objective(gptaq) < 0.5 * objective(plain), rank
+
+
+@pytest.mark.parametrize("rank,group_size,act_order", [(0, 0, False), (3, 0, True), (4, 7, False), (4, 4, True)])
+def test_clip_ratios_given_reproduce_the_search_they_came_from(rank, group_size, act_order):
+    """GPTQ and RTN with ``clip``: the searched scales' ratios to absmax give the searched result
+    (per channel and with static groups, where GPTQ takes its scales from the weight as given)."""
+    from quadllm.core.quantizers import weight_clip_ratios
+
+    x, w, H = _setup(3)
+    clip = weight_clip_ratios(w[:, rank:], 4, group_size)
+    r, rc = rtn_quantize(w, rank, 4, group_size), rtn_quantize(w, rank, 4, group_size, clip=clip)
+    assert torch.equal(r.codes, rc.codes)
+    torch.testing.assert_close(rc.scales, r.scales, rtol=1e-12, atol=0)
+    if group_size and not act_order:  # dynamic groups: GPTQ searches each group as it reaches it
+        return
+    g = gptq_quantize(w, H, rank, group_size=group_size, act_order=act_order)
+    gc = gptq_quantize(w, H, rank, group_size=group_size, act_order=act_order, clip=clip)
+    assert torch.equal(g.codes, gc.codes)
+    torch.testing.assert_close(gc.scales, g.scales, rtol=1e-12, atol=0)
+
+
+def test_gptq_with_dynamic_groups_scales_each_group_by_its_ratio_as_reached():
+    x, w, H = _setup(4)
+    clip = torch.full((w.shape[0], IN // 8), 0.7, dtype=torch.float64)
+    g = gptq_quantize(w, H, 0, group_size=8, clip=clip)
+    ones = gptq_quantize(w, H, 0, group_size=8, mse=False)
+    _, qmax = qrange(4)
+    # group 0 is reached before any update: its scale is 0.7 of its absmax
+    torch.testing.assert_close(g.scales[:, 0], 0.7 * w[:, :8].abs().amax(1) / qmax, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ones.scales[:, 0], w[:, :8].abs().amax(1) / qmax, rtol=1e-12, atol=0)
+    assert int(g.codes.abs().eq(8).sum() + g.codes.eq(7).sum()) > int(ones.codes.abs().eq(8).sum() + ones.codes.eq(7).sum())

@@ -505,3 +505,40 @@ def test_weight_scales_screening_researches_close_rows(monkeypatch):
     monkeypatch.setattr(qz, "_SCREEN_RTOL", 1e-4)
     weight_scales(w)
     assert calls[0] == torch.float32
+
+
+@pytest.mark.parametrize("group_size", [0, 4])
+def test_weight_clip_ratios_and_clipped_scales_reproduce_the_searched_scales(group_size):
+    from quadllm.core.quantizers import clipped_scales, weight_clip_ratios
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(6, 16, generator=g, dtype=torch.float64) ** 3  # heavy tails: the search clips
+    ratio = weight_clip_ratios(w, 4, group_size)
+    assert ratio.shape == weight_scales(w, 4, group_size).shape and bool((ratio < 1).any())
+    assert bool((ratio <= 1).all()) and bool((ratio >= 0.2).all())
+    torch.testing.assert_close(clipped_scales(w, ratio, 4, group_size), weight_scales(w, 4, group_size),
+                               rtol=1e-12, atol=0)
+    assert torch.equal(weight_clip_ratios(w, 4, group_size, mse=False), torch.ones_like(ratio))
+
+
+@pytest.mark.parametrize("group_size", [0, 4])
+def test_fake_quant_weight_with_a_clip_ratio_saturates_and_gives_the_ratio_lsqs_gradient(group_size):
+    from quadllm.core.quantizers import fake_quant_weight
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    qmin, qmax = qrange(4)
+    wg = w.reshape(5, -1, group_size or 16)
+    ratio = 0.5 + 0.5 * torch.rand(wg.shape[:2], generator=g, dtype=torch.float64)
+    s = ratio.unsqueeze(-1) * wg.abs().amax(-1, keepdim=True) / qmax
+    q = torch.clamp(torch.round(wg / s), qmin, qmax)
+    torch.testing.assert_close(fake_quant_weight(w, 4, group_size, ratio), (q * s).reshape(5, 16), rtol=0, atol=1e-12)
+    r = ratio.clone().requires_grad_()
+    v = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    (v * fake_quant_weight(w, 4, group_size, r)).sum().backward()
+    # d/d ratio of sum(v * clamp(round(w/s)) * s), s = ratio * absmax / qmax, rounding straight through:
+    # inside the range q - w/s per weight, saturated ones q; times absmax / qmax
+    inside = (torch.round(wg / s) >= qmin) & (torch.round(wg / s) <= qmax)
+    dq = torch.where(inside, q - wg / s, q)
+    expected = (v.reshape(wg.shape) * dq).sum(-1) * wg.abs().amax(-1) / qmax
+    torch.testing.assert_close(r.grad, expected, rtol=1e-9, atol=1e-9)

@@ -74,6 +74,10 @@ def add_parsers(sub) -> None:
                    "quantized linear input per layer for STEPS calibration batches against the float layer's "
                    "output (FlatQuant-style; applied online, about n*(a+b+1) multiply-adds per token for n = a*b "
                    "inputs; default 0: off)")
+    q.add_argument("--w-clip-learn", type=int, default=d.w_clip_learn, metavar="STEPS",
+                   help="before GPTQ/RTN, train each weight row's (group's) clip ratio for STEPS calibration batches "
+                   "against the float layer's output, starting from the MSE search's (OmniQuant-style learnable "
+                   "weight clipping; kept only where it lowers the layer's error; no run-time cost; default 0: off)")
     q.add_argument("--act-asym", dest="act_sym", action="store_false", default=d.act_sym,
                    help="asymmetric per-token activations (a zero point per token, applied in the GEMM epilogue)")
     q.add_argument("--act-sym", dest="act_sym", action="store_true", help="symmetric per-token activations (default)")

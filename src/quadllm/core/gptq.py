@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantizers import qrange, weight_scales
+from .quantizers import clipped_scales, qrange, weight_scales
 
 __all__ = ["GPTQResult", "gptq_quantize", "gptaq_target", "rtn_quantize", "HessianAccumulator", "CrossAccumulator"]
 
@@ -106,11 +106,18 @@ def _codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.clamp(torch.round(w / scale), qmin, qmax)
 
 
-def rtn_quantize(w: torch.Tensor, rank: int, bits: int = 4, group_size: int = 0, mse: bool = True) -> GPTQResult:
+def _scales(w: torch.Tensor, bits: int, group_size: int, mse: bool, clip: torch.Tensor | None) -> torch.Tensor:
+    """Scales [out, G] of ``w``: searched (``mse``) or absmax, or from the clip ratios ``clip`` [out, G]."""
+    return weight_scales(w, bits, group_size, mse) if clip is None else clipped_scales(w, clip, bits, group_size)
+
+
+def rtn_quantize(w: torch.Tensor, rank: int, bits: int = 4, group_size: int = 0, mse: bool = True,
+                 clip: torch.Tensor | None = None) -> GPTQResult:
     """Round-to-nearest: the first ``rank`` columns stay in full precision, the rest are
-    quantized with (optionally MSE-searched) symmetric scales."""
+    quantized with (optionally MSE-searched) symmetric scales, or with the clip ratios ``clip``
+    [out, G] given (a learned weight clip)."""
     wq = w[:, rank:]
-    scales = weight_scales(wq, bits, group_size, mse)
+    scales = _scales(wq, bits, group_size, mse, clip)
     g = wq.shape[1] // scales.shape[1]
     codes = _codes(wq.reshape(wq.shape[0], -1, g), scales.unsqueeze(-1), bits).reshape(wq.shape)
     return GPTQResult(codes.to(torch.int8), scales.to(w.dtype), w[:, :rank].clone())
@@ -127,8 +134,12 @@ def gptq_quantize(
     damp: float = 0.01,
     block: int = 128,
     overwrite_h: bool = False,
+    clip: torch.Tensor | None = None,
 ) -> GPTQResult:
     """GPTQ on ``w`` [out, in] with Hessian ``H`` [in, in].
+
+    ``clip`` [out, G]: each row's (group's) clip ratio, used instead of the ``mse`` search: the
+    scale maps that share of the row's (group's, as GPTQ reaches it) largest magnitude to qmax.
 
     With ``overwrite_h`` a float64 ``H`` becomes the working buffer of the inverse (its contents
     are lost): memory then holds one [in, in] matrix at a time, which matters for an MLP's
@@ -178,9 +189,9 @@ def gptq_quantize(
     scales = torch.zeros(out, G, dtype=torch.float64)
     static = bool(group_size and act_order)
     if not group_size:
-        scales[:, 0] = weight_scales(W[:, :nq], bits, 0, mse)[:, 0]
+        scales[:, 0] = _scales(W[:, :nq], bits, 0, mse, clip)[:, 0]
     elif static:
-        scales = weight_scales(w.to(torch.float64)[:, rank:], bits, group_size, mse)
+        scales = _scales(w.to(torch.float64)[:, rank:], bits, group_size, mse, clip)
 
     codes = torch.zeros(out, nq, dtype=torch.int8)  # integers in [qmin, qmax]: exact in int8
     for i1 in range(0, nq, block):
@@ -194,7 +205,7 @@ def gptq_quantize(
             gi = (orig // group_size) if group_size else 0
             if group_size and not static and orig % group_size == 0:
                 upcoming = torch.cat([W1[:, i:], W[:, i2:nq]], 1)[:, :group_size]
-                scales[:, gi] = weight_scales(upcoming, bits, 0, mse)[:, 0]
+                scales[:, gi] = _scales(upcoming, bits, 0, mse, None if clip is None else clip[:, gi:gi + 1])[:, 0]
             s = scales[:, gi]
             w_col = W1[:, i]
             c = _codes(w_col, s, bits)

@@ -14,6 +14,8 @@ import torch
 __all__ = [
     "qrange",
     "weight_scales",
+    "weight_clip_ratios",
+    "clipped_scales",
     "quantize_weight",
     "dequantize_weight",
     "row_absmax",
@@ -95,6 +97,20 @@ def weight_scales(
     return (shrink[idx] * fmax / qmax).reshape(wmax.shape)
 
 
+def weight_clip_ratios(w: torch.Tensor, bits: int = 4, group_size: int = 0, mse: bool = True) -> torch.Tensor:
+    """Each row's (group's) clip ratio [out, G]: its :func:`weight_scales` over its absmax scale
+    (1 without ``mse``), the start of a learned weight clip."""
+    return weight_scales(w, bits, group_size, mse) / weight_scales(w, bits, group_size, mse=False)
+
+
+def clipped_scales(w: torch.Tensor, ratio: torch.Tensor, bits: int = 4, group_size: int = 0) -> torch.Tensor:
+    """Scales [out, G] that map ``ratio`` [out, G] times the largest magnitude of each row (group)
+    of ``w`` to ``qmax``: the weight clip given instead of searched (differentiable in ``ratio``)."""
+    _, qmax = qrange(bits)
+    wmax = _group_view(w, group_size).abs().amax(dim=-1).clamp_min(1e-12)
+    return ratio.to(wmax.dtype) * wmax / qmax
+
+
 def _clip_errors(wg: torch.Tensor, wmax: torch.Tensor, shrink: torch.Tensor, bits: int, norm: float
                  ) -> torch.Tensor:
     """``sum |Q(w) - w|**norm`` over each row of ``wg`` [R, g] for the scales ``p * wmax / qmax``
@@ -128,14 +144,19 @@ def dequantize_weight(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype 
     return (q.to(dtype).reshape(out, -1, g) * scales.to(dtype).unsqueeze(-1)).reshape(out, inp)
 
 
-def fake_quant_weight(w: torch.Tensor, bits: int = 4, group_size: int = 0) -> torch.Tensor:
+def fake_quant_weight(w: torch.Tensor, bits: int = 4, group_size: int = 0,
+                      ratio: torch.Tensor | None = None) -> torch.Tensor:
     """Round-to-nearest quantize-dequantize of ``w`` [out, in] with absmax scales per output channel
-    (or per group of ``group_size`` input columns). When ``w`` needs a gradient, the rounding is a
-    straight-through estimator and the gradient also flows through the scales (training a
-    transform with the weight quantizer in the loop, :mod:`quadllm.steps.learned_transform`)."""
+    (or per group of ``group_size`` input columns), or with :func:`clipped_scales` for a clip
+    ``ratio`` [out, G]. When ``w`` or ``ratio`` needs a gradient, the rounding is a straight-through
+    estimator and the gradient also flows through the scales (training a transform or the clip
+    with the weight quantizer in the loop, :mod:`quadllm.steps.learned_transform`,
+    :mod:`quadllm.steps.learned_weight_clip`): a weight that saturates passes its gradient to
+    ``ratio`` only, as LSQ's and OmniQuant's learned clipping do."""
     qmin, qmax = qrange(bits)
     wg = _group_view(w, group_size)
-    scale = weight_scales(w, bits, group_size, mse=False).to(w.dtype).unsqueeze(-1)
+    scale = (weight_scales(w, bits, group_size, mse=False) if ratio is None else
+             clipped_scales(w, ratio, bits, group_size)).to(w.dtype).unsqueeze(-1)
     q = wg / scale
     q = ste_round(q) if torch.is_grad_enabled() and q.requires_grad else torch.round(q)
     return (torch.clamp(q, qmin, qmax) * scale).reshape(w.shape)

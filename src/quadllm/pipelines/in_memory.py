@@ -88,7 +88,8 @@ def _quantize_weights(model: nn.Module, recipe: LayerRecipe, samples: torch.Tens
         inputs = capture_layer_inputs(model, adapter, samples, config.calib_batch)
         desc = config.weights.upper() + (" + clip search" if config.searches_act_clips else "") + (
             " + learned clips" if config.learns_act_clips else "") + (
-            " + learned transforms" if config.learns_transforms else "")
+            " + learned transforms" if config.learns_transforms else "") + (
+            " + learned weight clips" if config.w_clip_learn else "")
         bar = tqdm(layers, desc=desc, unit="layer", disable=not progress)
         for i, layer in enumerate(bar):
             t0 = time.perf_counter()

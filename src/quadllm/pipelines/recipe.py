@@ -9,7 +9,7 @@ all go through one :class:`LayerRecipe` built from the :class:`~quadllm.config.Q
 3. :meth:`~LayerRecipe.transform`: the residual basis ``Q``, the online transforms, the KV quantizer;
 4. :meth:`~LayerRecipe.set_quantizers`: the activation quantizer of every linear;
 5. :meth:`~LayerRecipe.quantize_weights`: (``o_rank``, ``down_rank``) the input subspaces, (``learn_transform``)
-   the learned transforms, GPTQ or RTN,
+   the learned transforms, (``w_clip_learn``) the learned weight clips, GPTQ or RTN,
    then (``a_clip_search``) each input's clip ratio, then (``a_clip_learn``) the layer's ratios trained jointly;
 
 and :meth:`~LayerRecipe.skeleton`: the empty modules those steps produce, for loading a checkpoint.
@@ -35,6 +35,7 @@ from ..steps.clipping import float_weights, search_layer_act_clips
 from ..steps.layer_fit import float_copy
 from ..steps.learned_clip import learn_layer_act_clips
 from ..steps.learned_transform import learn_layer_transforms
+from ..steps.learned_weight_clip import learn_layer_weight_clips
 from ..steps.decompose import decompose_down_proj, decompose_o_proj, empty_split_transform, o_rank_transform
 from ..steps.smoothing import smooth_down_proj
 from ..steps.transforms import (
@@ -91,6 +92,7 @@ class LayerRecipe:
         self.o_energy: list[float] = []
         #: per layer, whether its learned transforms were kept (they lowered its output error)
         self.transforms_kept: list[bool] = []
+        self.weight_clips_kept: list[bool] = []
 
     @property
     def rank(self) -> int:
@@ -146,7 +148,8 @@ class LayerRecipe:
 
     def quantize_weights(self, layer: nn.Module, index: int, inputs: LayerInputs | None) -> nn.Module | None:
         """With ``o_rank`` and ``down_rank``, o_proj's and down_proj's input subspaces first (exact), with
-        ``learn_transform`` every quantized input's learned transform (exact); then GPTQ on ``inputs``
+        ``learn_transform`` every quantized input's learned transform (exact), with ``w_clip_learn``
+        the weight clip ratios trained against the float layer; then GPTQ on ``inputs``
         (the layer's inputs, activation quantization off) or RTN; then, with ``a_clip_search``, the
         clip ratio of each linear input on the same inputs, and with ``a_clip_learn`` the layer's
         ratios trained against its float output. Returns, for GPTAQ, the layer as it was
@@ -162,15 +165,19 @@ class LayerRecipe:
             self.down_energy.append(decompose_down_proj(layer, self.adapter, inputs, self.config.down_rank, index))
         if self.config.learns_transforms:
             self.transforms_kept.append(learn_layer_transforms(layer, self.adapter, inputs, self.config, index))
+        clips = None
+        if self.config.w_clip_learn:
+            clips = learn_layer_weight_clips(layer, self.adapter, inputs, self.config, index)
+            self.weight_clips_kept.append(clips is not None)
         reference = float_weights(layer, self.adapter) if self.config.searches_act_clips else None
         reference_layer = copy.deepcopy(layer) if self.config.weights == "gptaq" else None
         float_layer = float_copy(layer) if self.config.learns_act_clips else None
         if reference_layer is not None and inputs.reference is None:
             inputs.reference = list(inputs.hidden)  # the first layer: both models' inputs are the same
         if self.config.weights in ("gptq", "gptaq"):
-            gptq_layer(layer, self.adapter, self.config, inputs, index, reference_layer)
+            gptq_layer(layer, self.adapter, self.config, inputs, index, reference_layer, clips)
         else:
-            rtn_layer(layer, self.adapter, self.config, index)
+            rtn_layer(layer, self.adapter, self.config, index, clips)
         if reference is not None:
             search_layer_act_clips(layer, self.adapter, inputs, reference, index)
         if float_layer is not None:
@@ -180,9 +187,12 @@ class LayerRecipe:
 
     def facts(self) -> dict[str, Any]:
         """What the quantization steps found, for the checkpoint's record."""
-        if not self.transforms_kept:
-            return {}
-        return {"learned_transforms_kept": f"{sum(self.transforms_kept)} of {len(self.transforms_kept)} layers"}
+        facts = {}
+        for key, kept in (("learned_transforms_kept", self.transforms_kept),
+                          ("learned_weight_clips_kept", self.weight_clips_kept)):
+            if kept:
+                facts[key] = f"{sum(kept)} of {len(kept)} layers"
+        return facts
 
     # --- loading --------------------------------------------------------------------------
     def skeleton(self, layer: nn.Module, dtype: torch.dtype) -> None:

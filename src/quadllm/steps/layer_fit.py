@@ -1,7 +1,9 @@
-"""Training part of one decoder layer against the float layer's output, shared by the learned clip
-(:mod:`quadllm.steps.learned_clip`) and the learned transform (:mod:`quadllm.steps.learned_transform`):
-the float copy that gives the targets, the training loop, and the layer's error over all
-calibration batches (the keep-or-discard test both apply)."""
+"""Training part of one decoder layer against the float layer's output, shared by the learned steps
+(the activation clip :mod:`quadllm.steps.learned_clip`, the transform
+:mod:`quadllm.steps.learned_transform`, the weight clip :mod:`quadllm.steps.learned_weight_clip`):
+the float copy that gives the targets, the quantizers switched on, the fake-quantized weight a
+linear trains with, the training loop, and the layer's error over all calibration batches (the
+keep-or-discard test they all apply)."""
 
 from __future__ import annotations
 
@@ -12,11 +14,13 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..core.affine import fuse_affine
 from ..core.clipping import block_error
+from ..core.quantizers import fake_quant_weight
 from ..nn.modules import QuadLinear
 from .calibration import LayerInputs, run_layer
 
-__all__ = ["act_quantizers_on", "float_copy", "float_targets", "layer_error", "train_layer"]
+__all__ = ["TrainedWeight", "act_quantizers_on", "float_copy", "float_targets", "layer_error", "train_layer"]
 
 
 def float_copy(layer: nn.Module) -> nn.Module:
@@ -30,6 +34,28 @@ def float_copy(layer: nn.Module) -> nn.Module:
         if kv is not None:
             kv.bits = 16  # the rotation of q and k alone leaves q kᵀ as it was
     return ref
+
+
+class TrainedWeight(nn.Module):
+    """The weight a linear has while its layer trains (a parametrization of ``weight``): the first
+    ``keep`` columns (full precision) as they are, the others round-to-nearest fake-quantized
+    (:func:`~quadllm.core.quantizers.fake_quant_weight`, straight-through), after ``W T⁻¹`` for the
+    transform ``factors`` (L, R, s) and with the clip ``ratio`` [out, G] when given."""
+
+    def __init__(self, keep: int, bits: int, group_size: int, *, factors: Sequence[torch.Tensor] | None = None,
+                 ratio: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.keep = keep
+        self.bits = bits
+        self.group_size = group_size
+        self.factors = factors  # trained elsewhere: held, not registered
+        self.ratio = ratio
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        k = self.keep
+        tail = weight[:, k:] if self.factors is None else fuse_affine(weight[:, k:], *self.factors)
+        tail = fake_quant_weight(tail, self.bits, self.group_size, self.ratio)
+        return torch.cat([weight[:, :k], tail], dim=1) if k else tail
 
 
 @contextlib.contextmanager

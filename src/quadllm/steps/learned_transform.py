@@ -32,10 +32,9 @@ from torch.nn.utils import parametrize
 from ..arch import ArchAdapter, get_submodule
 from ..config import QuantConfig
 from ..core.affine import AffineTail, fuse_affine, identity_factors
-from ..core.quantizers import fake_quant_weight
 from ..nn.modules import QuadLinear
 from .calibration import LayerInputs, input_owners
-from .layer_fit import act_quantizers_on, float_copy, float_targets, layer_error, train_layer
+from .layer_fit import TrainedWeight, act_quantizers_on, float_copy, float_targets, layer_error, train_layer
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +44,6 @@ __all__ = ["TRANSFORM_LOSS", "TRANSFORM_LR", "learn_layer_transforms"]
 TRANSFORM_LR = 5e-3
 #: the error trained on (:func:`quadllm.core.clipping.block_error`): what the next RMSNorm sees
 TRANSFORM_LOSS = "token"
-
-
-class FusedQuantizedWeight(nn.Module):
-    """The weight a linear has while its transform trains (a parametrization of ``weight``): the
-    first ``keep`` columns as they are, the others ``W T⁻¹`` fake-quantized."""
-
-    def __init__(self, keep: int, factors: list[torch.Tensor], bits: int, group_size: int) -> None:
-        super().__init__()
-        self.keep = keep
-        self.factors = factors  # (L, R, s), trained: held, not registered
-        self.bits = bits
-        self.group_size = group_size
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        k = self.keep
-        tail = fake_quant_weight(fuse_affine(weight[:, k:], *self.factors), self.bits, self.group_size)
-        return torch.cat([weight[:, :k], tail], dim=1) if k else tail
 
 
 @torch.no_grad()
@@ -86,7 +68,7 @@ def learn_layer_transforms(layer: nn.Module, adapter: ArchAdapter, inputs: Layer
             lin, factors = lins[name], params[owners[name]]
             lin.transform = AffineTail(lin.rank, *factors, base=bases[name])
             parametrize.register_parametrization(
-                lin, "weight", FusedQuantizedWeight(lin.rank, factors, config.w_bits, config.group_size))
+                lin, "weight", TrainedWeight(lin.rank, config.w_bits, config.group_size, factors=factors))
         with act_quantizers_on([lins[n] for n in names]):
             with parametrize.cached():
                 err_start = layer_error(layer, inputs, targets, TRANSFORM_LOSS)

@@ -39,27 +39,32 @@ def _check_group(lin: QuadLinear, config: QuantConfig, name: str) -> None:
 
 
 @torch.no_grad()
-def rtn_layer(layer: nn.Module, adapter: ArchAdapter, config: QuantConfig, index: int) -> None:
+def rtn_layer(layer: nn.Module, adapter: ArchAdapter, config: QuantConfig, index: int,
+              clips: dict[str, torch.Tensor] | None = None) -> None:
+    """Round-to-nearest for every linear of one decoder layer; ``clips``: each linear's weight clip
+    ratios [out, G] (learned) in place of the search."""
     for name in adapter.all_linears:
         lin: QuadLinear = get_submodule(layer, name)
         _check_group(lin, config, f"layer {index} {name}")
         _apply(lin, rtn_quantize(lin.weight.detach(), lin.rank, config.w_bits, config.group_size,
-                                 config.w_clip), config)
+                                 config.w_clip, (clips or {}).get(name)), config)
 
 
 @torch.no_grad()
 def gptq_layer(layer: nn.Module, adapter: ArchAdapter, config: QuantConfig, inputs: LayerInputs,
-               index: int, reference_layer: nn.Module | None = None) -> None:
+               index: int, reference_layer: nn.Module | None = None,
+               clips: dict[str, torch.Tensor] | None = None) -> None:
     """GPTQ for every linear of one decoder layer, calibrated on ``inputs`` (the layer's inputs);
     with ``config.true_sequential`` each group sees the outputs of the groups quantized before it.
     With ``reference_layer`` (and ``inputs.reference``) the target is GPTAQ's: the full-precision
-    layer's outputs on the full-precision model's inputs. Activation quantization must be off (the
+    layer's outputs on the full-precision model's inputs. ``clips``: each linear's weight clip
+    ratios [out, G] (learned) in place of the search. Activation quantization must be off (the
     caller's job)."""
     groups = adapter.sequential_groups if config.true_sequential else (adapter.all_linears,)
     if reference_layer is not None and inputs.reference is None:
         raise ValueError("GPTAQ needs the full-precision model's hidden states (inputs.reference)")
     try:
-        _gptq_groups(layer, adapter, config, inputs, index, groups, reference_layer)
+        _gptq_groups(layer, adapter, config, inputs, index, groups, reference_layer, clips or {})
     except CalibrationError:
         raise
     except FloatingPointError as exc:  # the math's own checks (non-finite inputs, a singular Hessian)
@@ -99,7 +104,7 @@ def _hessians(layer: nn.Module, adapter: ArchAdapter, group, inputs: LayerInputs
 
 
 def _gptq_groups(layer: nn.Module, adapter: ArchAdapter, config: QuantConfig, inputs: LayerInputs, index: int,
-                 groups, reference_layer: nn.Module | None) -> None:
+                 groups, reference_layer: nn.Module | None, clips: dict[str, torch.Tensor]) -> None:
     for group in groups:
         lins = {name: get_submodule(layer, name) for name in group}
         for name, lin in lins.items():
@@ -115,7 +120,7 @@ def _gptq_groups(layer: nn.Module, adapter: ArchAdapter, config: QuantConfig, in
                 w = gptaq_target(w, H, cross[key].C, config.damp, config.gptaq_alpha).to(w.dtype)
             res = gptq_quantize(w, H, lin.rank, config.w_bits, config.group_size,
                                 config.w_clip, config.act_order, config.damp, config.gptq_block,
-                                overwrite_h=mine)
+                                overwrite_h=mine, clip=clips.get(name))
             del H
             _apply(lin, res, config)
         del accs

@@ -1,0 +1,85 @@
+"""The weight clip ratios of one decoder layer, learned against the full-precision layer's output
+(``--w-clip-learn STEPS``) before its weights are quantized: issue 19 item 1's learnable weight
+clipping, set against the MSE search.
+
+The MSE search (:func:`quadllm.core.quantizers.weight_scales`) chooses each weight row's (group's)
+clip for that row's own rounding error, blind to the inputs and to the rest of the layer.
+OmniQuant's learnable weight clipping (LWC), which FlatQuant keeps, trains those ratios on the
+layer's output instead. Here every quantized linear gets one ratio per row (group), starting from
+the MSE search's, trained jointly with Adam on each token's output error relative to its norm
+(:func:`quadllm.core.clipping.block_error`, ``token``) between the layer with every quantizer in
+the loop (weights round-to-nearest with the scales ``ratio * absmax / qmax``, activations per
+token, straight-through rounding) and the float layer, one calibration batch a step. The ratios are
+kept only if they lower that error over all calibration batches; GPTQ or RTN then uses them in
+place of the search (:func:`quadllm.core.gptq.gptq_quantize`'s ``clip``): the scales are what they
+change, so nothing changes at run time.
+
+Cost: the float layer's outputs once per calibration batch, ``STEPS`` forward and backward passes
+of one layer on one batch, and two forward passes over all batches.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..arch import ArchAdapter, get_submodule
+from ..config import QuantConfig
+from ..core.quantizers import weight_clip_ratios
+from ..nn.modules import QuadLinear
+from .calibration import LayerInputs
+from .layer_fit import TrainedWeight, act_quantizers_on, float_copy, float_targets, layer_error, train_layer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["WEIGHT_CLIP_LR", "WEIGHT_CLIP_MIN", "learn_layer_weight_clips"]
+
+#: Adam's learning rate for the ratios (FlatQuant's for its learnable clipping)
+WEIGHT_CLIP_LR = 5e-3
+#: the smallest ratio allowed, the MSE search's smallest candidate (``1 - 0.8 * grid / grid``)
+WEIGHT_CLIP_MIN = 0.2
+#: the error trained on: what the next RMSNorm sees
+WEIGHT_CLIP_LOSS = "token"
+
+
+@torch.no_grad()
+def learn_layer_weight_clips(layer: nn.Module, adapter: ArchAdapter, inputs: LayerInputs, config: QuantConfig,
+                             index: int) -> dict[str, torch.Tensor] | None:
+    """Train the clip ratios [out, G] of every linear of ``layer`` (float weights) for
+    ``config.w_clip_learn`` batches of ``inputs``; returns them per linear name, or None where they
+    did not lower the layer's error over all batches (the MSE search then stays)."""
+    steps = config.w_clip_learn
+    if steps <= 0:
+        return None
+    lins: dict[str, QuadLinear] = {name: get_submodule(layer, name) for name in adapter.all_linears}
+    ratios = {name: weight_clip_ratios(lin.weight.detach()[:, lin.rank:].float(), config.w_bits, config.group_size,
+                                       config.w_clip).requires_grad_()
+              for name, lin in lins.items()}
+    targets = float_targets(float_copy(layer), inputs)
+    try:
+        for name, lin in lins.items():
+            parametrize.register_parametrization(
+                lin, "weight", TrainedWeight(lin.rank, config.w_bits, config.group_size, ratio=ratios[name]))
+        with act_quantizers_on([lin for lin in lins.values() if lin.act.enabled]):
+            with parametrize.cached():
+                err_start = layer_error(layer, inputs, targets, WEIGHT_CLIP_LOSS)
+
+            def clamp() -> None:
+                for r in ratios.values():
+                    r.clamp_(WEIGHT_CLIP_MIN, 1.0)
+
+            train_layer(layer, inputs, targets, list(ratios.values()), steps, WEIGHT_CLIP_LR, WEIGHT_CLIP_LOSS,
+                        after_step=clamp, forward=parametrize.cached)
+            with parametrize.cached():
+                err_end = layer_error(layer, inputs, targets, WEIGHT_CLIP_LOSS)
+    finally:
+        for lin in lins.values():
+            if parametrize.is_parametrized(lin, "weight"):
+                parametrize.remove_parametrizations(lin, "weight", leave_parametrized=False)
+    kept = err_end < err_start  # False for NaN
+    log.debug("layer %d: learned weight clips, output error %.4g -> %.4g (%s)", index, err_start, err_end,
+              "kept" if kept else "discarded")
+    return {name: r.detach() for name, r in ratios.items()} if kept else None

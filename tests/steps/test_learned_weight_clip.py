@@ -1,0 +1,94 @@
+"""``w_clip_learn``: each weight row's clip ratio trained against the float layer's output, starting
+from the MSE search's, then used by GPTQ/RTN in place of the search."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import float_layers_in_basis, quantize_tiny, quantized_in_memory_and_streaming, random_ids, tiny_model
+
+from quadllm import QuantConfig
+from quadllm.config import ConfigError
+from quadllm.core.quantizers import weight_clip_ratios
+from quadllm.nn.modules import QuadLinear
+from quadllm.steps import learned_weight_clip
+from quadllm.steps.calibration import run_layer
+from quadllm.steps.layer_fit import float_copy
+from quadllm.steps.learned_weight_clip import WEIGHT_CLIP_MIN, learn_layer_weight_clips
+from quadllm.steps.transforms import set_layer_activation_quant
+from quadllm.steps.weights import rtn_layer
+
+
+def _config(**kw) -> QuantConfig:
+    return QuantConfig(method="quad", rank=8, weights="rtn", calib_samples=8, calib_seqlen=16, calib_batch=2,
+                       w_clip_learn=30, **kw)
+
+
+def _float_layer(arch: str, cfg: QuantConfig):
+    _, adapter, inputs, layers = float_layers_in_basis(tiny_model(arch, torch.float32, seed=0), cfg,
+                                                       random_ids(8, 16), random_ids(2, 12, seed=5))
+    _, layer = next(layers)
+    set_layer_activation_quant(layer, adapter, cfg)
+    return layer, adapter, inputs
+
+
+def _error(layer, reference, inputs) -> float:
+    """The quantized layer's squared output error against the float layer, activations quantized."""
+    with torch.no_grad():
+        return sum(float((run_layer(layer, h, kw) - run_layer(reference, h, kw)).pow(2).sum())
+                   for h, kw in zip(inputs.hidden, inputs.kwargs))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_learned_ratios_lower_the_quantized_layers_output_error_below_the_mse_search(arch):
+    cfg = _config()
+    layer, adapter, inputs = _float_layer(arch, cfg)
+    reference, searched = float_copy(layer), float_copy(layer)
+    set_layer_activation_quant(searched, adapter, cfg)
+    clips = learn_layer_weight_clips(layer, adapter, inputs, cfg, 0)
+    assert clips is not None and set(clips) == set(adapter.all_linears)
+    for name, ratio in clips.items():
+        lin = layer.get_submodule(name)
+        assert not torch.nn.utils.parametrize.is_parametrized(lin)
+        assert ratio.shape == (lin.out_features, 1) and not ratio.requires_grad
+        assert bool((ratio >= WEIGHT_CLIP_MIN).all()) and bool((ratio <= 1).all())
+    start = {n: weight_clip_ratios(layer.get_submodule(n).weight[:, 8:].float()) for n in clips}
+    assert any(not torch.allclose(clips[n], start[n]) for n in clips)  # trained away from the search
+    rtn_layer(layer, adapter, cfg, 0, clips)
+    rtn_layer(searched, adapter, cfg, 0)
+    learned, mse = _error(layer, reference, inputs), _error(searched, reference, inputs)
+    assert learned < 0.97 * mse, (learned, mse)
+
+
+def test_ratios_that_do_not_lower_the_error_are_discarded_and_the_weights_left_alone(monkeypatch):
+    cfg = _config()
+    layer, adapter, inputs = _float_layer("llama", cfg)
+    before = {n: m.weight.detach().clone() for n, m in layer.named_modules() if isinstance(m, QuadLinear)}
+    monkeypatch.setattr(learned_weight_clip, "WEIGHT_CLIP_LR", 5.0)  # every ratio jumps to a bound
+    assert learn_layer_weight_clips(layer, adapter, inputs, cfg, 0) is None
+    for n, w in before.items():
+        lin = layer.get_submodule(n)
+        assert not torch.nn.utils.parametrize.is_parametrized(lin) and torch.equal(lin.weight, w)
+
+
+def test_the_option_is_validated_recorded_and_old_configurations_load():
+    model = quantize_tiny("llama", method="quad", rank=8, weights="gptq", w_clip_learn=4)
+    layers = len(model.model.layers)
+    assert model.quadllm_info["timings"]["learned_weight_clips_kept"].endswith(f"of {layers} layers")
+    assert QuantConfig(method="quarot", weights="rtn", w_clip_learn=4, mode="w4a16").needs_calibration
+    assert "clip learned per layer (4 steps)" in QuantConfig(w_clip_learn=4).describe()
+    with pytest.raises(ConfigError, match="w_clip_learn"):
+        QuantConfig(w_clip_learn=-1)
+    old = QuantConfig.from_dict({k: v for k, v in QuantConfig().to_dict().items() if k != "w_clip_learn"})
+    assert old.w_clip_learn == 0
+
+
+def test_in_memory_and_streaming_checkpoints_are_the_same(tmp_path):
+    cfg = QuantConfig(method="quad", rank=8, weights="gptq", w_clip_learn=4, calib_samples=4, calib_seqlen=16,
+                      calib_batch=2)
+    model, a, b, meta = quantized_in_memory_and_streaming(tmp_path, "qwen2", cfg, random_ids(4, 16, seed=3))
+    assert meta["quant_config"]["w_clip_learn"] == 4
+    ids = random_ids(2, 12, seed=8)
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, model(ids).logits)
+        torch.testing.assert_close(b(ids).logits, model(ids).logits)
