@@ -20,6 +20,7 @@ import copy
 import datetime as dt
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -141,7 +142,7 @@ def main() -> None:
                 if isinstance(m, QuadLinear):
                     m.act_enabled = False
         inputs.hidden = [run_layer(layer, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
-    data = {"meta": {"command": "python scripts/layer_error_profile.py " + " ".join(sys.argv[1:]),
+    data = {"meta": {"command": "python scripts/layer_error_profile.py " + shlex.join(sys.argv[1:]),
                      "model": model_title(args.model), "date": dt.date.today().isoformat(), "machine": machine_description(),
                      "version": quadllm.__version__, "describe": config.describe(),
                      "quant_config": config.to_dict()},

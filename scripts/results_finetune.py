@@ -21,6 +21,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -225,7 +226,7 @@ def main() -> None:
     for name, s in summaries.items():
         rows[name]["finetune"] = s
     meta = {
-        "command": "python scripts/results_finetune.py " + " ".join(sys.argv[1:]),
+        "command": "python scripts/results_finetune.py " + shlex.join(sys.argv[1:]),
         "date": dt.date.today().isoformat(),
         "machine": machine_description(),
         "windows": int(windows.shape[0]), "windows_total": int(all_windows.shape[0]), "seqlen": args.seqlen,

@@ -25,6 +25,7 @@ import datetime as dt
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -370,7 +371,7 @@ def speed_step(rows: list, args, fp) -> dict:
     return {"rows": {n: {**costs[n], **timed[n]} for n in models}, "bf16_prefill_ms": ref["prefill_ms"],
             "tokens": args.speed_tokens, "rounds": args.speed_repeat, "threads": torch.get_num_threads(),
             "date": dt.date.today().isoformat(), "machine": machine_description(),
-            "command": "python scripts/results_smollm2.py " + " ".join(sys.argv[1:])}
+            "command": "python scripts/results_smollm2.py " + shlex.join(sys.argv[1:])}
 
 
 def fmt_md(results: dict, meta: dict) -> str:
@@ -531,7 +532,7 @@ def main() -> None:
     all_windows = tokenize_windows(tok, text, args.seqlen)
     windows = all_windows[: args.max_windows] if args.max_windows else all_windows
     meta = {
-        "command": "python scripts/results_smollm2.py " + " ".join(sys.argv[1:]),
+        "command": "python scripts/results_smollm2.py " + shlex.join(sys.argv[1:]),
         "model": args.model, "model_title": model_title(args.model),
         "data": source.origin,
         "data_title": {"wikitext2": "WikiText-2 test", "ptb": "PTB test"}.get(args.data, args.data),
