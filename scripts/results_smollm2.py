@@ -111,6 +111,10 @@ ABLATION_ROWS = [
     ("QUAD W4A4 r=64 + clip + o-rank 8 + smoothing + learned weight clip",
      [*BASE, "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5", "--w-clip-learn", "32"]),
     ("QUAD W4A4 r=64 + learned weight clip", [*BASE, "--w-clip-learn", "32"]),
+    # item 2's other choice: o_proj's principal coordinates at INT8 (ResQ's) instead of full precision
+    ("QUAD W4A4 r=64 + clip + o-rank 8 INT8 + smoothing",
+     [*BASE, "--a-clip-search", "--o-rank", "8", "--o-rank-bits", "8", "--down-smooth", "0.5"]),
+    ("QUAD W4A4 r=64 + o-rank 8 INT8", [*BASE, "--o-rank", "8", "--o-rank-bits", "8"]),
     # the default's recipe with INT8 inputs to o_proj and down_proj (the main table's QUAD W4A4A8 r=64 beside it)
     ("QUAD W4A4A8 r=64 + clip + o-rank 8 + smoothing",
      [*BASE, "--mode", "w4a4a8", "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5"]),

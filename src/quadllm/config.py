@@ -25,7 +25,8 @@ OBSOLETE_KEYS = frozenset({"dtype"})  # configuration keys this version ignores 
 #: configuration keys that checkpoints made before them lack, with the value those were made with
 RECORDED_BEFORE_KEYS = {"gptaq_alpha": 1.0, "a_clip_search": False, "act_sym": True, "o_rank": 0,
                         "down_smooth": 0.0, "down_rank": 0, "a_clip_learn": 0,
-                        "a_clip_learn_loss": "mse", "learn_transform": 0, "w_clip_learn": 0}
+                        "a_clip_learn_loss": "mse", "learn_transform": 0, "w_clip_learn": 0,
+                        "o_rank_bits": 16}
 #: what ``--method quad`` at W4A4 does unless told otherwise: the combination of accuracy techniques
 #: without run-time cost that did best in the ablation (results/smollm2_ablation_final.md); the
 #: baselines (quarot, rtn) and the other modes keep them off (:data:`RECIPE_OFF`)
@@ -53,6 +54,9 @@ class ActSpec:
     bits: int = 16
     clip_ratio: float = 1.0
     sym: bool = True
+    # the first ``rank`` input columns (QUAD's outlier columns): full precision, or (8) INT8 per token
+    # with INT8 weights per output channel, ResQ's middle precision (``--o-rank-bits 8``)
+    outlier_bits: int = 16
 
     @property
     def enabled(self) -> bool:
@@ -100,6 +104,7 @@ class QuantConfig:
     learn_transform: int = 0  # steps training an affine transform of every quantized input per layer (0: off)
     act_sym: bool = True  # per-token activations symmetric (False: asymmetric, a zero point per token)
     o_rank: int | None = None  # top principal coordinates of each KV head's values kept in full precision in o_proj
+    o_rank_bits: int = 16  # those coordinates in full precision (16) or at INT8, inputs and weights (8: ResQ's)
     down_smooth: float | None = None  # SmoothQuant alpha of down_proj's input channel scales (0: off)
     down_rank: int = 0  # top principal coordinates of each down_proj input kept in full precision (online)
     kv_bits: int = 16
@@ -165,6 +170,10 @@ class QuantConfig:
             raise ConfigError(f"down_rank and o_rank must be >= 0, got {self.down_rank} and {self.o_rank}")
         if not 0.0 <= self.down_smooth < 1.0:
             raise ConfigError(f"down_smooth (a SmoothQuant alpha) must be in [0, 1), got {self.down_smooth}")
+        if self.o_rank_bits not in (16, 8):
+            raise ConfigError(f"o_rank_bits must be 16 (full precision) or 8 (INT8), got {self.o_rank_bits}")
+        if self.o_rank_bits < 16 and not self.o_rank:
+            raise ConfigError("o_rank_bits 8 sets the precision of o_proj's principal coordinates: it needs o_rank > 0")
         if self.o_rank and self.kv_bits < 16:
             raise ConfigError("o_rank rotates the values to their principal coordinates, which a quantized KV "
                               "cache would then store unrotated; use kv_bits 16 with o_rank")
@@ -241,7 +250,9 @@ class QuantConfig:
         stream, ``o_proj`` or ``down_proj``)."""
         main = {"w4a4": 4, "w4a4a8": 4, "w4a8": 8, "w4a16": 16}[self.mode]
         bits = 8 if (self.mode == "w4a4a8" and role in ("o_proj", "down_proj")) else main
-        return ActSpec(bits=bits, clip_ratio=self.a_clip if bits < 16 else 1.0, sym=self.act_sym or bits >= 16)
+        outlier = self.o_rank_bits if role == "o_proj" and bits < 16 else 16
+        return ActSpec(bits=bits, clip_ratio=self.a_clip if bits < 16 else 1.0, sym=self.act_sym or bits >= 16,
+                       outlier_bits=outlier)
 
     # --- persistence -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -278,7 +289,8 @@ class QuantConfig:
                 f"{'searched per input' if self.searches_act_clips else self.a_clip}"
                 f"{self.learned_clip_description()}"
                 f"{'' if self.act_sym else ', asymmetric'}; "
-                f"{f'o_proj input rank {self.o_rank} per head; ' if self.o_rank else ''}"
+                f"{f'o_proj input rank {self.o_rank} per head' if self.o_rank else ''}"
+                f"{' at INT8' if self.o_rank and self.o_rank_bits < 16 else ''}{'; ' if self.o_rank else ''}"
                 f"{f'down_proj input smoothed (alpha {self.down_smooth}); ' if self.down_smooth else ''}"
                 f"{f'down_proj input rank {self.down_rank} (online); ' if self.down_rank else ''}"
                 f"{f'learned transforms ({self.learn_transform} steps per layer, online); ' if self.learns_transforms else ''}"

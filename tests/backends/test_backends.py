@@ -60,6 +60,7 @@ def test_int8_linear_matches_its_reference_definition():
     dict(method="quad", rank=8, mode="w4a4", down_rank=4),
     dict(method="quad", rank=8, mode="w4a4a8", act_sym=False),
     dict(method="quad", rank=8, mode="w4a4", o_rank=4),
+    dict(method="quad", rank=8, mode="w4a4", o_rank=4, o_rank_bits=8),
 ])
 def test_cpu_int8_backend_matches_fake(arch, cfg):
     model = quantize_tiny(arch, weights="rtn", **cfg)

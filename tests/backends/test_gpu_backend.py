@@ -185,6 +185,13 @@ def test_the_gpu_backend_refuses_asymmetric_activations_before_moving_anything()
     assert all(m.kernel is None for m in model.modules() if isinstance(m, QuadLinear))
 
 
+def test_the_gpu_backend_refuses_int8_outlier_columns_before_moving_anything():
+    model = quantize_tiny("llama", weights="rtn", rank=8, o_rank=2, o_rank_bits=8).to(DEVICE)
+    with pytest.raises(BackendError, match="--o-rank-bits 8"):
+        place(model, "gpu")
+    assert all(m.kernel is None for m in model.modules() if isinstance(m, QuadLinear))
+
+
 def test_gpu_backend_leaves_unsupported_layers_on_fake():
     model = quantize_tiny("llama", weights="rtn", rank=8, mode="w4a16")
     n = sum(isinstance(m, QuadLinear) for m in model.modules())

@@ -256,6 +256,26 @@ def test_finetune_trains_the_down_proj_outlier_columns_of_down_rank_with_asymmet
     assert any(not torch.equal(m.w_outlier, before[i]) for i, m in downs.items())
 
 
+def test_finetune_keeps_int8_outlier_columns_on_their_grid():
+    """--o-rank-bits 8: o_proj's principal columns train straight through their INT8 rounding, so
+    what the layer computes stays on the INT8 grid while the stored float weights move."""
+    from quadllm.core.quantizers import fake_quant_weight
+
+    model = _quantized(o_rank=2, o_rank_bits=8)
+    o_projs = [layer.self_attn.o_proj for layer in model.model.layers]
+    assert all(m.act.outlier_bits == 8 and m.rank > 0 for m in o_projs)
+    before = [m.outlier_weight().detach().clone() for m in o_projs]
+    res = finetune(model, _pattern_set(), FinetuneConfig(data="pattern", loss="ce", max_steps=8, batch_size=4,
+                                                          lr=3e-2, eval_every=4, val_fraction=0.2), pad_id=0,
+                   progress=False)
+    assert res.best_val_loss < res.initial_val_loss
+    assert any(n.endswith("self_attn.o_proj.w_outlier") for n in res.trainable)
+    after = [m.outlier_weight().detach() for m in o_projs]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+    for w in after:
+        torch.testing.assert_close(fake_quant_weight(w, 8), w, rtol=0, atol=1e-6)
+
+
 def test_distillation_brings_the_model_closer_to_its_teacher():
     teacher = tiny_model("llama", torch.float32, seed=0)
     with torch.no_grad():

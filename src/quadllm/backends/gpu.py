@@ -68,8 +68,12 @@ def supports_gpu(lin: QuadLinear) -> bool:
 
 
 def gpu_refuses(lin: QuadLinear) -> str | None:
-    """The layers the gpu backend refuses: asymmetric activations (its kernels quantize
-    symmetrically, and leaving those layers on the simulation would hide a slow path)."""
+    """The layers the gpu backend refuses: INT8 outlier columns and asymmetric activations (its
+    kernels run the outlier columns in full precision and quantize symmetrically, and leaving those
+    layers on the simulation would hide a slow path)."""
+    if lin.rank and lin.act.outlier_bits < 16:
+        return ("the gpu backend runs the outlier columns in full precision, not at INT8 (a checkpoint made "
+                "with --o-rank-bits 8); run it with --backend cpu-int8 or fake")
     if lin.act.enabled and not lin.act.sym:
         return ("the gpu backend has no asymmetric per-token activation kernel (a checkpoint made with "
                 "--act-asym); run it with --backend cpu-int8 or fake")

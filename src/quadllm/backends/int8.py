@@ -165,8 +165,8 @@ class Int8Kernel(Kernel):
         else:
             codes, sx, zx = asym_act_codes(xs[:, r:], lin.act.bits, lin.act.clip_ratio)
             y = int8_linear(codes, sx, wt, lin.scales.reshape(-1), zx, self.weight_sums(lin, wt))
-        if r:
-            y.addmm_(xs[:, :r], lin.w_outlier.t().to(y.dtype))
+        if r:  # in float (INT8 columns, --o-rank-bits 8, are rounded first: simulated, not an INT8 GEMM)
+            y.addmm_(lin.outlier_input(xs), lin.outlier_weight().t().to(y.dtype))
         if lin.bias is not None:
             y += lin.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*lead, y.shape[-1])

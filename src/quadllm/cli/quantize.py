@@ -85,6 +85,9 @@ def add_parsers(sub) -> None:
                    help="keep the top-k principal coordinates of each KV head's values in full precision in "
                    "o_proj (fitted per layer, fused into v_proj and o_proj: no online cost but a reordering; "
                    f"{recipe_default('o_rank')}, and 0 with a quantized KV cache or --group-size)")
+    q.add_argument("--o-rank-bits", type=int, choices=(16, 8), default=d.o_rank_bits,
+                   help="precision of those coordinates: 16 keeps them in full precision (QUAD-style, default), "
+                   "8 quantizes their inputs per token and their weights per channel to INT8 (ResQ's choice)")
     q.add_argument("--down-smooth", type=float, default=None, metavar="ALPHA",
                    help="scale down_proj's input channels before its online Hadamard (SmoothQuant alpha; "
                    f"fused into up_proj, no run-time cost; 0: off; {recipe_default('down_smooth')})")

@@ -27,7 +27,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..config import ActSpec
-from ..core.quantizers import dequantize_weight, fake_quant_act, fake_quant_kv, pack_int4, unpack_int4
+from ..core.quantizers import dequantize_weight, fake_quant_act, fake_quant_kv, fake_quant_weight, pack_int4, unpack_int4
 from .quant_linear import quant_linear
 
 if TYPE_CHECKING:  # kernels are attached by quadllm.backends, which imports this module
@@ -195,11 +195,25 @@ class QuadLinear(nn.Module):
             self._deq, self._deq_key = w, key
         return w
 
+    def outlier_weight(self) -> torch.Tensor:
+        """The weight of the first ``rank`` columns as it computes: ``w_outlier``, or with
+        ``act.outlier_bits`` < 16 its round-to-nearest per output channel at those bits (stored on
+        that grid already; the rounding here keeps fine-tuning, straight through, on it)."""
+        bits = self.act.outlier_bits
+        return self.w_outlier if bits >= 16 else fake_quant_weight(self.w_outlier, bits)
+
+    def outlier_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The first ``rank`` columns of the (transformed) input ``x`` as the linear reads them: as
+        they are, or per token at ``act.outlier_bits`` when activations are quantized."""
+        xr = x[..., :self.rank]
+        bits = self.act.outlier_bits
+        return fake_quant_act(xr, bits) if bits < 16 and self.act.enabled and self.act_enabled else xr
+
     def full_weight(self) -> torch.Tensor:
         """[out, in]: the float weight, or outlier columns then dequantized columns."""
         if not self.quantized:
             return self.weight
-        return torch.cat([self.w_outlier, self.dequantized_weight()], dim=1)
+        return torch.cat([self.outlier_weight(), self.dequantized_weight()], dim=1)
 
     def drop_dequantized(self) -> None:
         """Forget the cached dequantized weight (after the quantized state changed in place)."""
@@ -249,7 +263,7 @@ class QuadLinear(nn.Module):
         if not self.quantized:
             if quant_act:
                 a, c = self.act, self.act_clip_ratio()
-                x = torch.cat([x[..., :r], fake_quant_act(x[..., r:], a.bits, c, a.sym)], -1) \
+                x = torch.cat([self.outlier_input(x), fake_quant_act(x[..., r:], a.bits, c, a.sym)], -1) \
                     if r else fake_quant_act(x, a.bits, c, a.sym)
             return F.linear(x, self.weight, self.bias)
         xq = x[..., r:]
@@ -263,7 +277,7 @@ class QuadLinear(nn.Module):
         else:
             y = F.linear(xq, self.dequantized_weight(), self.bias)
         if r:
-            y = y + F.linear(x[..., :r], self.w_outlier)
+            y = y + F.linear(self.outlier_input(x), self.outlier_weight())
         return y
 
     def extra_repr(self) -> str:

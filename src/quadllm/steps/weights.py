@@ -21,6 +21,7 @@ from torch import nn
 from ..arch import ArchAdapter, get_submodule
 from ..config import ConfigError, QuantConfig
 from ..core.gptq import CrossAccumulator, HessianAccumulator, gptaq_target, gptq_quantize, rtn_quantize
+from ..core.quantizers import fake_quant_weight
 from ..nn.modules import QuadLinear
 from .calibration import CalibrationError, LayerInputs, capture_group
 
@@ -28,7 +29,10 @@ log = logging.getLogger(__name__)
 
 
 def _apply(lin: QuadLinear, result, config: QuantConfig) -> None:
-    lin.set_quantized(result.codes, result.scales, result.fp_columns, config.w_bits, config.group_size)
+    fp = result.fp_columns
+    if lin.act.outlier_bits < 16:  # INT8 outlier columns (--o-rank-bits 8): their weights on that grid too
+        fp = fake_quant_weight(fp, lin.act.outlier_bits)
+    lin.set_quantized(result.codes, result.scales, fp, config.w_bits, config.group_size)
 
 
 def _check_group(lin: QuadLinear, config: QuantConfig, name: str) -> None:
