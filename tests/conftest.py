@@ -135,6 +135,13 @@ def mean_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
     return float((ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1).mean())
 
 
+def config_recorded_before(key: str):
+    """The configuration a checkpoint made before ``key`` existed reads as (the defaults without it)."""
+    from quadllm import QuantConfig
+
+    return QuantConfig.from_dict({k: v for k, v in QuantConfig().to_dict().items() if k != key})
+
+
 def quantized_in_memory_and_streaming(tmp_path, arch: str, config, samples: torch.Tensor):
     """A tiny float32 model of ``arch`` quantized with ``config`` in memory (the model is returned)
     and, from its saved original, by streaming; both checkpoints loaded back:

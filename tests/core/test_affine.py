@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from quadllm.core.affine import AffineTail, affine_macs, apply_affine, fuse_affine, kron_shape
-from quadllm.core.quantizers import fake_quant_weight, qrange
 
 
 def _factors(a: int, b: int, seed: int = 0):
@@ -63,24 +62,3 @@ def test_the_module_keeps_the_first_coordinates_and_transforms_the_rest_after_it
     torch.testing.assert_close(ident.matrix(), torch.eye(10, dtype=torch.float64))
     with pytest.raises(ValueError, match="must be"):
         AffineTail(0, left, right, scale[:4])
-
-
-@pytest.mark.parametrize("group_size", [0, 4])
-def test_fake_quant_weight_is_absmax_round_to_nearest_with_a_straight_through_gradient(group_size):
-    g = torch.Generator().manual_seed(3)
-    w = torch.randn(5, 16, generator=g, dtype=torch.float64)
-    _, qmax = qrange(4)
-    wg = w.reshape(5, -1, group_size or 16)
-    s = wg.abs().amax(-1, keepdim=True) / qmax
-    ref = (torch.round(wg / s) * s).reshape(5, 16)
-    torch.testing.assert_close(fake_quant_weight(w, 4, group_size), ref, rtol=0, atol=1e-12)
-    # the gradient of sum(v * Q(w)): v through the rounding, plus each group's scale term
-    wr = w.clone().requires_grad_()
-    v = torch.randn(5, 16, generator=g, dtype=torch.float64)
-    (v * fake_quant_weight(wr, 4, group_size)).sum().backward()
-    q = torch.round(wg / s)
-    vg = v.reshape(wg.shape)
-    through_scale = ((vg * (q - wg / s)).sum(-1, keepdim=True) / qmax)  # d/d absmax of sum(v * q * s)
-    onehot = (wg.abs() == wg.abs().amax(-1, keepdim=True)).to(torch.float64) * torch.sign(wg)
-    expected = (vg + through_scale * onehot).reshape(5, 16)
-    torch.testing.assert_close(wr.grad, expected, rtol=1e-9, atol=1e-9)

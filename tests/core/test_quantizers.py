@@ -9,15 +9,18 @@ import torch
 
 from quadllm.core.quantizers import (
     asym_params,
+    clipped_scales,
     dequantize_weight,
     fake_quant_act,
     fake_quant_asym,
     fake_quant_kv,
+    fake_quant_weight,
     pack_int4,
     qrange,
     quantize_weight,
     row_absmax,
     unpack_int4,
+    weight_clip_ratios,
     weight_scales,
 )
 
@@ -509,8 +512,6 @@ def test_weight_scales_screening_researches_close_rows(monkeypatch):
 
 @pytest.mark.parametrize("group_size", [0, 4])
 def test_weight_clip_ratios_and_clipped_scales_reproduce_the_searched_scales(group_size):
-    from quadllm.core.quantizers import clipped_scales, weight_clip_ratios
-
     g = torch.Generator().manual_seed(4)
     w = torch.randn(6, 16, generator=g, dtype=torch.float64) ** 3  # heavy tails: the search clips
     ratio = weight_clip_ratios(w, 4, group_size)
@@ -523,8 +524,6 @@ def test_weight_clip_ratios_and_clipped_scales_reproduce_the_searched_scales(gro
 
 @pytest.mark.parametrize("group_size", [0, 4])
 def test_fake_quant_weight_with_a_clip_ratio_saturates_and_gives_the_ratio_lsqs_gradient(group_size):
-    from quadllm.core.quantizers import fake_quant_weight
-
     g = torch.Generator().manual_seed(5)
     w = torch.randn(5, 16, generator=g, dtype=torch.float64)
     qmin, qmax = qrange(4)
@@ -542,3 +541,24 @@ def test_fake_quant_weight_with_a_clip_ratio_saturates_and_gives_the_ratio_lsqs_
     dq = torch.where(inside, q - wg / s, q)
     expected = (v.reshape(wg.shape) * dq).sum(-1) * wg.abs().amax(-1) / qmax
     torch.testing.assert_close(r.grad, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("group_size", [0, 4])
+def test_fake_quant_weight_is_absmax_round_to_nearest_with_a_straight_through_gradient(group_size):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    _, qmax = qrange(4)
+    wg = w.reshape(5, -1, group_size or 16)
+    s = wg.abs().amax(-1, keepdim=True) / qmax
+    ref = (torch.round(wg / s) * s).reshape(5, 16)
+    torch.testing.assert_close(fake_quant_weight(w, 4, group_size), ref, rtol=0, atol=1e-12)
+    # the gradient of sum(v * Q(w)): v through the rounding, plus each group's scale term
+    wr = w.clone().requires_grad_()
+    v = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    (v * fake_quant_weight(wr, 4, group_size)).sum().backward()
+    q = torch.round(wg / s)
+    vg = v.reshape(wg.shape)
+    through_scale = ((vg * (q - wg / s)).sum(-1, keepdim=True) / qmax)  # d/d absmax of sum(v * q * s)
+    onehot = (wg.abs() == wg.abs().amax(-1, keepdim=True)).to(torch.float64) * torch.sign(wg)
+    expected = (vg + through_scale * onehot).reshape(5, 16)
+    torch.testing.assert_close(wr.grad, expected, rtol=1e-9, atol=1e-9)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import quantize_tiny, quantized_in_memory_and_streaming, random_ids
+from conftest import config_recorded_before, quantize_tiny, quantized_in_memory_and_streaming, random_ids
 
 from quadllm import QuantConfig
 from quadllm.config import ActSpec, ConfigError
@@ -46,8 +46,7 @@ def test_the_option_is_validated_and_recorded_and_only_o_proj_gets_it():
         QuantConfig(method="quad", o_rank=8, o_rank_bits=4)
     with pytest.raises(ConfigError, match="needs o_rank"):
         QuantConfig(method="quad", o_rank=0, o_rank_bits=8)
-    old = QuantConfig.from_dict({k: v for k, v in QuantConfig().to_dict().items() if k != "o_rank_bits"})
-    assert old.o_rank_bits == 16
+    assert config_recorded_before("o_rank_bits").o_rank_bits == 16
 
 
 def test_the_checkpoint_stores_the_int8_grid_and_loads_the_same_in_memory_and_streaming(tmp_path):

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import float_layers_in_basis, quantize_tiny, quantized_in_memory_and_streaming, random_ids, tiny_model
+from conftest import (
+    config_recorded_before,
+    float_layers_in_basis,
+    quantize_tiny,
+    quantized_in_memory_and_streaming,
+    random_ids,
+    tiny_model,
+)
 
 from quadllm import QuantConfig
 from quadllm.arch import get_adapter
@@ -116,8 +123,7 @@ def test_every_quantized_input_gets_one_and_w4a16_none():
     assert "learned transforms (4 steps" in QuantConfig(learn_transform=4).describe()
     with pytest.raises(ConfigError, match="learn_transform"):
         QuantConfig(learn_transform=-1)
-    old = QuantConfig.from_dict({k: v for k, v in QuantConfig().to_dict().items() if k != "learn_transform"})
-    assert old.learn_transform == 0
+    assert config_recorded_before("learn_transform").learn_transform == 0
 
 
 def test_the_checkpoint_carries_the_transforms_in_memory_and_streaming(tmp_path):

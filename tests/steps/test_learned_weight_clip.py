@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import float_layers_in_basis, quantize_tiny, quantized_in_memory_and_streaming, random_ids, tiny_model
+from conftest import (
+    config_recorded_before,
+    float_layers_in_basis,
+    quantize_tiny,
+    quantized_in_memory_and_streaming,
+    random_ids,
+    tiny_model,
+)
 
 from quadllm import QuantConfig
 from quadllm.config import ConfigError
@@ -79,8 +86,7 @@ def test_the_option_is_validated_recorded_and_old_configurations_load():
     assert "clip learned per layer (4 steps)" in QuantConfig(w_clip_learn=4).describe()
     with pytest.raises(ConfigError, match="w_clip_learn"):
         QuantConfig(w_clip_learn=-1)
-    old = QuantConfig.from_dict({k: v for k, v in QuantConfig().to_dict().items() if k != "w_clip_learn"})
-    assert old.w_clip_learn == 0
+    assert config_recorded_before("w_clip_learn").w_clip_learn == 0
 
 
 def test_in_memory_and_streaming_checkpoints_are_the_same(tmp_path):
