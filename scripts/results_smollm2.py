@@ -295,7 +295,7 @@ def structure_cost(fp, meta: dict) -> dict:
     """What a checkpoint adds beyond today's QUAD W4A4 in full-precision width and online work,
     from its recorded configuration: ``{rank, down_rank, o_columns, online_macs_per_token,
     online_share}`` (``o_columns``: o_proj's input columns kept in full precision, ``o_rank`` per
-    head; online work: the down_proj split's two products with P, and the learned transforms, each
+    head, or at ``o_bits`` when given; online work: the down_proj split's two products with P, and the learned transforms, each
     applied by every linear that reads it; the share is of the multiply-adds per token of the
     original model's decoder linears)."""
     cfg = meta["quant_config"]
@@ -312,8 +312,11 @@ def structure_cost(fp, meta: dict) -> dict:
         macs += per_layer * len(layers)
     linear = sum(m.in_features * m.out_features for layer in layers for m in layer.modules()
                  if isinstance(m, torch.nn.Linear))
-    return {"rank": int(cfg["rank"]), "down_rank": k, "o_columns": o_cols, "online_macs_per_token": macs,
-            "online_share": round(macs / linear, 5)}
+    out = {"rank": int(cfg["rank"]), "down_rank": k, "o_columns": o_cols, "online_macs_per_token": macs,
+           "online_share": round(macs / linear, 5)}
+    if int(cfg.get("o_rank_bits", 16)) < 16:  # those columns at INT8, not in full precision
+        out["o_bits"] = int(cfg["o_rank_bits"])
+    return out
 
 
 def time_rows(models: dict, vocab: int, tokens: int, repeat: int) -> dict:
@@ -469,6 +472,7 @@ def ablation_cells(name: str, runs: list[dict]) -> str:
         return "- | - | - | - | - |"
     c, first = speed["rows"][name], speed["rows"][next(iter(speed["rows"]))]
     width = str(c["rank"]) + (f" + o {c['o_columns']}" if c.get("o_columns") else "") + (
+        f" INT{c['o_bits']}" if c.get("o_columns") and c.get("o_bits") else "") + (
         f" + down {c['down_rank']}" if c["down_rank"] else "")
     macs = f"{c['online_macs_per_token'] / 1e6:.2f} M ({100 * c['online_share']:.1f}%)" \
         if c["online_macs_per_token"] else "0"

@@ -32,6 +32,8 @@ def test_structure_cost_counts_the_down_proj_split():
     assert c == {"rank": 8, "down_rank": 4, "o_columns": 6, "online_macs_per_token": 2 * 2 * 4 * 96,
                  "online_share": round(2 * 2 * 4 * 96 / linear, 5)}
     assert rs.structure_cost(fp, {"quant_config": {"rank": 8}})["online_macs_per_token"] == 0  # old checkpoints
+    int8 = rs.structure_cost(fp, {"quant_config": {"rank": 8, "o_rank": 2, "o_rank_bits": 8}})
+    assert int8["o_columns"] == 6 and int8["o_bits"] == 8
 
 
 def test_time_rows_times_every_model_and_the_cells_are_ratios_to_the_first():
