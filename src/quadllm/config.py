@@ -216,7 +216,7 @@ class QuantConfig:
     @property
     def needs_layer_inputs(self) -> bool:
         """Whether each decoder layer's calibration inputs are needed: for GPTQ or GPTAQ, the clip search,
-        the o_proj and down_proj subspaces or the learned transforms."""
+        the o_proj and down_proj subspaces, the learned transforms or the learned weight clips."""
         return (self.weights != "rtn" or self.stores_act_clips or self.down_rank > 0 or self.o_rank > 0
                 or self.down_smooth > 0 or self.learns_transforms or self.w_clip_learn > 0)
 

@@ -27,7 +27,14 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..config import ActSpec
-from ..core.quantizers import dequantize_weight, fake_quant_act, fake_quant_kv, fake_quant_weight, pack_int4, unpack_int4
+from ..core.quantizers import (
+    dequantize_weight,
+    fake_quant_act,
+    fake_quant_kv,
+    fake_quant_weight,
+    pack_int4,
+    unpack_int4,
+)
 from .quant_linear import quant_linear
 
 if TYPE_CHECKING:  # kernels are attached by quadllm.backends, which imports this module

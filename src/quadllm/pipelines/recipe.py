@@ -92,6 +92,7 @@ class LayerRecipe:
         self.o_energy: list[float] = []
         #: per layer, whether its learned transforms were kept (they lowered its output error)
         self.transforms_kept: list[bool] = []
+        #: per layer, whether its learned weight clips were kept (else GPTQ/RTN searched its own)
         self.weight_clips_kept: list[bool] = []
 
     @property
