@@ -111,6 +111,9 @@ ABLATION_ROWS = [
     ("QUAD W4A4 r=64 + clip + o-rank 8 + smoothing + learned weight clip",
      [*BASE, "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5", "--w-clip-learn", "32"]),
     ("QUAD W4A4 r=64 + learned weight clip", [*BASE, "--w-clip-learn", "32"]),
+    # the same with round-to-nearest weights, which the ratios are trained for, against RTN's MSE search
+    ("QUAD W4A4 r=64 RTN", [*BASE, "--weights", "rtn"]),
+    ("QUAD W4A4 r=64 RTN + learned weight clip", [*BASE, "--weights", "rtn", "--w-clip-learn", "32"]),
     # item 2's other choice: o_proj's principal coordinates at INT8 (ResQ's) instead of full precision
     ("QUAD W4A4 r=64 + clip + o-rank 8 INT8 + smoothing",
      [*BASE, "--a-clip-search", "--o-rank", "8", "--o-rank-bits", "8", "--down-smooth", "0.5"]),
