@@ -35,10 +35,10 @@ def test_each_layer_is_calibrated_against_the_float_models_hidden_states(monkeyp
     seen = []
     real = recipe_module.gptq_layer
 
-    def spy(layer, adapter, config, inputs, index, reference_layer=None):
+    def spy(layer, adapter, config, inputs, index, reference_layer=None, **kw):
         if reference_layer is not None:
             seen.append([h.clone() for h in inputs.reference])
-        return real(layer, adapter, config, inputs, index, reference_layer)
+        return real(layer, adapter, config, inputs, index, reference_layer, **kw)
 
     monkeypatch.setattr(recipe_module, "gptq_layer", spy)
     quantize(fp, cfg, samples, progress=False)

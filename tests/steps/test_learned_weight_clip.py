@@ -61,7 +61,7 @@ def test_learned_ratios_lower_the_quantized_layers_output_error_below_the_mse_se
         assert bool((ratio >= WEIGHT_CLIP_MIN).all()) and bool((ratio <= 1).all())
     start = {n: weight_clip_ratios(layer.get_submodule(n).weight[:, 8:].float()) for n in clips}
     assert any(not torch.allclose(clips[n], start[n]) for n in clips)  # trained away from the search
-    rtn_layer(layer, adapter, cfg, 0, clips)
+    rtn_layer(layer, adapter, cfg, 0, clips=clips)
     rtn_layer(searched, adapter, cfg, 0)
     learned, mse = _error(layer, reference, inputs), _error(searched, reference, inputs)
     assert learned < 0.97 * mse, (learned, mse)

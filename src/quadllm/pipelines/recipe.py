@@ -176,9 +176,9 @@ class LayerRecipe:
         if reference_layer is not None and inputs.reference is None:
             inputs.reference = list(inputs.hidden)  # the first layer: both models' inputs are the same
         if self.config.weights in ("gptq", "gptaq"):
-            gptq_layer(layer, self.adapter, self.config, inputs, index, reference_layer, clips)
+            gptq_layer(layer, self.adapter, self.config, inputs, index, reference_layer, clips=clips)
         else:
-            rtn_layer(layer, self.adapter, self.config, index, clips)
+            rtn_layer(layer, self.adapter, self.config, index, clips=clips)
         if reference is not None:
             search_layer_act_clips(layer, self.adapter, inputs, reference, index)
         if float_layer is not None:

@@ -43,7 +43,7 @@ def _check_group(lin: QuadLinear, config: QuantConfig, name: str) -> None:
 
 
 @torch.no_grad()
-def rtn_layer(layer: nn.Module, adapter: ArchAdapter, config: QuantConfig, index: int,
+def rtn_layer(layer: nn.Module, adapter: ArchAdapter, config: QuantConfig, index: int, *,
               clips: dict[str, torch.Tensor] | None = None) -> None:
     """Round-to-nearest for every linear of one decoder layer; ``clips``: each linear's weight clip
     ratios [out, G] (learned) in place of the search."""
@@ -56,7 +56,7 @@ def rtn_layer(layer: nn.Module, adapter: ArchAdapter, config: QuantConfig, index
 
 @torch.no_grad()
 def gptq_layer(layer: nn.Module, adapter: ArchAdapter, config: QuantConfig, inputs: LayerInputs,
-               index: int, reference_layer: nn.Module | None = None,
+               index: int, reference_layer: nn.Module | None = None, *,
                clips: dict[str, torch.Tensor] | None = None) -> None:
     """GPTQ for every linear of one decoder layer, calibrated on ``inputs`` (the layer's inputs);
     with ``config.true_sequential`` each group sees the outputs of the groups quantized before it.
