@@ -135,6 +135,18 @@ def mean_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
     return float((ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1).mean())
 
 
+def first_float_layer(arch: str, config, dtype: torch.dtype = torch.float32):
+    """Layer 0 of a tiny model in the QUAD basis of ``config`` (float weights), its activation
+    quantizers set: ``(layer, adapter, inputs)`` for the per-layer learned steps' tests."""
+    from quadllm.steps.transforms import set_layer_activation_quant
+
+    _, adapter, inputs, layers = float_layers_in_basis(tiny_model(arch, dtype, seed=0), config,
+                                                       random_ids(8, 16), random_ids(2, 12, seed=5))
+    _, layer = next(layers)
+    set_layer_activation_quant(layer, adapter, config)
+    return layer, adapter, inputs
+
+
 def config_recorded_before(key: str):
     """The configuration a checkpoint made before ``key`` existed reads as (the defaults without it)."""
     from quadllm import QuantConfig

@@ -6,23 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import float_layers_in_basis, random_ids, tiny_model
+from conftest import first_float_layer
 
 from quadllm import QuantConfig
 from quadllm.nn.modules import QuadLinear
 from quadllm.steps.layer_fit import act_quantizers_on, float_copy
 from quadllm.steps.learned_clip import learn_layer_act_clips
 from quadllm.steps.learned_transform import learn_layer_transforms
-from quadllm.steps.transforms import set_layer_activation_quant
 from quadllm.steps.weights import rtn_layer
-
-
-def _layer(cfg: QuantConfig):
-    _, adapter, inputs, layers = float_layers_in_basis(tiny_model("llama", torch.float32, seed=0), cfg,
-                                                       random_ids(8, 16), random_ids(2, 12, seed=5))
-    _, layer = next(layers)
-    set_layer_activation_quant(layer, adapter, cfg)
-    return layer, adapter, inputs
 
 
 def test_act_quantizers_on_switches_them_on_and_back_even_on_error():
@@ -38,7 +29,7 @@ def test_act_quantizers_on_switches_them_on_and_back_even_on_error():
 def test_learned_steps_train_with_activation_quantization_on_when_the_pipeline_left_it_off(step):
     cfg = QuantConfig(method="quad", rank=8, weights="rtn", calib_samples=8, calib_seqlen=16, calib_batch=2,
                       learn_transform=3, a_clip_learn=3)
-    layer, adapter, inputs = _layer(cfg)
+    layer, adapter, inputs = first_float_layer("llama", cfg)
     lins = [m for m in layer.modules() if isinstance(m, QuadLinear)]
     reference = float_copy(layer)
     seen: list[bool] = []

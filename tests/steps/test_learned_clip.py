@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import float_layers_in_basis, quantize_tiny, quantized_in_memory_and_streaming, random_ids, tiny_model
+from conftest import (
+    first_float_layer,
+    quantize_tiny,
+    quantized_in_memory_and_streaming,
+    random_ids,
+)
 
 from quadllm import QuantConfig
 from quadllm.arch import get_adapter
@@ -20,7 +25,6 @@ from quadllm.steps import learned_clip
 from quadllm.steps.calibration import run_layer
 from quadllm.steps.layer_fit import float_copy
 from quadllm.steps.learned_clip import learn_layer_act_clips
-from quadllm.steps.transforms import set_layer_activation_quant
 from quadllm.steps.weights import rtn_layer
 
 
@@ -80,10 +84,7 @@ def _layer_with_quantized_weights(arch: str):
     its float copy and its calibration inputs."""
     cfg = QuantConfig(method="quad", rank=8, weights="rtn", calib_samples=8, calib_seqlen=16, calib_batch=2,
                       o_rank=0, down_smooth=0.0, a_clip_search=False)
-    _, adapter, inputs, layers = float_layers_in_basis(tiny_model(arch, torch.float32, seed=0), cfg,
-                                                       random_ids(8, 16), random_ids(2, 12, seed=5))
-    _, layer = next(layers)
-    set_layer_activation_quant(layer, adapter, cfg)
+    layer, adapter, inputs = first_float_layer(arch, cfg)
     reference = float_copy(layer)
     rtn_layer(layer, adapter, cfg, 0)
     return layer, reference, adapter, inputs

@@ -9,11 +9,10 @@ import pytest
 import torch
 from conftest import (
     config_recorded_before,
-    float_layers_in_basis,
+    first_float_layer,
     quantize_tiny,
     quantized_in_memory_and_streaming,
     random_ids,
-    tiny_model,
 )
 
 from quadllm import QuantConfig
@@ -34,15 +33,6 @@ def _config(**kw) -> QuantConfig:
                        learn_transform=30, **kw)
 
 
-def _float_layer(arch: str, dtype: torch.dtype, cfg: QuantConfig):
-    """Layer 0 of a tiny model in the QUAD basis (float weights), its activation quantizers set."""
-    _, adapter, inputs, layers = float_layers_in_basis(tiny_model(arch, dtype, seed=0), cfg,
-                                                       random_ids(8, 16), random_ids(2, 12, seed=5))
-    _, layer = next(layers)
-    set_layer_activation_quant(layer, adapter, cfg)
-    return layer, adapter, inputs
-
-
 def _outputs(layer, inputs, quantized: bool) -> list[torch.Tensor]:
     lins = [m for m in layer.modules() if isinstance(m, QuadLinear)]
     for m in lins:
@@ -57,7 +47,7 @@ def _outputs(layer, inputs, quantized: bool) -> list[torch.Tensor]:
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_the_fused_layer_computes_what_the_float_layer_did(arch):
     cfg = _config(o_rank=4, down_rank=4)  # the transforms sit after o_proj's and down_proj's own
-    layer, adapter, inputs = _float_layer(arch, torch.float64, cfg)
+    layer, adapter, inputs = first_float_layer(arch, cfg, torch.float64)
     from quadllm.steps.decompose import decompose_down_proj, decompose_o_proj
 
     decompose_o_proj(layer, adapter, inputs, 4, 0)
@@ -86,7 +76,7 @@ def _quantized_error(layer, reference, adapter, inputs, cfg) -> float:
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_training_lowers_the_quantized_layers_output_error(arch):
     cfg = _config()
-    layer, adapter, inputs = _float_layer(arch, torch.float32, cfg)
+    layer, adapter, inputs = first_float_layer(arch, cfg)
     reference = float_copy(layer)
     plain = float_copy(layer)
     set_layer_activation_quant(plain, adapter, cfg)
@@ -98,7 +88,7 @@ def test_training_lowers_the_quantized_layers_output_error(arch):
 
 def test_transforms_that_do_not_lower_the_error_become_identities(monkeypatch):
     cfg = _config()
-    layer, adapter, inputs = _float_layer("llama", torch.float64, cfg)
+    layer, adapter, inputs = first_float_layer("llama", cfg, torch.float64)
     before = _outputs(layer, inputs, quantized=True)
     monkeypatch.setattr(learned_transform, "TRANSFORM_LR", 50.0)  # training that diverges
     assert not learn_layer_transforms(layer, adapter, inputs, cfg, 0)

@@ -7,11 +7,10 @@ import pytest
 import torch
 from conftest import (
     config_recorded_before,
-    float_layers_in_basis,
+    first_float_layer,
     quantize_tiny,
     quantized_in_memory_and_streaming,
     random_ids,
-    tiny_model,
 )
 
 from quadllm import QuantConfig
@@ -31,14 +30,6 @@ def _config(**kw) -> QuantConfig:
                        w_clip_learn=30, **kw)
 
 
-def _float_layer(arch: str, cfg: QuantConfig):
-    _, adapter, inputs, layers = float_layers_in_basis(tiny_model(arch, torch.float32, seed=0), cfg,
-                                                       random_ids(8, 16), random_ids(2, 12, seed=5))
-    _, layer = next(layers)
-    set_layer_activation_quant(layer, adapter, cfg)
-    return layer, adapter, inputs
-
-
 def _error(layer, reference, inputs) -> float:
     """The quantized layer's squared output error against the float layer, activations quantized."""
     with torch.no_grad():
@@ -49,7 +40,7 @@ def _error(layer, reference, inputs) -> float:
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_learned_ratios_lower_the_quantized_layers_output_error_below_the_mse_search(arch):
     cfg = _config()
-    layer, adapter, inputs = _float_layer(arch, cfg)
+    layer, adapter, inputs = first_float_layer(arch, cfg)
     reference, searched = float_copy(layer), float_copy(layer)
     set_layer_activation_quant(searched, adapter, cfg)
     clips = learn_layer_weight_clips(layer, adapter, inputs, cfg, 0)
@@ -69,7 +60,7 @@ def test_learned_ratios_lower_the_quantized_layers_output_error_below_the_mse_se
 
 def test_ratios_that_do_not_lower_the_error_are_discarded_and_the_weights_left_alone(monkeypatch):
     cfg = _config()
-    layer, adapter, inputs = _float_layer("llama", cfg)
+    layer, adapter, inputs = first_float_layer("llama", cfg)
     before = {n: m.weight.detach().clone() for n, m in layer.named_modules() if isinstance(m, QuadLinear)}
     monkeypatch.setattr(learned_weight_clip, "WEIGHT_CLIP_LR", 5.0)  # every ratio jumps to a bound
     assert learn_layer_weight_clips(layer, adapter, inputs, cfg, 0) is None
