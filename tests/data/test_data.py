@@ -106,6 +106,30 @@ def test_pydoc_default_calib_eval_disjoint(caplog):
     assert load_text("PyDoc", "calib") == calib
 
 
+def test_pysource_is_stdlib_code_split_by_module():
+    import importlib.util
+
+    calib, ev = load_text("pysource", "calib"), load_text("PySource", "eval")
+    assert calib.name == ev.name == "pysource"
+    assert "calibration part" in calib.origin and "evaluation part" in ev.origin
+    names = sorted(data.PYSOURCE_MODULES)
+    files = {n: Path(importlib.util.find_spec(n).origin).read_text(encoding="utf-8") for n in names}
+    eval_names = names[::5]
+    assert ev.text == "\n\n".join(files[n] for n in eval_names)
+    assert calib.text == "\n\n".join(files[n] for i, n in enumerate(names) if i % 5)
+    assert "def " in calib.text and len(calib.text) > 500_000  # enough for 128 x 2048 tokens of calibration
+    for n in names:
+        assert (n in eval_names) == (n in ev.origin.split("(")[1].split(")")[0].split(", "))
+
+
+def test_pysource_without_the_standard_library_source(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # a frozen or .pyc-only Python
+    with pytest.raises(DataError, match="source files of Python's standard library.*pass a .txt/.jsonl"):
+        load_text("pysource", "calib")
+
+
 def test_bad_split():
     with pytest.raises(DataError, match="split"):
         load_text(None, "train")

@@ -90,3 +90,22 @@ def test_results_name_no_machine_directory(monkeypatch, tmp_path):
     obj = {"a": str(rs.ROOT / "runs" / "x"), "b": str(rs.ROOT.parent / "shared" / "data"),
            "c": str(tmp_path / "cache" / "models" / "m.gguf")}
     assert rs.portable(obj) == {"a": "./runs/x", "b": "../shared/data", "c": "$QUADLLM_CACHE/models/m.gguf"}
+
+
+def test_a_row_that_names_its_calibration_keeps_it(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(rs, "run_cli_cached", lambda name, cmd, out, force: seen.setdefault(name, cmd))
+    args = rs.argparse.Namespace(model="default", work=str(tmp_path), calib_samples=4, calib_seqlen=16, seed=0,
+                                 data_dir=None, force=False)
+    rows = dict(rs.ABLATION_ROWS)
+    for name in ("QUAD W4A4 r=64", "QUAD W4A4 r=64 (code calibration)"):
+        rs.quantize_row(name, rows[name], args)
+    plain, code = seen["QUAD W4A4 r=64"], seen["QUAD W4A4 r=64 (code calibration)"]
+    assert plain[plain.index("--calib") + 1] == rs.CALIB and plain.count("--calib") == 1
+    assert code[code.index("--calib") + 1] == rs.CODE_CALIB and code.count("--calib") == 1
+
+    def rest(cmd):  # everything but the calibration and the output directory
+        drop = {cmd.index("--calib"), cmd.index("--calib") + 1, cmd.index("--out"), cmd.index("--out") + 1}
+        return [a for i, a in enumerate(cmd) if i not in drop]
+
+    assert rest(code) == rest(plain)

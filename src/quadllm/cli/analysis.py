@@ -16,7 +16,7 @@ from ..data.text import DataError, load_text, tokenize_windows
 from ..io.checkpoint import CheckpointError, is_checkpoint, read_meta
 from ..io.sources import load_model
 from ..pipelines.loading import load
-from .common import add_common, write_text
+from .common import TEXT_SPECS, add_common, write_text
 
 log = logging.getLogger("quadllm")
 
@@ -66,7 +66,7 @@ def add_parsers(sub) -> None:
 
     d = sub.add_parser("drift", help="does a checkpoint's outlier subspace still fit new data? (exit 3: no)")
     d.add_argument("model", help="quadllm checkpoint (QUAD, rank > 0)")
-    d.add_argument("--data", required=True, help="the new data: wikitext2, ptb, a .jsonl or text file")
+    d.add_argument("--data", required=True, help=f"the new data: {TEXT_SPECS}")
     d.add_argument("--reference-data", default=None,
                    help="data of the calibration domain (default: the checkpoint's calibration source)")
     d.add_argument("--samples", type=int, default=16, help="windows for the second moments")

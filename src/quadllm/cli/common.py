@@ -30,6 +30,9 @@ __all__ = ["add_common", "add_backend", "add_dtype", "DTYPES", "setup_logging", 
 #: The dtypes a model can be evaluated in (``--dtype``).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
+#: what a --data / --calib option accepts (quadllm.data.text.load_text)
+TEXT_SPECS = "wikitext2, ptb, pysource (embedded Python code), a .jsonl or text file"
+
 
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="offline data directory (default: $QUADLLM_DATA_DIR or ../shared/data)")

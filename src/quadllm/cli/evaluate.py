@@ -20,7 +20,7 @@ from ..io.checkpoint import is_checkpoint
 from ..io.memory import peak_rss_mb
 from ..io.sources import load_model, resolve
 from ..nn.kv_cache import make_cache
-from .common import DTYPES, add_backend, add_common, add_dtype, open_model, write_text
+from .common import DTYPES, TEXT_SPECS, add_backend, add_common, add_dtype, open_model, write_text
 
 log = logging.getLogger("quadllm")
 
@@ -39,7 +39,7 @@ def add_tasks(p: argparse.ArgumentParser) -> None:
 def add_parsers(sub) -> None:
     e = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against the original; tasks with --tasks")
     e.add_argument("model", nargs="?", default=None, help="quadllm checkpoint or original model (default: SmolLM2)")
-    e.add_argument("--data", default=None, help="wikitext2, ptb, a .jsonl or text file (default: embedded text; "
+    e.add_argument("--data", default=None, help=f"{TEXT_SPECS} (default: embedded text; "
                    "with --tasks, perplexity is computed only when --data is given)")
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--max-windows", type=int, default=None)
@@ -57,7 +57,7 @@ def add_parsers(sub) -> None:
     c.add_argument("models", nargs="+", help="the full-precision reference first ('default' for SmolLM2, a "
                    "path, a hub id), then quadllm checkpoints or other models")
     c.add_argument("--data", default=None, help="also perplexity on DATA, and KL / top-1 agreement against "
-                   "the first model (wikitext2, ptb, a .jsonl or text file)")
+                   f"the first model ({TEXT_SPECS})")
     c.add_argument("--seqlen", type=int, default=2048)
     c.add_argument("--max-windows", type=int, default=None)
     c.add_argument("--out", required=True, help="Markdown file to write (and the same stem .json)")

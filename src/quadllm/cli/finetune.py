@@ -15,7 +15,7 @@ def add_parsers(sub) -> None:
     f = sub.add_parser("finetune", help="train the full-precision outlier weights (or LoRA) of a checkpoint")
     f.add_argument("model", help="quadllm checkpoint directory to fine-tune")
     f.add_argument("--data", required=True, help="Alpaca / chat / GSM8K / text .jsonl, a .txt file, wikitext2 "
-                   "(wiki.valid.tokens), ptb, pydoc, or a hub data set name")
+                   "(wiki.valid.tokens), ptb, pydoc, pysource, or a hub data set name")
     f.add_argument("--out", required=True, help="output checkpoint directory, or with --adapter-only a "
                    ".safetensors file")
     f.add_argument("--adapter-only", action="store_true", help="write only the trained tensors (tied to the base)")

@@ -31,7 +31,7 @@ from ..io.sources import (
 )
 from ..pipelines.in_memory import quantize
 from ..pipelines.streaming import quantize_streaming
-from .common import CHECKPOINT_SIZE_VS_FP16, add_common, check_free_space, config_from_args
+from .common import CHECKPOINT_SIZE_VS_FP16, TEXT_SPECS, add_common, check_free_space, config_from_args
 
 log = logging.getLogger("quadllm")
 
@@ -55,7 +55,7 @@ def add_parsers(sub) -> None:
                    "is applied (1: the whole least-squares map; default %(default)s, the GPTAQ authors')")
     q.add_argument("--group-size", type=int, default=d.group_size, help="0 = per channel")
     q.add_argument("--kv-bits", type=int, choices=KV_BITS, default=d.kv_bits)
-    q.add_argument("--calib", default=d.calib, help="wikitext2, ptb, a .jsonl or text file (default: embedded text)")
+    q.add_argument("--calib", default=d.calib, help=f"{TEXT_SPECS} (default: embedded text)")
     q.add_argument("--calib-samples", type=int, default=d.calib_samples)
     q.add_argument("--calib-seqlen", type=int, default=d.calib_seqlen)
     q.add_argument("--seed", type=int, default=d.seed)

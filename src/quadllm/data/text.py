@@ -1,7 +1,7 @@
 """Text sources for calibration and perplexity evaluation.
 
-This module turns a short *spec* (``None``, ``"pydoc"``, ``"wikitext2"``, ``"ptb"``
-or a path to a ``.txt`` / ``.jsonl`` file) into one plain string of text, and
+This module turns a short *spec* (``None``, ``"pydoc"``, ``"pysource"``, ``"wikitext2"``,
+``"ptb"`` or a path to a ``.txt`` / ``.jsonl`` file) into one plain string of text, and
 turns text into token tensors the way the GPTQ / QuaRot / QUAD papers do:
 
 * evaluation: tokenize the whole text once, cut it into non-overlapping windows of
@@ -59,7 +59,7 @@ DATA_DIR_ENV = "QUADLLM_DATA_DIR"
 SPLITS = ("calib", "eval")
 
 #: Accepted data set names of :func:`load_text` (besides file paths).
-KNOWN_NAMES = ("pydoc", "wikitext2", "ptb")
+KNOWN_NAMES = ("pydoc", "pysource", "wikitext2", "ptb")
 
 # Relative locations inside the data directory.
 WIKITEXT2_CALIB_FILE = Path("wikitext2") / "wiki.valid.tokens"
@@ -67,6 +67,15 @@ WIKITEXT2_EVAL_FILE = Path("wikitext2") / "wiki.test.raw"
 PTB_EVAL_FILE = Path("ptb") / "ptb.test.txt"
 
 _PYDOC_EVAL_EVERY = 5  # sorted key index i with i % 5 == 0 -> eval part
+#: Pure-Python standard-library modules whose source is the embedded *code* text (``"pysource"``):
+#: long, stable modules of ordinary application code, present in every CPython since 3.8.
+PYSOURCE_MODULES = (
+    "argparse", "ast", "bisect", "calendar", "configparser", "contextlib", "copy", "csv", "dataclasses",
+    "difflib", "email.message", "enum", "fnmatch", "fractions", "functools", "gettext", "glob", "heapq",
+    "http.client", "inspect", "ipaddress", "json.decoder", "json.encoder", "logging", "optparse", "pathlib",
+    "pprint", "queue", "random", "shlex", "shutil", "statistics", "string", "subprocess", "tarfile",
+    "tempfile", "textwrap", "tokenize", "typing", "urllib.parse", "zipfile",
+)
 _HUGE_MAX_LENGTH = int(1e30)
 
 
@@ -146,6 +155,7 @@ def sha256_file(path: str | Path) -> str:
 def _accepted_forms() -> str:
     return (
         "accepted: None or 'pydoc' (embedded offline text from Python's pydoc_data), "
+        "'pysource' (embedded offline code: the source of Python standard-library modules), "
         "'wikitext2', 'ptb' (offline copies in the data directory, given by --data-dir "
         f"or ${DATA_DIR_ENV}, or downloaded with the `datasets` library), "
         "or a path to an existing .jsonl file (one JSON object a line with 'text', or "
@@ -209,6 +219,30 @@ def _load_pydoc(split: str) -> TextSource:
         origin, len(chosen), len(keys), len(text),
     )
     return TextSource(name="pydoc", text=text, origin=origin)
+
+
+def _load_pysource(split: str) -> TextSource:
+    """Python source code of :data:`PYSOURCE_MODULES`, read from their files (nothing is imported),
+    split by module as ``"pydoc"`` is split by topic: every 5th module (sorted) is the eval part."""
+    import importlib.util
+
+    found = []
+    for name in sorted(PYSOURCE_MODULES):
+        spec = importlib.util.find_spec(name)
+        origin = getattr(spec, "origin", None)
+        if origin and origin.endswith(".py") and Path(origin).is_file():
+            found.append((name, Path(origin)))
+    if len(found) < _PYDOC_EVAL_EVERY:
+        raise DataError(
+            f"the embedded code text needs the source files of Python's standard library, and this "
+            f"Python has only {len(found)} of {len(PYSOURCE_MODULES)}; pass a .txt/.jsonl file of code instead")
+    chosen = [(n, f) for i, (n, f) in enumerate(found) if (i % _PYDOC_EVAL_EVERY == 0) == (split == "eval")]
+    text = "\n\n".join(_read_utf8(f) for _, f in chosen)
+    part = "evaluation" if split == "eval" else "calibration"
+    origin = (f"Python standard-library source ({', '.join(n for n, _ in chosen)}), {part} part "
+              f"(CPython {platform.python_version()})")
+    logger.info("using embedded code text: %d of %d modules, %d chars", len(chosen), len(found), len(text))
+    return TextSource(name="pysource", text=text, origin=origin)
 
 
 def _resolve_data_dir(data_dir: str | Path | None) -> Path | None:
@@ -446,6 +480,11 @@ def load_text(
               ``"else"`` inside ``"compound"``) are dropped from the calib part, so the
               two share no text. The text differs between CPython versions (the
               version is recorded in ``origin``).
+            * ``"pysource"``: embedded offline *code*, the source files of
+              :data:`PYSOURCE_MODULES` (Python's standard library) in sorted module order
+              joined with ``"\n\n"``, split by module as ``"pydoc"`` by key (every 5th is
+              the ``"eval"`` part). For code models: calibrate on the domain served. The
+              text differs between CPython versions (recorded in ``origin``).
             * ``"wikitext2"``: calib = ``<data_dir>/wikitext2/wiki.valid.tokens`` as is
               (standing in for the train split); eval =
               ``<data_dir>/wikitext2/wiki.test.raw`` with the papers' convention
@@ -485,6 +524,8 @@ def load_text(
     name = spec.strip().lower()
     if name == "pydoc":
         return _load_pydoc(split)
+    if name == "pysource":
+        return _load_pysource(split)
     if name == "wikitext2":
         return _load_wikitext2(split, _resolve_data_dir(data_dir), allow_download)
     if name == "ptb":

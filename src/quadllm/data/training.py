@@ -8,7 +8,7 @@ Accepted ``--data`` forms (:func:`load_training_set`):
       template; the loss covers the assistant turns;
     - GSM8K problems: ``question`` / ``answer``;
     - plain documents: ``text`` (language-model loss on every token);
-* a ``.txt`` file, or a named text (``wikitext2`` = ``wiki.valid.tokens``, ``ptb``, ``pydoc``;
+* a ``.txt`` file, or a named text (``wikitext2`` = ``wiki.valid.tokens``, ``ptb``, ``pydoc``, ``pysource``;
   never a test split): language-model loss on windows of ``max_seqlen`` tokens;
 * any other name is looked up on the Hugging Face hub with ``datasets`` (train split) when it is
   installed and reachable, with the same record forms.
