@@ -89,3 +89,44 @@ def test_in_memory_and_streaming_checkpoints_are_the_same(tmp_path):
     with torch.no_grad():
         assert torch.equal(a(ids).logits, model(ids).logits)
         torch.testing.assert_close(b(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("better", ["learned", "searched"])
+def test_after_quantization_the_layer_keeps_the_ratios_whose_output_is_nearer_the_float_layers(better):
+    cfg = _config()
+    layer, adapter, inputs = first_float_layer("llama", cfg)
+    searched = {n: weight_clip_ratios(layer.get_submodule(n).weight[:, 8:].float()) for n in adapter.all_linears}
+    poor = {n: torch.full_like(r, WEIGHT_CLIP_MIN) for n, r in searched.items()}  # clips 80% of every row
+    learned, search = (searched, poor) if better == "learned" else (poor, searched)
+    expected = {}
+    for name, clips in (("learned", learned), ("searched", search)):
+        twin = float_copy(layer)
+        set_layer_activation_quant(twin, adapter, cfg)
+        rtn_layer(twin, adapter, cfg, 0, clips=clips)
+        expected[name] = twin.state_dict()
+
+    def quantize(target, clips):  # as the pipeline's GPTQ, with the "search" standing for None
+        rtn_layer(target, adapter, cfg, 0, clips=search if clips is None else clips)
+
+    kept = learned_weight_clip.keep_after_quantization(layer, adapter, inputs, learned, quantize, 0)
+    assert kept == (better == "learned")
+    got = layer.state_dict()
+    assert set(got) == set(expected[better])
+    assert all(torch.equal(got[k], expected[better][k]) for k in got)
+
+
+def test_with_gptq_the_pipeline_quantizes_twice_and_records_what_it_kept(monkeypatch):
+    calls = []
+    real = learned_weight_clip.keep_after_quantization
+
+    def spy(layer, adapter, inputs, clips, quantize, index):
+        calls.append(index)
+        return real(layer, adapter, inputs, clips, quantize, index)
+
+    monkeypatch.setattr("quadllm.pipelines.recipe.keep_after_quantization", spy)
+    model = quantize_tiny(method="quad", rank=8, weights="gptq", w_clip_learn=4)
+    layers = model.config.num_hidden_layers
+    # only the layers whose ratios passed the test before GPTQ are quantized twice
+    assert calls and calls == sorted(set(calls)) and set(calls) <= set(range(layers))
+    kept = model.quadllm_info["timings"]["learned_weight_clips_kept"]
+    assert kept.endswith(f"of {layers} layers") and int(kept.split(" of ")[0]) <= len(calls)

@@ -77,7 +77,8 @@ def add_parsers(sub) -> None:
     q.add_argument("--w-clip-learn", type=int, default=d.w_clip_learn, metavar="STEPS",
                    help="before GPTQ/RTN, train each weight row's (group's) clip ratio for STEPS calibration batches "
                    "against the float layer's output, starting from the MSE search's (OmniQuant-style learnable "
-                   "weight clipping; kept only where it lowers the layer's error; no run-time cost; default 0: off)")
+                   "weight clipping; kept only where it lowers the layer's error, with GPTQ only where the layer "
+                   "quantized with it beats a second GPTQ with the search's; no run-time cost; default 0: off)")
     q.add_argument("--act-asym", dest="act_sym", action="store_false", default=d.act_sym,
                    help="asymmetric per-token activations (a zero point per token, applied in the GEMM epilogue)")
     q.add_argument("--act-sym", dest="act_sym", action="store_true", help="symmetric per-token activations (default)")

@@ -35,7 +35,7 @@ from ..steps.clipping import float_weights, search_layer_act_clips
 from ..steps.layer_fit import float_copy
 from ..steps.learned_clip import learn_layer_act_clips
 from ..steps.learned_transform import learn_layer_transforms
-from ..steps.learned_weight_clip import learn_layer_weight_clips
+from ..steps.learned_weight_clip import keep_after_quantization, learn_layer_weight_clips
 from ..steps.decompose import decompose_down_proj, decompose_o_proj, empty_split_transform, o_rank_transform
 from ..steps.smoothing import smooth_down_proj
 from ..steps.transforms import (
@@ -176,7 +176,14 @@ class LayerRecipe:
         if reference_layer is not None and inputs.reference is None:
             inputs.reference = list(inputs.hidden)  # the first layer: both models' inputs are the same
         if self.config.weights in ("gptq", "gptaq"):
-            gptq_layer(layer, self.adapter, self.config, inputs, index, reference_layer, clips=clips)
+            def quantize(target: nn.Module, ratios: dict[str, torch.Tensor] | None) -> None:
+                gptq_layer(target, self.adapter, self.config, inputs, index, reference_layer, clips=ratios)
+
+            if clips is not None:  # trained for round-to-nearest: GPTQ has the last word
+                self.weight_clips_kept[-1] = keep_after_quantization(layer, self.adapter, inputs, clips, quantize,
+                                                                     index)
+            else:
+                quantize(layer, None)
         else:
             rtn_layer(layer, self.adapter, self.config, index, clips=clips)
         if reference is not None:

@@ -14,13 +14,20 @@ kept only if they lower that error over all calibration batches; GPTQ or RTN the
 place of the search (:func:`quadllm.core.gptq.gptq_quantize`'s ``clip``): the scales are what they
 change, so nothing changes at run time.
 
+The ratios are trained for round-to-nearest weights, and GPTQ's error compensation can undo what
+they gain: :func:`keep_after_quantization` therefore quantizes the layer both ways (learned ratios,
+and the search's on a copy) and keeps the one whose output is nearer the float layer's.
+
 Cost: the float layer's outputs once per calibration batch, ``STEPS`` forward and backward passes
-of one layer on one batch, and two forward passes over all batches.
+of one layer on one batch, and two forward passes over all batches; with GPTQ, a second GPTQ of the
+layer (on a copy, one layer's weights more in memory) and two more forward passes.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -35,7 +42,7 @@ from .layer_fit import TrainedWeight, act_quantizers_on, float_copy, float_targe
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WEIGHT_CLIP_LR", "WEIGHT_CLIP_MIN", "learn_layer_weight_clips"]
+__all__ = ["WEIGHT_CLIP_LR", "WEIGHT_CLIP_MIN", "keep_after_quantization", "learn_layer_weight_clips"]
 
 #: Adam's learning rate for the ratios (FlatQuant's for its learnable clipping)
 WEIGHT_CLIP_LR = 5e-3
@@ -83,3 +90,29 @@ def learn_layer_weight_clips(layer: nn.Module, adapter: ArchAdapter, inputs: Lay
     log.debug("layer %d: learned weight clips, output error %.4g -> %.4g (%s)", index, err_start, err_end,
               "kept" if kept else "discarded")
     return {name: r.detach() for name, r in ratios.items()} if kept else None
+
+
+@torch.no_grad()
+def keep_after_quantization(layer: nn.Module, adapter: ArchAdapter, inputs: LayerInputs,
+                            clips: dict[str, torch.Tensor],
+                            quantize: Callable[[nn.Module, dict[str, torch.Tensor] | None], None],
+                            index: int) -> bool:
+    """Quantize ``layer`` (float weights) with ``quantize(layer, clips)`` and a copy of it with
+    ``quantize(copy, None)`` (the search's scales); the layer keeps whichever weights give the output
+    nearer the float layer's over all calibration batches, every activation quantizer on (strictly
+    nearer for the learned ones). Returns whether the learned ratios were kept."""
+    targets = float_targets(float_copy(layer), inputs)
+    searched = copy.deepcopy(layer)
+    quantize(layer, clips)
+    quantize(searched, None)
+    errors = []
+    for candidate in (layer, searched):
+        lins = [get_submodule(candidate, name) for name in adapter.all_linears]
+        with act_quantizers_on([lin for lin in lins if lin.act.enabled]):
+            errors.append(layer_error(candidate, inputs, targets, WEIGHT_CLIP_LOSS))
+    kept = errors[0] < errors[1]  # False for NaN
+    log.debug("layer %d: quantized with learned weight clips %.4g, with the search's %.4g (%s)", index,
+              errors[0], errors[1], "kept" if kept else "discarded")
+    if not kept:
+        layer.load_state_dict(searched.state_dict())
+    return kept
