@@ -319,11 +319,23 @@ def unrun_models(cells: dict, models: list[str], group: list[str]) -> list[str]:
     return unrun if len(unrun) < len(models) - 1 else []
 
 
+def task_groups(cells: dict, models: list[str], tasks: list[str]) -> list[tuple[str, list[str]]]:
+    """The table's sections: the zero-shot tasks (averaged together), then the generative ones, as
+    one section, or one section each where different rows were run on them (a row scored on
+    HumanEval alone must not hold GSM8K back as unfinished)."""
+    gen = [t for t in tasks if t in GENERATIVE]
+    groups = [("zero-shot", [t for t in tasks if t in ZERO_SHOT])]
+    if len({tuple(unrun_models(cells, models, [t])) for t in gen}) > 1:
+        return groups + [(f"generative: {t}", [t]) for t in gen]
+    return groups + [("generative", gen)]
+
+
 def expected_cells(cells: dict, models: list[str], tasks: list[str], skipped: dict[str, str]) -> set[tuple[str, str]]:
     """The (task, model) cells the table needs: every pair, less a quantized model's task where FP is
-    at chance (not run) and a model's task group it was never run on (:func:`unrun_models`)."""
+    at chance (not run) and a model's section of tasks it was never run on (:func:`task_groups`,
+    :func:`unrun_models`)."""
     out = set()
-    for group in ([t for t in tasks if t in ZERO_SHOT], [t for t in tasks if t in GENERATIVE]):
+    for _, group in task_groups(cells, models, tasks):
         unrun = unrun_models(cells, models, group)
         out |= {(t, m) for t in group for m in models if m not in unrun
                 and not (m != models[0] and t in skipped and (t, m) not in cells)}
@@ -360,8 +372,7 @@ def render(cells: dict, models: list[str], tasks: list[str], args,
               f"Machines: {'; '.join(machines) if machines else 'none yet'}.", ""]
     lines += checkpoint_lines(cells, models)
     all_models = models
-    for label, group in (("zero-shot", [t for t in tasks if t in ZERO_SHOT]),
-                         ("generative", [t for t in tasks if t in GENERATIVE])):
+    for label, group in task_groups(cells, models, tasks):
         if not group:
             continue
         lines += [f"## {label}", ""]

@@ -150,3 +150,25 @@ def test_a_missing_cell_of_a_model_run_on_the_group_leaves_the_table_in_progress
     args = type("A", (), {"out": str(tmp_path / "t"), "command": "python scripts/results_tasks.py",
                           "calib_samples": 32, "calib_seqlen": 512, "seed": 0, "limit": 4, "gen_limit": 2})()
     assert "**in progress: 3 of 4 cells done**" in rt.render(cells, [FP, q], ["piqa", "gsm8k"], args)
+
+
+def test_a_row_run_on_one_generative_task_gets_its_own_section_and_leaves_the_others_complete(tmp_path):
+    q, row = "QUAD W4A4 r=64", "QUAD W4A4 r=64 + down smoothing 0.5"
+    he = {"tasks": {"humaneval_chat": {"pass@1": 0.5}}, "items": {}, "wall_seconds": 1.0}
+    gsm = {"tasks": {"gsm8k": {"exact_match,flexible-extract": 0.25}}, "items": {}, "wall_seconds": 1.0}
+    cells = {("humaneval_chat", FP): he, ("humaneval_chat", q): he, ("humaneval_chat", row): he,
+             ("gsm8k", FP): gsm, ("gsm8k", q): gsm}
+    tasks = ["humaneval_chat", "gsm8k"]
+    assert [label for label, _ in rt.task_groups(cells, [FP, q, row], tasks)] == [
+        "zero-shot", "generative: humaneval_chat", "generative: gsm8k"]
+    args = type("A", (), {"out": str(tmp_path / "t"), "command": "python scripts/results_tasks.py",
+                          "calib_samples": 32, "calib_seqlen": 512, "seed": 0, "limit": 4, "gen_limit": 2})()
+    md = rt.render(cells, [FP, q, row], tasks, args)
+    assert "(complete)" in md and "Not yet done" not in md
+    he_part, gsm_part = md.split("## generative: humaneval_chat")[1].split("## generative: gsm8k")
+    assert f"| {row} |" in he_part and "| humaneval_chat | pass@1 | 50.00 | 50.00 | 100.0% | 50.00 |" in he_part
+    assert f"Not run on these tasks: {row}." in gsm_part
+    assert "| gsm8k | exact_match,flexible-extract | 25.00 | 25.00 | 100.0% |" in gsm_part
+    del cells[("gsm8k", q)]  # no quantized model on GSM8K yet: it is unfinished, not unrun
+    assert [label for label, _ in rt.task_groups(cells, [FP, q, row], tasks)] == ["zero-shot", "generative"]
+    assert "**in progress: 4 of 6 cells done**" in rt.render(cells, [FP, q, row], tasks, args)

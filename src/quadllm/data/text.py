@@ -222,9 +222,9 @@ def _load_pydoc(split: str) -> TextSource:
 
 
 def _load_pysource(split: str) -> TextSource:
-    """Python source code of :data:`PYSOURCE_MODULES`, read from their files (nothing is imported),
-    split by module as ``"pydoc"`` is split by topic: every 5th module (sorted) is the eval part."""
-    import importlib.util
+    """Python source code of :data:`PYSOURCE_MODULES`, read from their files (``find_spec`` imports only
+    their parent packages), split by module as ``"pydoc"`` is split by topic: every 5th module
+    (sorted) is the eval part."""
 
     found = []
     for name in sorted(PYSOURCE_MODULES):
