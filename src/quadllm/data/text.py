@@ -482,7 +482,7 @@ def load_text(
               version is recorded in ``origin``).
             * ``"pysource"``: embedded offline *code*, the source files of
               :data:`PYSOURCE_MODULES` (Python's standard library) in sorted module order
-              joined with ``"\n\n"``, split by module as ``"pydoc"`` by key (every 5th is
+              joined with ``"\\n\\n"``, split by module as ``"pydoc"`` by key (every 5th is
               the ``"eval"`` part). For code models: calibrate on the domain served. The
               text differs between CPython versions (recorded in ``origin``).
             * ``"wikitext2"``: calib = ``<data_dir>/wikitext2/wiki.valid.tokens`` as is
