@@ -74,7 +74,14 @@ BASE = ["--method", "quad", "--rank", "64", *PAPER]
 #: every row calibrates on this unless its flags name another ``--calib``
 CALIB = "wikitext2"
 CODE_CALIB = "pysource"
-CODE_CALIB_NOTE = f"rows marked code calibration: the embedded Python standard-library source, `--calib {CODE_CALIB}`"
+CODE_CALIB_ROW = "(code calibration)"
+
+
+def calibration_source(names) -> str:
+    """What the rows named ``names`` calibrate on, for a table's header."""
+    code = [n for n in names if n.endswith(CODE_CALIB_ROW)]
+    return "`wiki.valid.tokens`" + (f" (rows marked {CODE_CALIB_ROW}: the embedded Python standard-library "
+                                     f"source, `--calib {CODE_CALIB}`)" if code else "")
 #: the accuracy techniques, each alone on top of QUAD W4A4 r=64 (``--table ablation``), then
 #: together; the first row is the base every speed ratio is taken against (a later flag overrides
 #: PAPER's)
@@ -131,9 +138,9 @@ ABLATION_ROWS = [
     # a code model calibrated on code (the embedded Python source) instead of WikiText-2: the default's
     # recipe, then QUAD as published, for HumanEval (the recipe's clip ratios, smoothing scales and V basis
     # are all fitted to the calibration text)
-    ("QUAD W4A4 r=64 + clip + o-rank 8 + smoothing (code calibration)",
+    (f"QUAD W4A4 r=64 + clip + o-rank 8 + smoothing {CODE_CALIB_ROW}",
      [*BASE, "--a-clip-search", "--o-rank", "8", "--down-smooth", "0.5", "--calib", CODE_CALIB]),
-    ("QUAD W4A4 r=64 (code calibration)", [*BASE, "--calib", CODE_CALIB]),
+    (f"QUAD W4A4 r=64 {CODE_CALIB_ROW}", [*BASE, "--calib", CODE_CALIB]),
 ]
 TABLES = {"main": ROWS, "ablation": ABLATION_ROWS}
 
@@ -409,8 +416,8 @@ def fmt_md(results: dict, meta: dict) -> str:
         f"{meta['seqlen']} tokens ({meta['tokens']} predicted tokens); KL is the mean KL(FP ‖ quantized) per "
         "token and top-1 the share of positions where both predict the same next token, on the same windows.",
         f"Weights: INT4 GPTQ per channel (MSE clipping); activations per token, clip {meta['a_clip']}. "
-        f"Calibration: {meta['calib_samples']} x {meta['calib_seqlen']} tokens from `wiki.valid.tokens` "
-        f"({CODE_CALIB_NOTE}), seed {meta['seed']}. Quantization time and peak memory are those of the `quadllm quantize` process "
+        f"Calibration: {meta['calib_samples']} x {meta['calib_seqlen']} tokens from {calibration_source(results)}, "
+        f"seed {meta['seed']}. Quantization time and peak memory are those of the `quadllm quantize` process "
         "(model loading included); size is the checkpoint directory against the FP16 size of the original.",
         "",
         "| model | ppl | KL | top-1 | quantize s | peak MB | size MB | size vs FP16 |",

@@ -109,3 +109,6 @@ def test_a_row_that_names_its_calibration_keeps_it(monkeypatch, tmp_path):
         return [a for i, a in enumerate(cmd) if i not in drop]
 
     assert rest(code) == rest(plain)
+    # and a table says so only when it has such a row
+    assert rs.calibration_source(["QUAD W4A4 r=64"]) == "`wiki.valid.tokens`"
+    assert "`--calib pysource`" in rs.calibration_source(["QUAD W4A4 r=64", "QUAD W4A4 r=64 (code calibration)"])

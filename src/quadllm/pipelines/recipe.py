@@ -166,10 +166,9 @@ class LayerRecipe:
             self.down_energy.append(decompose_down_proj(layer, self.adapter, inputs, self.config.down_rank, index))
         if self.config.learns_transforms:
             self.transforms_kept.append(learn_layer_transforms(layer, self.adapter, inputs, self.config, index))
-        clips = None
-        if self.config.w_clip_learn:
-            clips = learn_layer_weight_clips(layer, self.adapter, inputs, self.config, index)
-            self.weight_clips_kept.append(clips is not None)
+        clips = learn_layer_weight_clips(layer, self.adapter, inputs, self.config, index) \
+            if self.config.w_clip_learn else None
+        clips_kept = clips is not None
         reference = float_weights(layer, self.adapter) if self.config.searches_act_clips else None
         reference_layer = copy.deepcopy(layer) if self.config.weights == "gptaq" else None
         float_layer = float_copy(layer) if self.config.learns_act_clips else None
@@ -180,12 +179,13 @@ class LayerRecipe:
                 gptq_layer(target, self.adapter, self.config, inputs, index, reference_layer, clips=ratios)
 
             if clips is not None:  # trained for round-to-nearest: GPTQ has the last word
-                self.weight_clips_kept[-1] = keep_after_quantization(layer, self.adapter, inputs, clips, quantize,
-                                                                     index)
+                clips_kept = keep_after_quantization(layer, self.adapter, inputs, clips, quantize, index)
             else:
                 quantize(layer, None)
         else:
             rtn_layer(layer, self.adapter, self.config, index, clips=clips)
+        if self.config.w_clip_learn:
+            self.weight_clips_kept.append(clips_kept)
         if reference is not None:
             search_layer_act_clips(layer, self.adapter, inputs, reference, index)
         if float_layer is not None:
