@@ -19,7 +19,7 @@ from quadllm.core.quantizers import weight_clip_ratios
 from quadllm.nn.modules import QuadLinear
 from quadllm.steps import learned_weight_clip
 from quadllm.steps.calibration import run_layer
-from quadllm.steps.layer_fit import float_copy
+from quadllm.steps.layer_fit import float_copy, float_targets
 from quadllm.steps.learned_weight_clip import WEIGHT_CLIP_MIN, learn_layer_weight_clips
 from quadllm.steps.transforms import set_layer_activation_quant
 from quadllm.steps.weights import rtn_layer
@@ -43,7 +43,7 @@ def test_learned_ratios_lower_the_quantized_layers_output_error_below_the_mse_se
     layer, adapter, inputs = first_float_layer(arch, cfg)
     reference, searched = float_copy(layer), float_copy(layer)
     set_layer_activation_quant(searched, adapter, cfg)
-    clips = learn_layer_weight_clips(layer, adapter, inputs, cfg, 0)
+    clips = learn_layer_weight_clips(layer, adapter, inputs, float_targets(reference, inputs), cfg, 0)
     assert clips is not None and set(clips) == set(adapter.all_linears)
     for name, ratio in clips.items():
         lin = layer.get_submodule(name)
@@ -63,7 +63,8 @@ def test_ratios_that_do_not_lower_the_error_are_discarded_and_the_weights_left_a
     layer, adapter, inputs = first_float_layer("llama", cfg)
     before = {n: m.weight.detach().clone() for n, m in layer.named_modules() if isinstance(m, QuadLinear)}
     monkeypatch.setattr(learned_weight_clip, "WEIGHT_CLIP_LR", 5.0)  # every ratio jumps to a bound
-    assert learn_layer_weight_clips(layer, adapter, inputs, cfg, 0) is None
+    targets = float_targets(float_copy(layer), inputs)
+    assert learn_layer_weight_clips(layer, adapter, inputs, targets, cfg, 0) is None
     for n, w in before.items():
         lin = layer.get_submodule(n)
         assert not torch.nn.utils.parametrize.is_parametrized(lin) and torch.equal(lin.weight, w)
@@ -108,7 +109,8 @@ def test_after_quantization_the_layer_keeps_the_ratios_whose_output_is_nearer_th
     def quantize(target, clips):  # as the pipeline's GPTQ, with the "search" standing for None
         rtn_layer(target, adapter, cfg, 0, clips=search if clips is None else clips)
 
-    kept = learned_weight_clip.keep_after_quantization(layer, adapter, inputs, learned, quantize, 0)
+    targets = float_targets(float_copy(layer), inputs)
+    kept = learned_weight_clip.keep_after_quantization(layer, adapter, inputs, targets, learned, quantize, 0)
     assert kept == (better == "learned")
     got = layer.state_dict()
     assert set(got) == set(expected[better])
@@ -119,9 +121,9 @@ def test_with_gptq_the_pipeline_quantizes_twice_and_records_what_it_kept(monkeyp
     calls = []
     real = learned_weight_clip.keep_after_quantization
 
-    def spy(layer, adapter, inputs, clips, quantize, index):
+    def spy(layer, adapter, inputs, targets, clips, quantize, index):
         calls.append(index)
-        return real(layer, adapter, inputs, clips, quantize, index)
+        return real(layer, adapter, inputs, targets, clips, quantize, index)
 
     monkeypatch.setattr("quadllm.pipelines.recipe.keep_after_quantization", spy)
     model = quantize_tiny(method="quad", rank=8, weights="gptq", w_clip_learn=4)

@@ -32,7 +32,7 @@ from ..core.affine import AffineTail
 from ..nn.modules import QuadEmbedding, QuadHead, QuadLinear, QuadRMSNorm
 from ..steps.calibration import LayerInputs
 from ..steps.clipping import float_weights, search_layer_act_clips
-from ..steps.layer_fit import float_copy
+from ..steps.layer_fit import float_copy, float_targets
 from ..steps.learned_clip import learn_layer_act_clips
 from ..steps.learned_transform import learn_layer_transforms
 from ..steps.learned_weight_clip import keep_after_quantization, learn_layer_weight_clips
@@ -166,8 +166,10 @@ class LayerRecipe:
             self.down_energy.append(decompose_down_proj(layer, self.adapter, inputs, self.config.down_rank, index))
         if self.config.learns_transforms:
             self.transforms_kept.append(learn_layer_transforms(layer, self.adapter, inputs, self.config, index))
-        clips = learn_layer_weight_clips(layer, self.adapter, inputs, self.config, index) \
-            if self.config.w_clip_learn else None
+        # the float layer's outputs, for training the weight clips and for GPTQ's test of them
+        clip_targets = float_targets(float_copy(layer), inputs) if self.config.w_clip_learn else None
+        clips = learn_layer_weight_clips(layer, self.adapter, inputs, clip_targets, self.config, index) \
+            if clip_targets is not None else None
         clips_kept = clips is not None
         reference = float_weights(layer, self.adapter) if self.config.searches_act_clips else None
         reference_layer = copy.deepcopy(layer) if self.config.weights == "gptaq" else None
@@ -179,7 +181,8 @@ class LayerRecipe:
                 gptq_layer(target, self.adapter, self.config, inputs, index, reference_layer, clips=ratios)
 
             if clips is not None:  # trained for round-to-nearest: GPTQ has the last word
-                clips_kept = keep_after_quantization(layer, self.adapter, inputs, clips, quantize, index)
+                clips_kept = keep_after_quantization(layer, self.adapter, inputs, clip_targets, clips, quantize,
+                                                     index)
             else:
                 quantize(layer, None)
         else:

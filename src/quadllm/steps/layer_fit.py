@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from ..arch import ArchAdapter, get_submodule
 from ..core.affine import fuse_affine
 from ..core.clipping import block_error
 from ..core.quantizers import fake_quant_weight
 from ..nn.modules import QuadLinear
 from .calibration import LayerInputs, run_layer
 
-__all__ = ["TrainedWeight", "act_quantizers_on", "float_copy", "float_targets", "layer_error", "train_layer"]
+__all__ = ["TrainedWeight", "act_quantized_linears", "act_quantizers_on", "float_copy", "float_targets", "layer_error",
+           "train_layer"]
 
 
 def float_copy(layer: nn.Module) -> nn.Module:
@@ -58,11 +60,18 @@ class TrainedWeight(nn.Module):
         return torch.cat([weight[:, :k], tail], dim=1) if k else tail
 
 
+def act_quantized_linears(layer: nn.Module, adapter: ArchAdapter) -> dict[str, QuadLinear]:
+    """The linears of ``layer`` whose inputs are quantized, by name, in the adapter's order."""
+    lins: dict[str, QuadLinear] = {name: get_submodule(layer, name) for name in adapter.all_linears}
+    return {name: lin for name, lin in lins.items() if lin.act.enabled}
+
+
 @contextlib.contextmanager
-def act_quantizers_on(lins: Sequence[QuadLinear]) -> Iterator[None]:
+def act_quantizers_on(lins: Iterable[QuadLinear]) -> Iterator[None]:
     """Every activation quantizer of ``lins`` switched on for the block (the pipelines calibrate
     with them off, as QuaRot does for GPTQ; a step that trains against the quantized layer's output
     needs them on), then back as it was."""
+    lins = list(lins)
     before = [lin.act_enabled for lin in lins]
     try:
         for lin in lins:

@@ -28,11 +28,10 @@ import logging
 import torch
 from torch import nn
 
-from ..arch import ArchAdapter, get_submodule
+from ..arch import ArchAdapter
 from ..core.clipping import LEARNED_CLIP_MIN, round_learned_clip
-from ..nn.modules import QuadLinear
 from .calibration import LayerInputs, input_owners
-from .layer_fit import act_quantizers_on, float_targets, layer_error, train_layer
+from .layer_fit import act_quantized_linears, act_quantizers_on, float_targets, layer_error, train_layer
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +49,8 @@ def learn_layer_act_clips(layer: nn.Module, adapter: ArchAdapter, inputs: LayerI
     (:func:`~quadllm.steps.layer_fit.float_copy`, taken before the weights were quantized) on the
     error ``loss`` names (:func:`~quadllm.core.clipping.block_error`); returns the ratio each linear
     keeps (unchanged where training did not lower the error over all batches)."""
-    lins: dict[str, QuadLinear] = {name: get_submodule(layer, name) for name in adapter.all_linears}
-    names = [n for n in adapter.all_linears if lins[n].act.enabled]
+    lins = act_quantized_linears(layer, adapter)
+    names = list(lins)
     if not names or steps <= 0:
         return {}
     owners = input_owners(layer, adapter, names)
@@ -61,7 +60,7 @@ def learn_layer_act_clips(layer: nn.Module, adapter: ArchAdapter, inputs: LayerI
     try:
         for name in names:
             lins[name].clip_param = params[owners[name]]
-        with act_quantizers_on([lins[n] for n in names]):
+        with act_quantizers_on(lins.values()):
             err_start = layer_error(layer, inputs, targets, loss)
 
             def clamp() -> None:

@@ -29,12 +29,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..arch import ArchAdapter, get_submodule
+from ..arch import ArchAdapter
 from ..config import QuantConfig
 from ..core.affine import AffineTail, fuse_affine, identity_factors
-from ..nn.modules import QuadLinear
 from .calibration import LayerInputs, input_owners
-from .layer_fit import TrainedWeight, act_quantizers_on, float_copy, float_targets, layer_error, train_layer
+from .layer_fit import (TrainedWeight, act_quantized_linears, act_quantizers_on, float_copy, float_targets,
+                        layer_error, train_layer)
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ def learn_layer_transforms(layer: nn.Module, adapter: ArchAdapter, inputs: Layer
     """Train, fuse and attach the transform of every activation-quantized input of ``layer`` (float
     weights) for ``config.learn_transform`` batches of ``inputs``; returns whether the trained
     transforms were kept (else identities are attached)."""
-    lins: dict[str, QuadLinear] = {name: get_submodule(layer, name) for name in adapter.all_linears}
-    names = [n for n in adapter.all_linears if lins[n].act.enabled]
+    lins = act_quantized_linears(layer, adapter)
+    names = list(lins)
     steps = config.learn_transform
     if not names or steps <= 0:
         return False
@@ -69,7 +69,7 @@ def learn_layer_transforms(layer: nn.Module, adapter: ArchAdapter, inputs: Layer
             lin.transform = AffineTail(lin.rank, *factors, base=bases[name])
             parametrize.register_parametrization(
                 lin, "weight", TrainedWeight(lin.rank, config.w_bits, config.group_size, factors=factors))
-        with act_quantizers_on([lins[n] for n in names]):
+        with act_quantizers_on(lins.values()):
             with parametrize.cached():
                 err_start = layer_error(layer, inputs, targets, TRANSFORM_LOSS)
             train_layer(layer, inputs, targets, [p for ps in params.values() for p in ps], steps, TRANSFORM_LR,

@@ -38,7 +38,7 @@ from ..config import QuantConfig
 from ..core.quantizers import weight_clip_ratios
 from ..nn.modules import QuadLinear
 from .calibration import LayerInputs
-from .layer_fit import TrainedWeight, act_quantizers_on, float_copy, float_targets, layer_error, train_layer
+from .layer_fit import TrainedWeight, act_quantized_linears, act_quantizers_on, layer_error, train_layer
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +53,13 @@ WEIGHT_CLIP_LOSS = "token"
 
 
 @torch.no_grad()
-def learn_layer_weight_clips(layer: nn.Module, adapter: ArchAdapter, inputs: LayerInputs, config: QuantConfig,
+def learn_layer_weight_clips(layer: nn.Module, adapter: ArchAdapter, inputs: LayerInputs,
+                             targets: list[torch.Tensor], config: QuantConfig,
                              index: int) -> dict[str, torch.Tensor] | None:
     """Train the clip ratios [out, G] of every linear of ``layer`` (float weights) for
-    ``config.w_clip_learn`` batches of ``inputs``; returns them per linear name, or None where they
-    did not lower the layer's error over all batches (the MSE search then stays)."""
+    ``config.w_clip_learn`` batches of ``inputs`` against ``targets``, the float layer's outputs
+    (:func:`~quadllm.steps.layer_fit.float_targets`); returns them per linear name, or None where
+    they did not lower the layer's error over all batches (the MSE search then stays)."""
     steps = config.w_clip_learn
     if steps <= 0:
         return None
@@ -65,12 +67,11 @@ def learn_layer_weight_clips(layer: nn.Module, adapter: ArchAdapter, inputs: Lay
     ratios = {name: weight_clip_ratios(lin.weight.detach()[:, lin.rank:].float(), config.w_bits, config.group_size,
                                        config.w_clip).requires_grad_()
               for name, lin in lins.items()}
-    targets = float_targets(float_copy(layer), inputs)
     try:
         for name, lin in lins.items():
             parametrize.register_parametrization(
                 lin, "weight", TrainedWeight(lin.rank, config.w_bits, config.group_size, ratio=ratios[name]))
-        with act_quantizers_on([lin for lin in lins.values() if lin.act.enabled]):
+        with act_quantizers_on(act_quantized_linears(layer, adapter).values()):
             with parametrize.cached():
                 err_start = layer_error(layer, inputs, targets, WEIGHT_CLIP_LOSS)
 
@@ -94,21 +95,19 @@ def learn_layer_weight_clips(layer: nn.Module, adapter: ArchAdapter, inputs: Lay
 
 @torch.no_grad()
 def keep_after_quantization(layer: nn.Module, adapter: ArchAdapter, inputs: LayerInputs,
-                            clips: dict[str, torch.Tensor],
+                            targets: list[torch.Tensor], clips: dict[str, torch.Tensor],
                             quantize: Callable[[nn.Module, dict[str, torch.Tensor] | None], None],
                             index: int) -> bool:
     """Quantize ``layer`` (float weights) with ``quantize(layer, clips)`` and a copy of it with
     ``quantize(copy, None)`` (the search's scales); the layer keeps whichever weights give the output
-    nearer the float layer's over all calibration batches, every activation quantizer on (strictly
-    nearer for the learned ones). Returns whether the learned ratios were kept."""
-    targets = float_targets(float_copy(layer), inputs)
+    nearer the float layer's outputs ``targets`` over all calibration batches, every activation
+    quantizer on (strictly nearer for the learned ones). Returns whether the learned ratios were kept."""
     searched = copy.deepcopy(layer)
     quantize(layer, clips)
     quantize(searched, None)
     errors = []
     for candidate in (layer, searched):
-        lins = [get_submodule(candidate, name) for name in adapter.all_linears]
-        with act_quantizers_on([lin for lin in lins if lin.act.enabled]):
+        with act_quantizers_on(act_quantized_linears(candidate, adapter).values()):
             errors.append(layer_error(candidate, inputs, targets, WEIGHT_CLIP_LOSS))
     kept = errors[0] < errors[1]  # False for NaN
     log.debug("layer %d: quantized with learned weight clips %.4g, with the search's %.4g (%s)", index,
