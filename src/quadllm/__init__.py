@@ -24,11 +24,16 @@ from .config import ConfigError, QuantConfig
 from .data.samples import calibration_samples
 from .errors import QuadllmError
 from .evaluation.perplexity import evaluate
+from .integrations.hf import register as register_with_transformers
 from .io.checkpoint import CheckpointError, save
 from .io.sources import ModelSource, load_model
+from .pipelines.convert import convert
 from .pipelines.in_memory import quantize
 from .pipelines.loading import load
 from .version import __version__
 
+register_with_transformers()  # AutoModelForCausalLM.from_pretrained loads quadllm checkpoints once quadllm is imported
+
 __all__ = ["QuantConfig", "ConfigError", "QuadllmError", "quantize", "load_model", "ModelSource", "save", "load",
-           "place", "CheckpointError", "evaluate", "calibration_samples", "__version__"]
+           "place", "CheckpointError", "evaluate", "calibration_samples", "convert", "register_with_transformers",
+           "__version__"]

@@ -38,6 +38,8 @@ class ArchAdapter:
     o_proj: ClassVar[str] = "self_attn.o_proj"
     down_proj: ClassVar[str] = "mlp.down_proj"
     attention: ClassVar[str] = "self_attn"
+    #: the configuration key of the RMSNorms' epsilon
+    norm_eps_key: ClassVar[str] = "rms_norm_eps"
 
     def __init__(self, config) -> None:
         self.config = config

@@ -35,12 +35,16 @@ from torch import nn
 from ..errors import QuadllmError
 from ..version import __version__
 from . import files
+from .stock_layout import SHIM_FILE, is_stock_config, marker_keys, shim_source
 from .storage import storage_state_dict, tensor_bytes
 
 log = logging.getLogger(__name__)
 
 FORMAT = "quadllm"
-FORMAT_VERSION = 1
+#: 1: quadllm's own modules (``config.json`` the original model's); 2: the stock layout
+#: (:mod:`quadllm.io.stock_layout`: ``config.json`` the expanded stock model's)
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONFIG_FILE = "quadllm_config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded checkpoints (streaming quantization)
@@ -98,15 +102,17 @@ def write_metadata(tmp: Path, hf_config, tokenizer, info: dict[str, Any], origin
         json.dump(hf, f, indent=2, default=str)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    if is_stock_config(hf_config):
+        (tmp / SHIM_FILE).write_text(shim_source(hf_config))
     for name, data in (extra_files or {}).items():
-        if Path(name).name != name or name in (WEIGHTS_FILE, WEIGHTS_INDEX, CONFIG_FILE, "config.json"):
+        if Path(name).name != name or name in (WEIGHTS_FILE, WEIGHTS_INDEX, CONFIG_FILE, "config.json", SHIM_FILE):
             raise CheckpointError(f"invalid extra file name {name!r}")
         (tmp / name).write_bytes(data)
     if hasattr(original, "to_dict"):
         original = original.to_dict()
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if is_stock_config(hf_config) else 1,
         "library_version": __version__,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
@@ -135,12 +141,20 @@ def save(model: nn.Module, tokenizer, out_dir: str | Path, original: Any = None,
     if info is None:
         raise CheckpointError("this model has not been quantized by quadllm (no quadllm_info)")
     with atomic_checkpoint_dir(out_dir) as tmp:
-        write_tensors(storage_state_dict(model), tmp / WEIGHTS_FILE)
+        write_tensors(stored_state_dict(model), tmp / WEIGHTS_FILE)
         sizes = {"weights_file_bytes": (tmp / WEIGHTS_FILE).stat().st_size, "tensor_bytes": tensor_bytes(model)}
         write_metadata(tmp, model.config, tokenizer, info, original, sizes, extra, extra_files)
     out = check_output_dir(out_dir)
     log.info("saved %s (%.1f MB)", out, dir_size(out) / 1e6)
     return out
+
+
+def stored_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors as stored, with the stock layout's markers when ``model`` is in it."""
+    state = storage_state_dict(model)
+    if is_stock_config(model.config):
+        state.update({key: torch.zeros(0, dtype=torch.uint8) for key in marker_keys(model)})
+    return state
 
 
 def dir_size(path: str | Path) -> int:
@@ -160,9 +174,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{p / CONFIG_FILE} is corrupt: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{p / CONFIG_FILE} is not a quadllm configuration")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{p} has format version {meta.get('format_version')}; this quadllm "
-                              f"({__version__}) reads version {FORMAT_VERSION}")
+                              f"({__version__}) reads versions {', '.join(map(str, READABLE_VERSIONS))}")
     for key in ("quant_config", "structure"):
         if not isinstance(meta.get(key), dict):
             raise CheckpointError(f"{p / CONFIG_FILE} is damaged: {key!r} is missing or not an object")

@@ -11,14 +11,21 @@ from torch import nn
 
 from ..nn.modules import QuadEmbedding, QuadHead, QuadLinear
 
-__all__ = ["STORAGE_HALF", "storage_dtype", "round_to_storage", "storage_state_dict", "tensor_bytes"]
+__all__ = ["STORAGE_DTYPE_ATTR", "STORAGE_HALF", "storage_dtype", "round_to_storage", "storage_state_dict",
+           "tensor_bytes"]
 
 STORAGE_HALF = ("w_outlier", "scales", "bias")
+#: a module attribute giving the stored dtype of its ``weight`` and ``bias`` (the stock layout's
+#: fused embedding and head, plain ``nn.Embedding`` and ``nn.Linear``: see :mod:`quadllm.io.stock_layout`)
+STORAGE_DTYPE_ATTR = "quadllm_storage_dtype"
 
 
 def storage_dtype(module: nn.Module, name: str) -> torch.dtype | None:
     """The dtype a tensor is stored in: FP16 for weight scales, outlier columns, biases, the
     embedding and the head; None (keep as is) for everything else."""
+    marked = getattr(module, STORAGE_DTYPE_ATTR, None)
+    if marked is not None and name in ("weight", "bias"):
+        return marked
     if isinstance(module, QuadLinear) and name in STORAGE_HALF:
         return torch.float16
     if isinstance(module, QuadEmbedding) and name == "weight":
@@ -73,7 +80,7 @@ def tensor_bytes(model: nn.Module) -> dict[str, int]:
                 kinds["scales"] += n
             elif isinstance(module, QuadLinear) and name == "w_outlier":
                 kinds["outlier_columns"] += n
-            elif isinstance(module, (QuadEmbedding, QuadHead)):
+            elif isinstance(module, (QuadEmbedding, QuadHead)) or getattr(module, STORAGE_DTYPE_ATTR, None):
                 kinds["embedding_and_head"] += n
             else:
                 kinds["other"] += n

@@ -243,11 +243,17 @@ class QuadLinear(nn.Module):
         """The clip ratio the activation quantizer uses now: the one being trained, else ``act``'s."""
         return self.act.clip_ratio if self.clip_param is None else self.clip_param
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def adopt_loaded_state(self) -> None:
+        """After tensors were put in place (by ``load_state_dict``, or by a loader that sets them
+        directly, as transformers does): the stored clip ratio becomes the quantizer's, and no
+        dequantized weight from before is kept."""
         self._deq = None
-        result = super()._load_from_state_dict(*args, **kwargs)
-        if self._buffers.get("act_clip") is not None:  # the loaded value becomes the quantizer's
+        if self._buffers.get("act_clip") is not None:
             self.act = dataclasses.replace(self.act, clip_ratio=float(self.act_clip))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        result = super()._load_from_state_dict(*args, **kwargs)
+        self.adopt_loaded_state()
         return result
 
     # --- forward --------------------------------------------------------------------------

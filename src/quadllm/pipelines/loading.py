@@ -18,7 +18,16 @@ from ..config import RECORDED_BEFORE_KEYS, ConfigError, QuantConfig
 from ..errors import QuadllmError
 from ..finetune.adapter_file import apply_adapter
 from ..finetune.lora import inject_lora
-from ..io.checkpoint import WEIGHTS_FILE, WEIGHTS_INDEX, CheckpointError, read_meta, read_state, verify_files
+from ..io.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    WEIGHTS_INDEX,
+    CheckpointError,
+    read_meta,
+    read_state,
+    verify_files,
+)
+from ..io.stock_layout import is_stock_config, mark_tables, marker_keys, original_config, stock_skeleton
 from ..nn.modules import use_quad_attention
 from .recipe import LayerRecipe, structure_of
 
@@ -32,8 +41,12 @@ STRUCTURE_BEFORE_KEYS = {**{k: RECORDED_BEFORE_KEYS[k] for k in ("down_rank", "o
 def build_skeleton(model: nn.Module, config: QuantConfig, structure: dict, dtype: torch.dtype) -> None:
     """Replace the modules of an (empty-weight) transformers model by the empty quantized modules
     :class:`LayerRecipe` produces for ``config``, ready for ``load_state_dict``. ``structure`` is
-    the checkpoint's record of its shapes; one that disagrees with ``config`` is refused."""
-    adapter = get_adapter(model)
+    the checkpoint's record of its shapes; one that disagrees with ``config`` is refused.
+
+    A model in the stock layout (:mod:`quadllm.io.stock_layout`) keeps its own norms, embedding
+    and head: only the decoder linears (and KV quantizers) are quadllm's."""
+    stock = is_stock_config(model.config)
+    adapter = get_adapter(original_config(model.config) if stock else model)
     recipe = LayerRecipe(config, adapter)
     expected = structure_of(config, adapter)
     # keys newer than a checkpoint: what it was made with then
@@ -42,9 +55,13 @@ def build_skeleton(model: nn.Module, config: QuantConfig, structure: dict, dtype
     if wrong:
         raise CheckpointError("the checkpoint's structure disagrees with its configuration: " + ", ".join(
             f"{k} is {got!r}, the configuration gives {want!r}" for k, (got, want) in sorted(wrong.items())))
+    pad = int(model.config.hidden_size) - int(structure["expanded_hidden_size"]) if stock else 0
     for layer in adapter.layers(model):
-        recipe.skeleton(layer, dtype)
-    recipe.skeleton_ends(model, dtype, tied=bool(structure["tied_head"]))
+        recipe.skeleton(layer, dtype, norms=not stock, pad=pad)
+    if stock:
+        mark_tables(adapter.embedding(model), adapter.head(model))
+    else:
+        recipe.skeleton_ends(model, dtype, tied=bool(structure["tied_head"]))
     if structure.get("lora"):
         inject_lora(model, structure["lora"])
 
@@ -76,6 +93,8 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, adapter: str | Pa
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise CheckpointError(f"{p}: its configuration and structure do not describe a model ({exc})") from exc
     state = read_state(p, dtype)
+    for key in marker_keys(model):  # the stock layout's markers (nothing to load)
+        state.pop(key, None)
     weights = p / (WEIGHTS_FILE if (p / WEIGHTS_FILE).is_file() else WEIGHTS_INDEX)
     try:
         model.load_state_dict(state, strict=True, assign=True)
@@ -108,8 +127,14 @@ def _empty_model(p: Path, meta: dict) -> nn.Module:
     if hf_config.model_type != meta.get("model_type", hf_config.model_type):
         raise CheckpointError(f"{p}: config.json says {hf_config.model_type!r}, quadllm_config.json "
                               f"{meta.get('model_type')!r}")
-    get_adapter(hf_config)
+    stock = is_stock_config(hf_config)
+    if stock != (meta["format_version"] >= 2):
+        raise CheckpointError(f"{p}: config.json {'is' if stock else 'is not'} in the stock layout, but "
+                              f"{CONFIG_FILE} has format version {meta['format_version']}")
+    get_adapter(original_config(hf_config) if stock else hf_config)
     try:
+        if stock:
+            return stock_skeleton(hf_config)
         with init_empty_weights(include_buffers=False):
             return AutoModelForCausalLM.from_config(hf_config)
     except Exception as exc:  # values that build no model

@@ -206,17 +206,20 @@ class LayerRecipe:
         return facts
 
     # --- loading --------------------------------------------------------------------------
-    def skeleton(self, layer: nn.Module, dtype: torch.dtype) -> None:
+    def skeleton(self, layer: nn.Module, dtype: torch.dtype, norms: bool = True, pad: int = 0) -> None:
         """Replace one original (empty-weight) layer's modules by the empty quantized modules
-        the steps above produce, ready for ``load_state_dict``."""
+        the steps above produce, ready for ``load_state_dict``; ``norms=False`` keeps the layer's
+        own norms and ``pad`` widens the stream by that many zero coordinates after the outlier
+        ones (the stock layout's, :mod:`quadllm.io.stock_layout`)."""
         adapter, config = self.adapter, self.config
         d, r = adapter.hidden_size, self.rank
-        wide = d + r  # the expanded residual stream (rank 0 without a residual transform)
+        wide = d + r + pad  # the expanded residual stream (rank 0 without a residual transform)
         online = online_transforms(adapter, layer) if config.rotate else {}
         for group in adapter.reader_groups:
             for name in group.linears:
-                self._empty_linear(layer, name, wide, None, r, None, dtype)
-            set_submodule(layer, group.norm, QuadRMSNorm(d, norm_eps(get_submodule(layer, group.norm))))
+                self._empty_linear(layer, name, wide, None, r + pad, None, dtype)
+            if norms:
+                set_submodule(layer, group.norm, QuadRMSNorm(d, norm_eps(get_submodule(layer, group.norm))))
         for name in adapter.writers:
             if name == adapter.down_proj and config.down_rank:
                 k = config.down_rank

@@ -1,0 +1,1 @@
+"""quadllm inside other tools: transformers (:mod:`.hf`)."""
