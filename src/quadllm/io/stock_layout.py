@@ -51,8 +51,9 @@ from ..arch import ArchAdapter, get_adapter, get_submodule, set_submodule
 from ..nn.modules import QuadEmbedding, QuadHead, QuadLinear, QuadRMSNorm
 from .storage import STORAGE_DTYPE_ATTR
 
-__all__ = ["MARKER", "QUANT_METHOD", "SHIM_FILE", "expanded_norm", "shim_source", "is_stock_config", "mark_tables", "marker_keys",
-           "original_config", "stock_config", "stock_skeleton", "to_stock_modules"]
+__all__ = ["MARKER", "QUANT_METHOD", "SHIM_FILE", "expanded_norm", "insert_zeros", "is_stock_config", "mark_tables",
+           "marker_keys", "original_config", "pad_layers", "padding", "shim_source", "stock_config", "stock_skeleton",
+           "to_stock_modules"]
 
 #: ``quant_method`` of the ``quantization_config`` in a stock checkpoint's ``config.json``
 QUANT_METHOD = "quadllm"
@@ -77,7 +78,7 @@ def expanded_norm(d: int, wide: int, eps: float) -> tuple[float, float]:
 
 
 def stock_config(hf_config: PretrainedConfig, quadllm: dict[str, Any]) -> PretrainedConfig:
-    """The stock configuration of the expanded model: ``hidden_size = d + r``, an explicit
+    """The stock configuration of the expanded model: ``hidden_size = d + r + p`` (:func:`padding`), an explicit
     ``head_dim``, the rewritten norm epsilon, an untied head, and ``quantization_config`` carrying
     ``quadllm`` (the quantization configuration and structure the linears need) with the original
     width, epsilon and tying."""
@@ -117,14 +118,15 @@ def shim_source(hf_config: PretrainedConfig) -> str:
 
 def is_stock_config(hf_config: PretrainedConfig) -> bool:
     """Whether ``config.json`` describes a quadllm checkpoint in the stock layout."""
+    q = _quantization(hf_config)
+    return q is not None and q.get("quant_method") == QUANT_METHOD
+
+
+def _quantization(hf_config: PretrainedConfig) -> dict[str, Any] | None:
+    """``quantization_config`` as a dict (transformers holds it as an object once a method is registered)."""
     q = getattr(hf_config, "quantization_config", None)
     q = q.to_dict() if hasattr(q, "to_dict") else q
-    return isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD
-
-
-def _quantization(hf_config: PretrainedConfig) -> dict[str, Any]:
-    q = hf_config.quantization_config
-    return q.to_dict() if hasattr(q, "to_dict") else dict(q)
+    return q if isinstance(q, dict) else None
 
 
 def original_config(hf_config: PretrainedConfig) -> PretrainedConfig:
