@@ -40,7 +40,6 @@ def main() -> int:
     p.add_argument("--out", default=None, help="results file stem (default: results/<model>_stock_layout)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.manual_seed(0)
     old = Path(args.checkpoint)
     new = Path(args.converted or f"{old}-stock")
     meta_old = read_meta(old)

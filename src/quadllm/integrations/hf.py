@@ -29,10 +29,10 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..config import QuantConfig
-from ..io.checkpoint import CheckpointError, stored_state_dict
+from ..io.checkpoint import stored_state_dict
 from ..io.stock_layout import QUANT_METHOD, marker_keys
-from ..nn.modules import KVQuant, QuadLinear, use_quad_attention
-from ..pipelines.loading import build_skeleton
+from ..nn.modules import KVQuant, QuadLinear
+from ..pipelines.loading import build_skeleton, finish_loading
 
 log = logging.getLogger(__name__)
 
@@ -90,18 +90,9 @@ class QuadllmHfQuantizer(HfQuantizer):
         for name, value in getattr(self, "rebuilt", {}).items():
             owner, _, attr = name.rpartition(".")
             model.get_submodule(owner).register_buffer(attr, value.to(buffers[name].device), persistent=False)
-        missing = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
-        if missing:
-            raise CheckpointError(f"the checkpoint did not hold {len(missing)} tensors the quantized model needs "
-                                  f"(first: {missing[0]})")
-        for m in model.modules():
-            if isinstance(m, QuadLinear):
-                m.adopt_loaded_state()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        use_quad_attention(model)
-        model.quadllm_info = {"quant_config": self.quantization_config.quant_config,
-                              "structure": self.quantization_config.structure}
+        qc = self.quantization_config
+        finish_loading(model, {"quant_config": qc.quant_config, "structure": qc.structure},
+                       getattr(model.config, "_name_or_path", "") or "the checkpoint")
 
     def get_state_dict_and_metadata(self, model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """What ``save_pretrained`` writes: the tensors as stored, with the markers that stop a loader

@@ -29,10 +29,12 @@ head count (SmolLM2: 576 + 64 = 640 over 9 heads), so the stream is widened by
 the writers and zero columns of the tables; a zero coordinate adds nothing to the norm's sum, and
 the norm's epsilon and gains are those of the padded width.
 
-The fused tables are stored in FP16, as the tables were; they are the product rounded once, so a
-converted checkpoint's logits differ from the original layout's by that rounding
-(:func:`to_stock_modules` rounds the model in memory the same way, so a converted model and its
-reload agree exactly).
+The fused tables are stored in FP16, as the tables were (the product rounded once;
+:func:`to_stock_modules` rounds the model in memory the same way). The layout is exact in exact
+arithmetic, not bit for bit: the stock norms and the fused tables round differently in float, and
+per-token INT4 activation rounding turns such differences into other rounding decisions, so a
+converted W4A4 model is an equally accurate neighbour of the original rather than a copy
+(``scripts/stock_layout_check.py``).
 """
 
 from __future__ import annotations

@@ -28,10 +28,10 @@ from ..io.checkpoint import (
     verify_files,
 )
 from ..io.stock_layout import is_stock_config, mark_tables, marker_keys, original_config, stock_skeleton
-from ..nn.modules import use_quad_attention
+from ..nn.modules import QuadLinear, use_quad_attention
 from .recipe import LayerRecipe, structure_of
 
-__all__ = ["build_skeleton", "load"]
+__all__ = ["build_skeleton", "finish_loading", "load"]
 
 #: structure keys checkpoints made before them lack, with the value those checkpoints have (the
 #: structure records these configuration keys as they were)
@@ -64,6 +64,25 @@ def build_skeleton(model: nn.Module, config: QuantConfig, structure: dict, dtype
         recipe.skeleton_ends(model, dtype, tied=bool(structure["tied_head"]))
     if structure.get("lora"):
         inject_lora(model, structure["lora"])
+
+
+def finish_loading(model: nn.Module, info: dict, where: str) -> None:
+    """What every loader of a quadllm checkpoint does once the tensors are in place (``quadllm.load``,
+    and transformers' ``from_pretrained`` through :mod:`quadllm.integrations.hf`): refuse a tensor
+    left on the meta device (it was not in the checkpoint), let each quantized linear adopt its
+    loaded state, freeze the parameters, route attention through quadllm's (KV quantization), record
+    ``info`` as ``model.quadllm_info``, evaluation mode."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.device.type == "meta":
+            raise CheckpointError(f"{where}: tensor {name} was not in the checkpoint")
+    for m in model.modules():
+        if isinstance(m, QuadLinear):
+            m.adopt_loaded_state()
+    for t in model.parameters():
+        t.requires_grad_(False)
+    use_quad_attention(model)
+    model.quadllm_info = info
+    model.eval()
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, adapter: str | Path | None = None,
@@ -100,15 +119,8 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, adapter: str | Pa
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{weights} does not match its configuration: {exc}") from exc
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.device.type == "meta":
-            raise CheckpointError(f"{p}: tensor {name} was not in the checkpoint")
-    for m in model.modules():
-        for t in m.parameters(recurse=False):
-            t.requires_grad_(False)
-    use_quad_attention(model)
-    model.quadllm_info = {k: meta[k] for k in ("quant_config", "structure", "timings", "finetune") if k in meta}
-    model.eval()
+    finish_loading(model, {k: meta[k] for k in ("quant_config", "structure", "timings", "finetune") if k in meta},
+                   str(p))
     if adapter is not None:
         meta = dict(meta, adapter=apply_adapter(model, adapter, p))
     try:
