@@ -11,11 +11,11 @@ import textwrap
 
 import pytest
 import torch
-from conftest import quantize_tiny, random_ids, tiny_tokenizer
+from conftest import random_ids, stock_checkpoint
 from transformers import AutoModelForCausalLM, pipeline
 
 import quadllm
-from quadllm.io.stock_layout import MARKER, to_stock_modules
+from quadllm.io.stock_layout import MARKER
 from quadllm.nn.modules import QuadLinear
 
 CASES = {"llama-padded-tied": ("llama", {}), "qwen2-down-rank": ("qwen2", {"down_rank": 4, "o_rank": 2}),
@@ -23,9 +23,7 @@ CASES = {"llama-padded-tied": ("llama", {}), "qwen2-down-rank": ("qwen2", {"down
 
 
 def _checkpoint(tmp_path, arch: str, **extra):
-    model = quantize_tiny(arch, method="quad", rank=8, weights="rtn", **extra)
-    to_stock_modules(model, {k: model.quadllm_info[k] for k in ("quant_config", "structure")})
-    return quadllm.save(model, tiny_tokenizer(), tmp_path / "ckpt")
+    return stock_checkpoint(tmp_path / "ckpt", arch, **extra)
 
 
 def _logits(model, ids):

@@ -7,12 +7,12 @@ import logging
 import sys
 
 from ..errors import QuadllmError
-from . import analysis, bench, convert, evaluate, finetune, models, quantize, verify
+from . import analysis, bench, convert, evaluate, finetune, harness, models, quantize, verify
 from .common import setup_logging
 
 log = logging.getLogger("quadllm")
 
-COMMAND_GROUPS = (quantize, evaluate, finetune, analysis, bench, verify, convert, models)
+COMMAND_GROUPS = (quantize, evaluate, finetune, analysis, bench, verify, convert, harness, models)
 HANDLERS = {name: fn for group in COMMAND_GROUPS for name, fn in group.HANDLERS.items()}
 
 
@@ -25,10 +25,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in harness.PASSTHROUGH:
+        setup_logging(argparse.Namespace(verbose=False, quiet=False))
+        return _guarded(lambda: harness.PASSTHROUGH[argv[0]](argv[1:]))
     args = build_parser().parse_args(argv)
     setup_logging(args)
+    return _guarded(lambda: HANDLERS[args.command](args))
+
+
+def _guarded(run) -> int:
+    """``run()``'s exit code; quadllm's errors become one logged line and their exit code."""
     try:
-        return HANDLERS[args.command](args)
+        return run()
     except QuadllmError as exc:
         log.error("%s", exc)
         return exc.exit_code

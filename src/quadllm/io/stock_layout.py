@@ -53,7 +53,7 @@ from ..arch import ArchAdapter, get_adapter, get_submodule, set_submodule
 from ..nn.modules import QuadEmbedding, QuadHead, QuadLinear, QuadRMSNorm
 from .storage import STORAGE_DTYPE_ATTR
 
-__all__ = ["MARKER", "QUANT_METHOD", "SHIM_FILE", "expanded_norm", "insert_zeros", "is_stock_config", "mark_tables",
+__all__ = ["MARKER", "QUANT_METHOD", "SHIM_FILE", "auto_map", "expanded_norm", "insert_zeros", "is_stock_config", "mark_tables",
            "marker_keys", "original_config", "pad_layers", "padding", "shim_source", "stock_config", "stock_skeleton",
            "to_stock_modules"]
 
@@ -104,18 +104,30 @@ def stock_config(hf_config: PretrainedConfig, quadllm: dict[str, Any]) -> Pretra
 
 def shim_source(hf_config: PretrainedConfig) -> str:
     """The checkpoint's ``auto_map`` module: importing quadllm registers its quantization method with
-    transformers; the class is transformers' own (``architectures[0]``)."""
+    transformers; the classes are transformers' own (``architectures[0]`` and the configuration's)."""
     model_class = (hf_config.architectures or [None])[0]
     if not model_class:
         raise ValueError("the configuration names no architecture")
-    # a subclass of the same name: transformers copies this file (not its own) when the model is
-    # saved again, and ``architectures`` keeps naming the stock class that vLLM serves
+    config_class = type(hf_config).__name__
+    # subclasses of the same names: transformers copies this file (not its own) when the model is
+    # saved again, and ``architectures`` keeps naming the stock class that vLLM serves. The
+    # configuration is mapped too because some loaders (lm-eval's HFLM) parse quantization_config
+    # right after loading the configuration, before any model class is imported.
     return (f'"""A quadllm checkpoint: transformers\' own {model_class}, once quadllm (pip install quadllm) has '
             'registered its quantization method."""\n\n'
             'import quadllm  # noqa: F401  (registers quant_method "quadllm" with transformers)\n'
             "import transformers\n\n\n"
+            f"class {config_class}(transformers.{config_class}):\n"
+            f'    """transformers.{config_class}, read after quadllm is imported."""\n\n\n'
             f"class {model_class}(transformers.{model_class}):\n"
             f'    """transformers.{model_class}; its linears are quadllm\'s (swapped in by the quantizer)."""\n')
+
+
+def auto_map(hf_config: PretrainedConfig) -> dict[str, str]:
+    """``config.json``'s ``auto_map``: the configuration and the model class of :func:`shim_source`."""
+    module = SHIM_FILE.removesuffix(".py")
+    return {"AutoConfig": f"{module}.{type(hf_config).__name__}",
+            "AutoModelForCausalLM": f"{module}.{hf_config.architectures[0]}"}
 
 
 def is_stock_config(hf_config: PretrainedConfig) -> bool:
@@ -221,7 +233,7 @@ def to_stock_modules(model: nn.Module, quadllm: dict[str, Any], table_dtype: tor
     adapter.set_embedding(model, new_emb)
     adapter.set_head(model, new_head)
     cfg.architectures = list(original.architectures or [type(model).__name__])
-    cfg.auto_map = {"AutoModelForCausalLM": f"{SHIM_FILE.removesuffix('.py')}.{cfg.architectures[0]}"}
+    cfg.auto_map = auto_map(cfg)
     model.config = cfg
     for m in model.modules():  # the decoder layers keep the configuration they were built with
         if getattr(m, "config", None) is original:

@@ -38,6 +38,12 @@ PAPER_TASKS: tuple[str, ...] = ("piqa", "winogrande", "hellaswag", "arc_easy", "
 BOOTSTRAP_ITERS = 1000
 
 
+def softmax_dtype(model: nn.Module) -> str | None:
+    """``HFLM``'s ``softmax_dtype`` for ``model``: float32 when its weights are in a 16-bit dtype, whose
+    log-probabilities would round away differences between the choices that decide an item's score."""
+    return "float32" if next(model.parameters()).dtype in (torch.bfloat16, torch.float16) else None
+
+
 def _env_offline() -> bool:
     return any(os.environ.get(k, "0").strip().lower() not in ("", "0", "false", "no")
                for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
@@ -132,10 +138,7 @@ def run_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: int | None =
         check_offline_tasks(tasks, tm.metadata["data_dir"])
     log.info("zero-shot tasks %s via lm-evaluation-harness %s (%s)", tasks, lm_eval.__version__,
              f"offline copies in {tm.metadata['data_dir']}" if off else "the harness's datasets")
-    # log-probabilities in float32 at least: in bfloat16 they would round away differences between
-    # the choices of an item that decide its score
-    low = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype="float32" if low else None)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=softmax_dtype(model))
     t0 = time.perf_counter()
     results = lm_eval.simple_evaluate(
         model=lm, tasks=tasks, limit=limit, task_manager=tm, log_samples=True,
