@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from ..config import KV_BITS, LEARN_LOSSES, METHODS, MODES, MOMENTS, QUAD_RECIPE, RECIPE_MODES, RECIPE_OFF, WEIGHT_ALGOS, QuantConfig
+from ..config import ConfigError, KV_BITS, LEARN_LOSSES, METHODS, MODES, MOMENTS, QUAD_RECIPE, RECIPE_MODES, RECIPE_OFF, WEIGHT_ALGOS, QuantConfig
 from ..data.samples import calibration_samples
 from ..data.text import TextSource, load_text
 from ..io.checkpoint import CheckpointError, check_output_dir, dir_size, save
 from ..io.files import output_lock
 from ..io.lazy_weights import LazyWeights
 from ..io.memory import peak_rss_mb
+from ..io.stock_layout import to_stock_modules
 from ..io.sources import (
     ModelError,
     fp16_size_bytes,
@@ -106,6 +107,10 @@ def add_parsers(sub) -> None:
                    "directories; auto: when the model would not fit in memory)")
     q.add_argument("--activation-budget-mb", type=int, default=2048,
                    help="streaming: calibration activations beyond this go to a temporary directory on disk")
+    q.add_argument("--layout", choices=LAYOUTS, default="quadllm",
+                   help="stock: the checkpoint as the stock architecture of hidden size d+r that transformers "
+                   "(from_pretrained), lm-eval and vLLM load (format 2; in memory only); quadllm: quadllm's own "
+                   "modules (format 1), which every quadllm command reads (quadllm convert rewrites it later)")
     q.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
     add_common(q)
 
@@ -119,6 +124,10 @@ def _estimate(model, samples: torch.Tensor, n_passes: int) -> float:
         model(input_ids=probe, use_cache=False)
         dt = time.perf_counter() - t0
     return dt / probe.numel() * samples.numel() * n_passes
+
+
+#: the checkpoint layouts ``--layout`` writes
+LAYOUTS = ("quadllm", "stock")
 
 
 def _use_streaming(args) -> bool:
@@ -207,6 +216,9 @@ def _quantize(args, config: QuantConfig) -> int:
     calib = _check_inputs(args, config)
     torch.manual_seed(config.seed)
     if _use_streaming(args):
+        if args.layout == "stock":
+            raise ConfigError("--layout stock is written from a model in memory; quantize with --streaming off, or "
+                              "stream in the quadllm layout and run quadllm convert on a machine with the memory")
         return _quantize_streaming(args, config, calib, t0)
     model, tok, source = load_model(args.model)
     fp16_bytes = fp16_size_bytes(model)
@@ -217,6 +229,8 @@ def _quantize(args, config: QuantConfig) -> int:
         log.info("estimated calibration time: about %.0f s (%d passes over %d x %d tokens)",
                  _estimate(model, samples, passes), passes, *samples.shape)
     quantize(model, config, samples, progress=not args.quiet)
+    if args.layout == "stock":
+        to_stock_modules(model, {k: model.quadllm_info[k] for k in ("quant_config", "structure")})
     out = save(model, tok, args.out, original=source)
     return _print_summary(out, config, model.quadllm_info["timings"]["quantize_s"], t0, fp16_bytes, source)
 
