@@ -115,13 +115,13 @@ def quantize_tiny(arch: str = "llama", *, seed: int = 0, model_kwargs: dict | No
     return model
 
 
-def stock_checkpoint(path, arch: str = "llama", **config):
+def stock_checkpoint(path, arch: str = "llama", model_kwargs: dict | None = None, **config):
     """:func:`quantize_tiny` (QUAD rank 8, RTN) in the stock layout, saved to ``path`` with
-    :func:`tiny_tokenizer`: a checkpoint transformers and lm-eval load."""
+    :func:`tiny_tokenizer`: a checkpoint transformers, lm-eval and vLLM load."""
     import quadllm
     from quadllm.io.stock_layout import to_stock_modules
 
-    model = quantize_tiny(arch, **{"method": "quad", "rank": 8, "weights": "rtn", **config})
+    model = quantize_tiny(arch, model_kwargs=model_kwargs, **{"method": "quad", "rank": 8, "weights": "rtn", **config})
     to_stock_modules(model, {k: model.quadllm_info[k] for k in ("quant_config", "structure")})
     return quadllm.save(model, tiny_tokenizer(), path)
 

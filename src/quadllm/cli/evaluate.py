@@ -71,6 +71,8 @@ def add_parsers(sub) -> None:
     g.add_argument("prompt")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--adapter", default=None, help="apply this fine-tuning adapter file to the checkpoint")
+    g.add_argument("--json", action="store_true", help="print {text, token_ids, prompt_token_ids} as JSON (greedy "
+                                                        "tokens, to compare with a server's)")
     add_backend(g)
     add_dtype(g)
     add_common(g)
@@ -233,7 +235,10 @@ def cmd_generate(args) -> int:
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                              do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id,
                              **({"past_key_values": cache} if cache is not None else {}))
-    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    new = out[0, ids.shape[1]:]
+    text = tok.decode(new, skip_special_tokens=True).strip()
+    print(json.dumps({"text": text, "token_ids": new.tolist(), "prompt_token_ids": ids[0].tolist()})
+          if args.json else text)
     return 0
 
 

@@ -1,0 +1,101 @@
+"""The quadllm method inside vLLM (run in the vLLM environment: plugins/vllm/setup_venv.sh).
+
+A tiny random model quantized by quadllm in the stock layout is served by vLLM's own Llama / Qwen2
+class: its prompt log-probabilities equal quadllm.load's, and greedy decoding gives quadllm's tokens;
+what vLLM cannot run (KV-cache quantization, tensor parallelism, a checkpoint without quadllm's
+record) is refused with the reason."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import quadllm
+from quadllm_vllm.method import QWEN2_OVERRIDES, QuadllmLinearMethod, QuadllmVllmConfig
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _helpers():
+    """quadllm's test helpers (tiny models, the character tokenizer, stock checkpoints)."""
+    spec = importlib.util.spec_from_file_location("quadllm_test_helpers", ROOT / "tests" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("quadllm_test_helpers", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def served(request, tmp_path_factory):
+    """(checkpoint, vLLM engine) for a tiny stock checkpoint of each family vLLM serves."""
+    from vllm import LLM
+
+    h = _helpers()
+    # vLLM's CPU attention has kernels for head sizes of 32 and more
+    ckpt = h.stock_checkpoint(tmp_path_factory.mktemp(request.param) / "ckpt", request.param,
+                              model_kwargs={"num_attention_heads": 2, "head_dim": 32}, o_rank=2)
+    overrides = QWEN2_OVERRIDES if request.param == "qwen2" else None
+    llm = LLM(model=str(ckpt), dtype="float32", max_model_len=64, enforce_eager=True, gpu_memory_utilization=0.05,
+              seed=0, hf_overrides=overrides)
+    yield ckpt, llm
+    del llm
+
+
+def test_vllm_computes_quadllm_loads_log_probabilities(served):
+    from vllm import SamplingParams, TokensPrompt
+
+    ckpt, llm = served
+    ids = [[1, 40, 41, 42, 43, 44, 45, 46, 47, 48], [1, 60, 61, 70, 71, 80, 81]]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids],
+                        SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0))
+    ref, _, _ = quadllm.load(ckpt)
+    for seq, out in zip(ids, outs):
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(torch.tensor([seq])).logits[0].double(), -1)
+        want = [float(logp[i - 1, tok]) for i, tok in enumerate(seq) if i]
+        got = [next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]]
+        assert got == pytest.approx(want, abs=2e-3)
+
+
+def test_greedy_tokens_equal_quadllm_generate(served):
+    from vllm import SamplingParams, TokensPrompt
+
+    ckpt, llm = served
+    prompt = [1, 50, 51, 52, 53]
+    out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], SamplingParams(max_tokens=8, temperature=0,
+                                                                               ignore_eos=True))
+    ref, _, _ = quadllm.load(ckpt)
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, len(prompt):]
+    assert list(out[0].outputs[0].token_ids) == want.tolist()
+
+
+def test_kv_cache_quantization_and_foreign_configs_are_refused():
+    cfg = quadllm.QuantConfig(method="quad", rank=8, kv_bits=4).to_dict()
+    with pytest.raises(ValueError, match="KV cache to 4 bits"):
+        QuadllmVllmConfig.from_config({"quant_method": "quadllm", "quant_config": cfg, "structure": {}, "original": {}})
+    with pytest.raises(ValueError, match="quadllm convert"):
+        QuadllmVllmConfig.from_config({"quant_method": "quadllm"})
+
+
+def test_a_qwen2_checkpoint_without_the_override_is_refused_with_it():
+    from transformers import Qwen2Config
+
+    cfg = QuadllmVllmConfig.from_config({"quant_method": "quadllm", "structure": {}, "original": {},
+                                         "quant_config": quadllm.QuantConfig(method="quad", rank=8).to_dict()})
+    stock = Qwen2Config(hidden_size=72, num_attention_heads=2, head_dim=32, architectures=["Qwen2ForCausalLM"])
+    with pytest.raises(ValueError, match="--hf-overrides"):
+        cfg.maybe_update_config("ckpt", hf_config=stock)
+
+
+def test_tensor_parallelism_is_refused_with_the_reason():
+    from quadllm.nn.modules import QuadLinear
+
+    method = QuadllmLinearMethod([QuadLinear(8, 4)])
+    with pytest.raises(ValueError, match="tensor parallelism 1"):
+        method.create_weights(torch.nn.Module(), input_size_per_partition=4, output_partition_sizes=[4], input_size=8,
+                              output_size=4, params_dtype=torch.float32)
