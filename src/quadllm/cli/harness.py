@@ -22,14 +22,6 @@ def run(argv: list[str]) -> int:
     return main(argv)
 
 
-def console_main() -> int:
-    """``quadllm-lm-eval ARGS``: the same as ``quadllm lm-eval ARGS``."""
-    import sys
-
-    from .app import main
-    return main(["lm-eval", *sys.argv[1:]])
-
-
 #: commands whose arguments belong to another tool (argparse does not parse them)
 PASSTHROUGH = {"lm-eval": run}
 HANDLERS: dict = {}
