@@ -89,7 +89,7 @@ def calibration_source(names) -> str:
                                      f"source, `--calib {CODE_CALIB}`)" if code else "")
             + (f"; rows marked {BIG_CALIB_ROW} draw 128 windows of 2048 (262,144 tokens) from the "
                "same text, which is hardly longer, so windows overlap: the papers draw them from the larger "
-               "train split, which ../shared/data does not hold)" if big else ""))
+               "train split, which ../shared/data does not hold" if big else ""))
 #: the accuracy techniques, each alone on top of QUAD W4A4 r=64 (``--table ablation``), then
 #: together; the first row is the base every speed ratio is taken against (a later flag overrides
 #: PAPER's)
