@@ -99,3 +99,15 @@ def test_tensor_parallelism_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="tensor parallelism 1"):
         method.create_weights(torch.nn.Module(), input_size_per_partition=4, output_partition_sizes=[4], input_size=8,
                               output_size=4, params_dtype=torch.float32)
+
+
+def test_the_command_line_starts_where_the_wheels_own_script_cannot():
+    import subprocess
+
+    from quadllm_vllm.cli import installed
+
+    _, version = installed()
+    run = subprocess.run([sys.executable, "-m", "quadllm_vllm.cli", "--version"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == version
