@@ -51,6 +51,13 @@ def routes(ckpt: str, tasks: list[str], limit: int, batch: int, work: Path) -> d
     }
 
 
+def shown(cmd: list[str], work: Path) -> str:
+    """``cmd`` as the results file records it: the scratch directory as ``$WORK`` and paths inside
+    the repository relative to it, so the line reruns from any checkout."""
+    line = shlex.join(cmd).replace(str(work), "$WORK")
+    return line.replace(str(ROOT) + "/", "")
+
+
 def read_samples(name: str, work: Path, tasks: list[str]) -> dict[str, list[dict]]:
     """``{task: records sorted by doc_id}`` that route ``name`` wrote."""
     out: dict[str, list[dict]] = {}
@@ -91,14 +98,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name, cmd in routes(args.checkpoint, tasks, args.limit, args.batch_size, work).items():
-            log.info("%s: %s", name, shlex.join(cmd))
+            log.info("%s: %s", name, shown(cmd, work))
             t0 = time.perf_counter()
             run = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if run.returncode != 0:
                 sys.stderr.write(run.stderr[-4000:])
                 raise SystemExit(f"{name} failed with exit code {run.returncode}")
             samples = read_samples(name, work, tasks)
-            results[name] = {"command": shlex.join(cmd), "seconds": round(time.perf_counter() - t0, 1),
+            results[name] = {"command": shown(cmd, work), "seconds": round(time.perf_counter() - t0, 1),
                              "scores": {t: scores(samples[t]) for t in tasks},
                              "loglikelihoods": {t: loglikelihoods(samples[t]) for t in tasks}}
     first = next(iter(results))

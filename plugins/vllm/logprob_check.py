@@ -10,7 +10,7 @@ log-probabilities of the same tokens, computed four ways.
 For each: the mean and largest |difference| of the log-probability of every next token from the
 reference's. Run with the vLLM environment's python; writes ``results/<name>_vllm_logprobs.{md,json}``:
 
-    /work/vllm-venv/bin/python plugins/vllm/logprob_check.py \
+    .vllm-venv/bin/python plugins/vllm/logprob_check.py \
         --checkpoint runs/smollm2/quad-w4a4-r64-+-clip-+-o-rank-8-+-smoothing-stock --fp runs/smollm2-fp-hf
 """
 

@@ -8,9 +8,10 @@
 
 Run with the vLLM environment's python (plugins/vllm/setup_venv.sh); ``--quadllm`` is the ``quadllm``
 command of quadllm's own environment (the references). Servers run one at a time. Writes
-``results/<name>_vllm.{md,json}``:
+``results/<name>_vllm.{md,json}``. ``--fp`` is the original model as a Hugging Face directory
+(``python scripts/save_original.py default runs/smollm2-fp-hf``):
 
-    /work/vllm-venv/bin/python plugins/vllm/serve_check.py \
+    .vllm-venv/bin/python plugins/vllm/serve_check.py \
         --checkpoint runs/smollm2/quad-w4a4-r64-+-clip-+-o-rank-8-+-smoothing-stock --fp runs/smollm2-fp-hf \
         --quadllm .venv/bin/quadllm --name smollm2
 """
@@ -203,7 +204,7 @@ def main() -> int:
     p.add_argument("--hf-overrides", default=None, help="vllm serve's --hf-overrides for the quadllm checkpoint "
                    "(Qwen2: quadllm_vllm.method.QWEN2_OVERRIDES)")
     args = p.parse_args()
-    ckpt, fp = str(Path(args.checkpoint).resolve()), str(Path(args.fp).resolve())
+    ckpt, fp = args.checkpoint, args.fp  # as given: the results record them, the server runs here
     logs = ROOT / "runs" / "vllm_logs"
     logs.mkdir(parents=True, exist_ok=True)
     print("references (quadllm generate --json) ...", flush=True)

@@ -52,10 +52,6 @@ QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
 #: Llama class reads ``head_dim``, and ``qkv_bias`` gives q/k/v (not o_proj) biases, as Qwen2 has
 QWEN2_OVERRIDES = {"architectures": ["LlamaForCausalLM"], "qkv_bias": True}
 
-#: the parts of a vLLM layer, kept out of its module tree (vLLM would expect their tensors as
-#: checkpoint weights under its own names)
-PARTS_ATTR = "quadllm_parts"
-
 
 @register_quantization_config(QUANT_METHOD)
 class QuadllmVllmConfig(QuantizationConfig):
@@ -148,9 +144,10 @@ class QuadllmLinearMethod(LinearMethodBase):
                              f"the checkpoint's projections give {[p.out_features for p in self.parts]}")
         for p in self.parts:
             p.bias = None  # vLLM holds and adds the layer's bias
-        layer.__dict__[PARTS_ATTR] = self.parts
-        for key in [*_stored_keys(self.parts[0]), MARKER]:
-            _dummy_param(layer, key, _loader(self.parts, key))
+        # each part's tensors by checkpoint key, once: the loaders copy into them (its bias is vLLM's)
+        states = [{k: t for k, t in p.state_dict(keep_vars=True).items() if k != "bias"} for p in self.parts]
+        for key in [*states[0], MARKER]:
+            _dummy_param(layer, key, _loader(states, key))
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         backend = os.environ.get(BACKEND_ENV, "fake")
@@ -169,11 +166,6 @@ class QuadllmLinearMethod(LinearMethodBase):
         return y.to(x.dtype)
 
 
-def _stored_keys(linear: QuadLinear) -> list[str]:
-    """The checkpoint's keys of one quantized linear (its bias belongs to vLLM's layer)."""
-    return [k for k in linear.state_dict() if k != "bias"]
-
-
 def _dummy_param(layer: nn.Module, key: str, loader) -> None:
     """An empty parameter at ``key`` (dotted: submodules are created) whose weight loader puts the
     checkpoint's tensor into quadllm's linears: vLLM loads by its module tree's names."""
@@ -188,17 +180,18 @@ def _dummy_param(layer: nn.Module, key: str, loader) -> None:
     module.register_parameter(leaf, param)
 
 
-def _loader(parts: list[QuadLinear], key: str):
+def _loader(states: list[dict[str, torch.Tensor]], key: str):
+    """The weight loader of ``key``: vLLM's shard id (q/k/v, 0/1) picks which projection's tensor."""
     def load(param: nn.Parameter, data: torch.Tensor, shard_id=None) -> None:
         shard = shard_id if shard_id is not None else getattr(data, "shard_id", None)
         index = 0 if shard is None else QKV_SHARDS.get(shard, shard)
-        if shard is None and len(parts) > 1:
-            raise ValueError(f"{key}: a fused tensor for {len(parts)} projections; quadllm stores them apart")
+        if shard is None and len(states) > 1:
+            raise ValueError(f"{key}: a fused tensor for {len(states)} projections; quadllm stores them apart")
         if key == MARKER:
             if data.numel():
                 raise ValueError(f"{key}: a weight where quadllm writes an empty marker: not a quadllm checkpoint")
             return
-        target = parts[int(index)].state_dict(keep_vars=True)[key]
+        target = states[int(index)][key]
         if tuple(target.shape) != tuple(data.shape):
             raise ValueError(f"{key}: the checkpoint holds {tuple(data.shape)}, the configuration gives "
                              f"{tuple(target.shape)}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
+import torch
 from torch import nn
 
 from ..errors import QuadllmError
@@ -36,8 +37,10 @@ log = logging.getLogger(__name__)
 KERNELS: dict[str, type[Kernel]] = {k.name: k for k in (Int8Kernel, TritonKernel)}
 #: every ``--backend`` choice
 BACKENDS: tuple[str, ...] = ("fake", *KERNELS, "auto")
+#: the dtypes a model can run in (``--dtype``; bfloat16 on the fake backend only: the kernels take float32)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-__all__ = ["BACKENDS", "KERNELS", "BackendError", "Kernel", "Int8Kernel", "TritonKernel", "resolve_backend", "place"]
+__all__ = ["BACKENDS", "DTYPES", "KERNELS", "BackendError", "Kernel", "Int8Kernel", "TritonKernel", "resolve_backend", "place"]
 
 
 class BackendError(QuadllmError, ValueError):

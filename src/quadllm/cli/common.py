@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
 
-from ..backends import BACKENDS, BackendError, place
+from ..backends import BACKENDS, DTYPES, BackendError, place
 from ..finetune.adapter_file import is_adapter_file, read_adapter_meta
 from ..io.checkpoint import CheckpointError, is_checkpoint
 from ..io.files import WriteError, atomic_write
@@ -24,11 +23,9 @@ log = logging.getLogger("quadllm")
 
 C = TypeVar("C")
 
-__all__ = ["add_common", "add_backend", "add_dtype", "DTYPES", "setup_logging", "config_from_args", "open_model",
+__all__ = ["add_common", "add_backend", "add_dtype", "setup_logging", "config_from_args", "open_model",
            "write_text"]
 
-#: The dtypes a model can be evaluated in (``--dtype``).
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 #: what a --data / --calib option accepts (quadllm.data.text.load_text)
 TEXT_SPECS = "wikitext2, ptb, pysource (embedded Python code), a .jsonl or text file"

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..backends import DTYPES
 from ..data.text import DataError, TextSource, load_text, tokenize_windows
 from ..evaluation.compare import build_rows, compare_markdown, eval_markdown
 from ..evaluation.perplexity import evaluate, evaluate_many
@@ -20,7 +21,7 @@ from ..io.checkpoint import is_checkpoint
 from ..io.memory import peak_rss_mb
 from ..io.sources import load_model, resolve
 from ..nn.kv_cache import make_cache
-from .common import DTYPES, TEXT_SPECS, add_backend, add_common, add_dtype, open_model, write_text
+from .common import TEXT_SPECS, add_backend, add_common, add_dtype, open_model, write_text
 
 log = logging.getLogger("quadllm")
 

@@ -20,11 +20,10 @@ from __future__ import annotations
 import logging
 import sys
 
-import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from ..backends import place
+from ..backends import DTYPES, place
 from ..config import ConfigError
 from ..evaluation.tasks.harness import OFFLINE_DIR, is_offline, softmax_dtype
 from ..pipelines.loading import load
@@ -35,10 +34,6 @@ __all__ = ["MODEL_NAME", "QuadllmLM", "harness_argv", "main"]
 
 #: the model type ``--model`` names
 MODEL_NAME = "quadllm"
-
-#: what ``dtype=`` accepts in ``--model_args``
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 @register_model(MODEL_NAME)
 class QuadllmLM(HFLM):
@@ -54,12 +49,12 @@ class QuadllmLM(HFLM):
         if not isinstance(pretrained, str):
             raise ConfigError(f"--model {MODEL_NAME} takes a checkpoint directory as pretrained=, got "
                               f"{type(pretrained).__name__}")
-        if dtype not in _DTYPES:
-            raise ConfigError(f"dtype={dtype!r}: choose one of {', '.join(_DTYPES)}")
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
         for ignored in ("trust_remote_code", "device", "parallelize"):
             if kwargs.pop(ignored, None) not in (None, False, "cpu"):
                 log.warning("%s is ignored by --model %s (the backend decides the device)", ignored, MODEL_NAME)
-        model, tokenizer, _ = load(pretrained, dtype=_DTYPES[dtype], adapter=adapter)
+        model, tokenizer, _ = load(pretrained, dtype=DTYPES[dtype], adapter=adapter)
         placed = place(model, backend)
         log.info("%s on %s", pretrained, placed)
         super().__init__(pretrained=model, tokenizer=tokenizer, softmax_dtype=softmax_dtype(model), **kwargs)

@@ -70,16 +70,19 @@ def local_transform(transform: OnlineTransform | None, shards: int) -> OnlineTra
 def gathered_outputs(layer: QuadLinear, x: torch.Tensor, shards: int) -> list[torch.Tensor]:
     """What each rank computes when it all-gathers the input: the layer on the whole ``x`` for its
     slice of output rows (the slices, concatenated, are the layer's output)."""
-    outputs = []
-    for lo, hi in shard_bounds(layer.out_features, shards):
-        with torch.no_grad():
-            z = layer.transform(x) if layer.transform is not None else x
-            y = _quantized_part(layer, z[..., layer.rank:], rows=slice(lo, hi))
+    with torch.no_grad():  # every rank transforms and rounds the whole input the same way
+        z = layer.transform(x) if layer.transform is not None else x
+        xq = z[..., layer.rank:]
+        if _rounds(layer):
+            xq = fake_quant_act(xq, layer.act.bits, layer.act_clip_ratio(), layer.act.sym)
+        outputs = []
+        for lo, hi in shard_bounds(layer.out_features, shards):
+            y = F.linear(xq, layer.dequantized_weight()[lo:hi])
             if layer.rank:
                 y = y + F.linear(layer.outlier_input(z), layer.outlier_weight()[lo:hi])
             if layer.bias is not None:
                 y = y + layer.bias[lo:hi]
-        outputs.append(y)
+            outputs.append(y)
     return outputs
 
 
@@ -110,8 +113,7 @@ def row_parallel_partials(layer: QuadLinear, x: torch.Tensor, shards: int) -> li
     with torch.no_grad():
         z = [local(x[..., lo:hi]) if local is not None else x[..., lo:hi] for lo, hi in bounds]
         quant = [z[0][..., r:], *z[1:]]
-        quantize = layer.act.enabled and layer.act_enabled and layer.act.bits < 16
-        if quantize:  # the all-reduce: one maximum per token
+        if _rounds(layer):  # the all-reduce: one maximum per token
             absmax = torch.stack([row_absmax(q) for q in quant]).amax(0)
             qmin, qmax = qrange(layer.act.bits)
             scale = (absmax * layer.act_clip_ratio() / qmax).clamp_min(1e-8)
@@ -119,7 +121,7 @@ def row_parallel_partials(layer: QuadLinear, x: torch.Tensor, shards: int) -> li
         partials = []
         for j, ((lo, hi), q) in enumerate(zip(bounds, quant)):
             cols = slice(max(lo, r) - r, hi - r)
-            y = _quantized_part(layer, q, cols=cols)
+            y = F.linear(q, layer.dequantized_weight()[:, cols])
             if j == 0:
                 if r:
                     y = y + F.linear(layer.outlier_input(z[0]), layer.outlier_weight())
@@ -129,9 +131,6 @@ def row_parallel_partials(layer: QuadLinear, x: torch.Tensor, shards: int) -> li
     return partials
 
 
-def _quantized_part(layer: QuadLinear, xq: torch.Tensor, rows: slice = slice(None), cols: slice = slice(None)):
-    """``xq`` (already rounded, or rounded here per token when ``cols`` is the whole row) times the
-    dequantized weight's ``rows`` x ``cols`` block."""
-    if cols == slice(None) and layer.act.enabled and layer.act_enabled:
-        xq = fake_quant_act(xq, layer.act.bits, layer.act_clip_ratio(), layer.act.sym)
-    return F.linear(xq, layer.dequantized_weight()[rows, cols])
+def _rounds(layer: QuadLinear) -> bool:
+    """Whether ``layer`` rounds its (non-outlier) inputs now."""
+    return layer.act.enabled and layer.act_enabled and layer.act.bits < 16
