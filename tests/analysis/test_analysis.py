@@ -72,6 +72,24 @@ def test_saved_subspace_is_the_calibration_subspace():
     assert subspace_fit(moment, P)["fit"] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_the_stock_layouts_subspace_is_read_against_the_original_table():
+    from quadllm.analysis.subspace import SubspaceError
+    from quadllm.io.stock_layout import to_stock_modules
+
+    model, original, calib = _quantized()
+    P = saved_subspace(model)
+    to_stock_modules(model, {k: model.quadllm_info[k] for k in ("quant_config", "structure")})
+    stock = saved_subspace(model, original)
+    assert stock.shape == P.shape and torch.allclose(stock.T @ stock, torch.eye(4, dtype=torch.float64), atol=1e-10)
+    assert float(principal_angles(P, stock).max()) < 1e-2  # the stored tables' FP16 rounding
+    with pytest.raises(SubspaceError, match="original model"):
+        saved_subspace(model)
+    rank0 = tiny_model("llama", torch.float32)
+    quantize(rank0, QuantConfig(method="quarot", weights="rtn", calib_samples=6, calib_seqlen=24), calib, progress=False)
+    with pytest.raises(SubspaceError, match="rank 0"):
+        saved_subspace(rank0, original)
+
+
 def test_advisor_probes_every_rank_and_recommends_one():
     model = tiny_model("llama", torch.float32)
     before = [p.clone() for p in model.parameters()]

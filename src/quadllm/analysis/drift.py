@@ -128,7 +128,7 @@ def check_drift(quantized: nn.Module, original: nn.Module, new_samples: torch.Te
                 gain_min: float | None = 0.1, progress: bool = True) -> DriftReport:
     """Compare the fit of ``quantized``'s subspace on new data with its fit on reference data.
     ``gain_min=None`` skips the recalibration probe (it needs ``new_windows``)."""
-    P = saved_subspace(quantized)
+    P = saved_subspace(quantized, original)
     adapter = get_adapter(original)
     info = getattr(quantized, "quadllm_info", None) or {}
     mode = (info.get("quant_config") or {}).get("mode", "w4a4")

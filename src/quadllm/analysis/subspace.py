@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import QuadllmError
 from ..nn.modules import QuadEmbedding
 
 __all__ = ["spectrum", "top_subspace", "energy_captured", "best_energy", "energy_by_rank", "principal_angles",
-           "saved_subspace"]
+           "SubspaceError", "saved_subspace"]
 
 
 def _sym(m: torch.Tensor) -> torch.Tensor:
@@ -56,14 +57,33 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return torch.arccos(s).sort().values
 
 
-def saved_subspace(model: nn.Module) -> torch.Tensor:
-    """The outlier subspace a QUAD model was built with, from its embedding map.
+class SubspaceError(QuadllmError, ValueError):
+    """A model without the outlier subspace an analysis needs."""
 
-    The embedding map is ``Qᵀ`` with ``Q = [P H_r, (I - PPᵀ) H_d]``, so its first r rows are
-    ``(P H_r)ᵀ``: the same column space as ``P`` (``H_r`` is orthogonal)."""
-    emb = next((m for m in model.modules() if isinstance(m, QuadEmbedding)), None)
+
+def saved_subspace(model: nn.Module, original: nn.Module | None = None) -> torch.Tensor:
+    """The outlier subspace a QUAD model was built with (orthonormal columns, [d, r]).
+
+    quadllm's layout: the embedding map is ``Qᵀ`` with ``Q = [P H_r, (I - PPᵀ) H_d]``, so its first r
+    rows are ``(P H_r)ᵀ``: the same column space as ``P`` (``H_r`` is orthogonal).
+    The stock layout (:mod:`quadllm.io.stock_layout`) stores only the product of the original table
+    ``E`` and that map, rounded to FP16; its first r columns are ``E P H_r``, so ``P H_r`` is their
+    least-squares solution against the ``original`` model's table (``E`` has full column rank), good
+    to the tables' FP16 rounding."""
     info = getattr(model, "quadllm_info", None) or {}
     r = int((info.get("structure") or {}).get("rank", 0))
-    if emb is None or emb.proj is None or r == 0:
-        raise ValueError("this model has no outlier subspace (not a QUAD model, or rank 0)")
-    return emb.proj[:r].T.to(torch.float64)
+    if r == 0:
+        raise SubspaceError("this model has no outlier subspace (not a QUAD model, or rank 0)")
+    emb = next((m for m in model.modules() if isinstance(m, QuadEmbedding)), None)
+    if emb is not None and emb.proj is not None:
+        return emb.proj[:r].T.to(torch.float64)
+    if emb is not None or original is None:
+        raise SubspaceError("the outlier subspace of a checkpoint in the stock layout is read against the "
+                            "original model's embedding, which was not given")
+    table = original.get_input_embeddings().weight.detach().to(torch.float64)
+    fused = model.get_input_embeddings().weight.detach()[:, :r].to(torch.float64)
+    if table.shape[0] != fused.shape[0]:
+        raise SubspaceError(f"the original model's vocabulary ({table.shape[0]}) is not the checkpoint's "
+                            f"({fused.shape[0]})")
+    basis, _ = torch.linalg.qr(torch.linalg.lstsq(table, fused).solution)
+    return basis

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "sylvester_matrix",
     "hadamard_factors",
     "has_hadamard",
     "hadamard_matrix",
@@ -228,8 +229,8 @@ def _quadratic_character_table(q: int) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------
 
 
-def _sylvester(n: int) -> torch.Tensor:
-    """Sylvester Hadamard matrix of order ``n = 2**k``: ``H[i,j] = (-1)^popcount(i & j)``."""
+def sylvester_matrix(n: int) -> torch.Tensor:
+    """Sylvester Hadamard matrix of order ``n = 2**k``: ``H[i,j] = (-1)^popcount(i & j)`` (float64, ±1)."""
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)], dim=0)
@@ -318,7 +319,7 @@ def _goethals_seidel(
 @functools.lru_cache(maxsize=64)
 def _factor_matrix_cached(m: int) -> torch.Tensor:
     if _is_power_of_two(m):
-        return _sylvester(m)
+        return sylvester_matrix(m)
     kind = _core_kind(m)
     if kind is None:  # pragma: no cover - callers only pass factors from hadamard_factors
         raise ValueError(f"{m} is not a power of two or a supported core order")
