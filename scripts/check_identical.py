@@ -68,7 +68,7 @@ def tiny_rows(work: Path) -> dict[str, str]:
 def smollm2_rows(work: Path) -> dict[str, str]:
     flags = ["--method", "quad", "--rank", "64", "--mode", "w4a4", "--weights", "gptq", "--calib", "wikitext2",
              "--calib-samples", "32", "--calib-seqlen", "512", "--seed", "0"]
-    cli = [sys.executable, "-m", "quadllm.cli", "quantize", "-q"]
+    cli = [sys.executable, "-m", "quadllm.cli", "quantize", "--layout", "quadllm", "-q"]  # streaming's layout
     subprocess.run([*cli, *flags, "--streaming", "off", "--out", str(work / "smol-mem")], check=True)
     from quadllm.io.sources import gguf_cache_dir, resolve
 

@@ -67,7 +67,7 @@ def main() -> int:
         tag = "quarot-w4a4-ct-grid" if quant_flags else "quarot-w4a4"
         ckpt, export = work / tag, work / f"{tag}-compressed-tensors"
         quantize = [*cli, "quantize", "--model", args.model, "--method", "quarot", "--weights", "gptq", *quant_flags,
-                    *CALIB, "--out", str(ckpt), "-q"]
+                    *CALIB, "--layout", "quadllm", "--out", str(ckpt), "-q"]
         quantize_s = None if ckpt.exists() else run(quantize)
         export_cmd = [*cli, "export", "--format", "compressed-tensors", str(ckpt), str(export), *export_flags, "-q"]
         export_s = run(export_cmd)

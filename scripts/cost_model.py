@@ -51,7 +51,7 @@ def quantize(args, path: str, out: Path) -> dict:
     flags = ["quantize", "--model", args.model, "--method", "quad", "--rank", "64", "--weights", "gptq",
              "--calib", "wikitext2", "--calib-samples", str(args.calib_samples), "--calib-seqlen",
              str(args.calib_seqlen), "--seed", str(args.seed), "--streaming", "on" if path == "streaming" else "off",
-             "--out", str(out), "-q"]
+             "--layout", "quadllm", "--out", str(out), "-q"]  # both paths write the same layout
     if args.data_dir:
         flags += ["--data-dir", args.data_dir]
     r = run_cli(path, flags)

@@ -193,8 +193,10 @@ def quantize_row(name: str, flags: list[str], args) -> dict:
     calib = [] if "--calib" in flags else ["--calib", CALIB]
     size = [] if "--calib-samples" in flags else ["--calib-samples", str(args.calib_samples),
                                                   "--calib-seqlen", str(args.calib_seqlen)]
+    # quadllm's own layout, which every row of the tables was measured in (the stock layout's FP16 tables
+    # make a neighbouring model, results/smollm2_stock_layout.md)
     cmd = [sys.executable, "-m", "quadllm.cli", "quantize", "--model", args.model, *flags, *weights, *calib,
-           *size, "--seed", str(args.seed), "--out", str(out), "-q"]
+           *size, "--seed", str(args.seed), "--layout", "quadllm", "--out", str(out), "-q"]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     if out.exists() and not args.force:

@@ -1,5 +1,6 @@
-"""``quadllm quantize --layout stock`` writes a checkpoint transformers loads as its own architecture,
-equal to what ``quadllm.load`` reads back; streaming, which never holds the model, refuses it first."""
+"""``quadllm quantize`` writes the stock layout by default (``--layout stock``, or ``auto`` in memory): a
+checkpoint transformers loads as its own architecture, equal to what ``quadllm.load`` reads back;
+streaming, which never holds the model, refuses ``stock`` first and writes quadllm's layout with ``auto``."""
 
 from __future__ import annotations
 
@@ -38,3 +39,15 @@ def test_streaming_refuses_the_stock_layout_before_loading(tiny_original, tmp_pa
     assert main(_args(tiny_original, out, "--layout", "stock", "--streaming", "on")) == 2
     assert "--layout stock" in caplog.text
     assert not out.exists()
+
+
+def test_the_default_is_the_stock_layout_in_memory_and_quadllms_when_streaming(tiny_original, tmp_path, caplog):
+    assert main(_args(tiny_original, tmp_path / "mem", "--streaming", "off")) == 0
+    assert quadllm.load(tmp_path / "mem")[2]["format_version"] == 2
+    caplog.set_level("INFO")
+    args = [a for a in _args(tiny_original, tmp_path / "stream", "--streaming", "on") if a != "-q"]
+    assert main(args) == 0
+    assert quadllm.load(tmp_path / "stream")[2]["format_version"] == 1
+    assert "quadllm convert" in caplog.text
+    assert main(_args(tiny_original, tmp_path / "old", "--streaming", "off", "--layout", "quadllm")) == 0
+    assert quadllm.load(tmp_path / "old")[2]["format_version"] == 1

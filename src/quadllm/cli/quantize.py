@@ -107,10 +107,11 @@ def add_parsers(sub) -> None:
                    "directories; auto: when the model would not fit in memory)")
     q.add_argument("--activation-budget-mb", type=int, default=2048,
                    help="streaming: calibration activations beyond this go to a temporary directory on disk")
-    q.add_argument("--layout", choices=LAYOUTS, default="quadllm",
+    q.add_argument("--layout", choices=LAYOUTS, default="auto",
                    help="stock: the checkpoint as the stock architecture of hidden size d+r that transformers "
                    "(from_pretrained), lm-eval and vLLM load (format 2; in memory only); quadllm: quadllm's own "
-                   "modules (format 1), which every quadllm command reads (quadllm convert rewrites it later)")
+                   "modules (format 1; quadllm convert rewrites it later), smaller for models with tied "
+                   "embeddings; auto (default): stock, or quadllm when streaming")
     q.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
     add_common(q)
 
@@ -126,8 +127,8 @@ def _estimate(model, samples: torch.Tensor, n_passes: int) -> float:
     return dt / probe.numel() * samples.numel() * n_passes
 
 
-#: the checkpoint layouts ``--layout`` writes
-LAYOUTS = ("quadllm", "stock")
+#: the checkpoint layouts ``--layout`` writes (auto: stock in memory, quadllm's when streaming)
+LAYOUTS = ("auto", "stock", "quadllm")
 
 
 def _use_streaming(args) -> bool:
@@ -219,6 +220,9 @@ def _quantize(args, config: QuantConfig) -> int:
         if args.layout == "stock":
             raise ConfigError("--layout stock is written from a model in memory; quantize with --streaming off, or "
                               "stream in the quadllm layout and run quadllm convert on a machine with the memory")
+        if args.layout == "auto":
+            log.info("streaming writes quadllm's own layout (format 1); quadllm convert rewrites it in the stock "
+                     "layout on a machine with the memory")
         return _quantize_streaming(args, config, calib, t0)
     model, tok, source = load_model(args.model)
     fp16_bytes = fp16_size_bytes(model)
@@ -229,7 +233,7 @@ def _quantize(args, config: QuantConfig) -> int:
         log.info("estimated calibration time: about %.0f s (%d passes over %d x %d tokens)",
                  _estimate(model, samples, passes), passes, *samples.shape)
     quantize(model, config, samples, progress=not args.quiet)
-    if args.layout == "stock":
+    if args.layout in ("stock", "auto"):
         to_stock_modules(model, {k: model.quadllm_info[k] for k in ("quant_config", "structure")})
     out = save(model, tok, args.out, original=source)
     return _print_summary(out, config, model.quadllm_info["timings"]["quantize_s"], t0, fp16_bytes, source)

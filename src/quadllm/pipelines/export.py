@@ -16,8 +16,14 @@ the export then rounds activations on compressed-tensors' grid, and the check me
 
 The export is checked before it replaces anything: with compressed-tensors installed, the new
 directory is loaded back by compressed-tensors' own code (:mod:`quadllm.integrations.compressed_tensors`)
-and its logits on a fixed token sequence compared with quadllm's ``fake`` backend on the source
-checkpoint; the figures go into ``quadllm_export.json``.
+and compared with quadllm's ``fake`` backend on the embedded evaluation text: every decoder linear
+on the very inputs quadllm's sees (:func:`linear_agreement`: the format itself), and the logits
+against the source checkpoint (``source``) and against the same model in the stock layout
+(``stock_layout``: its fused embedding and head rounded to FP16 as the export stores them). At W4A4
+the logits are those of a neighbouring model, not a copy: compressed-tensors' grid puts each
+token's largest magnitude on a rounding tie, where the last bit of the scale picks the code, and
+per-token INT4 rounding turns such differences into others layer after layer. The figures go into
+``quadllm_export.json``.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from torch import nn
 from ..arch import get_adapter, get_submodule
 from ..config import ConfigError, QuantConfig
 from ..core.hadamard import OnlineTransform, sylvester_matrix
+from ..data.text import load_text
 from ..io import compressed_tensors as ct
 from ..io.checkpoint import CheckpointError, read_meta, write_tensors
 from ..io.files import atomic_dir
@@ -45,7 +52,8 @@ from .loading import load
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExportError", "export_obstacles", "check_export_dir", "export_compressed_tensors", "logit_agreement"]
+__all__ = ["ExportError", "export_obstacles", "check_export_dir", "export_compressed_tensors", "linear_agreement",
+           "logit_agreement"]
 
 #: the weight widths the format packs into 32-bit words
 PACKABLE_BITS = (2, 4, 8)
@@ -184,17 +192,57 @@ def logit_agreement(ref: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
             "top1_agreement": float((ref.argmax(-1) == other.argmax(-1)).double().mean())}
 
 
-def _check_ids(vocab: int, tokens: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (1, tokens), generator=g)
+def _check_ids(tok, tokens: int) -> tuple[torch.Tensor, str]:
+    """The check's text: the first ``tokens`` tokens of the embedded evaluation text (offline, the
+    same on every machine with the same Python), and its origin. Real text, not random tokens: on
+    random sequences a W4A4 model runs far outside what it was calibrated on."""
+    source = load_text("pydoc", "eval")
+    ids = tok(source.text[: 20 * tokens], return_tensors="pt").input_ids[:, :tokens]
+    return ids, source.origin
+
+
+@torch.no_grad()
+def linear_agreement(model: nn.Module, exported: nn.Module, ids: torch.Tensor, names: list[str],
+                     rtol: float = 1e-3) -> dict[str, Any]:
+    """Each decoder linear of ``exported`` fed the very input its counterpart in ``model`` sees on
+    ``ids``: the share of token rows whose outputs agree (largest difference within ``rtol`` of the
+    row's largest output), overall and for the worst linear, and the share of the other rows whose
+    quantized input has a negative largest magnitude (the format's rounding tie: where these
+    explain every disagreement, the export computes quadllm's model but for the tie). Rounding
+    differences cannot compound here, so this measures the format, where the logits measure the
+    model's sensitivity to it."""
+    inputs: dict[str, torch.Tensor] = {}
+    modules, theirs = dict(model.named_modules()), dict(exported.named_modules())
+    hooks = [modules[n].register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0].detach()))
+             for n in names]
+    try:
+        model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    shares, rows, agree, at_tie = {}, 0, 0, 0
+    for name in names:
+        lin, x = modules[name], inputs[name]
+        want, got = lin(x), theirs[name](x)
+        scale = want.abs().amax(-1).clamp_min(1e-6)
+        same = ((got - want).abs().amax(-1) <= rtol * scale).flatten()
+        # the quantizer's input: where its largest magnitude is negative, it sits on the format's tie
+        q = lin.transform(x) if lin.transform is not None else x
+        negative = (q.gather(-1, q.abs().argmax(-1, keepdim=True)) < 0).flatten()
+        shares[name] = float(same.double().mean())
+        rows, agree, at_tie = rows + same.numel(), agree + int(same.sum()), at_tie + int((~same & negative).sum())
+    worst = min(shares, key=shares.get)
+    return {"rows_agreeing": agree / rows, "disagreeing_rows_at_a_negative_extreme": at_tie / max(rows - agree, 1),
+            "worst_linear": worst, "worst_share": shares[worst], "rtol": rtol}
 
 
 def export_compressed_tensors(src: str | Path, out: str | Path, *, approximate_activations: bool = False,
-                              check: bool | None = None, check_tokens: int = 128, seed: int = 0) -> dict[str, Any]:
+                              check: bool | None = None, check_tokens: int = 256) -> dict[str, Any]:
     """Write checkpoint ``src`` to ``out`` in the compressed-tensors format; returns what was
-    written and checked. ``check``: load the export back with compressed-tensors and compare its
-    logits with the ``fake`` backend's on ``check_tokens`` tokens drawn with ``seed`` (None: when
-    compressed-tensors is installed). Refusals come before any tensor is read."""
+    written and checked. ``check``: load the export back with compressed-tensors and compare it
+    with the ``fake`` backend on the first ``check_tokens`` tokens of the embedded evaluation text,
+    linear by linear (:func:`linear_agreement`) and by logits (None: when compressed-tensors is
+    installed). Refusals come before any tensor is read."""
     from ..integrations import compressed_tensors as ct_reader
 
     source, dst = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
@@ -217,7 +265,7 @@ def export_compressed_tensors(src: str | Path, out: str | Path, *, approximate_a
                           "pass --no-check to skip it")
 
     model, tok, meta = load(source, dtype=torch.float32, verify=True)
-    ids = _check_ids(model.config.vocab_size, check_tokens, seed)
+    ids, origin = _check_ids(tok, check_tokens)
     refs = {"source": model(ids).logits} if check else {}
     if not is_stock_config(model.config):
         to_stock_modules(model, {k: meta[k] for k in ("quant_config", "structure")})
@@ -241,7 +289,6 @@ def export_compressed_tensors(src: str | Path, out: str | Path, *, approximate_a
         "format": "compressed-tensors", "library_version": __version__,
         "source": {"path": str(source), "integrity": meta.get("integrity"), "format_version": meta["format_version"]},
         "quant_config": config.to_dict(), "approximations": approximate, "check": None}
-    del model
     with atomic_dir(dst) as tmp:
         write_tensors(state, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, default=str))
@@ -250,8 +297,10 @@ def export_compressed_tensors(src: str | Path, out: str | Path, *, approximate_a
             exported = ct_reader.load_exported(tmp, dtype=torch.float32)
             with torch.no_grad():
                 got = exported(ids).logits
-            record["check"] = {"tokens": check_tokens, "seed": seed, "backend": "fake",
+            record["check"] = {"tokens": int(ids.shape[1]), "text": origin, "backend": "fake",
+                               "linears": linear_agreement(model, exported, ids, sorted(linear_names)),
                                **{name: logit_agreement(ref, got) for name, ref in refs.items()}}
+            del exported
             log.info("compressed-tensors reload against the fake backend: %s", record["check"])
         (tmp / ct.EXPORT_FILE).write_text(json.dumps(record, indent=2))
     log.info("exported %s -> %s (compressed-tensors, %d config groups, %d transforms)", source, dst, len(groups),
