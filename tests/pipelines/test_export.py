@@ -153,3 +153,15 @@ def test_a_missing_or_foreign_checkpoint_is_one_line_exit_2(tmp_path, capsys):
     (tmp_path / "plain" / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "x"}}))
     with pytest.raises(ct_reader.ExportLoadError, match="not a compressed-tensors checkpoint"):
         load_exported(tmp_path / "plain")
+
+
+def test_a_stock_layout_checkpoint_exports_as_it_is(tiny_original, tmp_path):
+    """``quantize``'s default layout (stock) needs no rewrite: the check compares with the source only."""
+    ckpt = tmp_path / "stock"
+    assert main(["quantize", "--model", str(tiny_original), "--method", "quarot", "--weights", "rtn",
+                 "--a-clip", f"{EXACT:.10f}", "--calib-samples", "4", "--calib-seqlen", "16", "--out", str(ckpt),
+                 "-q"]) == 0
+    assert quadllm.load(ckpt)[2]["format_version"] == 2
+    out = export_compressed_tensors(ckpt, tmp_path / "ct", check_tokens=64)
+    assert set(out["check"]) == {"tokens", "text", "backend", "linears", "source"}
+    assert out["check"]["linears"]["disagreeing_rows_at_a_negative_extreme"] == 1.0

@@ -8,10 +8,7 @@ its dense online transforms fail; see the README.)"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,19 +18,7 @@ from quadllm.integrations.compressed_tensors import load_exported
 from quadllm.io.compressed_tensors import equivalent_clip
 from quadllm.pipelines.export import export_compressed_tensors
 
-ROOT = Path(__file__).resolve().parents[3]
-
-
-def _helpers():
-    spec = importlib.util.spec_from_file_location("quadllm_test_helpers", ROOT / "tests" / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("quadllm_test_helpers", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _export(tmp_path, arch: str, **config):
-    h = _helpers()
+def _export(h, tmp_path, arch: str, **config):
     model = h.quantize_tiny(arch, model_kwargs={"hidden_size": 64, "num_attention_heads": 2, "head_dim": 32,
                                                 "intermediate_size": 128}, **config)
     ckpt = quadllm.save(model, h.tiny_tokenizer(), tmp_path / "ckpt")
@@ -42,14 +27,14 @@ def _export(tmp_path, arch: str, **config):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_vllm_reads_a_w4a4_export_as_int4_activations_with_the_online_transforms(tmp_path, arch):
+def test_vllm_reads_a_w4a4_export_as_int4_activations_with_the_online_transforms(tmp_path, arch, helpers):
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
     from vllm.model_executor.layers.quantization.compressed_tensors.schemes import CompressedTensorsWNA4Int
     from vllm.model_executor.layers.quantization.compressed_tensors.transform.linear import (
         get_linear_transform_schemes,
     )
 
-    out = _export(tmp_path, arch, method="quarot", weights="rtn", a_clip=equivalent_clip(4))
+    out = _export(helpers, tmp_path, arch, method="quarot", weights="rtn", a_clip=equivalent_clip(4))
     cfg = CompressedTensorsConfig.from_config(json.loads((out / "config.json").read_text())["quantization_config"])
     packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     cfg.packed_modules_mapping = packed  # what vLLM's model class sets: its fused linears' parts
@@ -70,10 +55,10 @@ def test_vllm_reads_a_w4a4_export_as_int4_activations_with_the_online_transforms
     assert cfg.get_scheme_dict(torch.nn.Linear(4, 4), "lm_head") is None
 
 
-def test_vllm_serves_a_weight_only_export_with_compressed_tensors_log_probabilities(tmp_path):
+def test_vllm_serves_a_weight_only_export_with_compressed_tensors_log_probabilities(tmp_path, helpers):
     from vllm import LLM, SamplingParams, TokensPrompt
 
-    out = _export(tmp_path, "llama", method="rtn", mode="w4a16", weights="rtn")
+    out = _export(helpers, tmp_path, "llama", method="rtn", mode="w4a16", weights="rtn")
     # vLLM's CPU kernel for packed INT4 weights runs in bfloat16
     llm = LLM(model=str(out), dtype="bfloat16", max_model_len=64, enforce_eager=True, gpu_memory_utilization=0.05,
               seed=0)

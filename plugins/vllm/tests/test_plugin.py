@@ -7,9 +7,7 @@ record) is refused with the reason."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,24 +15,12 @@ import torch
 import quadllm
 from quadllm_vllm.method import QWEN2_OVERRIDES, QuadllmLinearMethod, QuadllmVllmConfig
 
-ROOT = Path(__file__).resolve().parents[3]
-
-
-def _helpers():
-    """quadllm's test helpers (tiny models, the character tokenizer, stock checkpoints)."""
-    spec = importlib.util.spec_from_file_location("quadllm_test_helpers", ROOT / "tests" / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("quadllm_test_helpers", module)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
-def served(request, tmp_path_factory):
+def served(request, tmp_path_factory, helpers):
     """(checkpoint, vLLM engine) for a tiny stock checkpoint of each family vLLM serves."""
     from vllm import LLM
 
-    h = _helpers()
+    h = helpers
     # vLLM's CPU attention has kernels for head sizes of 32 and more
     ckpt = h.stock_checkpoint(tmp_path_factory.mktemp(request.param) / "ckpt", request.param,
                               model_kwargs={"num_attention_heads": 2, "head_dim": 32}, o_rank=2)

@@ -232,7 +232,7 @@ def linear_agreement(model: nn.Module, exported: nn.Module, ids: torch.Tensor, n
         shares[name] = float(same.double().mean())
         rows, agree, at_tie = rows + same.numel(), agree + int(same.sum()), at_tie + int((~same & negative).sum())
     worst = min(shares, key=shares.get)
-    return {"rows_agreeing": agree / rows, "disagreeing_rows_at_a_negative_extreme": at_tie / max(rows - agree, 1),
+    return {"rows_agreeing": agree / rows, "disagreeing_rows_at_a_negative_extreme": at_tie / (rows - agree) if rows > agree else 1.0,
             "worst_linear": worst, "worst_share": shares[worst], "rtol": rtol}
 
 
