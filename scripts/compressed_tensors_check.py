@@ -26,18 +26,21 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
-import quadllm
-from quadllm.data.text import load_text
-from quadllm.evaluation.perplexity import evaluate_many, tokenize_windows
-from quadllm.integrations.compressed_tensors import load_exported
-from quadllm.io.checkpoint import dir_size
-from quadllm.io.compressed_tensors import EXPORT_FILE, equivalent_clip
-from quadllm.io.registry import lookup
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from results_smollm2 import model_slug, model_title, portable, results_stem  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+import quadllm  # noqa: E402
+from quadllm.data.text import load_text  # noqa: E402
+from quadllm.evaluation.perplexity import evaluate_many, tokenize_windows  # noqa: E402
+from quadllm.integrations.compressed_tensors import load_exported  # noqa: E402
+from quadllm.io.checkpoint import dir_size  # noqa: E402
+from quadllm.io.compressed_tensors import EXPORT_FILE, equivalent_clip  # noqa: E402
 
 log = logging.getLogger("compressed_tensors_check")
-ROOT = Path(__file__).resolve().parents[1]
 CALIB = ["--calib", "wikitext2", "--calib-samples", "32", "--calib-seqlen", "512", "--seed", "0"]
 CASES = {"QuaRot W4A4, clip 14/15 (exact export)": (["--a-clip", f"{equivalent_clip(4):.10f}"], []),
          "QuaRot W4A4, clip 0.9 (approximate export)": ([], ["--approximate-activations"])}
@@ -50,17 +53,9 @@ def run(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="default", help="a known offline model (`quadllm models`)")
-    p.add_argument("--work", default=None, help="where checkpoints and exports go (default: runs/<model>)")
-    p.add_argument("--max-windows", type=int, default=8, help="the first N WikiText-2 test windows of 2048 tokens")
-    p.add_argument("--out", default=None, help="results file stem (default: results/<model>_compressed_tensors)")
-    args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    known = lookup(args.model)
-    slug = "smollm2" if args.model == "default" else known.name
-    work = Path(args.work or ROOT / "runs" / slug)
+def measure(args) -> dict:
+    """Quantize (unless the checkpoints exist), export, load back and evaluate: the results record."""
+    work = Path(args.work or ROOT / "runs" / model_slug(args.model))
     cli = [sys.executable, "-m", "quadllm.cli"]
     cases = {}
     for name, (quant_flags, export_flags) in CASES.items():
@@ -71,10 +66,9 @@ def main() -> int:
         quantize_s = None if ckpt.exists() else run(quantize)
         export_cmd = [*cli, "export", "--format", "compressed-tensors", str(ckpt), str(export), *export_flags, "-q"]
         export_s = run(export_cmd)
-        cases[name] = {"checkpoint": ckpt, "export": export, "quantize": shlex.join(quantize[2:]),
-                       "export_command": shlex.join(export_cmd[2:]), "quantize_s": quantize_s,
-                       "export_s": round(export_s, 1),
-                       "record": json.loads((export / EXPORT_FILE).read_text()),
+        cases[name] = {"checkpoint": str(ckpt), "export": str(export), "quantize": shlex.join(["quadllm", *quantize[3:]]),
+                       "export_command": shlex.join(["quadllm", *export_cmd[3:]]), "quantize_s": quantize_s,
+                       "export_s": round(export_s, 1), "record": json.loads((export / EXPORT_FILE).read_text()),
                        "bytes": {"source": dir_size(ckpt), "export": dir_size(export)}}
     reference, tok, _ = quadllm.load_model(args.model)
     windows = tokenize_windows(tok, load_text("wikitext2", "eval").text, 2048, args.max_windows)
@@ -86,23 +80,25 @@ def main() -> int:
     models["exact export through transformers.from_pretrained (no transforms)"] = (
         AutoModelForCausalLM.from_pretrained(exact["export"], dtype=torch.float32).eval())
     results = evaluate_many(models, windows, reference=reference)
-    command = shlex.join(["python", "scripts/compressed_tensors_check.py", *sys.argv[1:]])
-    out = Path(args.out or ROOT / "results" / f"{slug.replace('.', '_')}_compressed_tensors")
-    record = {"command": command, "model": args.model, "windows": int(windows.shape[0]),
-              "cases": {k: {**v, "checkpoint": str(Path(v["checkpoint"]).relative_to(ROOT)) if Path(
-                  v["checkpoint"]).is_relative_to(ROOT) else str(v["checkpoint"]),
-                  "export": str(Path(v["export"]).relative_to(ROOT)) if Path(v["export"]).is_relative_to(ROOT)
-                  else str(v["export"])} for k, v in cases.items()},
-              "results": results, "torch": torch.__version__,
-              "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}
-    for case in record["cases"].values():
-        case["record"]["source"]["path"] = case["checkpoint"]
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return portable({"command": shlex.join(["python", "scripts/compressed_tensors_check.py", *sys.argv[1:]]),
+                     "model": args.model, "windows": int(windows.shape[0]), "cases": cases, "results": results,
+                     "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+                     "date": time.strftime("%Y-%m-%d")})
+
+
+def _shown(command: str) -> str:
+    """A recorded ``quadllm`` command as a user types it (the first records kept the module's name)."""
+    return "quadllm " + command.removeprefix("quadllm.cli ") if command.startswith("quadllm.cli ") else command
+
+
+def render(record: dict) -> str:
+    """The Markdown of a results record."""
+    results, cases = record["results"], record["cases"]
     fp_ppl = next(iter(results.values()))["reference_ppl"]
     rows = "\n".join(f"| {n} | {r['ppl']:.3f} | {r['kl']:.4f} | {100 * r['top1_agreement']:.1f}% |"
                      for n, r in results.items())
     checks = "\n".join(
-        f"- {name}: `quadllm {c['export_command']}` ({c['bytes']['source'] / 1e6:.1f} MB -> "
+        f"- {name}: `{_shown(c['export_command'])}` ({c['bytes']['source'] / 1e6:.1f} MB -> "
         f"{c['bytes']['export'] / 1e6:.1f} MB); its check on the first {c['record']['check']['tokens']} tokens of "
         f"{c['record']['check']['text']}: every decoder linear fed quadllm's own inputs agrees with quadllm's "
         f"output on {100 * c['record']['check']['linears']['rows_agreeing']:.1f}% of the token rows (to "
@@ -114,17 +110,36 @@ def main() -> int:
         f"{c['record']['check']['source']['mean_kl']:.3f}, top-1 "
         f"{100 * c['record']['check']['source']['top1_agreement']:.1f}%"
         + (f"; approximations: {'; '.join(c['record']['approximations'])}" if c['record']['approximations'] else "")
-        + f". Source: `quadllm {c['quantize']}`." for name, c in cases.items())
-    text = (f"# {known.title}: QuaRot W4A4 exported to compressed-tensors\n\nGenerated by `{command}` on "
-            f"{record['date']} (torch {torch.__version__}).\n\n{checks}\n\nWikiText-2 test, the first "
-            f"{windows.shape[0]} windows of 2048 tokens; KL(FP ‖ model) per token and top-1 agreement against the "
-            f"original (FP perplexity {fp_ppl:.3f}).\n\n| model | ppl | KL | top-1 |\n| --- | ---: | ---: | ---: |\n"
+        + f". Source: `{_shown(c['quantize'])}`." for name, c in cases.items())
+    return (f"# {model_title(record['model'])}: QuaRot W4A4 exported to compressed-tensors\n\nGenerated by "
+            f"`{record['command']}` on {record['date']} (torch {record['torch']}).\n\n{checks}\n\nWikiText-2 test, the "
+            f"first {record['windows']} windows of 2048 tokens; KL(FP ‖ model) per token and top-1 agreement against "
+            f"the original (FP perplexity {fp_ppl:.3f}).\n\n| model | ppl | KL | top-1 |\n| --- | ---: | ---: | ---: |\n"
             f"{rows}\n\nThe export holds the same INT4 codes, scales and transforms; its activations round on "
             "compressed-tensors' per-token grid, which puts each token's largest magnitude on a rounding tie "
             "(qmax + 0.5 steps), so a negative extreme takes either neighbour depending on the last bit of the "
             "scale, and such differences compound through the layers as any float difference does "
-            "(`results/smollm2_layout_drift.md`). transformers (5.24) ignores `transform_config`: loaded with "
-            "from_pretrained alone, the online transforms are missing.\n")
+            "(`results/smollm2_layout_drift.md`). GPTQ calibrates on unquantized inputs, so the two sources hold the "
+            "same weights and differ only in their activation clip; exported, both round on the format's grid. "
+            "transformers (5.24) ignores `transform_config`: loaded with from_pretrained alone, the online "
+            "transforms are missing.\n")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="default", help="a known offline model (`quadllm models`)")
+    p.add_argument("--work", default=None, help="where checkpoints and exports go (default: runs/<model>)")
+    p.add_argument("--max-windows", type=int, default=8, help="the first N WikiText-2 test windows of 2048 tokens")
+    p.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON and stop")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = results_stem(args.model, "compressed_tensors")
+    if args.render_only:
+        record = portable(json.loads(out.with_suffix(".json").read_text()))
+    else:
+        record = measure(args)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    text = render(record)
     out.with_suffix(".md").write_text(text)
     print(text)
     return 0

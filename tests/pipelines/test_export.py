@@ -148,6 +148,8 @@ def test_outputs_are_never_overwritten_unless_an_earlier_export(tmp_path, monkey
 
 def test_a_missing_or_foreign_checkpoint_is_one_line_exit_2(tmp_path, capsys):
     assert main(["export", "--format", "compressed-tensors", str(tmp_path / "nope"), str(tmp_path / "ct")]) == 2
+    assert main(["export", "--format", "compressed-tensors", str(tmp_path / "nope"), str(tmp_path / "ct"),
+                 "--check-tokens", "0"]) == 2
     assert not (tmp_path / "ct").exists()
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "x"}}))

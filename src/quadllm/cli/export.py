@@ -23,8 +23,8 @@ def add_parsers(sub) -> None:
                         "measures the difference")
     check = e.add_mutually_exclusive_group()
     check.add_argument("--check", dest="check", action="store_true", default=None,
-                       help="load the export back with compressed-tensors and compare logits with the fake "
-                            "backend (default when compressed-tensors is installed)")
+                       help="load the export back with compressed-tensors and compare every linear and the "
+                            "logits with the fake backend (default when compressed-tensors is installed)")
     check.add_argument("--no-check", dest="check", action="store_false", help="skip that check")
     e.add_argument("--check-tokens", type=int, default=256,
                    help="tokens of the embedded evaluation text the check runs on")

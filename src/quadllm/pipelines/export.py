@@ -245,6 +245,8 @@ def export_compressed_tensors(src: str | Path, out: str | Path, *, approximate_a
     installed). Refusals come before any tensor is read."""
     from ..integrations import compressed_tensors as ct_reader
 
+    if check_tokens < 8:
+        raise ExportError(f"the check needs at least 8 tokens, got {check_tokens}")
     source, dst = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
     meta = read_meta(source)
     try:
