@@ -98,3 +98,15 @@ def test_without_quadllm_loading_fails_loudly_and_the_shim_loads_it_with_trust_r
         """, tmp_path)
     assert shim.returncode == 0, shim.stderr[-2000:]
     assert "LOADED True QuadLinear" in shim.stdout
+
+
+def test_a_lora_fine_tune_is_refused_rather_than_loaded_with_fresh_weights(tmp_path):
+    from quadllm.cli.app import main
+
+    ckpt = _checkpoint(tmp_path, "llama")
+    (tmp_path / "t.txt").write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    assert main(["finetune", str(ckpt), "--method", "lora", "--out", str(tmp_path / "lora"), "--max-steps", "1",
+                 "--loss", "ce", "--data", str(tmp_path / "t.txt"), "--max-seqlen", "32", "-q"]) == 0
+    assert quadllm.load(tmp_path / "lora")[2]["structure"]["lora"]
+    with pytest.raises(ValueError, match="LoRA"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "lora", dtype=torch.float32)

@@ -69,6 +69,9 @@ class QuadllmVllmConfig(QuantizationConfig):
             raise ValueError(f"this checkpoint quantizes the KV cache to {self.config.kv_bits} bits, which quadllm "
                              "does inside its own attention; vLLM's attention would run it unquantized: serve it with "
                              "quadllm, or quantize without --kv-bits for vLLM")
+        if quantization["structure"].get("lora"):
+            raise ValueError("this checkpoint holds LoRA adapters (quadllm finetune --method lora), which the plugin "
+                             "does not build; serve the outlier fine-tune instead, or run it with quadllm")
         self.hf_config = None
         self._linears: dict[str, QuadLinear] | None = None
 

@@ -66,6 +66,10 @@ def test_kv_cache_quantization_and_foreign_configs_are_refused():
         QuadllmVllmConfig.from_config({"quant_method": "quadllm", "quant_config": cfg, "structure": {}, "original": {}})
     with pytest.raises(ValueError, match="quadllm convert"):
         QuadllmVllmConfig.from_config({"quant_method": "quadllm"})
+    lora = quadllm.QuantConfig(method="quad", rank=8).to_dict()
+    with pytest.raises(ValueError, match="LoRA"):
+        QuadllmVllmConfig.from_config({"quant_method": "quadllm", "quant_config": lora, "original": {},
+                                       "structure": {"lora": {"rank": 4}}})
 
 
 def test_a_qwen2_checkpoint_without_the_override_is_refused_with_it():

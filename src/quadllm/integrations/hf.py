@@ -75,6 +75,10 @@ class QuadllmHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs: Any) -> None:
         qc = self.quantization_config
+        if qc.structure.get("lora"):
+            # peft's wrappers rename the linears' tensors, which transformers would then initialize afresh
+            raise ValueError("this checkpoint holds LoRA adapters (quadllm finetune --method lora), which "
+                             "from_pretrained does not build; load it with quadllm.load")
         config = QuantConfig.from_dict(qc.quant_config)
         dtype = kwargs.get("dtype") or model.dtype
         with torch.device("cpu"):  # the skeleton's own tensors are real: anything not loaded is caught below

@@ -98,6 +98,9 @@ def write_metadata(tmp: Path, hf_config, tokenizer, info: dict[str, Any], origin
     and ``quadllm_config.json`` (written last, fsynced)."""
     hf = hf_config.to_dict()
     hf.pop("_attn_implementation_internal", None)
+    if is_stock_config(hf_config):  # what transformers and vLLM read: the same settings and shapes as ours
+        hf["quantization_config"] = {**hf["quantization_config"],
+                                     **{k: info[k] for k in ("quant_config", "structure") if k in info}}
     with open(tmp / "config.json", "w") as f:
         json.dump(hf, f, indent=2, default=str)
     if tokenizer is not None:
