@@ -102,7 +102,7 @@ def test_cli_streaming_from_a_gguf_equals_in_memory(tmp_path, smollm2):
     tensors as the in-memory path."""
     from quadllm.io.checkpoint import weights_hash
 
-    common = ("--weights", "rtn", "--calib-samples", "2", "--calib-seqlen", "128", "-q")
+    common = ("--weights", "rtn", "--calib-samples", "2", "--calib-seqlen", "128", "--layout", "quadllm", "-q")
     for mode in ("on", "off"):
         r = _cli("quantize", "--model", "default", "--streaming", mode, "--out", str(tmp_path / mode), *common,
                  cwd=tmp_path)
@@ -124,9 +124,10 @@ def test_cli_finetune_adapter_eval_generate(tmp_path, smol_quad, wiki):
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["steps"] == 3 and summary["data"]["kinds"] == {"gsm8k": 24}
-    # QUAD r=64 on SmolLM2: 30 layers x (576+192+192+1536+1536) outputs x 64 columns, o_proj's 640 outputs x
-    # (9 heads x o-rank 8) columns, plus one scale per output
-    assert summary["trainable"] == 30 * 4032 * 64 + 30 * 640 * 72 + 30 * (576 + 192 + 192 + 640 + 1536 + 1536 + 640)
+    # QUAD r=64 on SmolLM2 in the stock layout (quantize's default; the stream padded from 640 to 648 for 9
+    # heads, the 8 zero coordinates among the full-precision ones): 30 layers x (576+192+192+1536+1536)
+    # outputs x (64 + 8) columns, o_proj's 648 outputs x (9 heads x o-rank 8) columns, one scale per output
+    assert summary["trainable"] == 30 * 4032 * 72 + 30 * 648 * 72 + 30 * (576 + 192 + 192 + 648 + 1536 + 1536 + 648)
     assert summary["best_val_loss"] <= summary["initial_val_loss"]
     assert (tmp_path / "gsm8k.finetune_history.json").is_file() and (tmp_path / "gsm8k.finetune_loss.png").is_file()
     res = tmp_path / "eval.json"

@@ -41,6 +41,7 @@ from ..arch import get_adapter, get_submodule
 from ..config import ConfigError, QuantConfig
 from ..core.hadamard import OnlineTransform, sylvester_matrix
 from ..data.text import load_text
+from ..integrations import compressed_tensors as ct_reader
 from ..io import compressed_tensors as ct
 from ..io.checkpoint import CheckpointError, read_meta, write_tensors
 from ..io.files import atomic_dir
@@ -243,8 +244,6 @@ def export_compressed_tensors(src: str | Path, out: str | Path, *, approximate_a
     with the ``fake`` backend on the first ``check_tokens`` tokens of the embedded evaluation text,
     linear by linear (:func:`linear_agreement`) and by logits (None: when compressed-tensors is
     installed). Refusals come before any tensor is read."""
-    from ..integrations import compressed_tensors as ct_reader
-
     if check_tokens < 8:
         raise ExportError(f"the check needs at least 8 tokens, got {check_tokens}")
     source, dst = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
