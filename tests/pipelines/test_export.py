@@ -87,6 +87,7 @@ def test_w4a4_export_agrees_with_the_fake_backend_and_records_the_check(tmp_path
     linears = record["check"]["linears"]
     assert linears["rows_agreeing"] >= 0.5 and linears["disagreeing_rows_at_a_negative_extreme"] == 1.0
     assert record["source"]["integrity"] == quadllm.load(ckpt)[2]["integrity"]
+    assert (tmp_path / "ct" / "generation_config.json").is_file() and (tmp_path / "ct" / "tokenizer.json").is_file()
 
 
 def test_logit_agreement_definitions():

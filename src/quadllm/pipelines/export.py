@@ -294,6 +294,8 @@ def export_compressed_tensors(src: str | Path, out: str | Path, *, approximate_a
         write_tensors(state, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, default=str))
         tok.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:  # stop tokens and defaults for servers
+            model.generation_config.save_pretrained(tmp)
         if check:
             exported = ct_reader.load_exported(tmp, dtype=torch.float32)
             with torch.no_grad():
