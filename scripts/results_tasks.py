@@ -51,8 +51,7 @@ from results_smollm2 import (  # noqa: E402
     slug,
 )
 
-from quadllm.backends import BACKENDS  # noqa: E402
-from quadllm.backends import DTYPES  # noqa: E402
+from quadllm.backends import BACKENDS, DTYPES  # noqa: E402
 from quadllm.evaluation.compare import build_rows, compare_markdown, mean_paired_difference, papers_average  # noqa: E402
 from quadllm.evaluation.speed import machine_description  # noqa: E402
 from quadllm.evaluation.tasks.scores import GENERATION_TASKS  # noqa: E402

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
-
 from ..backends import BACKENDS, DTYPES, BackendError, place
 from ..finetune.adapter_file import is_adapter_file, read_adapter_meta
 from ..io.checkpoint import CheckpointError, is_checkpoint
@@ -25,7 +24,6 @@ C = TypeVar("C")
 
 __all__ = ["add_common", "add_backend", "add_dtype", "setup_logging", "config_from_args", "open_model",
            "write_text"]
-
 
 #: what a --data / --calib option accepts (quadllm.data.text.load_text)
 TEXT_SPECS = "wikitext2, ptb, pysource (embedded Python code), a .jsonl or text file"

@@ -33,6 +33,11 @@ def window_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits, dim=-1).cpu()
 
 
+def kl_per_position(ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(reference ‖ model) at every position, from both log-probabilities [..., V]."""
+    return (ref.exp() * (ref - logp)).sum(-1)
+
+
 @dataclass
 class _Tally:
     nll: float = 0.0
@@ -47,7 +52,7 @@ class _Tally:
         self.nll -= float(logp.gather(1, targets[:, None]).double().sum())
         self.tokens += targets.numel()
         if ref is not None:
-            self.kl += float((ref.exp() * (ref - logp)).sum(-1).double().sum())
+            self.kl += float(kl_per_position(ref, logp).double().sum())
             self.agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
 
 

@@ -214,7 +214,7 @@ class QuadLinear(nn.Module):
         they are, or per token at ``act.outlier_bits`` when activations are quantized."""
         xr = x[..., :self.rank]
         bits = self.act.outlier_bits
-        return fake_quant_act(xr, bits) if bits < 16 and self.act.enabled and self.act_enabled else xr
+        return fake_quant_act(xr, bits) if bits < 16 and self.rounds_input else xr
 
     def full_weight(self) -> torch.Tensor:
         """[out, in]: the float weight, or outlier columns then dequantized columns."""
@@ -239,6 +239,12 @@ class QuadLinear(nn.Module):
             self.register_buffer("act_clip", torch.tensor(float(clip), dtype=torch.float32))
         self.act = dataclasses.replace(self.act, clip_ratio=float(clip))
 
+    @property
+    def rounds_input(self) -> bool:
+        """Whether the input is quantized now (its spec asks for it, and calibration has not switched
+        it off)."""
+        return self.act.enabled and self.act_enabled
+
     def act_clip_ratio(self) -> float | torch.Tensor:
         """The clip ratio the activation quantizer uses now: the one being trained, else ``act``'s."""
         return self.act.clip_ratio if self.clip_param is None else self.clip_param
@@ -259,7 +265,7 @@ class QuadLinear(nn.Module):
     # --- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.rank
-        quant_act = self.act.enabled and self.act_enabled
+        quant_act = self.rounds_input
         use_kernel = self.kernel is not None and quant_act and self.quantized and not (
             torch.is_grad_enabled() and (x.requires_grad or self.w_outlier.requires_grad
                                          or self.scales.requires_grad))

@@ -73,7 +73,7 @@ def gathered_outputs(layer: QuadLinear, x: torch.Tensor, shards: int) -> list[to
     with torch.no_grad():  # every rank transforms and rounds the whole input the same way
         z = layer.transform(x) if layer.transform is not None else x
         xq = z[..., layer.rank:]
-        if _rounds(layer):
+        if layer.rounds_input:
             xq = fake_quant_act(xq, layer.act.bits, layer.act_clip_ratio(), layer.act.sym)
         outputs = []
         for lo, hi in shard_bounds(layer.out_features, shards):
@@ -113,7 +113,7 @@ def row_parallel_partials(layer: QuadLinear, x: torch.Tensor, shards: int) -> li
     with torch.no_grad():
         z = [local(x[..., lo:hi]) if local is not None else x[..., lo:hi] for lo, hi in bounds]
         quant = [z[0][..., r:], *z[1:]]
-        if _rounds(layer):  # the all-reduce: one maximum per token
+        if layer.rounds_input:  # the all-reduce: one maximum per token
             absmax = torch.stack([row_absmax(q) for q in quant]).amax(0)
             qmin, qmax = qrange(layer.act.bits)
             scale = (absmax * layer.act_clip_ratio() / qmax).clamp_min(1e-8)
@@ -130,7 +130,3 @@ def row_parallel_partials(layer: QuadLinear, x: torch.Tensor, shards: int) -> li
             partials.append(y)
     return partials
 
-
-def _rounds(layer: QuadLinear) -> bool:
-    """Whether ``layer`` rounds its (non-outlier) inputs now."""
-    return layer.act.enabled and layer.act_enabled and layer.act.bits < 16

@@ -41,6 +41,7 @@ from ..arch import get_adapter, get_submodule
 from ..config import ConfigError, QuantConfig
 from ..core.hadamard import OnlineTransform, sylvester_matrix
 from ..data.text import load_text
+from ..evaluation.perplexity import kl_per_position
 from ..integrations import compressed_tensors as ct_reader
 from ..io import compressed_tensors as ct
 from ..io.checkpoint import CheckpointError, read_meta, write_tensors
@@ -53,8 +54,8 @@ from .loading import load
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExportError", "export_obstacles", "check_export_dir", "export_compressed_tensors", "linear_agreement",
-           "logit_agreement"]
+__all__ = ["ExportError", "export_obstacles", "check_export_dir", "export_compressed_tensors", "forward_capturing",
+           "linear_agreement", "logit_agreement"]
 
 #: the weight widths the format packs into 32-bit words
 PACKABLE_BITS = (2, 4, 8)
@@ -189,7 +190,7 @@ def logit_agreement(ref: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
     lp, lq = ref.log_softmax(-1), other.log_softmax(-1)
     return {"max_abs_logit_diff": float((ref - other).abs().max()),
             "mean_abs_logit_diff": float((ref - other).abs().mean()),
-            "mean_kl": float((lp.exp() * (lp - lq)).sum(-1).mean()),
+            "mean_kl": float(kl_per_position(lp, lq).mean()),
             "top1_agreement": float((ref.argmax(-1) == other.argmax(-1)).double().mean())}
 
 
@@ -203,27 +204,34 @@ def _check_ids(tok, tokens: int) -> tuple[torch.Tensor, str]:
 
 
 @torch.no_grad()
-def linear_agreement(model: nn.Module, exported: nn.Module, ids: torch.Tensor, names: list[str],
-                     rtol: float = 1e-3) -> dict[str, Any]:
-    """Each decoder linear of ``exported`` fed the very input its counterpart in ``model`` sees on
-    ``ids``: the share of token rows whose outputs agree (largest difference within ``rtol`` of the
-    row's largest output), overall and for the worst linear, and the share of the other rows whose
-    quantized input has a negative largest magnitude (the format's rounding tie: where these
-    explain every disagreement, the export computes quadllm's model but for the tie). Rounding
-    differences cannot compound here, so this measures the format, where the logits measure the
-    model's sensitivity to it."""
+def forward_capturing(model: nn.Module, ids: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict]:
+    """``model``'s logits on ``ids`` and the input each module in ``names`` saw."""
     inputs: dict[str, torch.Tensor] = {}
-    modules, theirs = dict(model.named_modules()), dict(exported.named_modules())
+    modules = dict(model.named_modules())
     hooks = [modules[n].register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0].detach()))
              for n in names]
     try:
-        model(ids)
+        logits = model(ids).logits
     finally:
         for h in hooks:
             h.remove()
+    return logits, inputs
+
+
+@torch.no_grad()
+def linear_agreement(model: nn.Module, exported: nn.Module, inputs: dict[str, torch.Tensor],
+                     rtol: float = 1e-3) -> dict[str, Any]:
+    """Each linear of ``exported`` named in ``inputs`` fed the very input its counterpart in
+    ``model`` saw (:func:`forward_capturing`): the share of token rows whose outputs agree (largest
+    difference within ``rtol`` of the row's largest output), overall and for the worst linear, and
+    the share of the other rows whose quantized input has a negative largest magnitude (the format's
+    rounding tie: where these explain every disagreement, the export computes quadllm's model but
+    for the tie). Rounding differences cannot compound here, so this measures the format, where the
+    logits measure the model's sensitivity to it."""
+    modules, theirs = dict(model.named_modules()), dict(exported.named_modules())
     shares, rows, agree, at_tie = {}, 0, 0, 0
-    for name in names:
-        lin, x = modules[name], inputs[name]
+    for name, x in inputs.items():
+        lin = modules[name]
         want, got = lin(x), theirs[name](x)
         scale = want.abs().amax(-1).clamp_min(1e-6)
         same = ((got - want).abs().amax(-1) <= rtol * scale).flatten()
@@ -267,15 +275,19 @@ def export_compressed_tensors(src: str | Path, out: str | Path, *, approximate_a
 
     model, tok, meta = load(source, dtype=torch.float32, verify=True)
     ids, origin = _check_ids(tok, check_tokens)
-    refs = {"source": model(ids).logits} if check else {}
-    if not is_stock_config(model.config):
+    refs: dict[str, torch.Tensor] = {}
+    rewritten = not is_stock_config(model.config)
+    if rewritten:
+        if check:
+            refs["source"] = model(ids).logits
         to_stock_modules(model, {k: meta[k] for k in ("quant_config", "structure")})
-        if check:  # the same model with the stock layout's fused FP16 tables: what the export holds
-            refs["stock_layout"] = model(ids).logits
     linears = _layer_linears(model)
+    linear_names = {name for name, _, _ in linears}
+    if check:  # in the stock layout, with its fused FP16 tables: what the export holds
+        logits, inputs = forward_capturing(model, ids, sorted(linear_names))
+        refs["stock_layout" if rewritten else "source"] = logits
     groups = _config_groups(linears)
     schemes, transform_tensors = _transforms(linears)
-    linear_names = {name for name, _, _ in linears}
     state = {k: v for k, v in storage_state_dict(model).items() if not _within(k, linear_names)}
     for name, _, lin in linears:
         state.update({f"{name}.{k}": v for k, v in _linear_tensors(lin).items()})
@@ -301,7 +313,7 @@ def export_compressed_tensors(src: str | Path, out: str | Path, *, approximate_a
             with torch.no_grad():
                 got = exported(ids).logits
             record["check"] = {"tokens": int(ids.shape[1]), "text": origin, "backend": "fake",
-                               "linears": linear_agreement(model, exported, ids, sorted(linear_names)),
+                               "linears": linear_agreement(model, exported, inputs),
                                **{name: logit_agreement(ref, got) for name, ref in refs.items()}}
             del exported
             log.info("compressed-tensors reload against the fake backend: %s", record["check"])
