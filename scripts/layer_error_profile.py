@@ -125,7 +125,7 @@ def main() -> None:
         if i > wanted[-1]:
             break
         if i in wanted:
-            set_layer_activation_quant(layer, adapter, config)
+            set_layer_activation_quant(layer, adapter, config, i)
             targets = float_targets(float_copy(layer), inputs)
             profile = quantized_errors(layer, adapter, recipe, i, inputs, targets)
             learned = {}

@@ -154,7 +154,7 @@ def first_float_layer(arch: str, config, dtype: torch.dtype = torch.float32):
     _, adapter, inputs, layers = float_layers_in_basis(tiny_model(arch, dtype, seed=0), config,
                                                        random_ids(8, 16), random_ids(2, 12, seed=5))
     _, layer = next(layers)
-    set_layer_activation_quant(layer, adapter, config)
+    set_layer_activation_quant(layer, adapter, config, 0)
     return layer, adapter, inputs
 
 

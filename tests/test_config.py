@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from quadllm.config import DEFAULT_RANK, QUAD_RECIPE, RECIPE_OFF, ConfigError, QuantConfig
+from quadllm.config import (
+    DEFAULT_RANK,
+    QUAD_RECIPE,
+    RECIPE_OFF,
+    ConfigError,
+    ModuleSetting,
+    QuantConfig,
+    module_key,
+    parse_setting,
+    pattern_matches,
+)
 
 
 def test_method_defaults_and_roles():
@@ -81,3 +91,58 @@ def test_what_a_config_needs():
         QuantConfig(down_rank=-1)
     assert QuantConfig(method="quarot", weights="rtn", down_rank=4).needs_layer_inputs
     assert "down_proj input rank 4" in QuantConfig(down_rank=4).describe()
+
+
+@pytest.mark.parametrize("text,weights,bits", [
+    ("skip", False, 16), ("fp", False, 16), ("FP", False, 16), ("w16a16", False, 16),
+    ("a4", True, 4), ("a8", True, 8), ("a16", True, 16), ("w4a16", True, 16), ("w4a8", True, 8), ("w4a4", True, 4),
+])
+def test_module_settings_parse(text, weights, bits):
+    assert parse_setting(text, 4) == ModuleSetting(weights=weights, act_bits=bits)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("a3", "activations at 3 bits"), ("w8a8", "INT4 weights in this run|weights are INT4"), ("int8", "expected skip"),
+    ("", "expected skip"),
+])
+def test_bad_module_settings(text, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_setting(text, 4)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["*.o_proj"], "PATTERN=SETTING"), (["=a8"], "PATTERN=SETTING"), (["re:(=a8"], "not a regular expression"),
+    (["*.o_proj=a5"], "5 bits"), ([3], "strings"),
+])
+def test_bad_overrides_fail_when_the_config_is_made(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        QuantConfig(overrides=overrides)
+
+
+def test_patterns_are_globs_or_regexes_on_the_layer_names_with_or_without_the_backbone_prefix():
+    key = module_key(3, "mlp.down_proj")
+    assert key == "layers.3.mlp.down_proj"
+    for pattern in ("*.down_proj", "layers.3.*", "layers.[0-3].*", "model.layers.3.mlp.down_proj",
+                    "re:layers\\.(3|7)\\..*", "re:.*down_proj"):
+        assert pattern_matches(pattern, key), pattern
+    for pattern in ("*.o_proj", "layers.4.*", "layers.3", "re:down_proj", "re:layers\\.1\\..*"):
+        assert not pattern_matches(pattern, key), pattern
+
+
+def test_the_last_matching_override_wins_and_unmatched_modules_keep_the_mode():
+    c = QuantConfig(mode="w4a4a8", overrides=["*.down_proj=a4", "layers.0.*=skip", "layers.0.mlp.up_proj=w4a16"])
+    assert c.module_setting("down_proj", "layers.1.mlp.down_proj") == ModuleSetting(act_bits=4)
+    assert c.module_setting("down_proj", "layers.0.mlp.down_proj") == ModuleSetting(weights=False, act_bits=16)
+    assert c.module_setting("reader", "layers.0.mlp.up_proj") == ModuleSetting(act_bits=16)
+    assert c.module_setting("o_proj", "layers.1.self_attn.o_proj") == ModuleSetting(act_bits=8)  # the mode's
+    assert c.module_setting("o_proj") == ModuleSetting(act_bits=8)
+    assert not c.act_spec("reader", "layers.0.self_attn.q_proj").enabled
+    assert c.act_spec("down_proj", "layers.1.mlp.down_proj").clip_ratio == c.a_clip
+    assert QuantConfig.from_dict(c.to_dict()) == c and "3 per-module override(s)" in c.describe()
+    assert QuantConfig.from_dict({k: v for k, v in c.to_dict().items() if k != "overrides"}).overrides == []
+
+
+def test_an_override_that_quantizes_activations_turns_the_clip_steps_on_in_a_weight_only_run():
+    assert not QuantConfig(mode="w4a16", a_clip_search=True).searches_act_clips
+    c = QuantConfig(mode="w4a16", a_clip_search=True, overrides=["*.down_proj=a8"])
+    assert c.quantizes_activations and c.searches_act_clips

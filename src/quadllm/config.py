@@ -7,7 +7,9 @@ with every checkpoint and result, so that a run can be reproduced from its outpu
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +28,7 @@ OBSOLETE_KEYS = frozenset({"dtype"})  # configuration keys this version ignores 
 RECORDED_BEFORE_KEYS = {"gptaq_alpha": 1.0, "a_clip_search": False, "act_sym": True, "o_rank": 0,
                         "down_smooth": 0.0, "down_rank": 0, "a_clip_learn": 0,
                         "a_clip_learn_loss": "mse", "learn_transform": 0, "w_clip_learn": 0,
-                        "o_rank_bits": 16}
+                        "o_rank_bits": 16, "overrides": ()}
 #: what ``--method quad`` at W4A4 does unless told otherwise: the combination of accuracy techniques
 #: without run-time cost that did best in the ablation (results/smollm2_ablation_final.md); the
 #: baselines (quarot, rtn) and the other modes keep them off (:data:`RECIPE_OFF`)
@@ -67,8 +69,77 @@ class ActSpec:
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "str": (str,), "int": (int,), "float": (float, int), "bool": (bool,), "int | None": (int,),
     "bool | None": (bool,), "float | None": (float, int),
-    "str | None": (str, type(None)), "dict[str, Any]": (dict,),
+    "str | None": (str, type(None)), "dict[str, Any]": (dict,), "list[str]": (list,),
 }
+
+
+#: the activation bits a module setting may ask for
+MODULE_ACT_BITS = (4, 8, 16)
+#: the names a module setting may have besides ``w<W>a<A>`` / ``a<A>``: full precision
+FULL_PRECISION_SETTINGS = ("skip", "fp")
+
+
+@dataclass(frozen=True)
+class ModuleSetting:
+    """The treatment of one decoder linear: INT weights or full precision, and its activation bits
+    (16: not quantized). The default comes from the mode; ``--override`` changes it per module."""
+
+    weights: bool = True
+    act_bits: int = 4
+
+    def name(self, w_bits: int) -> str:
+        """``fp``, or ``w<W>a<A>`` (``w4a16``: weight-only)."""
+        return f"w{w_bits}a{self.act_bits}" if self.weights else "fp"
+
+
+def parse_setting(text: str, w_bits: int) -> ModuleSetting:
+    """A module setting from its name: ``skip`` / ``fp`` (full precision), ``a4`` / ``a8`` / ``a16``
+    (activation bits, INT weights), or ``w<W>a<A>`` with W the run's ``--w-bits``."""
+    t = text.strip().lower()
+    if t in FULL_PRECISION_SETTINGS or t == "w16a16":
+        return ModuleSetting(weights=False, act_bits=16)
+    m = re.fullmatch(r"(?:w(\d+))?a(\d+)", t)
+    if m is None:
+        raise ConfigError(f"module setting {text!r}: expected skip, fp, a4, a8, a16 or w{w_bits}a4/w{w_bits}a8/"
+                          f"w{w_bits}a16")
+    w, a = m.group(1), int(m.group(2))
+    if w is not None and int(w) != w_bits:
+        raise ConfigError(f"module setting {text!r}: weights are INT{w_bits} in this run (--w-bits); a module "
+                          f"takes INT{w_bits} weights or full precision (skip)")
+    if a not in MODULE_ACT_BITS:
+        raise ConfigError(f"module setting {text!r}: activations at {a} bits; expected one of "
+                          f"{', '.join(map(str, MODULE_ACT_BITS))}")
+    return ModuleSetting(weights=True, act_bits=a)
+
+
+def parse_override(text: str, w_bits: int) -> tuple[str, ModuleSetting]:
+    """``PATTERN=SETTING`` split and checked: the pattern (a glob, or a regular expression after
+    ``re:``) compiles, the setting parses."""
+    pattern, sep, setting = str(text).rpartition("=")
+    if not sep or not pattern.strip():
+        raise ConfigError(f"override {text!r}: expected PATTERN=SETTING, e.g. '*.down_proj=a8' or "
+                          "'layers.0.*=skip'")
+    pattern = pattern.strip()
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise ConfigError(f"override {text!r}: not a regular expression ({exc})") from None
+    return pattern, parse_setting(setting, w_bits)
+
+
+def module_key(index: int, name: str) -> str:
+    """The name overrides match: ``layers.<index>.<linear>`` (e.g. ``layers.3.mlp.down_proj``)."""
+    return f"layers.{index}.{name}"
+
+
+def pattern_matches(pattern: str, key: str) -> bool:
+    """Whether an override's pattern names the module ``key`` (:func:`module_key`), also when written
+    with the backbone's prefix (``model.layers.3.mlp.down_proj``); ``re:`` patterns match in full."""
+    names = (key, f"model.{key}")
+    if pattern.startswith("re:"):
+        return any(re.fullmatch(pattern[3:], n) for n in names)
+    return any(fnmatch.fnmatchcase(n, pattern) for n in names)
 
 
 @dataclass
@@ -115,6 +186,8 @@ class QuantConfig:
     calib_seqlen: int = 512
     calib_batch: int = 8
     seed: int = 0
+    # PATTERN=SETTING per decoder linear (quadllm.config.parse_override), the last match wins
+    overrides: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -126,6 +199,8 @@ class QuantConfig:
             self.rank = 0
         elif self.rank is None:
             self.rank = DEFAULT_RANK
+        if isinstance(self.overrides, tuple):
+            self.overrides = list(self.overrides)
         self.resolve_recipe()
         self.validate()
 
@@ -189,6 +264,7 @@ class QuantConfig:
             raise ConfigError(f"kv_clip must be in (0, 1], got {self.kv_clip}")
         if self.calib_samples < 1 or self.calib_seqlen < 8:
             raise ConfigError("calib_samples must be >= 1 and calib_seqlen >= 8")
+        self.parsed_overrides()
 
     def check_model_sizes(self, hidden_size: int, intermediate_size: int | None = None,
                           head_dim: int | None = None) -> None:
@@ -221,19 +297,24 @@ class QuantConfig:
                 or self.down_smooth > 0 or self.learns_transforms or self.w_clip_learn > 0)
 
     @property
+    def quantizes_activations(self) -> bool:
+        """Whether some linear's activations are quantized: by the mode, or by an override."""
+        return self.mode != "w4a16" or any(s.act_bits < 16 for _, s in self.parsed_overrides())
+
+    @property
     def searches_act_clips(self) -> bool:
         """Whether the activation clip ratios are searched (some activations are quantized)."""
-        return self.a_clip_search and self.mode != "w4a16"
+        return self.a_clip_search and self.quantizes_activations
 
     @property
     def learns_act_clips(self) -> bool:
         """Whether the activation clip ratios are trained block by block (some activations are quantized)."""
-        return self.a_clip_learn > 0 and self.mode != "w4a16"
+        return self.a_clip_learn > 0 and self.quantizes_activations
 
     @property
     def learns_transforms(self) -> bool:
         """Whether every quantized input gets a learned affine transform (some activations are quantized)."""
-        return self.learn_transform > 0 and self.mode != "w4a16"
+        return self.learn_transform > 0 and self.quantizes_activations
 
     @property
     def stores_act_clips(self) -> bool:
@@ -245,11 +326,28 @@ class QuantConfig:
         """Whether the run needs calibration samples: for an outlier subspace, GPTQ or the clip search."""
         return self.rank > 0 or self.needs_layer_inputs
 
-    def act_spec(self, role: str) -> ActSpec:
-        """Activation quantization for a linear of the given role (``reader`` of the residual
-        stream, ``o_proj`` or ``down_proj``)."""
+    def parsed_overrides(self) -> list[tuple[str, ModuleSetting]]:
+        """``overrides`` as (pattern, setting) pairs, in order (checked: a bad one raises ConfigError)."""
+        for text in self.overrides:
+            if not isinstance(text, str):
+                raise ConfigError(f"overrides: expected PATTERN=SETTING strings, got {text!r}")
+        return [parse_override(text, self.w_bits) for text in self.overrides]
+
+    def module_setting(self, role: str, module: str | None = None) -> ModuleSetting:
+        """The treatment of a linear of the given role (``reader`` of the residual stream, ``o_proj``
+        or ``down_proj``): the mode's, or that of the last override whose pattern names ``module``
+        (:func:`module_key`)."""
+        if module is not None:
+            for pattern, setting in reversed(self.parsed_overrides()):
+                if pattern_matches(pattern, module):
+                    return setting
         main = {"w4a4": 4, "w4a4a8": 4, "w4a8": 8, "w4a16": 16}[self.mode]
-        bits = 8 if (self.mode == "w4a4a8" and role in ("o_proj", "down_proj")) else main
+        return ModuleSetting(act_bits=8 if (self.mode == "w4a4a8" and role in ("o_proj", "down_proj")) else main)
+
+    def act_spec(self, role: str, module: str | None = None) -> ActSpec:
+        """Activation quantization for a linear of the given role (``reader`` of the residual
+        stream, ``o_proj`` or ``down_proj``) and name (:meth:`module_setting`)."""
+        bits = self.module_setting(role, module).act_bits
         outlier = self.o_rank_bits if role == "o_proj" and bits < 16 else 16
         return ActSpec(bits=bits, clip_ratio=self.a_clip if bits < 16 else 1.0, sym=self.act_sym or bits >= 16,
                        outlier_bits=outlier)
@@ -294,5 +392,6 @@ class QuantConfig:
                 f"{f'down_proj input smoothed (alpha {self.down_smooth}); ' if self.down_smooth else ''}"
                 f"{f'down_proj input rank {self.down_rank} (online); ' if self.down_rank else ''}"
                 f"{f'learned transforms ({self.learn_transform} steps per layer, online); ' if self.learns_transforms else ''}"
+                f"{f'{len(self.overrides)} per-module override(s); ' if self.overrides else ''}"
                 f"KV {self.kv_bits}-bit; calibration {self.calib_samples}x{self.calib_seqlen} "
                 f"tokens from {self.calib or 'the embedded default'}; seed {self.seed}")

@@ -180,6 +180,7 @@ def test_report_renders_every_section(tmp_path):
     assert "http://" not in text and "https://" not in text and "<script" not in text
     numbers = json.loads(out.with_suffix(".json").read_text())
     assert set(numbers["linear_errors"]) == {"RTN", "QuaRot", "QUAD r=4"}
+    assert len(numbers["precision"]) == 2 and set(numbers["precision"][0]) == set(get_adapter(model).all_linears)
     assert len(numbers["inputs_after"]["attn input (q/k/v)"][0]["chan_max"]) == 48 + 4
     for f in data["figures"].values():
         assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

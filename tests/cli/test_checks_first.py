@@ -59,6 +59,16 @@ def test_quantize_checks_the_rank_against_the_config_first(tiny_dir, tmp_path, n
     assert code == 2 and "larger than the hidden size 48" in msg
 
 
+@pytest.mark.parametrize("override,match", [("layers.9.*=skip", "names no module of this model"),
+                                            ("*.o_proj=a5", "activations at 5 bits"),
+                                            ("*.o_proj", "PATTERN=SETTING")])
+def test_quantize_checks_the_overrides_against_the_model_first(tiny_dir, tmp_path, no_loading, caplog, override,
+                                                               match):
+    code, msg = _run(["quantize", "--model", str(tiny_dir), "--override", "*.down_proj=a8", "--override", override,
+                      "--out", str(tmp_path / "q"), "-q"], caplog)
+    assert code == 2 and match in msg and not (tmp_path / "q").exists()
+
+
 def test_eval_checks_data_and_reference_first(tiny_dir, tmp_path, no_loading, caplog):
     code, msg = _run(["eval", str(tiny_dir), "--data", str(tmp_path / "nope.raw"), "-q"], caplog)
     assert code == 2 and "nope.raw" in msg

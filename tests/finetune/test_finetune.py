@@ -148,6 +148,15 @@ def test_straight_through_gradients_reach_only_the_trainable_tensors(train):
         assert m.qweight.dtype == torch.uint8
 
 
+def test_linears_kept_in_full_precision_by_an_override_stay_frozen():
+    model = _quantized(overrides=["layers.0.*=skip"])
+    names, _ = select_trainable(model, FinetuneConfig(data="x"))
+    lins = {n: m for n, m in model.named_modules() if isinstance(m, QuadLinear)}
+    assert names and not any(n.startswith("model.layers.0.") for n in names)
+    assert all(not m.weight.requires_grad for n, m in lins.items() if not m.quantized)
+    assert outlier_budget(model, "outliers") == sum(m.w_outlier.numel() for m in lins.values() if m.quantized)
+
+
 def test_training_holds_no_dequantized_weights():
     model = _quantized()
     select_trainable(model, FinetuneConfig(data="x"))

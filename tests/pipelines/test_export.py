@@ -105,6 +105,7 @@ def test_logit_agreement_definitions():
     ({"kv_bits": 4}, "--kv-bits 4"),
     ({"act_sym": False}, "asymmetric"),
     ({"down_rank": 4}, "--down-rank 4"),
+    ({"overrides": ["*.down_proj=a8"]}, "per-module precisions"),
 ])
 def test_what_the_format_cannot_hold_is_refused_before_writing(tmp_path, config, reason):
     ckpt = _checkpoint(tmp_path, **config)

@@ -23,7 +23,7 @@ def test_the_profile_has_every_quantizer_alone_and_all_and_leaves_the_layer_floa
     _, adapter, inputs, layers = float_layers_in_basis(tiny_model("llama", torch.float32), cfg, random_ids(8, 16),
                                                        random_ids(2, 12, seed=5))
     _, layer = next(layers)
-    set_layer_activation_quant(layer, adapter, cfg)
+    set_layer_activation_quant(layer, adapter, cfg, 0)
     targets = float_targets(float_copy(layer), inputs)
     weights_before = {n: layer.get_submodule(n).weight.clone() for n in adapter.all_linears}
     errors = lep.quantized_errors(layer, adapter, LayerRecipe(cfg, adapter), 0, inputs, targets)

@@ -79,7 +79,7 @@ def test_training_lowers_the_quantized_layers_output_error(arch):
     layer, adapter, inputs = first_float_layer(arch, cfg)
     reference = float_copy(layer)
     plain = float_copy(layer)
-    set_layer_activation_quant(plain, adapter, cfg)
+    set_layer_activation_quant(plain, adapter, cfg, 0)
     assert learn_layer_transforms(layer, adapter, inputs, cfg, 0)
     with_transform = _quantized_error(layer, reference, adapter, inputs, cfg)
     without = _quantized_error(plain, reference, adapter, inputs, cfg)

@@ -42,7 +42,7 @@ def test_learned_ratios_lower_the_quantized_layers_output_error_below_the_mse_se
     cfg = _config()
     layer, adapter, inputs = first_float_layer(arch, cfg)
     reference, searched = float_copy(layer), float_copy(layer)
-    set_layer_activation_quant(searched, adapter, cfg)
+    set_layer_activation_quant(searched, adapter, cfg, 0)
     clips = learn_layer_weight_clips(layer, adapter, inputs, float_targets(reference, inputs), cfg, 0)
     assert clips is not None and set(clips) == set(adapter.all_linears)
     for name, ratio in clips.items():
@@ -102,7 +102,7 @@ def test_after_quantization_the_layer_keeps_the_ratios_whose_output_is_nearer_th
     expected = {}
     for name, clips in (("learned", learned), ("searched", search)):
         twin = float_copy(layer)
-        set_layer_activation_quant(twin, adapter, cfg)
+        set_layer_activation_quant(twin, adapter, cfg, 0)
         rtn_layer(twin, adapter, cfg, 0, clips=clips)
         expected[name] = twin.state_dict()
 

@@ -24,13 +24,16 @@ from ..io.sources import (
     ModelError,
     fp16_size_bytes,
     load_model,
+    model_config,
     model_size_bytes,
     model_sizes,
     parameter_count,
     resolve,
     streaming_dir,
 )
+from ..arch import get_adapter
 from ..pipelines.in_memory import quantize
+from ..pipelines.recipe import check_overrides
 from ..pipelines.streaming import quantize_streaming
 from .common import CHECKPOINT_SIZE_VS_FP16, TEXT_SPECS, add_common, check_free_space, config_from_args
 
@@ -112,6 +115,11 @@ def add_parsers(sub) -> None:
                    "(from_pretrained), lm-eval and vLLM load (format 2; in memory only); quadllm: quadllm's own "
                    "modules (format 1; quadllm convert rewrites it later), smaller for models with tied "
                    "embeddings; auto (default): stock, or quadllm when streaming")
+    q.add_argument("--override", dest="overrides", action="append", default=[], metavar="PATTERN=SETTING",
+                   help="the treatment of the decoder linears PATTERN names (a glob such as '*.o_proj' or "
+                   "'layers.[0-3].*', or 're:' and a regular expression, on names like layers.3.mlp.down_proj): "
+                   "skip (full precision), w4a16 (weight-only), a8 (INT8 activations) or a4; repeatable, the last "
+                   "match wins; the checkpoint records each module's precision")
     q.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
     add_common(q)
 
@@ -200,6 +208,9 @@ def _check_inputs(args, config: QuantConfig) -> TextSource | None:
     sizes = model_sizes(source)
     if sizes is not None:
         config.check_model_sizes(*sizes)
+    hf_config = model_config(source) if config.overrides else None
+    if hf_config is not None:
+        check_overrides(config, get_adapter(hf_config))
     params = parameter_count(source)
     if params:
         check_free_space(out, int(CHECKPOINT_SIZE_VS_FP16 * 2 * params), "the checkpoint")

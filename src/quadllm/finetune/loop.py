@@ -99,11 +99,14 @@ def logical_param_count(model: nn.Module) -> int:
 
 
 def outlier_budget(model: nn.Module, train: str) -> int:
-    """Parameters QUAD fine-tuning would train: all ``w_outlier`` (+ all ``scales``)."""
+    """Parameters QUAD fine-tuning would train: all ``w_outlier`` (+ all ``scales``) of the quantized
+    linears (a linear an override keeps in full precision stays frozen: it has no quantization error
+    to win back)."""
     n = 0
-    for _, m in _quad_linears(model):
-        if not m.quantized:
-            raise FinetuneError("the model is not quantized; run `quadllm quantize` first")
+    quantized = [m for _, m in _quad_linears(model) if m.quantized]
+    if not quantized:
+        raise FinetuneError("the model is not quantized; run `quadllm quantize` first")
+    for m in quantized:
         n += m.w_outlier.numel()
         if train == "outliers+scales":
             n += m.scales.numel()
@@ -138,6 +141,8 @@ def select_trainable(model: nn.Module, config: FinetuneConfig) -> tuple[list[str
     else:
         outlier_budget(model, config.train)  # checks the model is quantized
         for _, m in _quad_linears(model):
+            if not m.quantized:
+                continue
             if m.rank:
                 m.w_outlier.requires_grad_(True)
             if config.train == "outliers+scales":

@@ -226,19 +226,29 @@ def parameter_count(source: ModelSource) -> int | None:
     return None
 
 
-def model_sizes(source: ModelSource) -> tuple[int, int | None, int | None] | None:
-    """The model's hidden and intermediate sizes and head dimension from its configuration alone
-    (None when only loading would tell)."""
+def model_config(source: ModelSource):
+    """The model's transformers configuration without loading it (None when only loading would tell)."""
     directory = gguf_cache_dir(Path(source.path)) if source.kind == "gguf" else Path(source.path)
     if source.kind == "hub" or not (directory / "config.json").is_file():
         return None
     try:
-        cfg = AutoConfig.from_pretrained(directory)
+        return AutoConfig.from_pretrained(directory)
+    except Exception:  # an unreadable config: loading the model says what is wrong
+        return None
+
+
+def model_sizes(source: ModelSource) -> tuple[int, int | None, int | None] | None:
+    """The model's hidden and intermediate sizes and head dimension from its configuration alone
+    (None when only loading would tell)."""
+    cfg = model_config(source)
+    if cfg is None:
+        return None
+    try:
         inter = getattr(cfg, "intermediate_size", None)
         heads = getattr(cfg, "num_attention_heads", None)
         head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else None)
         return int(cfg.hidden_size), None if inter is None else int(inter), None if head_dim is None else int(head_dim)
-    except Exception:  # an unreadable config: loading the model says what is wrong
+    except (AttributeError, TypeError, ValueError):  # an unusual config: loading the model says what is wrong
         return None
 
 

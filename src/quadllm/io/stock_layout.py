@@ -260,16 +260,23 @@ def pad_layers(model: nn.Module, adapter: ArchAdapter, rank: int, pad: int) -> N
         for group in adapter.reader_groups:
             for name in group.linears:
                 lin: QuadLinear = get_submodule(layer, name)
-                lin.w_outlier = nn.Parameter(insert_zeros(lin.w_outlier.detach(), 1, rank, pad), requires_grad=False)
+                if lin.quantized:
+                    lin.w_outlier = nn.Parameter(insert_zeros(lin.w_outlier.detach(), 1, rank, pad),
+                                                 requires_grad=False)
+                else:  # a linear an override keeps in full precision
+                    lin.weight = nn.Parameter(insert_zeros(lin.weight.detach(), 1, rank, pad), requires_grad=False)
                 lin.in_features += pad
                 lin.rank += pad
                 if lin.transform is not None:  # a learned transform of the quantized columns only
                     lin.transform.keep += pad
         for name in adapter.writers:
             lin = get_submodule(layer, name)
-            lin.qweight = insert_zeros(lin.qweight, 0, rank, pad)
-            lin.scales = insert_zeros(lin.scales, 0, rank, pad, 1.0)
-            lin.w_outlier = nn.Parameter(insert_zeros(lin.w_outlier.detach(), 0, rank, pad), requires_grad=False)
+            if lin.quantized:
+                lin.qweight = insert_zeros(lin.qweight, 0, rank, pad)
+                lin.scales = insert_zeros(lin.scales, 0, rank, pad, 1.0)
+                lin.w_outlier = nn.Parameter(insert_zeros(lin.w_outlier.detach(), 0, rank, pad), requires_grad=False)
+            else:
+                lin.weight = nn.Parameter(insert_zeros(lin.weight.detach(), 0, rank, pad), requires_grad=False)
             if lin.bias is not None:
                 lin.bias = nn.Parameter(insert_zeros(lin.bias.detach(), 0, rank, pad), requires_grad=False)
             lin.out_features += pad

@@ -21,13 +21,13 @@ STORAGE_DTYPE_ATTR = "quadllm_storage_dtype"
 
 
 def storage_dtype(module: nn.Module, name: str) -> torch.dtype | None:
-    """The dtype a tensor is stored in: FP16 for weight scales, outlier columns, biases, the
-    embedding and the head; None (keep as is) for everything else."""
+    """The dtype a tensor is stored in: FP16 for weight scales, outlier columns, biases, full-precision
+    linears, the embedding and the head; None (keep as is) for everything else."""
     marked = getattr(module, STORAGE_DTYPE_ATTR, None)
     if marked is not None and name in ("weight", "bias"):
         return marked
-    if isinstance(module, QuadLinear) and name in STORAGE_HALF:
-        return torch.float16
+    if isinstance(module, QuadLinear) and (name in STORAGE_HALF or (name == "weight" and not module.quantized)):
+        return torch.float16  # a float weight: a linear an override keeps in full precision
     if isinstance(module, QuadEmbedding) and name == "weight":
         return torch.float16
     if isinstance(module, QuadHead) and name in ("own_weight", "bias"):

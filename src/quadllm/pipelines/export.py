@@ -90,6 +90,8 @@ def export_obstacles(config: QuantConfig, structure: dict[str, Any]) -> tuple[li
         impossible.append(f"{config.w_bits}-bit weights do not pack into 32-bit words")
     if structure.get("lora"):
         impossible.append("the checkpoint holds LoRA adapters")
+    if config.overrides:
+        impossible.append("per-module precisions (--override): the export writes one scheme per role")
     off_grid: dict[tuple[float, int], list[str]] = {}
     for role in ("reader", "o_proj", "down_proj"):
         spec = config.act_spec(role)

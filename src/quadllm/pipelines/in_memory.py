@@ -111,8 +111,8 @@ def quantize(model: nn.Module, config: QuantConfig, calib_samples: torch.Tensor 
     log.info("quantizing: %s", config.describe())
     t_start = time.perf_counter()
     recipe, info = _transform(model, config, calib_samples, progress, None)
-    for layer in recipe.adapter.layers(model):
-        recipe.set_quantizers(layer)
+    for index, layer in enumerate(recipe.adapter.layers(model)):
+        recipe.set_quantizers(layer, index)
     t0 = time.perf_counter()
     _quantize_weights(model, recipe, calib_samples, progress)
     info["weights_s"] = time.perf_counter() - t0

@@ -56,8 +56,8 @@ def build_skeleton(model: nn.Module, config: QuantConfig, structure: dict, dtype
         raise CheckpointError("the checkpoint's structure disagrees with its configuration: " + ", ".join(
             f"{k} is {got!r}, the configuration gives {want!r}" for k, (got, want) in sorted(wrong.items())))
     pad = int(model.config.hidden_size) - int(structure["expanded_hidden_size"]) if stock else 0
-    for layer in adapter.layers(model):
-        recipe.skeleton(layer, dtype, norms=not stock, pad=pad)
+    for index, layer in enumerate(adapter.layers(model)):
+        recipe.skeleton(layer, index, dtype, norms=not stock, pad=pad)
     if stock:
         mark_tables(adapter.embedding(model), adapter.head(model))
     else:

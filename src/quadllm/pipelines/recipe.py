@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..arch import ArchAdapter, get_submodule, set_submodule
-from ..config import QuantConfig
+from ..config import ConfigError, QuantConfig, module_key, pattern_matches
 from ..core.affine import AffineTail
 from ..nn.modules import QuadEmbedding, QuadHead, QuadLinear, QuadRMSNorm
 from ..steps.calibration import LayerInputs
@@ -55,7 +55,7 @@ from ..steps.weights import gptq_layer, rtn_layer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LayerRecipe", "structure_of"]
+__all__ = ["LayerRecipe", "check_overrides", "module_table", "structure_of"]
 
 
 def structure_of(config: QuantConfig, adapter: ArchAdapter) -> dict[str, Any]:
@@ -71,7 +71,27 @@ def structure_of(config: QuantConfig, adapter: ArchAdapter) -> dict[str, Any]:
         "down_rank": config.down_rank,
         "o_rank": config.o_rank,
         "learned_transform": config.learns_transforms,
+        # each decoder linear's precision, recorded where overrides make them differ
+        **({"modules": module_table(config, adapter)} if config.overrides else {}),
     }
+
+
+def check_overrides(config: QuantConfig, adapter: ArchAdapter) -> None:
+    """Every override's pattern names at least one decoder linear of this model (a typo fails here,
+    before any work, with the names it could have matched)."""
+    keys = [module_key(i, name) for i in range(adapter.num_layers) for name in adapter.all_linears]
+    for text, (pattern, _) in zip(config.overrides, config.parsed_overrides()):
+        if not any(pattern_matches(pattern, key) for key in keys):
+            raise ConfigError(f"override {text!r} names no module of this model; its decoder linears are "
+                              f"{keys[0]} ... {keys[-1]} ({', '.join(adapter.all_linears)} in layers 0-"
+                              f"{adapter.num_layers - 1})")
+
+
+def module_table(config: QuantConfig, adapter: ArchAdapter) -> dict[str, str]:
+    """Every decoder linear's precision (``fp``, ``w4a4``, ``w4a8``, ``w4a16`` ...), resolved from the
+    mode and the overrides: what the checkpoint records and the report shows."""
+    return {module_key(i, name): config.module_setting(adapter.role(name), module_key(i, name)).name(config.w_bits)
+            for i in range(adapter.num_layers) for name in adapter.all_linears}
 
 
 class LayerRecipe:
@@ -83,6 +103,7 @@ class LayerRecipe:
     def __init__(self, config: QuantConfig, adapter: ArchAdapter) -> None:
         config.validate()
         config.check_model_sizes(adapter.hidden_size, adapter.intermediate_size, adapter.head_dim)
+        check_overrides(config, adapter)
         self.config = config
         self.adapter = adapter
         self.basis: torch.Tensor | None = None  # Q [d, d + rank], once fitted
@@ -143,9 +164,9 @@ class LayerRecipe:
         return self._kv_rotation
 
     # --- quantization ---------------------------------------------------------------------
-    def set_quantizers(self, layer: nn.Module) -> None:
-        """The activation quantizer of every linear of one layer."""
-        set_layer_activation_quant(layer, self.adapter, self.config)
+    def set_quantizers(self, layer: nn.Module, index: int) -> None:
+        """The activation quantizer of every linear of decoder layer ``index``."""
+        set_layer_activation_quant(layer, self.adapter, self.config, index)
 
     def quantize_weights(self, layer: nn.Module, index: int, inputs: LayerInputs | None) -> nn.Module | None:
         """With ``o_rank`` and ``down_rank``, o_proj's and down_proj's input subspaces first (exact), with
@@ -206,7 +227,7 @@ class LayerRecipe:
         return facts
 
     # --- loading --------------------------------------------------------------------------
-    def skeleton(self, layer: nn.Module, dtype: torch.dtype, norms: bool = True, pad: int = 0) -> None:
+    def skeleton(self, layer: nn.Module, index: int, dtype: torch.dtype, norms: bool = True, pad: int = 0) -> None:
         """Replace one original (empty-weight) layer's modules by the empty quantized modules
         the steps above produce, ready for ``load_state_dict``; ``norms=False`` keeps the layer's
         own norms and ``pad`` widens the stream by that many zero coordinates after the outlier
@@ -215,9 +236,13 @@ class LayerRecipe:
         d, r = adapter.hidden_size, self.rank
         wide = d + r + pad  # the expanded residual stream (rank 0 without a residual transform)
         online = online_transforms(adapter, layer) if config.rotate else {}
+        def empty(name: str, in_features: int | None, out_features: int | None, rank: int,
+                  transform: nn.Module | None) -> None:
+            self._empty_linear(layer, index, name, in_features, out_features, rank, transform, dtype)
+
         for group in adapter.reader_groups:
             for name in group.linears:
-                self._empty_linear(layer, name, wide, None, r + pad, None, dtype)
+                empty(name, wide, None, r + pad, None)
             if norms:
                 set_submodule(layer, group.norm, QuadRMSNorm(d, norm_eps(get_submodule(layer, group.norm))))
         for name in adapter.writers:
@@ -225,25 +250,28 @@ class LayerRecipe:
                 k = config.down_rank
                 lin = get_submodule(layer, name)
                 split = empty_split_transform(lin, online.get(name), k, dtype)
-                self._empty_linear(layer, name, lin.in_features + k, wide, k, split, dtype)
+                empty(name, lin.in_features + k, wide, k, split)
             elif name == adapter.o_proj and config.o_rank:
-                t = o_rank_transform(adapter, online.get(name), config.o_rank)
-                self._empty_linear(layer, name, None, wide, adapter.num_heads * config.o_rank, t, dtype)
+                empty(name, None, wide, adapter.num_heads * config.o_rank,
+                      o_rank_transform(adapter, online.get(name), config.o_rank))
             else:
-                self._empty_linear(layer, name, None, wide, 0, online.get(name), dtype)
+                empty(name, None, wide, 0, online.get(name))
         if config.kv_bits < 16:
             attach_layer_kv_quant(layer, adapter, config.kv_bits, config.kv_clip, self.kv_rotation())
 
-    def _empty_linear(self, layer: nn.Module, name: str, in_features: int | None, out_features: int | None,
-                      rank: int, transform: nn.Module | None, dtype: torch.dtype) -> None:
+    def _empty_linear(self, layer: nn.Module, index: int, name: str, in_features: int | None,
+                      out_features: int | None, rank: int, transform: nn.Module | None, dtype: torch.dtype) -> None:
         lin = get_submodule(layer, name)
         in_features = in_features or lin.in_features
-        act = self.config.act_spec(self.adapter.role(name))
+        role, key = self.adapter.role(name), module_key(index, name)
+        act = self.config.act_spec(role, key)
         if self.config.learns_transforms and act.enabled:
             transform = AffineTail.identity(rank, in_features - rank, dtype, transform)
+        quantized = self.config.module_setting(role, key).weights
         q = QuadLinear(in_features, out_features or lin.out_features, rank=rank, bias=lin.bias is not None,
-                       act=act, transform=transform, dtype=dtype, allocate=False)
-        q.allocate_quantized(self.config.w_bits, self.config.group_size, dtype)
+                       act=act, transform=transform, dtype=dtype, allocate=not quantized)
+        if quantized:
+            q.allocate_quantized(self.config.w_bits, self.config.group_size, dtype)
         if self.config.stores_act_clips and q.act.enabled:
             q.set_act_clip(self.config.a_clip)  # a place for the searched or learned value the checkpoint holds
         set_submodule(layer, name, q)

@@ -240,7 +240,7 @@ def _quantize_layers(run: _Run, inputs: ActivationStore | None, tmp: Path) -> di
         materialize(layer, run.weights, run.prefixes[i], run.dtype)
         recipe.prepare(layer, run.dtype)
         recipe.transform(layer)
-        recipe.set_quantizers(layer)
+        recipe.set_quantizers(layer, i)
         quad_linears = [m for m in layer.modules() if isinstance(m, QuadLinear)]
         for m in quad_linears:
             m.act_enabled = False

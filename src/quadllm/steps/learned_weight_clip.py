@@ -38,6 +38,7 @@ from ..config import QuantConfig
 from ..core.quantizers import weight_clip_ratios
 from ..nn.modules import QuadLinear
 from .calibration import LayerInputs
+from .transforms import weight_quantized_names
 from .layer_fit import TrainedWeight, act_quantized_linears, act_quantizers_on, layer_error, train_layer
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def learn_layer_weight_clips(layer: nn.Module, adapter: ArchAdapter, inputs: Lay
     steps = config.w_clip_learn
     if steps <= 0:
         return None
-    lins: dict[str, QuadLinear] = {name: get_submodule(layer, name) for name in adapter.all_linears}
+    lins: dict[str, QuadLinear] = {name: get_submodule(layer, name)
+                                   for name in weight_quantized_names(adapter, config, index)}
     ratios = {name: weight_clip_ratios(lin.weight.detach()[:, lin.rank:].float(), config.w_bits, config.group_size,
                                        config.w_clip).requires_grad_()
               for name, lin in lins.items()}

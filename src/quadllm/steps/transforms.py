@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..arch import ArchAdapter, get_submodule, set_submodule
-from ..config import QuantConfig
+from ..config import QuantConfig, module_key
 from ..core.decompose import eigenvectors_descending
 from ..core.hadamard import OnlineTransform, kron_transform, orthogonal_matrix, random_hadamard
 from ..nn.modules import KVQuant, QuadEmbedding, QuadHead, QuadLinear, QuadRMSNorm
@@ -212,15 +212,24 @@ def attach_layer_kv_quant(layer: nn.Module, adapter: ArchAdapter, bits: int, cli
     attn.quad_kv = KVQuant(bits, clip, None if rot is None else rot.to(dtype).clone())  # one per layer
 
 
-def set_layer_activation_quant(layer: nn.Module, adapter: ArchAdapter, config: QuantConfig) -> None:
+def set_layer_activation_quant(layer: nn.Module, adapter: ArchAdapter, config: QuantConfig, index: int) -> None:
+    """The activation quantizer of every linear of decoder layer ``index`` (the mode's, or an override's)."""
     for name in adapter.all_linears:
         lin: QuadLinear = get_submodule(layer, name)
-        lin.act = config.act_spec(adapter.role(name))
+        lin.act = config.act_spec(adapter.role(name), module_key(index, name))
 
 
 def set_activation_quant(model: nn.Module, adapter: ArchAdapter, config: QuantConfig) -> None:
-    for layer in adapter.layers(model):
-        set_layer_activation_quant(layer, adapter, config)
+    for index, layer in enumerate(adapter.layers(model)):
+        set_layer_activation_quant(layer, adapter, config, index)
+
+
+def weight_quantized_names(adapter: ArchAdapter, config: QuantConfig, index: int,
+                           names: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The linears of decoder layer ``index`` (of ``names``, default all) whose weights are quantized:
+    all but those an override keeps in full precision."""
+    return tuple(name for name in (adapter.all_linears if names is None else names)
+                 if config.module_setting(adapter.role(name), module_key(index, name)).weights)
 
 
 def set_act_enabled(model: nn.Module, enabled: bool) -> None:

@@ -24,6 +24,7 @@ from ..core.gptq import CrossAccumulator, HessianAccumulator, gptaq_target, gptq
 from ..core.quantizers import fake_quant_weight
 from ..nn.modules import QuadLinear
 from .calibration import CalibrationError, LayerInputs, capture_group
+from .transforms import weight_quantized_names
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def rtn_layer(layer: nn.Module, adapter: ArchAdapter, config: QuantConfig, index
               clips: dict[str, torch.Tensor] | None = None) -> None:
     """Round-to-nearest for every linear of one decoder layer; ``clips``: each linear's weight clip
     ratios [out, G] (learned) in place of the search."""
-    for name in adapter.all_linears:
+    for name in weight_quantized_names(adapter, config, index):
         lin: QuadLinear = get_submodule(layer, name)
         _check_group(lin, config, f"layer {index} {name}")
         _apply(lin, rtn_quantize(lin.weight.detach(), lin.rank, config.w_bits, config.group_size,
@@ -110,6 +111,9 @@ def _hessians(layer: nn.Module, adapter: ArchAdapter, group, inputs: LayerInputs
 def _gptq_groups(layer: nn.Module, adapter: ArchAdapter, config: QuantConfig, inputs: LayerInputs, index: int,
                  groups, reference_layer: nn.Module | None, clips: dict[str, torch.Tensor]) -> None:
     for group in groups:
+        group = weight_quantized_names(adapter, config, index, tuple(group))
+        if not group:
+            continue
         lins = {name: get_submodule(layer, name) for name in group}
         for name, lin in lins.items():
             _check_group(lin, config, f"layer {index} {name}")

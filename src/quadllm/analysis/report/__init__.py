@@ -2,7 +2,8 @@
 
 Sections: activation outliers before and after the transform, the residual spectrum and the
 energy each rank captures, per-layer quantization error of RTN / QuaRot / QUAD, the tokens that
-carry the largest activations, and the checkpoint's memory breakdown. Every figure is embedded
+carry the largest activations, each decoder linear's precision (a checkpoint's) and the
+checkpoint's memory breakdown. Every figure is embedded
 in the HTML (base64 PNG, no network) and also written beside it as a PNG; the numbers behind
 the figures go to a JSON file with the same stem.
 """
@@ -29,13 +30,13 @@ from ...pipelines.loading import load
 from ...steps.calibration import residual_second_moment
 from ..subspace import energy_by_rank, spectrum
 from . import figures
-from .collect import input_stats, linear_errors, token_outliers
+from .collect import input_stats, linear_errors, module_precisions, token_outliers
 from .html import render
 
 log = logging.getLogger(__name__)
 
 REPORT_RANKS = (8, 16, 32, 64, 128)
-SECTIONS = ("outliers", "spectrum", "errors", "tokens", "memory")
+SECTIONS = ("outliers", "spectrum", "errors", "tokens", "precision", "memory")
 
 __all__ = ["build_report", "write_report", "SECTIONS"]
 
@@ -89,6 +90,7 @@ def write_report(original, tok, quantized, meta: dict[str, Any] | None, cfg: Qua
     if quantized is None:
         quantized = copy.deepcopy(original)
         transform(quantized, cfg, ids, progress=False, moment=moment if r else None)
+    precisions = module_precisions(quantized) if meta else None  # before a transformed copy stands in
     after = input_stats(quantized, ids)
     errors = linear_errors(original, ids, r or DEFAULT_RANK, cfg.mode, seed, moment)
     tokens = token_outliers(original, tok, ids)
@@ -98,7 +100,7 @@ def write_report(original, tok, quantized, meta: dict[str, Any] | None, cfg: Qua
             "rank": r, "mode": cfg.mode, "hidden_size": adapter.hidden_size, "layers": adapter.num_layers,
             "spectrum": {"eigenvalues": evals.tolist(), "energy_by_rank": energy},
             "inputs_before": before, "inputs_after": after, "linear_errors": errors, "tokens": tokens,
-            "memory": memory}
+            "precision": precisions, "memory": memory}
     pngs = {f"outliers_{i}": figures.outlier_heatmap(before[k], after.get(k), k) for i, k in enumerate(before)}
     pngs["crest"] = figures.crest_plot(before, after)
     pngs["spectrum"] = figures.spectrum_plot(evals.tolist(), energy, r)

@@ -8,6 +8,7 @@
   weights, per-token activations) on the inputs of the exactly transformed float model, for
   RTN, QuaRot and QUAD.
 - :func:`token_outliers`: the tokens with the largest residual-stream magnitudes.
+- :func:`module_precisions`: what each decoder linear of a quantized model holds and computes.
 """
 
 from __future__ import annotations
@@ -187,3 +188,17 @@ def token_outliers(model: nn.Module, tokenizer, samples: torch.Tensor, top: int 
     first = float(peak[:, 0].mean()) if T else 0.0
     return {"tokens": rows, "median_peak": median_peak, "first_position_mean_peak": first,
             "top_energy_share": float(sum(r["energy_share"] for r in rows))}
+
+
+def linear_precision(lin: QuadLinear) -> str:
+    """``fp`` (full-precision weight, unquantized input) or ``w<W>a<A>``, as the linear computes."""
+    if not lin.quantized and not lin.act.enabled:
+        return "fp"
+    return f"w{lin.w_bits}a{lin.act.bits}"
+
+
+def module_precisions(model: nn.Module) -> list[dict[str, str]]:
+    """Per decoder layer, each linear's :func:`linear_precision`, read from the model itself."""
+    adapter = get_adapter(model)
+    return [{name: linear_precision(layer.get_submodule(name)) for name in adapter.all_linears}
+            for layer in adapter.layers(model)]

@@ -97,6 +97,24 @@ def render(data: dict[str, Any], pngs: dict[str, bytes]) -> str:
                                           [[t["sample"], t["position"], repr(t["text"]), f"{t['peak']:.1f}",
                                             f"{100 * t['energy_share']:.2f}%"] for t in tk["tokens"]])
                  + "</section>")
+    # precision
+    prec = data.get("precision")
+    if prec:
+        names = list(prec[0])
+        counts: dict[str, int] = {}
+        for row in prec:
+            for v in row.values():
+                counts[v] = counts.get(v, 0) + 1
+        summary = ", ".join(f"{v}: {n}" for v, n in sorted(counts.items()))
+        parts.append("<section id='precision'><h2>Precision per module</h2><p class='note'>What each decoder "
+                     "linear holds and computes (fp: full-precision weight and input; wWaA: W-bit weights, "
+                     "A-bit per-token activations, a16 = weight-only), read from the loaded checkpoint. "
+                     f"{e(summary)}.</p>"
+                     + _table(["layer", *[n.rpartition('.')[2] for n in names]],
+                              [[i, *row.values()] for i, row in enumerate(prec)]) + "</section>")
+    else:
+        parts.append("<section id='precision'><h2>Precision per module</h2><p>This model is not quantized yet: "
+                     "report on a checkpoint to see what each decoder linear holds.</p></section>")
     # memory
     mem = data["memory"]
     if mem:
