@@ -1,4 +1,5 @@
-"""``quadllm advise-rank``, ``quadllm drift`` and ``quadllm report``: the command-line side of the analysis tools."""
+"""``quadllm advise-rank``, ``quadllm plan``, ``quadllm drift`` and ``quadllm report``: the command-line side
+of the analysis tools."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 
 from ..analysis.advisor import DEFAULT_RANKS, advise_rank
 from ..analysis.drift import check_drift
+from ..analysis.planner import PLAN_TARGETS, parse_budget, plan_model
 from ..analysis.report import build_report
-from ..config import DEFAULT_RANK, ConfigError
+from ..config import DEFAULT_RANK, METHODS, ConfigError, QuantConfig
 from ..data.text import DataError, load_text, tokenize_windows
 from ..io.checkpoint import CheckpointError, is_checkpoint, read_meta
 from ..io.sources import load_model
@@ -53,6 +55,25 @@ def add_parsers(sub) -> None:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--json", default=None)
     add_common(a)
+
+    pl = sub.add_parser("plan", help="choose which linears get INT8 activations (or full precision) within a "
+                        "budget, from each one's measured sensitivity; quantize --plan applies it")
+    pl.add_argument("model", nargs="?", default=None, help="original model (default: SmolLM2-135M-Instruct)")
+    pl.add_argument("--budget", required=True,
+                    help="N or Nmodules (at most N linears), or Xbits (at most X extra bits per activation)")
+    pl.add_argument("--target", choices=PLAN_TARGETS, default="a8",
+                    help="what the chosen linears get: INT8 activations (default) or full precision")
+    pl.add_argument("--method", choices=[m for m in METHODS if m != "rtn"], default="quad")
+    pl.add_argument("--rank", type=int, default=None, help=f"outlier rank (quad; default {DEFAULT_RANK})")
+    pl.add_argument("--mode", choices=("w4a4", "w4a4a8", "w4a8"), default="w4a4")
+    pl.add_argument("--calib", default=None, help=f"{TEXT_SPECS} (default: embedded text)")
+    pl.add_argument("--calib-samples", type=int, default=8, help="windows for the residual second moment")
+    pl.add_argument("--probe-samples", type=int, default=2, help="windows the sensitivities are measured on")
+    pl.add_argument("--check-samples", type=int, default=2, help="windows the plan's KL is measured on")
+    pl.add_argument("--seqlen", type=int, default=512)
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--out", required=True, help="the plan (JSON) for quantize --plan")
+    add_common(pl)
 
     rp = sub.add_parser("report", help="an HTML report: outliers, spectrum, per-layer error, tokens, memory")
     rp.add_argument("model", nargs="?", default=None, help="quadllm checkpoint or original model (default SmolLM2)")
@@ -138,6 +159,31 @@ def cmd_drift(args) -> int:
     return 0 if report.fits else EXIT_RECALIBRATE
 
 
+def cmd_plan(args) -> int:
+    budget = parse_budget(args.budget)
+    config = QuantConfig(method=args.method, rank=args.rank, mode=args.mode, calib=args.calib, seed=args.seed)
+    text = load_text(args.calib, "calib", data_dir=args.data_dir)  # before the model
+    model, tok, source = load_model(args.model)
+    calib, probe, check = disjoint_windows(tok, text.text, args.seqlen,
+                                           [args.calib_samples, args.probe_samples, args.check_samples], args.seed)
+    plan = plan_model(model, config, calib, probe, check, budget, args.target, progress=not args.quiet)
+    print(f"{len(plan.chosen)} linears to {plan.target} ({budget.describe()}; {plan.extra_bits:.3f} extra bits per "
+          f"activation)")
+    print(f"KL (activations only, weights float), probe windows: {plan.base_kl:.4f} -> predicted {plan.predicted_kl:.4f}")
+    print(f"KL (activations only, weights float), check windows: {plan.check['kl_before']:.4f} -> measured "
+          f"{plan.check['kl_after']:.4f}")
+    for key in plan.chosen[:20]:
+        print(f"  {key}: gain {plan.gains[key]:.5f}")
+    if len(plan.chosen) > 20:
+        print(f"  ... and {len(plan.chosen) - 20} more (all in {args.out})")
+    _write_json(args.out, {"format": "quadllm-plan", **plan.to_dict(),
+                           "model": source.to_dict() if source else args.model,
+                           "quant_config": config.to_dict(), "calib": text.origin,
+                           "windows": {"calib": args.calib_samples, "probe": args.probe_samples,
+                                       "check": args.check_samples, "seqlen": args.seqlen}, "seed": args.seed})
+    return 0
+
+
 def cmd_report(args) -> int:
     data = build_report(args.model, args.out, args.calib, args.samples, args.seqlen, args.rank, args.seed,
                         args.data_dir, progress=not args.quiet)
@@ -145,6 +191,6 @@ def cmd_report(args) -> int:
     return 0
 
 
-HANDLERS = {"advise-rank": cmd_advise_rank, "drift": cmd_drift, "report": cmd_report}
+HANDLERS = {"advise-rank": cmd_advise_rank, "plan": cmd_plan, "drift": cmd_drift, "report": cmd_report}
 
 __all__ = ["add_parsers", "HANDLERS", "EXIT_RECALIBRATE", "disjoint_windows"]

@@ -31,6 +31,7 @@ from ..io.sources import (
     resolve,
     streaming_dir,
 )
+from ..analysis.planner import read_plan
 from ..arch import get_adapter
 from ..pipelines.in_memory import quantize
 from ..pipelines.recipe import check_overrides
@@ -120,6 +121,8 @@ def add_parsers(sub) -> None:
                    "'layers.[0-3].*', or 're:' and a regular expression, on names like layers.3.mlp.down_proj): "
                    "skip (full precision), w4a16 (weight-only), a8 (INT8 activations) or a4; repeatable, the last "
                    "match wins; the checkpoint records each module's precision")
+    q.add_argument("--plan", default=None, metavar="PLAN.json",
+                   help="apply a plan from quadllm plan: its per-module overrides first, then any --override")
     q.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
     add_common(q)
 
@@ -218,6 +221,10 @@ def _check_inputs(args, config: QuantConfig) -> TextSource | None:
 
 
 def cmd_quantize(args) -> int:
+    if args.plan is not None:
+        plan_overrides, record = read_plan(args.plan)
+        args.overrides = [*plan_overrides, *args.overrides]
+        args.extra = {"plan": record}
     config = config_from_args(QuantConfig, args)
     with output_lock(check_output_dir(args.out)):  # a second run on the same --out fails now, not at the end
         return _quantize(args, config)
