@@ -207,3 +207,36 @@ def test_report_opens_in_headless_chromium(tmp_path):
     r = subprocess.run(args + [f"--screenshot={shot}", "--window-size=1200,3000", out.as_uri()],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and shot.stat().st_size > 10_000, r.stderr[-2000:]
+
+
+def test_drift_recalibrate_writes_a_new_checkpoint_on_the_mixture_and_compares_both(tiny_original, tmp_path, capsys):
+    from quadllm.cli import main
+    from quadllm.io.checkpoint import read_meta, weights_hash
+
+    old_text, new_text = tmp_path / "old.txt", tmp_path / "new.txt"
+    old_text.write_text(" ".join(f"word{i % 31}" for i in range(8000)))
+    new_text.write_text(" ".join(f"zq{i % 7}x{i % 11}" for i in range(8000)))
+    ckpt = tmp_path / "ckpt"
+    assert main(["quantize", "--model", str(tiny_original), "--rank", "8", "--weights", "rtn", "--calib", str(old_text),
+                 "--calib-samples", "4", "--calib-seqlen", "32", "--layout", "quadllm", "--out", str(ckpt), "-q"]) == 0
+    before = weights_hash(ckpt)
+    small = ["--samples", "4", "--eval-windows", "1", "--seqlen", "32", "--no-probe", "-q"]
+    # a verdict of "fits" writes nothing
+    assert main(["drift", str(ckpt), "--data", str(new_text), "--leftover-factor", "1e9", "--kl-factor", "1e9",
+                 "--fit-drop", "1", "--recalibrate", str(tmp_path / "unused"), *small]) == 0
+    assert not (tmp_path / "unused").exists()
+    # the input is never the output
+    assert main(["drift", str(ckpt), "--data", str(new_text), "--recalibrate", str(ckpt), *small]) == 2
+    out, res = tmp_path / "recal", tmp_path / "drift.json"
+    code = main(["drift", str(ckpt), "--data", str(new_text), "--leftover-factor", "0", "--recalibrate", str(out),
+                 "--json", str(res), *small])
+    assert code == 4 and weights_hash(ckpt) == before
+    meta = read_meta(out)
+    assert meta["quant_config"]["calib"] == f"{old_text}*0.5+{new_text}*0.5"
+    assert meta["quant_config"]["extra"]["calib_counts"] == [2, 2]
+    assert {k: v for k, v in meta["quant_config"].items() if k not in ("calib", "extra")} == {
+        k: v for k, v in read_meta(ckpt)["quant_config"].items() if k not in ("calib", "extra")}
+    rows = json.loads(res.read_text())["recalibrated"]["comparison"]
+    assert {(r["model"], r["domain"]) for r in rows} == {(m, d) for m in ("checkpoint", "recalibrated")
+                                                         for d in ("new data", "reference data")}
+    assert "recalibrated checkpoint:" in capsys.readouterr().out

@@ -503,3 +503,50 @@ def test_training_data_reads_any_text_file(tmp_path):
     p.write_text("some words of plain text. " * 20, encoding="utf-8")
     tset = load_training_set(str(p), tiny_tokenizer(), max_seqlen=32)
     assert tset.examples and tset.origin == str(p)
+
+
+# ---------------------------------------------------------------------- mixtures
+
+
+def test_mixture_specs_parse_with_equal_or_given_weights():
+    from quadllm.data.text import parse_mixture
+
+    assert parse_mixture("wikitext2+pysource") == [("wikitext2", 0.5), ("pysource", 0.5)]
+    assert parse_mixture("wikitext2*3+pysource") == [("wikitext2", 0.75), ("pysource", 0.25)]
+    for bad in ("wikitext2*x+pysource", "+pysource", "wikitext2*0+pysource", "a*-1+b"):
+        with pytest.raises(DataError, match="mixture"):
+            parse_mixture(bad)
+
+
+@pytest.mark.parametrize("n,shares,counts", [(8, (0.5, 0.5), [4, 4]), (7, (0.5, 0.5), [4, 3]),
+                                             (10, (0.75, 0.25), [8, 2]), (3, (1 / 3, 1 / 3, 1 / 3), [1, 1, 1]),
+                                             (1, (0.25, 0.75), [0, 1])])
+def test_mixture_counts_deal_every_window(n, shares, counts):
+    from quadllm.data.text import mixture_counts
+
+    assert mixture_counts(n, shares) == counts and sum(counts) == n
+
+
+def test_a_mixture_draws_each_parts_share_of_windows_from_that_part_alone(tmp_path):
+    from quadllm.config import QuantConfig
+    from quadllm.data.samples import calibration_samples
+    from quadllm.data.text import load_text
+
+    from conftest import tiny_tokenizer
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(" ".join(["alpha"] * 3000))
+    b.write_text(" ".join(["omega"] * 3000))
+    tok = tiny_tokenizer()
+    src = load_text(f"{a}*3+{b}", "calib")
+    assert len(src.parts) == 2 and src.shares == (0.75, 0.25) and "mixture of 75%" in src.origin
+    config = QuantConfig(calib=f"{a}*3+{b}", calib_samples=8, calib_seqlen=16, seed=4)
+    samples = calibration_samples(tok, config)
+    ids = {name: set(tok(" ".join([name] * 20))["input_ids"]) for name in ("alpha", "omega")}
+    kinds = ["alpha" if set(row.tolist()) <= ids["alpha"] else "omega" if set(row.tolist()) <= ids["omega"] else "?"
+             for row in samples]
+    assert sorted(kinds) == ["alpha"] * 6 + ["omega"] * 2 and config.extra["calib_counts"] == [6, 2]
+    assert torch.equal(samples, calibration_samples(tok, QuantConfig(calib=f"{a}*3+{b}", calib_samples=8,
+                                                                     calib_seqlen=16, seed=4)))
+    with pytest.raises(DataError, match="a mixture is a calibration set"):
+        load_text(f"{a}+{b}", "eval")

@@ -26,6 +26,7 @@ The verdict is "recalibrate" when any of these holds, else "fits":
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ from .subspace import energy_captured, principal_angles, saved_subspace, spectru
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DriftReport", "subspace_fit", "recalibration_probe", "check_drift"]
+__all__ = ["DriftReport", "subspace_fit", "recalibration_probe", "check_drift", "recalibration_config",
+           "compare_on_domains"]
 
 
 @dataclass
@@ -169,3 +171,29 @@ def check_drift(quantized: nn.Module, original: nn.Module, new_samples: torch.Te
     return DriftReport(out["new"], out["reference"], verdict, reasons, P.shape[1],
                        {"fit_drop": fit_drop, "kl_factor": kl_factor, "leftover_factor": leftover_factor,
                         "gain_min": gain_min})
+
+
+def recalibration_config(config: QuantConfig, new_data: str, new_share: float = 0.5) -> QuantConfig:
+    """``config`` calibrated again on a mixture of its own calibration data and ``new_data``
+    (``new_share`` of the windows from the new data), everything else as it was."""
+    if not 0.0 < new_share <= 1.0:
+        raise ValueError(f"the new data's share must be in (0, 1], got {new_share}")
+    old = config.calib
+    if old is None:  # the embedded default (what an offline run calibrated on)
+        old = "wikitext2" if "wikitext" in str(config.extra.get("calib_origin", "")).lower() else "pydoc"
+    calib = new_data if new_share == 1.0 else f"{old}*{1 - new_share:g}+{new_data}*{new_share:g}"
+    return dataclasses.replace(config, calib=calib, extra={})
+
+
+@torch.no_grad()
+def compare_on_domains(models: dict[str, nn.Module], original: nn.Module,
+                       windows: dict[str, torch.Tensor], progress: bool = True) -> list[dict[str, Any]]:
+    """Perplexity and KL(original ‖ model) of each model on each domain's windows (one row per pair)."""
+    rows = []
+    for domain, w in windows.items():
+        results = evaluate_many(models, w, reference=original, progress=progress)
+        for name, res in results.items():
+            rows.append({"model": name, "domain": domain, "kl": res["kl"], "ppl": res["ppl"],
+                         "reference_ppl": res["reference_ppl"], "top1_agreement": res["top1_agreement"],
+                         "windows": res["windows"]})
+    return rows

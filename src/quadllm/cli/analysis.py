@@ -5,25 +5,29 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..analysis.advisor import DEFAULT_RANKS, advise_rank
-from ..analysis.drift import check_drift
+from ..analysis.drift import check_drift, compare_on_domains, recalibration_config
 from ..analysis.planner import PLAN_TARGETS, parse_budget, plan_model
 from ..analysis.report import build_report
 from ..config import DEFAULT_RANK, METHODS, ConfigError, QuantConfig
 from ..data.text import DataError, load_text, tokenize_windows
-from ..io.checkpoint import CheckpointError, is_checkpoint, read_meta
+from ..io.checkpoint import CheckpointError, check_output_dir, is_checkpoint, read_meta
 from ..io.sources import load_model
 from ..pipelines.loading import load
 from .common import TEXT_SPECS, add_common, write_text
+from .quantize import quantize_to
 
 log = logging.getLogger("quadllm")
 
 #: ``quadllm drift`` exit status when the data no longer fits the checkpoint's calibration.
 EXIT_RECALIBRATE = 3
+#: ``quadllm drift --recalibrate`` exit status when it wrote a recalibrated checkpoint
+EXIT_RECALIBRATED = 4
 
 
 def disjoint_windows(tokenizer, text: str, seqlen: int, counts: list[int], seed: int) -> list[torch.Tensor]:
@@ -104,6 +108,12 @@ def add_parsers(sub) -> None:
                    help="recalibrate when re-estimating the subspace on the new data would lower the "
                         "activation-only KL by more than this (relative)")
     d.add_argument("--no-probe", action="store_true", help="skip the recalibration probe (two KL evaluations)")
+    d.add_argument("--recalibrate", default=None, metavar="OUT",
+                   help="when the verdict is recalibrate: quantize again with the checkpoint's settings, calibrated "
+                   "on a mixture of its calibration data and --data, into OUT (never the input), compare both "
+                   "on both domains and exit 4")
+    d.add_argument("--new-share", type=float, default=0.5,
+                   help="--recalibrate: the share of the calibration windows drawn from the new data")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", default=None)
     add_common(d)
@@ -136,6 +146,16 @@ def cmd_drift(args) -> int:
     if not is_checkpoint(args.model):
         raise CheckpointError(f"{args.model} is not a quadllm checkpoint; drift checks a quantized model")
     meta = read_meta(args.model)
+    if args.recalibrate is not None:
+        if Path(args.recalibrate).resolve() == Path(args.model).resolve():
+            raise CheckpointError("--recalibrate writes a new checkpoint; it never replaces the one checked")
+        check_output_dir(args.recalibrate)
+        if not 0.0 < args.new_share <= 1.0:
+            raise ConfigError(f"--new-share must be in (0, 1], got {args.new_share}")
+        if not args.eval_windows:
+            raise ConfigError("--recalibrate compares the checkpoints on evaluation windows: --eval-windows >= 1")
+        new_config = recalibration_config(QuantConfig.from_dict(meta["quant_config"]), args.data, args.new_share)
+        load_text(new_config.calib, "calib", data_dir=args.data_dir)  # the mixture loads, before any model
     ref_spec = args.reference_data or meta["quant_config"].get("calib")
     texts = [(load_text(spec, split, data_dir=args.data_dir), role) for spec, split, role in (
         (args.data, "eval", "new"), (ref_spec, "calib" if args.reference_data is None else "eval", "reference"))]
@@ -154,9 +174,27 @@ def cmd_drift(args) -> int:
     print(f"verdict: {report.verdict.upper()}")
     for reason in report.reasons:
         print(f"- {reason}")
-    _write_json(args.json, {**report.to_dict(), "new_data": new_origin, "reference_data": ref_origin,
-                            "samples": n, "eval_windows": e, "seqlen": args.seqlen, "seed": args.seed})
-    return 0 if report.fits else EXIT_RECALIBRATE
+    record = {**report.to_dict(), "new_data": new_origin, "reference_data": ref_origin,
+              "samples": n, "eval_windows": e, "seqlen": args.seqlen, "seed": args.seed}
+    if report.fits or args.recalibrate is None:
+        _write_json(args.json, record)
+        return 0 if report.fits else EXIT_RECALIBRATE
+    log.info("recalibrating on %s into %s", new_config.calib, args.recalibrate)
+    layout = "stock" if meta.get("format_version") == 2 else "quadllm"
+    quantize_to(new_config, (meta.get("original_model") or {}).get("spec"), args.recalibrate, layout, args.data_dir,
+                args.quiet)
+    del quantized
+    old_model, _, _ = load(args.model)  # both compared as they load from disk
+    new_model, _, _ = load(args.recalibrate)
+    rows = compare_on_domains({"checkpoint": old_model, "recalibrated": new_model}, original,
+                              {"new data": new_w[1], "reference data": ref_w[1]}, progress=not args.quiet)
+    print("| model | domain | KL | ppl |\n| --- | --- | ---: | ---: |")
+    for row in rows:
+        print(f"| {row['model']} | {row['domain']} | {row['kl']:.4f} | {row['ppl']:.2f} |")
+    print(f"recalibrated checkpoint: {args.recalibrate} (calibration {new_config.calib})")
+    _write_json(args.json, {**record, "recalibrated": {"checkpoint": str(args.recalibrate),
+                                                       "calib": new_config.calib, "comparison": rows}})
+    return EXIT_RECALIBRATED
 
 
 def cmd_plan(args) -> int:
@@ -193,4 +231,4 @@ def cmd_report(args) -> int:
 
 HANDLERS = {"advise-rank": cmd_advise_rank, "plan": cmd_plan, "drift": cmd_drift, "report": cmd_report}
 
-__all__ = ["add_parsers", "HANDLERS", "EXIT_RECALIBRATE", "disjoint_windows"]
+__all__ = ["add_parsers", "HANDLERS", "EXIT_RECALIBRATE", "EXIT_RECALIBRATED", "disjoint_windows"]

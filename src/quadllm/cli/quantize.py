@@ -220,6 +220,16 @@ def _check_inputs(args, config: QuantConfig) -> TextSource | None:
     return calib
 
 
+def quantize_to(config: QuantConfig, model: str | None, out: str | Path, layout: str = "auto",
+                data_dir: str | None = None, quiet: bool = False) -> int:
+    """``quadllm quantize`` with ``config`` (for commands that quantize again, e.g. ``drift --recalibrate``):
+    the same checks first, the same atomic output."""
+    args = argparse.Namespace(model=model, out=str(out), layout=layout, data_dir=data_dir, quiet=quiet,
+                              streaming="auto", activation_budget_mb=2048)
+    with output_lock(check_output_dir(args.out)):
+        return _quantize(args, config)
+
+
 def cmd_quantize(args) -> int:
     if args.plan is not None:
         plan_overrides, record = read_plan(args.plan)

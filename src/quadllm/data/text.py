@@ -23,6 +23,7 @@ import importlib.util
 import io
 import json
 import logging
+import math
 import os
 import platform
 import socket
@@ -60,6 +61,8 @@ SPLITS = ("calib", "eval")
 
 #: Accepted data set names of :func:`load_text` (besides file paths).
 KNOWN_NAMES = ("pydoc", "pysource", "wikitext2", "ptb")
+#: joins the parts of a calibration mixture: ``wikitext2+pysource``, ``wikitext2*3+code.jsonl``
+MIXTURE_SEP = "+"
 
 # Relative locations inside the data directory.
 WIKITEXT2_CALIB_FILE = Path("wikitext2") / "wiki.valid.tokens"
@@ -100,6 +103,9 @@ class TextSource:
     name: str
     text: str
     origin: str
+    #: a mixture (``"A+B"``): its sources and their shares of the calibration windows
+    parts: tuple["TextSource", ...] = ()
+    shares: tuple[float, ...] = ()
 
     def __repr__(self) -> str:  # keep reprs short: the text may be megabytes long
         return (
@@ -521,6 +527,8 @@ def load_text(
         return _load_pydoc(split)
     if not isinstance(spec, str) or not spec.strip():
         raise DataError(f"invalid data spec {spec!r}; {_accepted_forms()}")
+    if MIXTURE_SEP in spec and not Path(spec).expanduser().exists():
+        return _load_mixture(spec, split, data_dir, allow_download)
     name = spec.strip().lower()
     if name == "pydoc":
         return _load_pydoc(split)
@@ -543,6 +551,43 @@ def load_text(
             f"(known names: {', '.join(KNOWN_NAMES)}); {_accepted_forms()}"
         )
     return _load_file(path, split)
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+    """``"A+B"`` (equal shares) or ``"A*3+B"`` (weights): the sources and their shares (summing to 1)."""
+    parts = []
+    for item in spec.split(MIXTURE_SEP):
+        name, star, weight = item.strip().rpartition("*") if "*" in item else (item.strip(), "", "1")
+        try:
+            w = float(weight)
+        except ValueError:
+            raise DataError(f"mixture {spec!r}: weight {weight!r} of {name!r} is not a number") from None
+        if not name or not (w > 0 and math.isfinite(w)):
+            raise DataError(f"mixture {spec!r}: each part is a data spec with an optional positive weight "
+                            "(e.g. 'wikitext2*3+pysource')")
+        parts.append((name.strip(), w))
+    total = sum(w for _, w in parts)
+    return [(name, w / total) for name, w in parts]
+
+
+def _load_mixture(spec: str, split: str, data_dir: str | Path | None, allow_download: bool) -> TextSource:
+    if split != "calib":
+        raise DataError(f"{spec!r}: a mixture is a calibration set; evaluate on each source alone")
+    parts = parse_mixture(spec)
+    sources = tuple(load_text(name, split, data_dir, allow_download) for name, _ in parts)
+    origin = " + ".join(f"{share:.0%} {src.origin}" for (_, share), src in zip(parts, sources))
+    return TextSource(name=MIXTURE_SEP.join(src.name for src in sources), text="\n\n".join(src.text for src in sources),
+                      origin=f"mixture of {origin}", parts=sources, shares=tuple(share for _, share in parts))
+
+
+def mixture_counts(n: int, shares: tuple[float, ...]) -> list[int]:
+    """``n`` windows dealt out by ``shares`` (largest remainder; ties to the earlier part)."""
+    exact = [n * s for s in shares]
+    counts = [int(math.floor(x)) for x in exact]
+    order = sorted(range(len(shares)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
 
 
 # --------------------------------------------------------------------- tokenizing
