@@ -7,12 +7,12 @@ import logging
 import sys
 
 from ..errors import QuadllmError
-from . import analysis, bench, convert, evaluate, export, finetune, harness, models, quantize, verify
+from . import analysis, bench, convert, evaluate, export, finetune, harness, models, quantize, run, verify
 from .common import setup_logging
 
 log = logging.getLogger("quadllm")
 
-COMMAND_GROUPS = (quantize, evaluate, finetune, analysis, bench, verify, convert, export, harness, models)
+COMMAND_GROUPS = (quantize, evaluate, finetune, analysis, run, bench, verify, convert, export, harness, models)
 HANDLERS = {name: fn for group in COMMAND_GROUPS for name, fn in group.HANDLERS.items()}
 
 
