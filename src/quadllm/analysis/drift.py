@@ -45,7 +45,7 @@ from .subspace import energy_captured, principal_angles, saved_subspace, spectru
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DriftReport", "subspace_fit", "recalibration_probe", "check_drift", "recalibration_config",
+__all__ = ["DriftReport", "subspace_fit", "recalibration_probe", "check_drift", "recalibration_config", "activation_quantized",
            "compare_on_domains"]
 
 
@@ -98,7 +98,7 @@ def subspace_fit(moment: torch.Tensor, P: torch.Tensor) -> dict[str, float]:
             "max_angle_deg": float(angles.max()) * 180 / math.pi}
 
 
-def _activation_quantized(original: nn.Module, moment: torch.Tensor, rank: int, mode: str, seed: int) -> nn.Module:
+def activation_quantized(original: nn.Module, moment: torch.Tensor, rank: int, mode: str, seed: int) -> nn.Module:
     """A copy of ``original`` whose linear inputs are quantized (``mode``) after the QUAD transform
     built from ``moment``; the weights stay in full precision."""
     cfg = QuantConfig(method="quad", rank=rank, mode=mode, seed=seed)
@@ -116,8 +116,8 @@ def recalibration_probe(original: nn.Module, P: torch.Tensor, new_moment: torch.
     by recalibrating (relative)."""
     r = P.shape[1]
     P = P.to(torch.float64)
-    models = {"saved": _activation_quantized(original, P @ P.T, r, mode, seed),  # top-r eigenspace = span(P)
-              "recalibrated": _activation_quantized(original, new_moment, r, mode, seed)}
+    models = {"saved": activation_quantized(original, P @ P.T, r, mode, seed),  # top-r eigenspace = span(P)
+              "recalibrated": activation_quantized(original, new_moment, r, mode, seed)}
     res = evaluate_many(models, windows, reference=original, progress=False)
     saved, recal = res["saved"]["kl"], res["recalibrated"]["kl"]
     return {"kl_saved": saved, "kl_recalibrated": recal, "gain": saved / max(recal, 1e-12) - 1}

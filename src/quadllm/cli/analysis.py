@@ -11,11 +11,12 @@ from typing import Any
 import torch
 
 from ..analysis.advisor import DEFAULT_RANKS, advise_rank
+from ..analysis.calibration_select import select_calibration
 from ..analysis.drift import check_drift, compare_on_domains, recalibration_config
 from ..analysis.planner import PLAN_TARGETS, parse_budget, plan_model
 from ..analysis.report import build_report
 from ..config import DEFAULT_RANK, METHODS, ConfigError, QuantConfig
-from ..data.text import DataError, load_text, tokenize_windows
+from ..data.text import DataError, load_text, mixture_counts, sample_calibration, tokenize_windows
 from ..io.checkpoint import CheckpointError, check_output_dir, is_checkpoint, read_meta
 from ..io.sources import load_model
 from ..pipelines.loading import load
@@ -78,6 +79,22 @@ def add_parsers(sub) -> None:
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("--out", required=True, help="the plan (JSON) for quantize --plan")
     add_common(pl)
+
+    cs = sub.add_parser("calibrate-select", help="choose a calibration mixture of candidate sources whose outlier "
+                        "subspace fits a sample of your own traffic; writes it as a .jsonl for --calib")
+    cs.add_argument("model", nargs="?", default=None, help="original model (default: SmolLM2-135M-Instruct)")
+    cs.add_argument("--candidates", required=True, help=f"comma-separated sources ({TEXT_SPECS})")
+    cs.add_argument("--target", required=True, help="a sample of the traffic to serve (.txt or .jsonl)")
+    cs.add_argument("--out", required=True, help="the calibration set (.jsonl, one window of text per line)")
+    cs.add_argument("--rank", type=int, default=DEFAULT_RANK)
+    cs.add_argument("--samples", type=int, default=8, help="windows per candidate (and of the target) for the moments")
+    cs.add_argument("--probe-samples", type=int, default=2, help="target windows for the KL probe (disjoint)")
+    cs.add_argument("--seqlen", type=int, default=512)
+    cs.add_argument("--steps", type=int, default=4, help="mixture weights are multiples of 1/STEPS")
+    cs.add_argument("--probes", type=int, default=3, help="mixtures (best by energy left) confirmed by the KL probe")
+    cs.add_argument("--windows", type=int, default=64, help="windows written to --out")
+    cs.add_argument("--seed", type=int, default=0)
+    add_common(cs)
 
     rp = sub.add_parser("report", help="an HTML report: outliers, spectrum, per-layer error, tokens, memory")
     rp.add_argument("model", nargs="?", default=None, help="quadllm checkpoint or original model (default SmolLM2)")
@@ -222,6 +239,37 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_calibrate_select(args) -> int:
+    names = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"--candidates {args.candidates!r}: name distinct sources, comma-separated")
+    if not str(args.out).endswith(".jsonl"):
+        raise ConfigError(f"--out {args.out}: the calibration set is written as .jsonl")
+    texts = {name: load_text(name, "calib", data_dir=args.data_dir) for name in names}  # before the model
+    target_text = load_text(args.target, "calib", data_dir=args.data_dir)
+    model, tok, source = load_model(args.model)
+    target, probe = disjoint_windows(tok, target_text.text, args.seqlen, [args.samples, args.probe_samples], args.seed)
+    candidates = {name: sample_calibration(tok, t.text, args.samples, args.seqlen, args.seed) for name, t in texts.items()}
+    selection = select_calibration(model, candidates, target, probe, args.rank, args.steps, args.probes,
+                                   seed=args.seed, progress=not args.quiet)
+    print(selection.table())
+    counts = mixture_counts(args.windows, selection.chosen)
+    lines = []
+    for i, ((name, t), n) in enumerate(zip(texts.items(), counts)):
+        if n:
+            for row in sample_calibration(tok, t.text, n, args.seqlen, args.seed + 1000 + i):
+                lines.append(json.dumps({"text": tok.decode(row.tolist()), "source": name}))
+    order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    write_text(args.out, "".join(lines[i] + "\n" for i in order))
+    record = {**selection.to_dict(), "target": target_text.origin, "windows_written": counts,
+              "model": source.to_dict() if source else args.model, "samples": args.samples,
+              "probe_samples": args.probe_samples, "seqlen": args.seqlen, "seed": args.seed, "out": str(args.out)}
+    _write_json(str(args.out)[: -len(".jsonl")] + ".selection.json", record)
+    print(f"chosen: {selection.spec} (use --calib '{selection.spec}', or --calib {args.out}: "
+          f"{sum(counts)} windows of {args.seqlen} tokens)")
+    return 0
+
+
 def cmd_report(args) -> int:
     data = build_report(args.model, args.out, args.calib, args.samples, args.seqlen, args.rank, args.seed,
                         args.data_dir, progress=not args.quiet)
@@ -229,6 +277,6 @@ def cmd_report(args) -> int:
     return 0
 
 
-HANDLERS = {"advise-rank": cmd_advise_rank, "plan": cmd_plan, "drift": cmd_drift, "report": cmd_report}
+HANDLERS = {"advise-rank": cmd_advise_rank, "plan": cmd_plan, "calibrate-select": cmd_calibrate_select, "drift": cmd_drift, "report": cmd_report}
 
 __all__ = ["add_parsers", "HANDLERS", "EXIT_RECALIBRATE", "EXIT_RECALIBRATED", "disjoint_windows"]
