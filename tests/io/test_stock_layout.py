@@ -67,10 +67,12 @@ def _logits(model, ids):
 
 
 STOCK_CASES = [("llama", {}), ("llama-untied", {"o_rank": 2}), ("qwen2", {"down_rank": 4, "act_sym": False}),
-               ("qwen3", {"kv_bits": 4}), ("mistral", {"learn_transform": 2, "weights": "rtn"})]
+               ("qwen3", {"kv_bits": 4}), ("mistral", {"learn_transform": 2, "weights": "rtn"}),
+               ("qwen2", {"overrides": ["layers.0.*=skip", "*.down_proj=a8", "layers.1.mlp.up_proj=w4a16"]})]
 
 
-@pytest.mark.parametrize("arch,extra", STOCK_CASES, ids=[a for a, _ in STOCK_CASES])
+@pytest.mark.parametrize("arch,extra", STOCK_CASES, ids=[a + ("-overrides" if "overrides" in e else "")
+                                                          for a, e in STOCK_CASES])
 def test_the_stock_model_computes_what_the_quad_model_computes(arch, extra):
     assert arch in ARCHS
     cfg = {"method": "quad", "rank": 8, "weights": "gptq", **extra}

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from quadllm import CheckpointError, QuantConfig, load, save
 from quadllm.arch import get_adapter
+from quadllm.backends import place
 from quadllm.config import ConfigError
 from quadllm.nn.modules import QuadLinear
 from quadllm.pipelines.loading import build_skeleton
@@ -96,6 +97,11 @@ def test_overrides_give_each_module_its_precision_and_the_checkpoint_records_the
     ids = torch.randint(0, 160, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+        # cpu-int8 runs the W4A4/W4A8 linears and leaves full-precision and weight-only ones to the float path
+        counts = place(loaded, "cpu-int8")
+        assert counts == {"cpu-int8": sum(v in ("w4a4", "w4a8") for v in table.values()),
+                          "fake": sum(v in ("fp", "w4a16") for v in table.values())}
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-3, atol=1e-3)
 
 
 def test_skipping_every_module_gives_the_exact_transformed_model_as_stored():
