@@ -70,6 +70,10 @@ def test_kv_cache_quantization_and_foreign_configs_are_refused():
     with pytest.raises(ValueError, match="LoRA"):
         QuadllmVllmConfig.from_config({"quant_method": "quadllm", "quant_config": lora, "original": {},
                                        "structure": {"lora": {"rank": 4}}})
+    mixed = quadllm.QuantConfig(method="quad", rank=8, overrides=["*.down_proj=a8"]).to_dict()
+    with pytest.raises(ValueError, match="per module"):
+        QuadllmVllmConfig.from_config({"quant_method": "quadllm", "quant_config": mixed, "original": {},
+                                       "structure": {}})
 
 
 def test_a_qwen2_checkpoint_without_the_override_is_refused_with_it():
