@@ -50,6 +50,8 @@ from quadllm.io.sources import load_model  # noqa: E402
 from quadllm.nn.modules import QuadLinear  # noqa: E402
 
 log = logging.getLogger("plan_curve")
+EVAL_NAME = "WikiText-2 test"
+CALIB_NAME = "WikiText-2 (its validation split, quadllm's calibration part)"
 
 
 def naive_order(adapter) -> list[str]:
@@ -60,8 +62,8 @@ def naive_order(adapter) -> list[str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--budgets", required=True, help="comma-separated module counts")
+    p.add_argument("--checkpoint", help="the W4A4 checkpoint (required unless --render-only)")
+    p.add_argument("--budgets", help="comma-separated module counts (required unless --render-only)")
     p.add_argument("--max-windows", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--calib-samples", type=int, default=8)
@@ -71,8 +73,16 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", required=True, help="stem of the results (.json, .md, .png)")
+    p.add_argument("--render-only", action="store_true", help="rewrite the .md and .png from the .json")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.render_only:
+        result = json.loads(Path(args.out).with_suffix(".json").read_text())
+        result["meta"].update(eval=EVAL_NAME, plan_calibration=CALIB_NAME)  # names, not this machine's paths
+        write(Path(args.out), result)
+        return 0
+    if not args.checkpoint or not args.budgets:
+        p.error("--checkpoint and --budgets are required")
     budgets = sorted({int(b) for b in args.budgets.split(",")})
     t0 = time.perf_counter()
 
@@ -125,22 +135,26 @@ def main() -> int:
     result = {
         "meta": {"command": "python scripts/plan_curve.py " + shlex.join(sys.argv[1:]), "model": args.model,
                  "checkpoint": Path(args.checkpoint).name, "date": dt.date.today().isoformat(),
-                 "machine": machine_description(), "eval": eval_text.origin, "windows": int(windows.shape[0]),
-                 "seqlen": args.seqlen, "plan_calibration": calib_text.origin,
+                 "machine": machine_description(), "eval": EVAL_NAME, "windows": int(windows.shape[0]),
+                 "seqlen": args.seqlen, "plan_calibration": CALIB_NAME if ckpt_config.calib == "wikitext2"
+                 else str(ckpt_config.calib),
                  "plan_windows": {"calib": args.calib_samples, "probe": args.probe_samples,
                                   "check": args.check_samples, "seqlen": args.plan_seqlen},
                  "seed": args.seed, "plan_seconds": round(plan_s, 1),
                  "seconds": round(time.perf_counter() - t0, 1), "layers": adapter.num_layers,
                  "linears": len(costs), "quadllm_version": quadllm.__version__},
         "plan": plan.to_dict(), "rows": rows}
-    out = Path(args.out)
+    write(Path(args.out), result)
+    return 0
+
+
+def write(out: Path, result: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out.with_suffix(".json"), (json.dumps(result, indent=1) + "\n").encode())
-    atomic_write(out.with_suffix(".png"), figure(rows, result["meta"]))
+    atomic_write(out.with_suffix(".png"), figure(result["rows"], result["meta"]))
     text = markdown(result, out.with_suffix(".png").name)
     atomic_write(out.with_suffix(".md"), text.encode())
     print(text)
-    return 0
 
 
 def figure(rows: list[dict], meta: dict) -> bytes:
@@ -148,7 +162,14 @@ def figure(rows: list[dict], meta: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for curve, style in (("planner", "o-"), ("naive (layer order)", "s--")):
+        pts = [(r["extra_bits_per_activation"], r["kl"]) for r in rows if r["curve"] == curve]
+        axes[2].plot(*zip(*pts), style, label=curve)
+    axes[2].set_xlabel("extra bits per activation")
+    axes[2].set_ylabel("KL(FP ‖ model) per token")
+    axes[2].grid(alpha=0.3)
+    axes[2].legend()
     for ax, key in zip(axes, ("kl", "ppl")):
         for curve, style in (("planner", "o-"), ("naive (layer order)", "s--")):
             pts = [(r["modules"], r[key]) for r in rows if r["curve"] == curve]
@@ -157,7 +178,7 @@ def figure(rows: list[dict], meta: dict) -> bytes:
         if end == 2 * meta["layers"]:
             last = next(r for r in rows if r["curve"] == "naive (layer order)" and r["modules"] == end)
             ax.annotate("W4A4A8", (end, last[key]), textcoords="offset points", xytext=(-40, 10))
-        ax.set_xlabel("linears with INT8 activations")
+        ax.set_xlabel("budget: linears with INT8 activations")
         ax.set_ylabel("KL(FP ‖ model) per token" if key == "kl" else "perplexity")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -181,21 +202,22 @@ def markdown(result: dict, png: str) -> str:
              f"naive one (o_proj and down_proj inputs in layer order; all {2 * meta['layers']} of them are W4A4A8). "
              f"Perplexity and KL on {meta['windows']} x {meta['seqlen']} tokens of {meta['eval']}, every point on "
              "the same windows.", "",
-             "| N | planner KL | naive KL | planner ppl | naive ppl | planner extra bits/act | naive extra bits/act "
-             "| predicted KL (activations only) |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| N | planner: linears | planner KL | naive KL | planner ppl | naive ppl | planner extra bits/act | "
+             "naive extra bits/act | predicted KL (activations only) |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     by = {(r["curve"], r["modules"]): r for r in result["rows"]}
     for n in sorted({r["modules"] for r in result["rows"]}):
         a, b = by[("planner", n)], by[("naive (layer order)", n)]
         end = " (W4A4A8)" if n == 2 * meta["layers"] else ""
-        lines.append(f"| {n}{end} | {a['kl']:.4f} | {b['kl']:.4f} | {a['ppl']:.3f} | {b['ppl']:.3f} | "
+        lines.append(f"| {n}{end} | {a['chosen']} | {a['kl']:.4f} | {b['kl']:.4f} | {a['ppl']:.3f} | {b['ppl']:.3f} | "
                      f"{a['extra_bits_per_activation']:.3f} | {b['extra_bits_per_activation']:.3f} | "
                      f"{a['predicted_activation_kl']:.4f} |")
     kinds: dict[str, int] = {}
     for key in plan["chosen"]:
         kind = key.split(".", 2)[2]
         kinds[kind] = kinds.get(kind, 0) + 1
-    lines += ["", f"The plan at N = {len(plan['chosen'])} takes: " + ", ".join(
+    lines += ["", f"The plan for N = {plan['budget']['value']:g} takes {len(plan['chosen'])} linears (the planner never "
+              "takes one whose measured gain is not positive): " + ", ".join(
         f"{k} {v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])) + ". Its own check (activations only, "
         f"weights float, {plan['check']['windows']} check windows): KL {plan['check']['kl_before']:.4f} -> "
         f"{plan['check']['kl_after']:.4f}; predicted on the probe windows {plan['base_kl']:.4f} -> "
