@@ -64,8 +64,8 @@ def test_quantize_checks_the_rank_against_the_config_first(tiny_dir, tmp_path, n
                                             ("*.o_proj", "PATTERN=SETTING")])
 def test_quantize_checks_the_overrides_against_the_model_first(tiny_dir, tmp_path, no_loading, caplog, override,
                                                                match):
-    code, msg = _run(["quantize", "--model", str(tiny_dir), "--override", "*.down_proj=a8", "--override", override,
-                      "--out", str(tmp_path / "q"), "-q"], caplog)
+    code, msg = _run(["quantize", "--model", str(tiny_dir), "--rank", "8", "--override", "*.down_proj=a8",
+                      "--override", override, "--out", str(tmp_path / "q"), "-q"], caplog)
     assert code == 2 and match in msg and not (tmp_path / "q").exists()
 
 
