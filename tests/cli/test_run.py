@@ -35,13 +35,11 @@ report: {{samples: 2, seqlen: 32, calib: {text}}}
     return path
 
 
-def _stages_ran(caplog) -> list[str]:
-    return [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("stage ")]
-
-
 def test_a_recipe_runs_every_stage_then_resumes_and_reruns_only_what_changed(recipe_dir, caplog, capsys):
     tmp, model, text = recipe_dir
     recipe = _write(tmp / "r.yaml", model, text, gates="kl_max: 1.0, ppl_ratio_max: 100")
+    assert main(["run", str(recipe), "--dry-run", "-q"]) == 0
+    assert "quantize: would run" in capsys.readouterr().out and not (tmp / "out").exists()
     with caplog.at_level(logging.INFO, logger="quadllm"):
         assert main(["run", str(recipe), "-q"]) == 0
     out = tmp / "out"

@@ -129,6 +129,8 @@ def _summary(recipe: Recipe, evaluation: dict[str, Any], state: RunState, ran: l
 def cmd_run(args) -> int:
     recipe = read_recipe(args.recipe)
     _check_inputs(recipe, args.data_dir)
+    if args.dry_run:  # writes nothing
+        return _run(recipe, args)
     recipe.output.mkdir(parents=True, exist_ok=True)
     with output_lock(recipe.output):
         return _run(recipe, args)
