@@ -40,7 +40,7 @@ from ..steps.transforms import set_activation_quant
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Budget", "Plan", "PlanError", "parse_budget", "read_plan", "choose", "linear_costs", "measure_sensitivity", "plan_model",
+__all__ = ["Budget", "Plan", "PlanError", "parse_budget", "read_plan", "with_plan", "choose", "linear_costs", "measure_sensitivity", "plan_model",
            "set_module_precision", "PLAN_TARGETS"]
 
 #: what a plan may give the chosen linears
@@ -67,6 +67,13 @@ def read_plan(path: str | Path) -> tuple[list[str], dict[str, Any]]:
         raise PlanError(f"plan {path}: \"overrides\" must be a list of PATTERN=SETTING strings")
     return overrides, {"file": path.name, "sha256": sha256_file(path), "target": data.get("target"),
                        "budget": data.get("budget"), "modules": len(overrides)}
+
+
+def with_plan(config: QuantConfig, path: str | Path) -> QuantConfig:
+    """``config`` with a plan file's overrides before its own (so the configuration's win) and the
+    plan recorded in ``extra["plan"]``: what ``quantize --plan`` and a recipe's ``plan`` do."""
+    overrides, record = read_plan(path)
+    return dataclasses.replace(config, overrides=[*overrides, *config.overrides], extra={**config.extra, "plan": record})
 
 
 @dataclass(frozen=True)

@@ -201,10 +201,14 @@ def cmd_drift(args) -> int:
     quantize_to(new_config, (meta.get("original_model") or {}).get("spec"), args.recalibrate, layout, args.data_dir,
                 args.quiet)
     del quantized
-    old_model, _, _ = load(args.model)  # both compared as they load from disk
-    new_model, _, _ = load(args.recalibrate)
-    rows = compare_on_domains({"checkpoint": old_model, "recalibrated": new_model}, original,
-                              {"new data": new_w[1], "reference data": ref_w[1]}, progress=not args.quiet)
+    new_model, _, _ = load(args.recalibrate)  # evaluated as it loads from disk
+    # the checked checkpoint's figures on these very windows are the drift check's own
+    rows = [{"model": "checkpoint", "domain": domain, **{k: part[k] for k in ("kl", "ppl", "reference_ppl",
+                                                                              "top1_agreement")},
+             "windows": int(w.shape[0])}
+            for domain, part, w in (("new data", report.new, new_w[1]), ("reference data", report.reference, ref_w[1]))]
+    rows += compare_on_domains({"recalibrated": new_model}, original,
+                               {"new data": new_w[1], "reference data": ref_w[1]}, progress=not args.quiet)
     print("| model | domain | KL | ppl |\n| --- | --- | ---: | ---: |")
     for row in rows:
         print(f"| {row['model']} | {row['domain']} | {row['kl']:.4f} | {row['ppl']:.2f} |")

@@ -31,7 +31,7 @@ from ..io.sources import (
     resolve,
     streaming_dir,
 )
-from ..analysis.planner import read_plan
+from ..analysis.planner import with_plan
 from ..arch import get_adapter
 from ..pipelines.in_memory import quantize
 from ..pipelines.recipe import check_overrides
@@ -208,11 +208,11 @@ def _check_inputs(args, config: QuantConfig) -> TextSource | None:
     out = check_output_dir(args.out)
     source = resolve(args.model)
     calib = load_text(config.calib, "calib", data_dir=args.data_dir) if config.needs_calibration else None
-    sizes = model_sizes(source)
+    hf_config = model_config(source)  # read once, for the sizes and the overrides
+    sizes = model_sizes(hf_config)
     if sizes is not None:
         config.check_model_sizes(*sizes)
-    hf_config = model_config(source) if config.overrides else None
-    if hf_config is not None:
+    if hf_config is not None and config.overrides:
         check_overrides(config, get_adapter(hf_config))
     params = parameter_count(source)
     if params:
@@ -231,11 +231,9 @@ def quantize_to(config: QuantConfig, model: str | None, out: str | Path, layout:
 
 
 def cmd_quantize(args) -> int:
-    if args.plan is not None:
-        plan_overrides, record = read_plan(args.plan)
-        args.overrides = [*plan_overrides, *args.overrides]
-        args.extra = {"plan": record}
     config = config_from_args(QuantConfig, args)
+    if args.plan is not None:
+        config = with_plan(config, args.plan)
     with output_lock(check_output_dir(args.out)):  # a second run on the same --out fails now, not at the end
         return _quantize(args, config)
 

@@ -11,14 +11,13 @@ pass, :data:`EXIT_GATE_FAILED` when one fails, 2 for a recipe that cannot run.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from ..analysis.planner import read_plan
+from ..analysis.planner import read_plan, with_plan
 from ..analysis.report import build_report
 from ..data.text import load_text
 from ..evaluation.perplexity import evaluate
@@ -71,11 +70,7 @@ def _settings(recipe: Recipe) -> dict[str, dict[str, Any]]:
 
 
 def _quantize(recipe: Recipe, out: Path, args) -> None:
-    config = recipe.quant
-    if recipe.plan:
-        overrides, record = read_plan(recipe.path.parent / recipe.plan)
-        config = dataclasses.replace(config, overrides=[*overrides, *config.overrides],
-                                     extra={**config.extra, "plan": record})
+    config = with_plan(recipe.quant, recipe.path.parent / recipe.plan) if recipe.plan else recipe.quant
     quantize_to(config, recipe.model, out, recipe.layout, args.data_dir, args.quiet)
 
 

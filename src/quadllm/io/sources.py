@@ -237,10 +237,9 @@ def model_config(source: ModelSource):
         return None
 
 
-def model_sizes(source: ModelSource) -> tuple[int, int | None, int | None] | None:
-    """The model's hidden and intermediate sizes and head dimension from its configuration alone
-    (None when only loading would tell)."""
-    cfg = model_config(source)
+def model_sizes(cfg) -> tuple[int, int | None, int | None] | None:
+    """The hidden and intermediate sizes and head dimension a configuration (:func:`model_config`)
+    gives (None when only loading would tell)."""
     if cfg is None:
         return None
     try:
