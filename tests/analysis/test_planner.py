@@ -4,6 +4,7 @@ equal to a whole forward, and plans that quantize --plan applies and the checkpo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -15,12 +16,14 @@ from quadllm.analysis.planner import (
     Budget,
     PlanError,
     choose,
+    choose_greedy,
     linear_costs,
     measure_sensitivity,
     parse_budget,
     plan_model,
     read_plan,
     set_module_precision,
+    taylor_sensitivity,
 )
 from quadllm.arch import get_adapter
 from quadllm.cli import main
@@ -93,13 +96,96 @@ def test_gains_measured_from_the_changed_layer_equal_a_whole_forward():
         assert kl() == pytest.approx(base, rel=1e-6)  # every linear back as it was
 
 
+def _kl(original, model, windows) -> float:
+    with torch.no_grad():
+        total = 0.0
+        for w in windows:
+            r = original(input_ids=w[None]).logits.double().log_softmax(-1)
+            g = model(input_ids=w[None]).logits.double().log_softmax(-1)
+            total += float((r.exp() * (r - g)).sum())
+    return total / windows.numel()
+
+
+def test_taylor_gain_is_half_the_directional_derivative_of_the_kl():
+    """The reference definition: -½ d/dε KL(output_j + ε e_j) at ε = 0, by central differences in
+    float64, e_j the change of linear j's output when its input gets the target. Only linear j's
+    input is quantized, so the KL is smooth in ε (no rounding after it for the step to cross)."""
+    config = QuantConfig(**CFG)
+    original, model = _transformed(config)
+    original, model = original.double(), model.double()
+    probe = random_ids(2, 12, seed=7)
+    with torch.no_grad():
+        ref = [original(input_ids=w[None]).logits.log_softmax(-1) for w in probe]
+    quantized = {n: m.act for n, m in model.named_modules() if hasattr(m, "act_clip_ratio")}
+    for key in ("layers.0.self_attn.o_proj", "layers.1.mlp.gate_proj", "layers.0.mlp.down_proj"):
+        for n, m in model.named_modules():
+            if n in quantized:
+                m.act = quantized[n] if n == "model." + key else dataclasses.replace(quantized[n], bits=16)
+        base, gains = taylor_sensitivity(model, ref, probe, config, "a8", progress=False)
+        assert base == pytest.approx(_kl(original, model, probe), rel=1e-9)
+        lin = model.get_submodule("model." + key)
+        saved = lin.act
+        set_module_precision(model, key, "a8", config)
+        target, lin.act = lin.act, saved
+
+        def shifted(eps: float) -> float:
+            def hook(module, args, output):
+                module.act = target
+                alt = module.forward(*args)
+                module.act = saved
+                return output + eps * (alt - output)
+            handle = lin.register_forward_hook(hook)
+            try:
+                return _kl(original, model, probe)
+            finally:
+                handle.remove()
+
+        eps = 1e-3
+        derivative = (shifted(eps) - shifted(-eps)) / (2 * eps)
+        assert abs(derivative) > 1e-9
+        assert gains[key] == pytest.approx(-0.5 * derivative, rel=1e-3)
+
+
+def test_taylor_gains_rank_linears_like_the_exact_ones():
+    config = QuantConfig(**CFG)
+    original, model = _transformed(config)
+    probe = random_ids(4, 32, seed=7)
+    with torch.no_grad():
+        ref = [original(input_ids=w[None]).logits.log_softmax(-1) for w in probe]
+    b1, exact = measure_sensitivity(model, ref, probe, config, "a8", progress=False)
+    b2, taylor = taylor_sensitivity(model, ref, probe, config, "a8", progress=False)
+    assert b1 == pytest.approx(b2, rel=1e-6)
+    keys = sorted(exact)
+    pair = torch.tensor([[exact[k] for k in keys], [taylor[k] for k in keys]])
+    assert float(torch.corrcoef(pair)[0, 1]) > 0.6
+    assert max(taylor, key=taylor.get) in sorted(exact, key=exact.get)[-3:]
+
+
+def test_greedy_choice_in_steps_is_a_prefix_and_leaves_the_model_as_it_was():
+    config = QuantConfig(**CFG)
+    original, model = _transformed(config)
+    lin = model.get_submodule("model.layers.0.self_attn.o_proj")
+    lin.act = dataclasses.replace(lin.act, clip_ratio=0.83)  # a checkpoint's own clip
+    probe = random_ids(2, 16, seed=3)
+    with torch.no_grad():
+        ref = [original(input_ids=w[None]).logits.log_softmax(-1) for w in probe]
+    before = _kl(original, model, probe)
+    long = choose_greedy(model, ref, probe, config, "fp", Budget("modules", 6), step=2)
+    short = choose_greedy(model, ref, probe, config, "fp", Budget("modules", 4), step=2)
+    assert long.rounds == 3 and len(long.chosen) == 6 and long.chosen[:4] == short.chosen
+    once = choose_greedy(model, ref, probe, config, "fp", Budget("modules", 6), step=0)
+    assert once.rounds == 1 and once.chosen == choose(once.gains, {}, Budget("modules", 6))
+    assert long.chosen[:2] == once.chosen[:2]  # the first step is the one measurement's best
+    assert lin.act.clip_ratio == 0.83 and _kl(original, model, probe) == pytest.approx(before, rel=1e-9)
+
+
 def test_a_plan_lowers_the_measured_kl_and_says_what_it_predicted():
     config = QuantConfig(**CFG)
     original = tiny_model("llama", torch.float32, seed=0)
     plan = plan_model(original, config, random_ids(4, 16), random_ids(2, 16, seed=3), random_ids(2, 16, seed=4),
-                      Budget("modules", 4), "fp", progress=False)
-    assert len(plan.chosen) == 4 and plan.predicted_kl == pytest.approx(
-        max(0.0, plan.base_kl - sum(plan.gains[k] for k in plan.chosen)))
+                      Budget("modules", 4), "fp", step=2, progress=False)
+    assert len(plan.chosen) == 4 and plan.rounds == 2 and plan.predicted_kl == pytest.approx(
+        max(0.0, plan.base_kl - sum(plan.chosen_gains[k] for k in plan.chosen)))
     assert plan.check["kl_after"] < plan.check["kl_before"]
     assert QuantConfig(**CFG, overrides=plan.overrides).module_setting("reader", plan.chosen[0]).act_bits in (16, 8)
 
@@ -137,3 +223,27 @@ def test_bad_plan_files_are_one_line_errors(tmp_path):
     bad.write_text(json.dumps({"format": "quadllm-plan", "overrides": "*=a8"}))
     with pytest.raises(PlanError, match="list of PATTERN=SETTING"):
         read_plan(bad)
+
+
+def test_plan_a_checkpoint_as_it_loads(tiny_original, tmp_path, capsys):
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"word{i % 97} and{i % 13}" for i in range(6000)))
+    ckpt = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_original), "--rank", "8", "--weights", "rtn", "--calib", str(text),
+                 "--calib-samples", "2", "--calib-seqlen", "32", "--out", str(ckpt), "-q"]) == 0
+    model, _, _ = load(ckpt)
+    before = {n: m.act for n, m in model.named_modules() if hasattr(m, "act_clip_ratio")}
+    plan_file = tmp_path / "plan.json"
+    assert main(["plan", str(ckpt), "--budget", "4", "--remeasure-every", "2", "--probe-samples", "1",
+                 "--check-samples", "1", "--seqlen", "64", "--out", str(plan_file), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "KL (the checkpoint)" in out and "measured" in out
+    plan = json.loads(plan_file.read_text())
+    assert plan["checkpoint"] == str(ckpt) and plan["estimate"] == "taylor" and plan["rounds"] == 2
+    assert len(plan["overrides"]) == 4 and plan["check"]["kl_after"] < plan["check"]["kl_before"]
+    assert plan["windows"]["calib"] == 0 and plan["calib"].endswith("calib.txt")  # the checkpoint's source
+    # planning reads the checkpoint and writes nothing into it
+    again, _, _ = load(ckpt)
+    assert {n: m.act for n, m in again.named_modules() if hasattr(m, "act_clip_ratio")} == before
+    assert main(["plan", str(ckpt), "--budget", "4", "--remeasure-every", "-1", "--out", str(tmp_path / "p2.json"),
+                 "-q"]) == 2 and not (tmp_path / "p2.json").exists()

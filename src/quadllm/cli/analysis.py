@@ -13,7 +13,7 @@ import torch
 from ..analysis.advisor import DEFAULT_RANKS, advise_rank
 from ..analysis.calibration_select import select_calibration
 from ..analysis.drift import check_drift, compare_on_domains, recalibration_config
-from ..analysis.planner import PLAN_TARGETS, parse_budget, plan_model
+from ..analysis.planner import ESTIMATORS, PLAN_TARGETS, parse_budget, plan_model, plan_quantized
 from ..analysis.report import build_report
 from ..config import DEFAULT_RANK, METHODS, ConfigError, QuantConfig
 from ..data.text import DataError, load_text, mixture_counts, sample_calibration, tokenize_windows
@@ -63,17 +63,27 @@ def add_parsers(sub) -> None:
 
     pl = sub.add_parser("plan", help="choose which linears get INT8 activations (or full precision) within a "
                         "budget, from each one's measured sensitivity; quantize --plan applies it")
-    pl.add_argument("model", nargs="?", default=None, help="original model (default: SmolLM2-135M-Instruct)")
+    pl.add_argument("model", nargs="?", default=None,
+                    help="a quantized checkpoint (planned as it loads, its weights quantized), or an original model "
+                         "(transformed here, activations only; default: SmolLM2-135M-Instruct)")
     pl.add_argument("--budget", required=True,
                     help="N or Nmodules (at most N linears), or Xbits (at most X extra bits per activation)")
     pl.add_argument("--target", choices=PLAN_TARGETS, default="a8",
                     help="what the chosen linears get: INT8 activations (default) or full precision")
-    pl.add_argument("--method", choices=[m for m in METHODS if m != "rtn"], default="quad")
-    pl.add_argument("--rank", type=int, default=None, help=f"outlier rank (quad; default {DEFAULT_RANK})")
-    pl.add_argument("--mode", choices=("w4a4", "w4a4a8", "w4a8"), default="w4a4")
-    pl.add_argument("--calib", default=None, help=f"{TEXT_SPECS} (default: embedded text)")
-    pl.add_argument("--calib-samples", type=int, default=8, help="windows for the residual second moment")
-    pl.add_argument("--probe-samples", type=int, default=2, help="windows the sensitivities are measured on")
+    pl.add_argument("--estimate", choices=tuple(ESTIMATORS), default="taylor",
+                    help="each linear's gain from one forward and backward pass per window (taylor, default) or "
+                         "one forward per linear (exact)")
+    pl.add_argument("--remeasure-every", type=int, default=8, metavar="N",
+                    help="choose N linears at a time, measuring the gains again with them changed (0: once)")
+    pl.add_argument("--method", choices=[m for m in METHODS if m != "rtn"], default="quad",
+                    help="(an original model) the method")
+    pl.add_argument("--rank", type=int, default=None, help=f"(an original model) outlier rank (default {DEFAULT_RANK})")
+    pl.add_argument("--mode", choices=("w4a4", "w4a4a8", "w4a8"), default="w4a4", help="(an original model) the mode")
+    pl.add_argument("--calib", default=None, help=f"{TEXT_SPECS} (default: a checkpoint's calibration source, or the "
+                    "embedded text)")
+    pl.add_argument("--calib-samples", type=int, default=8,
+                    help="(an original model) windows for the residual second moment")
+    pl.add_argument("--probe-samples", type=int, default=4, help="windows the sensitivities are measured on")
     pl.add_argument("--check-samples", type=int, default=2, help="windows the plan's KL is measured on")
     pl.add_argument("--seqlen", type=int, default=512)
     pl.add_argument("--seed", type=int, default=0)
@@ -220,25 +230,45 @@ def cmd_drift(args) -> int:
 
 def cmd_plan(args) -> int:
     budget = parse_budget(args.budget)
-    config = QuantConfig(method=args.method, rank=args.rank, mode=args.mode, calib=args.calib, seed=args.seed)
-    text = load_text(args.calib, "calib", data_dir=args.data_dir)  # before the model
-    model, tok, source = load_model(args.model)
-    calib, probe, check = disjoint_windows(tok, text.text, args.seqlen,
-                                           [args.calib_samples, args.probe_samples, args.check_samples], args.seed)
-    plan = plan_model(model, config, calib, probe, check, budget, args.target, progress=not args.quiet)
+    if args.remeasure_every < 0:
+        raise ConfigError(f"--remeasure-every must be >= 0, got {args.remeasure_every}")
+    if args.probe_samples < 1 or args.check_samples < 1:
+        raise ConfigError("--probe-samples and --check-samples must be at least 1")
+    on_checkpoint = args.model is not None and is_checkpoint(args.model)
+    if on_checkpoint:
+        meta = read_meta(args.model)
+        config = QuantConfig.from_dict(meta["quant_config"])
+        text = load_text(args.calib or config.calib, "calib", data_dir=args.data_dir)  # before the model
+        model, tok, meta = load(args.model)
+        original, _, source = load_model((meta.get("original_model") or {}).get("spec"))
+        probe, check = disjoint_windows(tok, text.text, args.seqlen, [args.probe_samples, args.check_samples],
+                                        args.seed)
+        plan = plan_quantized(model, original, config, probe, check, budget, args.target, args.estimate,
+                              args.remeasure_every, progress=not args.quiet)
+        what = "the checkpoint"
+    else:
+        config = QuantConfig(method=args.method, rank=args.rank, mode=args.mode, calib=args.calib, seed=args.seed)
+        text = load_text(args.calib, "calib", data_dir=args.data_dir)  # before the model
+        model, tok, source = load_model(args.model)
+        calib, probe, check = disjoint_windows(tok, text.text, args.seqlen,
+                                               [args.calib_samples, args.probe_samples, args.check_samples], args.seed)
+        plan = plan_model(model, config, calib, probe, check, budget, args.target, args.estimate,
+                          args.remeasure_every, progress=not args.quiet)
+        what = "activations only, weights float"
     print(f"{len(plan.chosen)} linears to {plan.target} ({budget.describe()}; {plan.extra_bits:.3f} extra bits per "
           f"activation)")
-    print(f"KL (activations only, weights float), probe windows: {plan.base_kl:.4f} -> predicted {plan.predicted_kl:.4f}")
-    print(f"KL (activations only, weights float), check windows: {plan.check['kl_before']:.4f} -> measured "
+    print(f"KL ({what}), probe windows: {plan.base_kl:.4f} -> predicted {plan.predicted_kl:.4f}")
+    print(f"KL ({what}), check windows: {plan.check['kl_before']:.4f} -> measured "
           f"{plan.check['kl_after']:.4f}")
     for key in plan.chosen[:20]:
-        print(f"  {key}: gain {plan.gains[key]:.5f}")
+        print(f"  {key}: gain {plan.chosen_gains[key]:.5f}")
     if len(plan.chosen) > 20:
         print(f"  ... and {len(plan.chosen) - 20} more (all in {args.out})")
     _write_json(args.out, {"format": "quadllm-plan", **plan.to_dict(),
                            "model": source.to_dict() if source else args.model,
+                           "checkpoint": str(args.model) if on_checkpoint else None,
                            "quant_config": config.to_dict(), "calib": text.origin,
-                           "windows": {"calib": args.calib_samples, "probe": args.probe_samples,
+                           "windows": {"calib": 0 if on_checkpoint else args.calib_samples, "probe": args.probe_samples,
                                        "check": args.check_samples, "seqlen": args.seqlen}, "seed": args.seed})
     return 0
 
