@@ -49,6 +49,9 @@ def test_a_recipe_runs_every_stage_then_resumes_and_reruns_only_what_changed(rec
     assert read_meta(out / "finetuned")["finetune"] and (out / "report.html").is_file()
     assert read_meta(out / "quantized")["structure"]["modules"]["layers.0.mlp.down_proj"] == "w4a8"
     assert "| kl_max" in (out / "summary.md").read_text() and "Verdict: PASS" in capsys.readouterr().out
+    evaluation = json.loads((out / "evaluation.json").read_text())["perplexity"]
+    assert f"{evaluation['ppl']:.3f} (FP {evaluation['reference_ppl']:.3f})" in (out / "summary.md").read_text()
+    assert "| finetune | `finetuned` |" in (out / "summary.md").read_text()
     # nothing changed: nothing runs again
     assert main(["run", str(recipe), "-q"]) == 0
     assert json.loads((out / "summary.json").read_text())["ran"] == []

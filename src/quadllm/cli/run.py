@@ -102,6 +102,24 @@ def _measured(evaluation: dict[str, Any]) -> dict[str, float | None]:
     return measured
 
 
+def _measured_lines(evaluation: dict[str, Any], data: str) -> list[str]:
+    """What the evaluation measured, beside the gates: perplexity and KL, each task against FP."""
+    lines = []
+    p = evaluation.get("perplexity")
+    if p:
+        lines += ["", f"Perplexity on {p['windows']} x {p['seqlen']} tokens of {data} (its evaluation split): "
+                  f"{p['ppl']:.3f} (FP {p['reference_ppl']:.3f}); KL(FP ‖ model) {p['kl']:.4f} per token, top-1 "
+                  f"agreement {p['top1_agreement']:.3f}."]
+    t = evaluation.get("tasks")
+    if t:
+        lines += ["", f"| task (limit {t['model'].get('limit')}) | metric | model | FP |", "| --- | --- | ---: | ---: |"]
+        for name, metric in t["model"]["average_metrics"].items():
+            lines.append(f"| {name} | {metric} | {t['model']['tasks'][name][metric]:.3f} | "
+                         f"{t['fp']['tasks'][name][metric]:.3f} |")
+        lines.append(f"| average | | {t['model']['average']:.4f} | {t['fp']['average']:.4f} |")
+    return lines
+
+
 def _summary(recipe: Recipe, evaluation: dict[str, Any], state: RunState, ran: list[str]) -> tuple[bool, str]:
     rows = check_gates(recipe.gates, _measured(evaluation))
     passed = all(r["passed"] for r in rows)
@@ -113,6 +131,12 @@ def _summary(recipe: Recipe, evaluation: dict[str, Any], state: RunState, ran: l
         lines.append(f"| {r['gate']} ({r['meaning']}) | {value} | {r['op']} {r['threshold']:g} | "
                      f"{'pass' if r['passed'] else 'FAIL'} |")
     lines += ["", f"Verdict: {'PASS' if passed else 'FAIL'}" + ("" if rows else " (no gates)")]
+    lines += _measured_lines(evaluation, (recipe.perplexity or {}).get("data", ""))
+    lines += ["", "| stage | output | seconds (when it last ran) |", "| --- | --- | ---: |"]
+    for stage in recipe.stages:
+        rec = state.stages.get(stage) or {}
+        lines.append(f"| {stage}{'' if stage in ran else ' (skipped: unchanged)'} | `{Path(str(rec.get('output', ''))).name}` "
+                     f"| {rec.get('seconds', float('nan')):.0f} |")
     text = "\n".join(lines) + "\n"
     record = {"recipe": str(recipe.path), "passed": passed, "gates": rows, "measured": _measured(evaluation),
               "stages": {s: state.stages.get(s) for s in recipe.stages}, "ran": ran}
