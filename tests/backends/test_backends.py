@@ -121,7 +121,7 @@ def test_the_registry_supplies_the_choices_and_auto_picks_cpu_int8_here():
     from quadllm.backends import BACKENDS, KERNELS, resolve_backend
     from quadllm.cli import build_parser
 
-    assert BACKENDS == ("fake", *KERNELS, "auto") and set(KERNELS) == {"cpu-int8", "gpu"}
+    assert BACKENDS == ("fake", *KERNELS, "auto") and set(KERNELS) == {"cpu-int8", "cpu-int4", "gpu"}
     eval_parser = build_parser()._subparsers._group_actions[0].choices["eval"]
     backend = next(a for a in eval_parser._actions if a.dest == "backend")
     assert tuple(backend.choices) == BACKENDS

@@ -4,6 +4,9 @@
 - ``cpu-int8`` (:mod:`quadllm.backends.int8`): INT8 GEMM with int32 accumulation
   (``torch._int_mm``) on the packed INT4 weights, per-token activation codes and a scale
   epilogue; the outlier columns stay a float matmul.
+- ``cpu-int4`` (:mod:`quadllm.backends.int4`): ``cpu-int8`` whose decode (up to 32 rows) reads the
+  weights as packed INT4 through torch's CPU INT4 GEMM, fed with the activation codes; each
+  integer sum is rounded once to bfloat16 there.
 - ``gpu`` (:mod:`quadllm.backends.gpu`): Triton kernels on a CUDA device: fused per-token
   quantization and one INT8-tensor-core GEMM on the packed INT4 weights with the outlier branch
   and scale epilogue fused; needs ``pip install 'quadllm[gpu]'``.
@@ -29,18 +32,20 @@ from ..errors import QuadllmError
 from ..nn.modules import QuadLinear
 from .base import Kernel
 from .gpu import TritonKernel
+from .int4 import Int4Kernel
 from .int8 import Int8Kernel
 
 log = logging.getLogger(__name__)
 
 #: the kernel of every backend but ``fake``, by name
-KERNELS: dict[str, type[Kernel]] = {k.name: k for k in (Int8Kernel, TritonKernel)}
+KERNELS: dict[str, type[Kernel]] = {k.name: k for k in (Int8Kernel, Int4Kernel, TritonKernel)}
 #: every ``--backend`` choice
 BACKENDS: tuple[str, ...] = ("fake", *KERNELS, "auto")
 #: the dtypes a model can run in (``--dtype``; bfloat16 on the fake backend only: the kernels take float32)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-__all__ = ["BACKENDS", "DTYPES", "KERNELS", "BackendError", "Kernel", "Int8Kernel", "TritonKernel", "resolve_backend", "place"]
+__all__ = ["BACKENDS", "DTYPES", "KERNELS", "BackendError", "Kernel", "Int4Kernel", "Int8Kernel", "TritonKernel",
+           "resolve_backend", "place"]
 
 
 class BackendError(QuadllmError, ValueError):

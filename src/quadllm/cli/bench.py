@@ -39,7 +39,7 @@ def add_parsers(sub) -> None:
     mod.add_argument("--batch", default="1,8", help="batch sizes")
     mod.add_argument("--backends", default="fake,cpu-int8",
                      help="backends for a quantized checkpoint: fake, fake-bf16 (the simulation in bfloat16, as "
-                          "eval --dtype bfloat16 runs it), cpu-int8")
+                          "eval --dtype bfloat16 runs it), cpu-int8, cpu-int4 (decode reads packed INT4)")
     mod.add_argument("--repeat", type=int, default=3)
     mod.add_argument("--json", default=None, help="write the records as JSON to this file")
     add_common(mod)
@@ -74,7 +74,7 @@ def cmd_bench(args) -> int:
         prefill, batches = _ints(args.prefill, "--prefill"), _ints(args.batch, "--batch")
         backends = args.backends.split(",")
         if "gpu" in backends:
-            raise ConfigError("bench model times CPU backends (fake, fake-bf16, cpu-int8); time the gpu backend's "
+            raise ConfigError("bench model times CPU backends (fake, fake-bf16, cpu-int8, cpu-int4); time the gpu backend's "
                               "kernels with `quadllm bench linear --device cuda` (scripts/gpu_check.py)")
         unknown = [b for b in backends if b not in MODEL_BACKENDS]
         if unknown:
@@ -107,7 +107,7 @@ def cmd_bench(args) -> int:
 
 
 #: What ``bench model --backends`` times for a checkpoint.
-MODEL_BACKENDS = ("fake", "fake-bf16", "cpu-int8")
+MODEL_BACKENDS = ("fake", "fake-bf16", "cpu-int8", "cpu-int4")
 
 
 def _bf16_copy(model):

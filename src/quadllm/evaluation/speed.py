@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from ..backends import KERNELS, Int8Kernel, TritonKernel
+from ..backends import KERNELS, TritonKernel
 from ..config import DEFAULT_RANK, ActSpec
 from ..core.gptq import rtn_quantize
 from ..core.hadamard import OnlineTransform
@@ -138,10 +138,10 @@ def bench_linear(shapes: list[tuple[int, int, int]], rank: int = DEFAULT_RANK, b
                 call = (lambda layer=layer, xin=xin: layer(xin))
             else:
                 layer = quad_linear(k, n, r, hadamard=down).to(device)
-                if backend == "cpu-int8":
-                    layer.kernel = Int8Kernel(cache_weights=True)
-                elif backend in ("gpu", "gpu-unfused"):
+                if backend in ("gpu", "gpu-unfused"):
                     layer.kernel = TritonKernel(fuse_transform=backend == "gpu")
+                elif backend in KERNELS:
+                    layer.kernel = KERNELS[backend].create(cache_weights=True)
                 call = (lambda layer=layer: layer(xr))
             fn = (lambda call=call: (call(), torch.cuda.synchronize())) if cuda else call
             ms = median_ms(fn, repeat=repeat, min_seconds=min_seconds)

@@ -1,0 +1,90 @@
+"""The ``cpu-int4`` backend: torch's CPU INT4 GEMM fed with the activation codes gives the integer
+sums of ``cpu-int8`` rounded once to bfloat16, and the model the float simulation's outputs within
+that rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import quantize_tiny, random_ids
+
+from quadllm.backends import Int4Kernel, place
+from quadllm.backends.int4 import int4_code_mm, int4pack_available, int4pack_group, pack_for_int4_mm
+from quadllm.backends.int8 import act_codes, asym_act_codes
+from quadllm.nn.modules import QuadLinear
+
+pytestmark = pytest.mark.skipif(not int4pack_available(), reason="torch's CPU INT4 GEMM does not run here")
+
+#: widths the op takes (inputs multiples of 32, outputs of 16): hidden 64 + rank 16
+DIMS = dict(hidden_size=64, num_attention_heads=4, head_dim=16, intermediate_size=128)
+
+
+@pytest.mark.parametrize("n,k,act_bits", [(32, 96, 4), (48, 64, 8), (16, 256, 4), (144, 576, 8)])
+def test_code_mm_is_the_integer_sum_rounded_once_to_bfloat16(n, k, act_bits):
+    g = torch.Generator().manual_seed(n + k)
+    half = 2 ** (act_bits - 1)
+    qw = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    qx = torch.randint(-half, half, (5, k), generator=g, dtype=torch.int8)
+    packed, scale_zero, group = pack_for_int4_mm(qw)
+    assert group == int4pack_group(k) and k % group == 0
+    exact = qx.long() @ qw.long().t()  # well inside float32's exact integers
+    got = int4_code_mm(qx, packed, scale_zero, group)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, exact.float().to(torch.bfloat16))
+
+
+def test_widths_and_codes_the_op_cannot_take_are_refused():
+    assert int4pack_group(48) is None and int4pack_group(96) == 32 and int4pack_group(512) == 256
+    with pytest.raises(ValueError, match="divisible by 32"):
+        pack_for_int4_mm(torch.zeros(16, 48, dtype=torch.int8))
+    with pytest.raises(ValueError, match="divisible by 16"):
+        pack_for_int4_mm(torch.zeros(12, 64, dtype=torch.int8))
+    with pytest.raises(ValueError, match="-8..7"):
+        pack_for_int4_mm(torch.full((16, 64), 9, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(method="quad", rank=16, mode="w4a4"),
+    dict(method="quad", rank=16, mode="w4a4a8"),
+    dict(method="quad", rank=16, mode="w4a4", act_sym=False),
+    dict(method="quarot", mode="w4a8"),
+    dict(method="quad", rank=16, mode="w4a4", o_rank=4),
+])
+def test_each_linear_is_the_int8_paths_sum_rounded_once(cfg):
+    """Per linear, on the decode path: the same codes as cpu-int8 (and so fake), the integer sum
+    rounded to bfloat16, then the same float epilogue: within 2^-8 of each |sum| x scales."""
+    model = quantize_tiny("llama", weights="rtn", model_kwargs=DIMS, **cfg)
+    lins = [m for m in model.modules() if isinstance(m, QuadLinear)]
+    # o-rank 4 x 4 heads leaves o_proj 48 quantized columns, a width the op does not take
+    assert sum(not Int4Kernel.supports(m) for m in lins) == (2 if cfg.get("o_rank") else 0)
+    lins = [m for m in lins if Int4Kernel.supports(m)]
+    g = torch.Generator().manual_seed(5)
+    for lin in lins:
+        x = torch.randn(3, lin.in_features, generator=g) * 3
+        int4, int8 = Int4Kernel(), Int4Kernel.__mro__[1]()
+        y4, y8 = int4(lin, x), int8(lin, x)
+        xq = x[:, lin.rank:]
+        if lin.act.sym:
+            codes, sx = act_codes(xq, lin.act.bits, lin.act.clip_ratio)
+            sums = codes.double() @ lin.codes().double().t()
+        else:
+            codes, sx, zx = asym_act_codes(xq, lin.act.bits, lin.act.clip_ratio)
+            sums = codes.double() @ lin.codes().double().t()
+        bound = 2.0 ** -8 * sums.abs() * sx.double() * lin.scales.reshape(-1).double()
+        assert ((y4.double() - y8.double()).abs() <= bound + 1e-5 * y8.abs().double().max()).all()
+
+
+def test_model_outputs_match_fake_within_the_rounding_and_prefill_is_cpu_int8s():
+    model = quantize_tiny("llama", weights="rtn", model_kwargs=DIMS, method="quad", rank=16, mode="w4a4")
+    step = random_ids(1, 1, seed=2)  # one token: the decode path
+    long = random_ids(1, Int4Kernel.decode_rows + 5, seed=3)  # past decode_rows: cpu-int8's path
+    with torch.no_grad():
+        ref_step = model(step).logits
+        n = sum(isinstance(m, QuadLinear) for m in model.modules())
+        assert place(model, "cpu-int4") == {"cpu-int4": n}
+        step4, long4 = model(step).logits, model(long).logits
+        place(model, "cpu-int8")
+        long8 = model(long).logits
+    assert ((step4 - ref_step).norm() / ref_step.norm()).item() < 5e-3
+    assert torch.equal(long4, long8)
+    kernels = [m.kernel for m in model.modules() if isinstance(m, QuadLinear)]
+    assert all(not isinstance(k, Int4Kernel) for k in kernels)  # cpu-int8 replaced them
