@@ -89,3 +89,9 @@ def test_bench_model_times_the_checkpoint_in_bfloat16_too(tmp_path, tiny_origina
     assert {r["variant"] for r in result["records"]} == {"fp32", "bf16", "fake", "fake-bf16"}
     assert set(result["weights_mb"]) == {"fp32", "bf16", "fake", "fake-bf16"}
     assert main(["bench", "model", str(ckpt), "--backends", "fake,int4", "-q"]) == 2
+    assert main(["bench", "model", str(ckpt), "--heads", "float,int2", "-q"]) == 2
+    # each quantized backend with each head precision, in one run
+    assert main(["bench", "model", str(ckpt), "--prefill", "8", "--decode", "2", "--batch", "1", "--repeat", "1",
+                 "--backends", "cpu-int8", "--heads", "float,bf16", "--json", str(out), "-q"]) == 0
+    assert {r["variant"] for r in json.loads(out.read_text())["records"]} == {"fp32", "bf16", "cpu-int8",
+                                                                               "cpu-int8 head-bf16"}

@@ -28,10 +28,12 @@ from collections import Counter
 import torch
 from torch import nn
 
+from ..arch import get_adapter
 from ..errors import QuadllmError
-from ..nn.modules import QuadLinear
+from ..nn.modules import QuadHead, QuadLinear
 from .base import Kernel
 from .gpu import TritonKernel
+from .head import HEAD_PRECISIONS, HeadKernel
 from .int4 import Int4Kernel
 from .int8 import Int8Kernel
 
@@ -44,7 +46,7 @@ BACKENDS: tuple[str, ...] = ("fake", *KERNELS, "auto")
 #: the dtypes a model can run in (``--dtype``; bfloat16 on the fake backend only: the kernels take float32)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-__all__ = ["BACKENDS", "DTYPES", "KERNELS", "BackendError", "Kernel", "Int4Kernel", "Int8Kernel", "TritonKernel",
+__all__ = ["BACKENDS", "DTYPES", "HEAD_PRECISIONS", "KERNELS", "HeadKernel", "BackendError", "Kernel", "Int4Kernel", "Int8Kernel", "TritonKernel",
            "resolve_backend", "place"]
 
 
@@ -64,13 +66,18 @@ def resolve_backend(backend: str) -> str:
     return "cpu-int8" if int8.unavailable_reason() is None else "fake"
 
 
-def place(model: nn.Module, backend: str = "auto", cache_weights: bool = True) -> dict[str, int]:
+def place(model: nn.Module, backend: str = "auto", cache_weights: bool = True, head: str = "float") -> dict[str, int]:
     """Move ``model`` to the device of ``backend`` and give every quantized linear its kernel
     (``fake``: none); returns ``{backend: number of layers}``.
 
     ``cache_weights`` (``cpu-int8``): keep each layer's transposed int8 codes instead of
-    unpacking the INT4 codes at every call."""
+    unpacking the INT4 codes at every call. ``head`` (:data:`HEAD_PRECISIONS`): the output head's
+    precision on the CPU (:mod:`quadllm.backends.head`; ``float``: the model's own)."""
+    if head not in HEAD_PRECISIONS:
+        raise BackendError(f"unknown head precision {head!r}; choose one of {', '.join(HEAD_PRECISIONS)}")
     name = resolve_backend(backend)
+    if head != "float" and name in KERNELS and KERNELS[name].device() != "cpu":
+        raise BackendError(f"--head {head} runs on the CPU; the {name} backend keeps the model's head")
     kernel_cls = KERNELS.get(name)
     if kernel_cls is not None:
         reason = kernel_cls.unavailable_reason()
@@ -91,5 +98,27 @@ def place(model: nn.Module, backend: str = "auto", cache_weights: bool = True) -
             else:
                 m.kernel = None
                 counts["fake"] += 1
-    log.info("backend %s: %s", backend, ", ".join(f"{n} layers {k}" for k, n in sorted(counts.items())))
+    _place_head(model, head)
+    log.info("backend %s: %s%s", backend, ", ".join(f"{n} layers {k}" for k, n in sorted(counts.items())),
+             f"; head {head}" if head != "float" else "")
     return dict(counts)
+
+
+def _place_head(model: nn.Module, head: str) -> None:
+    """Give the model's output head ``head``'s precision (a stock layout's ``nn.Linear`` head
+    becomes the equivalent :class:`QuadHead` first, sharing its weight)."""
+    try:
+        adapter = get_adapter(model)
+    except QuadllmError:
+        adapter = None
+    module = adapter.head(model) if adapter is not None else None
+    if head != "float" and isinstance(module, nn.Linear):
+        module = QuadHead(None, weight=module.weight, bias=module.bias)
+        adapter.set_head(model, module)
+    if isinstance(module, QuadHead):
+        try:
+            module.kernel = None if head == "float" else HeadKernel(module.table(), head)
+        except ValueError as exc:
+            raise BackendError(f"--head {head}: {exc}") from None
+    elif head != "float":
+        raise BackendError(f"--head {head}: this model's output head ({type(module).__name__}) is not one quadllm knows")

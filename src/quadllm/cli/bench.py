@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..backends import place
+from ..backends import HEAD_PRECISIONS, place
 from ..config import DEFAULT_RANK, ConfigError
 from ..evaluation.speed import LINEAR_BACKENDS, bench_linear, bench_model, parse_shapes, records_markdown
 from ..io.memory import peak_rss_mb
@@ -40,6 +40,8 @@ def add_parsers(sub) -> None:
     mod.add_argument("--backends", default="fake,cpu-int8",
                      help="backends for a quantized checkpoint: fake, fake-bf16 (the simulation in bfloat16, as "
                           "eval --dtype bfloat16 runs it), cpu-int8, cpu-int4 (decode reads packed INT4)")
+    mod.add_argument("--heads", default="float",
+                     help=f"comma-separated output head precisions for each quantized backend ({', '.join(HEAD_PRECISIONS)})")
     mod.add_argument("--repeat", type=int, default=3)
     mod.add_argument("--json", default=None, help="write the records as JSON to this file")
     add_common(mod)
@@ -80,6 +82,9 @@ def cmd_bench(args) -> int:
         if unknown:
             raise ConfigError(f"bench model --backends: unknown {', '.join(unknown)} (choose from "
                               f"{', '.join(MODEL_BACKENDS)})")
+        heads = args.heads.split(",")
+        if any(h not in HEAD_PRECISIONS for h in heads):
+            raise ConfigError(f"bench model --heads {args.heads!r}: choose among {', '.join(HEAD_PRECISIONS)}")
         model, tok, meta, _ = open_model(args.model)
         if meta is not None:
             original = load_model((meta.get("original_model") or {}).get("spec"))[0]
@@ -91,9 +96,10 @@ def cmd_bench(args) -> int:
                 if backend == "fake-bf16":
                     variants[backend] = load(args.model, dtype=torch.bfloat16)[0]
                     continue
-                m = model if backend == "fake" else load(args.model)[0]
-                place(m, backend)
-                variants[backend] = m
+                for head in heads:
+                    m = model if backend == "fake" and head == "float" else load(args.model)[0]
+                    place(m, backend, head=head)
+                    variants[backend if head == "float" else f"{backend} head-{head}"] = m
         records = bench_model(variants, len(tok), prefill, args.decode, batches, repeat=args.repeat)
         cols = ["variant", "phase", "batch", "tokens", "median_ms", "tokens_per_s", "speedup_vs_fp32", "kv_cache_mb",
                 "kv_cache_vs_fp32"]

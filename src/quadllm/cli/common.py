@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..backends import BACKENDS, DTYPES, BackendError, place
+from ..backends import BACKENDS, DTYPES, HEAD_PRECISIONS, BackendError, place
 from ..finetune.adapter_file import is_adapter_file, read_adapter_meta
 from ..io.checkpoint import CheckpointError, is_checkpoint
 from ..io.files import WriteError, atomic_write
@@ -39,6 +39,9 @@ def add_backend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="fake",
                    help="how a quadllm checkpoint's quantized linears run: float simulation (default), INT8 GEMM "
                         "on the CPU, Triton kernels on a CUDA device, or the fastest available")
+    p.add_argument("--head", choices=HEAD_PRECISIONS, default="float",
+                   help="a quadllm checkpoint's output head on the CPU: as stored (default), a bfloat16 or a per-row "
+                        "INT8 copy (faster decoding; it changes the logits: measure it)")
 
 
 def add_dtype(p: argparse.ArgumentParser) -> None:
@@ -62,12 +65,14 @@ def config_from_args(cls: type[C], args: argparse.Namespace, **overrides: Any) -
     return cls(**{**values, **overrides})
 
 
-def open_model(spec: str | None, adapter: str | None = None, backend: str = "fake", dtype: str = "float32"):
+def open_model(spec: str | None, adapter: str | None = None, backend: str = "fake", dtype: str = "float32",
+               head: str = "float"):
     """A quadllm checkpoint (optionally with an adapter) placed on ``backend``, an adapter file
     (loaded on the base it records) or an original model: ``(model, tokenizer, meta_or_None,
     source_or_None)``. ``--backend`` names how a checkpoint's quantized linears run: asking for a
     kernel on an original model is an error, ``auto`` there a warning. ``dtype`` (a key of
-    :data:`DTYPES`) is the dtype everything runs in; the kernels take float32 models only."""
+    :data:`DTYPES`) is the dtype everything runs in; the kernels take float32 models only. ``head``
+    (:data:`HEAD_PRECISIONS`): a checkpoint's output head precision."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if dtype != "float32" and backend != "fake":
@@ -77,11 +82,13 @@ def open_model(spec: str | None, adapter: str | None = None, backend: str = "fak
         adapter, spec = spec, read_adapter_meta(spec)["base_path"]
     if spec is not None and spec != "default" and is_checkpoint(spec):
         model, tok, meta = load(spec, dtype=torch_dtype, adapter=adapter)
-        if backend != "fake":
-            meta = dict(meta, backend=place(model, backend))
+        if backend != "fake" or head != "float":
+            meta = dict(meta, backend=place(model, backend, head=head), head=head)
         return model, tok, meta, None
     if adapter is not None:
         raise CheckpointError(f"--adapter needs a quadllm checkpoint as the model, not {spec or 'default'}")
+    if head != "float":
+        raise BackendError(f"--head {head} runs quadllm checkpoints; {spec or 'the default model'} is an original model")
     if backend == "auto":
         log.warning("--backend auto applies to quadllm checkpoints; %s is an original model and runs in float",
                     spec or "the default model")

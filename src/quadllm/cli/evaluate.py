@@ -124,12 +124,13 @@ def cmd_eval(args) -> int:
     if tasks is not None:
         return _eval_tasks(args, tasks, t0)
     text = _check_eval_inputs(args, True)
-    model, tok, meta, source = open_model(args.model, args.adapter, args.backend, args.dtype)
+    model, tok, meta, source = open_model(args.model, args.adapter, args.backend, args.dtype, args.head)
     reference = _reference_model(args, model, meta)
     result: dict[str, Any] = evaluate(model, tok, text, args.seqlen, args.max_windows, reference,
                                       args.data_dir, progress=not args.quiet)
     result["model"] = args.model or "default"
     result["dtype"] = args.dtype
+    result["backend"], result["head"] = args.backend, args.head
     if meta is not None:
         result["quant_config"] = meta.get("quant_config")
     result["peak_memory_mb"] = round(peak_rss_mb())
@@ -146,12 +147,13 @@ def _eval_tasks(args, tasks: list[str], t0: float) -> int:
     if args.data is None and args.reference:
         log.warning("--reference is used with --data (perplexity, KL); ignored for tasks")
     text = _check_eval_inputs(args, args.data is not None)
-    model, tok, meta, _ = open_model(args.model, args.adapter, args.backend, args.dtype)
+    model, tok, meta, _ = open_model(args.model, args.adapter, args.backend, args.dtype, args.head)
     suite = _suite(args, model, tok, tasks)
     result: dict[str, Any] = {"model": args.model or "default", "tasks": suite["tasks"], "seconds": suite["seconds"],
                               "average": suite["average"], "average_metrics": suite["average_metrics"],
                               "details": suite["details"], "limit": args.limit, "seed": args.seed,
-                              "batch_size": args.batch_size, "dtype": args.dtype}
+                              "batch_size": args.batch_size, "dtype": args.dtype, "backend": args.backend,
+                              "head": args.head}
     if args.data is not None:
         reference = _reference_model(args, model, meta)
         result["perplexity"] = evaluate(model, tok, text, args.seqlen, args.max_windows, reference,
@@ -197,7 +199,8 @@ def cmd_compare(args) -> int:
     ref_tok = None
     for name, spec in zip(names, args.models):
         log.info("model %s (%s)", name, spec)
-        model, tok, meta, _ = open_model(spec, backend=args.backend if is_checkpoint(spec) else "fake", dtype=args.dtype)
+        model, tok, meta, _ = open_model(spec, backend=args.backend if is_checkpoint(spec) else "fake", dtype=args.dtype,
+                                         head=args.head if is_checkpoint(spec) else "float")
         if ref_tok is None:
             ref_tok = tok
         results[name] = {"model": spec, "quant_config": meta.get("quant_config") if meta else None}
@@ -224,7 +227,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    model, tok, _, _ = open_model(args.model, args.adapter, args.backend, args.dtype)
+    model, tok, _, _ = open_model(args.model, args.adapter, args.backend, args.dtype, args.head)
     if getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]

@@ -100,6 +100,8 @@ class QuadHead(nn.Module):
         self.own_weight = None if weight is None else nn.Parameter(weight, requires_grad=False)
         self._tied = (tied_to,) if tied_to is not None else ()
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        # set by quadllm.backends.place(head=...): the table in a cheaper precision, for inference
+        self.kernel = None
 
     @property
     def tied(self) -> bool:
@@ -111,11 +113,13 @@ class QuadHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.proj is not None:
             x = F.linear(x.to(self.proj.dtype), self.proj)
+        if self.kernel is not None:
+            return self.kernel(x, self.bias)
         w = self.table()
         return F.linear(x.to(w.dtype), w, self.bias)
 
     def extra_repr(self) -> str:
-        return f"tied={self.tied}"
+        return f"tied={self.tied}" + (f", head={self.kernel.precision}" if self.kernel is not None else "")
 
 
 class QuadLinear(nn.Module):

@@ -1,0 +1,87 @@
+"""The output head in bfloat16 or INT8 (``place(head=...)``): the definitions, and the model's
+logits within their rounding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import quantize_tiny, random_ids, tiny_model
+
+from quadllm.backends import BackendError, HeadKernel, place
+from quadllm.backends.head import int8_rows
+from quadllm.cli import main
+from quadllm.nn.modules import QuadHead
+
+
+def test_int8_rows_are_symmetric_per_row_codes_with_the_gemms_scale():
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(40, 24, generator=g) * torch.linspace(0.01, 5, 40)[:, None]
+    codes, scale = int8_rows(table)
+    assert codes.dtype == torch.int8 and scale.dtype == torch.bfloat16 and int(codes.abs().max()) <= 127
+    s = scale.float()[:, None]
+    assert torch.equal(codes.float(), (table / s).round().clamp(-127, 127))
+    assert ((codes.float() * s - table).abs() <= 0.5 * s * (1 + 1e-6) + (table.abs() - 127 * s).clamp_min(0)).all()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_head_kernel_is_its_definition(precision):
+    g = torch.Generator().manual_seed(1)
+    table, x, bias = torch.randn(64, 32, generator=g), torch.randn(2, 3, 32, generator=g), torch.randn(64, generator=g)
+    got = HeadKernel(table, precision)(x, bias)
+    xb = x.to(torch.bfloat16).double()
+    if precision == "bf16":
+        ref = xb @ table.to(torch.bfloat16).double().t()
+    else:
+        codes, scale = int8_rows(table)
+        ref = (xb @ codes.double().t()) * scale.double()
+    assert got.shape == (2, 3, 64) and got.dtype == torch.float32
+    # the GEMM's output is bfloat16: one rounding of each logit (and of the bf16 GEMM's partial sums)
+    assert torch.allclose(got.double() - bias.double(), ref, rtol=2 ** -7, atol=1e-2)
+    with pytest.raises(ValueError, match="head precision"):
+        HeadKernel(table, "int4")
+    with pytest.raises(ValueError, match="divisible by 16"):
+        HeadKernel(torch.randn(64, 56), "int8")
+
+
+def test_place_gives_the_head_its_precision_and_takes_it_back():
+    model = quantize_tiny("llama", weights="rtn", method="quad", rank=8)
+    ids = random_ids(2, 12, seed=4)
+    with torch.no_grad():
+        ref = model(ids).logits
+        for precision in ("bf16", "int8"):
+            place(model, "fake", head=precision)
+            head = next(m for m in model.modules() if isinstance(m, QuadHead))
+            assert head.kernel is not None and head.kernel.precision == precision
+            out = model(ids).logits
+            assert 0 < ((out - ref).norm() / ref.norm()).item() < 2e-2
+        place(model, "fake")
+        assert torch.equal(model(ids).logits, ref)
+    with pytest.raises(BackendError, match="head precision"):
+        place(model, "fake", head="fp8")
+    # an nn.Linear head (an original or stock-layout model) becomes the same head in that precision
+    original = tiny_model("llama-untied", torch.float32)
+    with torch.no_grad():
+        ref = original(ids).logits
+        place(original, "fake", head="int8")
+        assert isinstance(original.lm_head, QuadHead) and original.lm_head.own_weight is not None
+        assert 0 < ((original(ids).logits - ref).norm() / ref.norm()).item() < 2e-2
+
+
+def test_eval_with_an_int8_head_records_it(tiny_original, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 97} and{i % 13}" for i in range(6000)))
+    ckpt, out = tmp_path / "q", tmp_path / "e.json"
+    assert main(["quantize", "--model", str(tiny_original), "--rank", "8", "--weights", "rtn", "--calib", str(text),
+                 "--calib-samples", "2", "--calib-seqlen", "32", "--out", str(ckpt), "-q"]) == 0
+    assert main(["eval", str(ckpt), "--head", "bf16", "--backend", "cpu-int8", "--data", str(text), "--max-windows",
+                 "1", "--seqlen", "32", "--json", str(out), "-q"]) == 0
+    result = json.loads(out.read_text())
+    assert result["head"] == "bf16" and result["backend"] == "cpu-int8" and result["ppl"] > 1
+    # the stock layout's head reads the expanded stream (48 + 8 wide): no INT8 GEMM for it, said before any work
+    assert main(["eval", str(ckpt), "--head", "int8", "--data", str(text), "--max-windows", "1", "--seqlen", "32",
+                 "-q"]) == 2
+    # an original model has no quadllm head: refused
+    assert main(["eval", str(tiny_original), "--head", "int8", "--data", str(text), "--max-windows", "1",
+                 "--seqlen", "32", "-q"]) == 2
