@@ -54,9 +54,15 @@ def test_each_linear_is_the_int8_paths_sum_rounded_once(cfg):
     rounded to bfloat16, then the same float epilogue: within 2^-8 of each |sum| x scales."""
     model = quantize_tiny("llama", weights="rtn", model_kwargs=DIMS, **cfg)
     lins = [m for m in model.modules() if isinstance(m, QuadLinear)]
-    # o-rank 4 x 4 heads leaves o_proj 48 quantized columns, a width the op does not take
-    assert sum(not Int4Kernel.supports(m) for m in lins) == (2 if cfg.get("o_rank") else 0)
-    lins = [m for m in lins if Int4Kernel.supports(m)]
+    # o-rank 4 x 4 heads leaves o_proj 48 quantized columns, a width the op does not take: those
+    # run cpu-int8's path, exactly
+    assert all(Int4Kernel.supports(m) for m in lins)
+    assert sum(not Int4Kernel.packs(m) for m in lins) == (2 if cfg.get("o_rank") else 0)
+    for lin in lins:
+        if not Int4Kernel.packs(lin):
+            x = torch.randn(2, lin.in_features)
+            assert torch.equal(Int4Kernel()(lin, x), Int4Kernel.__mro__[1]()(lin, x))
+    lins = [m for m in lins if Int4Kernel.packs(m)]
     g = torch.Generator().manual_seed(5)
     for lin in lins:
         x = torch.randn(3, lin.in_features, generator=g) * 3

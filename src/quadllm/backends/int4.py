@@ -15,7 +15,8 @@ bfloat16 once (a relative error of at most 2^-8, what a bfloat16 model has at ev
 float32 input path of the same op is exact but a slow reference kernel, and so not used.
 
 For more than ``decode_rows`` rows (prefill) the INT8 GEMM is faster: those go through
-``cpu-int8``'s path (which then keeps its own int8 weight layout when ``cache_weights``).
+``cpu-int8``'s path (which then keeps its own int8 weight layout when ``cache_weights``), as do the
+linears whose widths the INT4 GEMM does not take (:meth:`Int4Kernel.packs`).
 """
 
 from __future__ import annotations
@@ -85,7 +86,9 @@ class Int4Kernel(Int8Kernel):
         return super().unavailable_reason()
 
     @staticmethod
-    def supports(lin: QuadLinear) -> bool:
+    def packs(lin: QuadLinear) -> bool:
+        """Whether the INT4 GEMM takes ``lin`` (INT4 weights, input widths divisible by 32 and
+        output widths by 16); the others run ``cpu-int8``'s path at every length."""
         return (supports_int8(lin) and lin.w_bits <= 4 and lin.out_features % 16 == 0
                 and int4pack_group(lin.in_features - lin.rank) is not None)
 
@@ -120,7 +123,7 @@ class Int4Kernel(Int8Kernel):
     def __call__(self, lin: QuadLinear, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] > self.decode_rows:
+        if x2.shape[0] > self.decode_rows or not self.packs(lin):
             return super().__call__(lin, x)
         r = lin.rank
         xs = x2 if x2.dtype == torch.float32 else x2.float()
