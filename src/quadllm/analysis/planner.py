@@ -247,10 +247,14 @@ def taylor_sensitivity(model: nn.Module, reference: list[torch.Tensor], probe: t
         for window, ref in tqdm(list(zip(probe, reference)), desc=f"sensitivity ({target}, taylor)", unit="window",
                                 disable=not progress):
             with torch.enable_grad():
-                logp = _wide(model(input_ids=window[None]).logits).log_softmax(-1)
-                kl = kl_per_position(ref, logp).sum()
-                kl.backward()
-            total += float(kl.detach())
+                logits = model(input_ids=window[None]).logits
+            with torch.no_grad():  # d KL(p ‖ softmax(z)) / dz = softmax(z) - p: no graph over the vocabulary
+                logp = _wide(logits.detach()).log_softmax(-1)
+                total += float(kl_per_position(ref, logp).sum())
+                grad = (logp.exp_() - ref.exp()).to(logits.dtype)
+                del logp
+            logits.backward(grad)
+            del logits, grad  # before the next window's graph
             tokens += ref.shape[0] * ref.shape[1]
     finally:
         for h in handles:
