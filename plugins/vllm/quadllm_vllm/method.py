@@ -72,9 +72,6 @@ class QuadllmVllmConfig(QuantizationConfig):
         if quantization["structure"].get("lora"):
             raise ValueError("this checkpoint holds LoRA adapters (quadllm finetune --method lora), which the plugin "
                              "does not build; serve the outlier fine-tune instead, or run it with quadllm")
-        if self.config.overrides:
-            raise ValueError("this checkpoint sets precisions per module (quadllm quantize --override), which the "
-                             "plugin does not build yet; serve it with quadllm, or quantize without --override")
         self.hf_config = None
         self._linears: dict[str, QuadLinear] | None = None
 

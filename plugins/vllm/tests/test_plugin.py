@@ -15,16 +15,24 @@ import torch
 import quadllm
 from quadllm_vllm.method import QWEN2_OVERRIDES, QuadllmLinearMethod, QuadllmVllmConfig
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+#: per-module precisions (quantize --override): a full-precision q_proj beside quantized k/v (one fused
+#: vLLM layer), INT8 inputs to down_proj, a weight-only up_proj beside a W4A4 gate_proj
+MIXED = ["layers.0.self_attn.q_proj=skip", "*.down_proj=a8", "layers.1.mlp.up_proj=w4a16"]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "llama-mixed"])
 def served(request, tmp_path_factory, helpers):
-    """(checkpoint, vLLM engine) for a tiny stock checkpoint of each family vLLM serves."""
+    """(checkpoint, vLLM engine) for a tiny stock checkpoint of each family vLLM serves, and one
+    with per-module precisions."""
     from vllm import LLM
 
     h = helpers
+    arch = request.param.removesuffix("-mixed")
     # vLLM's CPU attention has kernels for head sizes of 32 and more
-    ckpt = h.stock_checkpoint(tmp_path_factory.mktemp(request.param) / "ckpt", request.param,
-                              model_kwargs={"num_attention_heads": 2, "head_dim": 32}, o_rank=2)
-    overrides = QWEN2_OVERRIDES if request.param == "qwen2" else None
+    ckpt = h.stock_checkpoint(tmp_path_factory.mktemp(request.param) / "ckpt", arch,
+                              model_kwargs={"num_attention_heads": 2, "head_dim": 32}, o_rank=2,
+                              **({"overrides": MIXED} if request.param.endswith("-mixed") else {}))
+    overrides = QWEN2_OVERRIDES if arch == "qwen2" else None
     llm = LLM(model=str(ckpt), dtype="float32", max_model_len=64, enforce_eager=True, gpu_memory_utilization=0.05,
               seed=0, hf_overrides=overrides)
     yield ckpt, llm
@@ -70,10 +78,6 @@ def test_kv_cache_quantization_and_foreign_configs_are_refused():
     with pytest.raises(ValueError, match="LoRA"):
         QuadllmVllmConfig.from_config({"quant_method": "quadllm", "quant_config": lora, "original": {},
                                        "structure": {"lora": {"rank": 4}}})
-    mixed = quadllm.QuantConfig(method="quad", rank=8, overrides=["*.down_proj=a8"]).to_dict()
-    with pytest.raises(ValueError, match="per module"):
-        QuadllmVllmConfig.from_config({"quant_method": "quadllm", "quant_config": mixed, "original": {},
-                                       "structure": {}})
 
 
 def test_a_qwen2_checkpoint_without_the_override_is_refused_with_it():
