@@ -149,7 +149,8 @@ class QuadllmLinearMethod(LinearMethodBase):
             p.bias = None  # vLLM holds and adds the layer's bias
         # each part's tensors by checkpoint key, once: the loaders copy into them (its bias is vLLM's)
         states = [{k: t for k, t in p.state_dict(keep_vars=True).items() if k != "bias"} for p in self.parts]
-        for key in [*states[0], MARKER]:
+        # the union: fused projections may differ (a full-precision q_proj beside quantized k/v)
+        for key in dict.fromkeys([*(k for state in states for k in state), MARKER]):
             _dummy_param(layer, key, _loader(states, key))
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
@@ -190,11 +191,14 @@ def _loader(states: list[dict[str, torch.Tensor]], key: str):
         index = 0 if shard is None else QKV_SHARDS.get(shard, shard)
         if shard is None and len(states) > 1:
             raise ValueError(f"{key}: a fused tensor for {len(states)} projections; quadllm stores them apart")
-        if key == MARKER:
+        target = states[int(index)].get(key)
+        if key == MARKER and target is None:  # a quantized projection (a full-precision one has a weight)
             if data.numel():
                 raise ValueError(f"{key}: a weight where quadllm writes an empty marker: not a quadllm checkpoint")
             return
-        target = states[int(index)][key]
+        if target is None:
+            raise ValueError(f"{key}: the checkpoint gives it to projection {shard}, which the configuration "
+                             "builds without it (its precision per module disagrees)")
         if tuple(target.shape) != tuple(data.shape):
             raise ValueError(f"{key}: the checkpoint holds {tuple(data.shape)}, the configuration gives "
                              f"{tuple(target.shape)}")
