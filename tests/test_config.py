@@ -146,3 +146,20 @@ def test_an_override_that_quantizes_activations_turns_the_clip_steps_on_in_a_wei
     assert not QuantConfig(mode="w4a16", a_clip_search=True).searches_act_clips
     c = QuantConfig(mode="w4a16", a_clip_search=True, overrides=["*.down_proj=a8"])
     assert c.quantizes_activations and c.searches_act_clips
+
+
+def test_rank_overrides_give_o_proj_and_down_proj_their_own_ranks_apart_from_precision():
+    c = QuantConfig(o_rank=8, down_rank=0, overrides=["layers.0.*.o_proj=rank0", "*.down_proj=rank16",
+                                                       "layers.1.mlp.down_proj=RANK4", "*.down_proj=a8"])
+    assert c.module_rank("o_proj", "layers.0.self_attn.o_proj") == 0
+    assert c.module_rank("o_proj", "layers.1.self_attn.o_proj") == 8  # the configuration's
+    assert c.module_rank("down_proj", "layers.0.mlp.down_proj") == 16
+    assert c.module_rank("down_proj", "layers.1.mlp.down_proj") == 4
+    assert c.module_rank("reader", "layers.0.mlp.up_proj") == 0 and c.module_rank("down_proj") == 0
+    # a rank override does not change the precision, nor a precision override the rank
+    assert c.module_setting("down_proj", "layers.1.mlp.down_proj") == ModuleSetting(act_bits=8)
+    assert c.module_setting("o_proj", "layers.0.self_attn.o_proj") == ModuleSetting(act_bits=4)
+    assert QuantConfig(method="quad", weights="rtn", a_clip_search=False, o_rank=0, down_smooth=0.0,
+                       overrides=["*.o_proj=rank4"]).needs_layer_inputs
+    with pytest.raises(ConfigError, match="rank<N>"):
+        QuantConfig(overrides=["*.o_proj=rankx"])

@@ -112,9 +112,21 @@ def parse_setting(text: str, w_bits: int) -> ModuleSetting:
     return ModuleSetting(weights=True, act_bits=a)
 
 
-def parse_override(text: str, w_bits: int) -> tuple[str, ModuleSetting]:
+@dataclass(frozen=True)
+class RankSetting:
+    """A per-module rank (``rank<N>``) where a linear has its own: o_proj's principal coordinates of
+    the values per head (``o_rank``), down_proj's input subspace (``down_rank``)."""
+
+    rank: int
+
+
+#: the roles of the linears a rank setting applies to
+RANK_ROLES = ("o_proj", "down_proj")
+
+
+def parse_override(text: str, w_bits: int) -> tuple[str, ModuleSetting | RankSetting]:
     """``PATTERN=SETTING`` split and checked: the pattern (a glob, or a regular expression after
-    ``re:``) compiles, the setting parses."""
+    ``re:``) compiles, the setting parses (a precision, :func:`parse_setting`, or ``rank<N>``)."""
     pattern, sep, setting = str(text).rpartition("=")
     if not sep or not pattern.strip():
         raise ConfigError(f"override {text!r}: expected PATTERN=SETTING, e.g. '*.down_proj=a8' or "
@@ -125,7 +137,13 @@ def parse_override(text: str, w_bits: int) -> tuple[str, ModuleSetting]:
             re.compile(pattern[3:])
         except re.error as exc:
             raise ConfigError(f"override {text!r}: not a regular expression ({exc})") from None
-    return pattern, parse_setting(setting, w_bits)
+    rank = re.fullmatch(r"rank(\d+)", setting.strip().lower())
+    if rank is not None:
+        return pattern, RankSetting(int(rank.group(1)))
+    try:
+        return pattern, parse_setting(setting, w_bits)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}, or rank<N> (o_proj's per head, down_proj's)") from None
 
 
 def module_key(index: int, name: str) -> str:
@@ -294,12 +312,14 @@ class QuantConfig:
         """Whether each decoder layer's calibration inputs are needed: for GPTQ or GPTAQ, the clip search,
         the o_proj and down_proj subspaces, the learned transforms or the learned weight clips."""
         return (self.weights != "rtn" or self.stores_act_clips or self.down_rank > 0 or self.o_rank > 0
+                or any(isinstance(s, RankSetting) and s.rank > 0 for _, s in self.parsed_overrides())
                 or self.down_smooth > 0 or self.learns_transforms or self.w_clip_learn > 0)
 
     @property
     def quantizes_activations(self) -> bool:
         """Whether some linear's activations are quantized: by the mode, or by an override."""
-        return self.mode != "w4a16" or any(s.act_bits < 16 for _, s in self.parsed_overrides())
+        return self.mode != "w4a16" or any(isinstance(s, ModuleSetting) and s.act_bits < 16
+                                           for _, s in self.parsed_overrides())
 
     @property
     def searches_act_clips(self) -> bool:
@@ -326,7 +346,7 @@ class QuantConfig:
         """Whether the run needs calibration samples: for an outlier subspace, GPTQ or the clip search."""
         return self.rank > 0 or self.needs_layer_inputs
 
-    def parsed_overrides(self) -> list[tuple[str, ModuleSetting]]:
+    def parsed_overrides(self) -> list[tuple[str, ModuleSetting | RankSetting]]:
         """``overrides`` as (pattern, setting) pairs, in order (checked: a bad one raises ConfigError)."""
         for text in self.overrides:
             if not isinstance(text, str):
@@ -339,10 +359,22 @@ class QuantConfig:
         (:func:`module_key`)."""
         if module is not None:
             for pattern, setting in reversed(self.parsed_overrides()):
-                if pattern_matches(pattern, module):
+                if isinstance(setting, ModuleSetting) and pattern_matches(pattern, module):
                     return setting
         main = {"w4a4": 4, "w4a4a8": 4, "w4a8": 8, "w4a16": 16}[self.mode]
         return ModuleSetting(act_bits=8 if (self.mode == "w4a4a8" and role in ("o_proj", "down_proj")) else main)
+
+    def module_rank(self, role: str, module: str | None = None) -> int:
+        """The rank of a linear that has its own (:data:`RANK_ROLES`: ``o_rank`` for o_proj,
+        ``down_rank`` for down_proj): the configuration's, or that of the last ``rank<N>`` override
+        whose pattern names ``module``; 0 for the other roles."""
+        if role not in RANK_ROLES:
+            return 0
+        if module is not None:
+            for pattern, setting in reversed(self.parsed_overrides()):
+                if isinstance(setting, RankSetting) and pattern_matches(pattern, module):
+                    return setting.rank
+        return self.o_rank if role == "o_proj" else self.down_rank
 
     def act_spec(self, role: str, module: str | None = None) -> ActSpec:
         """Activation quantization for a linear of the given role (``reader`` of the residual

@@ -132,3 +132,31 @@ def test_an_override_that_names_no_module_is_refused_with_the_names_it_could_mat
     with pytest.raises(ConfigError, match="names no module.*layers.0.self_attn.q_proj"):
         LayerRecipe(QuantConfig(rank=8, overrides=["*.qkv_proj=a8"]), get_adapter(model))
     check_overrides(QuantConfig(overrides=["model.layers.1.*=a8"]), get_adapter(model))
+
+
+def test_rank_overrides_build_each_layers_decomposition_and_the_checkpoint_records_them(tmp_path):
+    from conftest import random_ids
+
+    overrides = ["layers.0.self_attn.o_proj=rank0", "layers.1.self_attn.o_proj=rank4", "layers.0.mlp.down_proj=rank8"]
+    model = quantize_tiny("llama", method="quad", rank=8, weights="rtn", o_rank=2, overrides=overrides)
+    layers = get_adapter(model).layers(model)
+    heads = get_adapter(model).num_heads
+    assert [layers[i].self_attn.o_proj.rank for i in (0, 1)] == [0, 4 * heads]
+    assert [layers[i].mlp.down_proj.rank for i in (0, 1)] == [8, 0]
+    save(model, tiny_tokenizer(), tmp_path / "ckpt")
+    loaded, _, meta = load(tmp_path / "ckpt")
+    assert meta["structure"]["module_ranks"] == {"layers.0.self_attn.o_proj": 0, "layers.0.mlp.down_proj": 8,
+                                                 "layers.1.self_attn.o_proj": 4, "layers.1.mlp.down_proj": 0}
+    ids = random_ids(2, 12, seed=3)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("*.q_proj=rank4", "o_proj \\(per head\\) and down_proj inputs only"),
+    ("*.o_proj=rank16", "smaller than the head dimension"),
+    ("*.down_proj=rank96", "smaller than the intermediate size"),
+])
+def test_bad_rank_overrides_are_refused_before_any_work(override, match):
+    with pytest.raises(ConfigError, match=match):
+        check_overrides(QuantConfig(method="quad", rank=8, overrides=[override]), get_adapter(tiny_config("llama")))

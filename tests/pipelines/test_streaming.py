@@ -43,7 +43,8 @@ def test_streaming_matches_the_in_memory_pipeline(tmp_path, arch):
     samples = random_ids(4, 16, seed=3)
     cfg = dict(CFG, kv_bits=4) if arch == "qwen2" else CFG
     if arch == "llama-untied":  # per-module precisions stream too
-        cfg = dict(CFG, overrides=["layers.0.*=skip", "*.down_proj=a8", "layers.1.mlp.up_proj=w4a16"])
+        cfg = dict(CFG, overrides=["layers.0.*=skip", "*.down_proj=a8", "layers.1.mlp.up_proj=w4a16",
+                                   "layers.1.self_attn.o_proj=rank0", "layers.1.mlp.down_proj=rank4"])
     quantize(model, QuantConfig(**cfg), samples, progress=False)
     save(model, tiny_tokenizer(), tmp_path / "mem")
     summary = quantize_streaming(d, QuantConfig(**cfg), samples, tmp_path / "stream", tiny_tokenizer(),

@@ -15,9 +15,11 @@ import torch
 import quadllm
 from quadllm_vllm.method import QWEN2_OVERRIDES, QuadllmLinearMethod, QuadllmVllmConfig
 
-#: per-module precisions (quantize --override): a full-precision q_proj beside quantized k/v (one fused
-#: vLLM layer), INT8 inputs to down_proj, a weight-only up_proj beside a W4A4 gate_proj
-MIXED = ["layers.0.self_attn.q_proj=skip", "*.down_proj=a8", "layers.1.mlp.up_proj=w4a16"]
+#: per-module settings (quantize --override): a full-precision q_proj beside quantized k/v (one fused
+#: vLLM layer), INT8 inputs to down_proj, a weight-only up_proj beside a W4A4 gate_proj, no o_proj
+#: rank in layer 1 (2 per head in layer 0)
+MIXED = ["layers.0.self_attn.q_proj=skip", "*.down_proj=a8", "layers.1.mlp.up_proj=w4a16",
+         "layers.1.self_attn.o_proj=rank0"]
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "llama-mixed"])

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..arch import ArchAdapter, get_submodule, set_submodule
-from ..config import ConfigError, QuantConfig, module_key, pattern_matches
+from ..config import RANK_ROLES, ConfigError, QuantConfig, RankSetting, module_key, pattern_matches
 from ..core.affine import AffineTail
 from ..nn.modules import QuadEmbedding, QuadHead, QuadLinear, QuadRMSNorm
 from ..steps.calibration import LayerInputs
@@ -55,7 +55,7 @@ from ..steps.weights import gptq_layer, rtn_layer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LayerRecipe", "check_overrides", "module_table", "structure_of"]
+__all__ = ["LayerRecipe", "check_overrides", "module_table", "rank_table", "structure_of"]
 
 
 def structure_of(config: QuantConfig, adapter: ArchAdapter) -> dict[str, Any]:
@@ -73,6 +73,9 @@ def structure_of(config: QuantConfig, adapter: ArchAdapter) -> dict[str, Any]:
         "learned_transform": config.learns_transforms,
         # each decoder linear's precision, recorded where overrides make them differ
         **({"modules": module_table(config, adapter)} if config.overrides else {}),
+        # o_proj's and down_proj's ranks, where rank overrides make them differ per layer
+        **({"module_ranks": rank_table(config, adapter)} if any(
+            isinstance(s, RankSetting) for _, s in config.parsed_overrides()) else {}),
     }
 
 
@@ -80,11 +83,40 @@ def check_overrides(config: QuantConfig, adapter: ArchAdapter) -> None:
     """Every override's pattern names at least one decoder linear of this model (a typo fails here,
     before any work, with the names it could have matched)."""
     keys = [module_key(i, name) for i in range(adapter.num_layers) for name in adapter.all_linears]
-    for text, (pattern, _) in zip(config.overrides, config.parsed_overrides()):
-        if not any(pattern_matches(pattern, key) for key in keys):
+    for text, (pattern, setting) in zip(config.overrides, config.parsed_overrides()):
+        named = [key for key in keys if pattern_matches(pattern, key)]
+        if not named:
             raise ConfigError(f"override {text!r} names no module of this model; its decoder linears are "
                               f"{keys[0]} ... {keys[-1]} ({', '.join(adapter.all_linears)} in layers 0-"
                               f"{adapter.num_layers - 1})")
+        if isinstance(setting, RankSetting):
+            _check_rank_override(text, setting.rank, named, config, adapter)
+
+
+def _check_rank_override(text: str, rank: int, named: list[str], config: QuantConfig, adapter: ArchAdapter) -> None:
+    """A ``rank<N>`` override names only o_proj / down_proj inputs, and N fits them."""
+    roles = {adapter.role(key.split(".", 2)[2]) for key in named}
+    if not roles <= set(RANK_ROLES):
+        raise ConfigError(f"override {text!r}: a rank applies to o_proj (per head) and down_proj inputs only "
+                          f"({adapter.o_proj}, {adapter.down_proj}); the residual rank is one per model (--rank)")
+    if "o_proj" in roles and rank >= adapter.head_dim:
+        raise ConfigError(f"override {text!r}: o_proj's rank per head must be smaller than the head dimension "
+                          f"{adapter.head_dim}")
+    if "o_proj" in roles and rank and config.kv_bits < 16:
+        raise ConfigError(f"override {text!r}: an o_proj rank rotates the values, which a quantized KV cache would "
+                          "store unrotated; use kv_bits 16")
+    if "down_proj" in roles and rank >= adapter.intermediate_size:
+        raise ConfigError(f"override {text!r}: down_proj's rank must be smaller than the intermediate size "
+                          f"{adapter.intermediate_size}")
+    if "o_proj" in roles and not rank and config.o_rank_bits < 16:
+        raise ConfigError(f"override {text!r}: o_rank_bits 8 needs o_proj ranks > 0")
+
+
+def rank_table(config: QuantConfig, adapter: ArchAdapter) -> dict[str, int]:
+    """o_proj's (per head) and down_proj's rank in every layer, resolved from the configuration
+    and the rank overrides: what the checkpoint records."""
+    return {module_key(i, name): config.module_rank(adapter.role(name), module_key(i, name))
+            for i in range(adapter.num_layers) for name in (adapter.o_proj, adapter.down_proj)}
 
 
 def module_table(config: QuantConfig, adapter: ArchAdapter) -> dict[str, str]:
@@ -179,12 +211,14 @@ class LayerRecipe:
         (``inputs.reference``) through it for the next layer."""
         if self.config.needs_layer_inputs and inputs is None:
             raise ValueError("GPTQ, the clip search and --down-rank need the layer's calibration inputs")
-        if self.config.o_rank:
-            self.o_energy.append(decompose_o_proj(layer, self.adapter, inputs, self.config.o_rank, index))
+        o_rank = self.config.module_rank("o_proj", module_key(index, self.adapter.o_proj))
+        down_rank = self.config.module_rank("down_proj", module_key(index, self.adapter.down_proj))
+        if o_rank:
+            self.o_energy.append(decompose_o_proj(layer, self.adapter, inputs, o_rank, index))
         if self.config.down_smooth:
             smooth_down_proj(layer, self.adapter, inputs, self.config.down_smooth, index)
-        if self.config.down_rank:
-            self.down_energy.append(decompose_down_proj(layer, self.adapter, inputs, self.config.down_rank, index))
+        if down_rank:
+            self.down_energy.append(decompose_down_proj(layer, self.adapter, inputs, down_rank, index))
         if self.config.learns_transforms:
             self.transforms_kept.append(learn_layer_transforms(layer, self.adapter, inputs, self.config, index))
         # the float layer's outputs, for training the weight clips and for GPTQ's test of them
@@ -246,14 +280,13 @@ class LayerRecipe:
             if norms:
                 set_submodule(layer, group.norm, QuadRMSNorm(d, norm_eps(get_submodule(layer, group.norm))))
         for name in adapter.writers:
-            if name == adapter.down_proj and config.down_rank:
-                k = config.down_rank
+            k = config.module_rank(adapter.role(name), module_key(index, name))
+            if name == adapter.down_proj and k:
                 lin = get_submodule(layer, name)
                 split = empty_split_transform(lin, online.get(name), k, dtype)
                 empty(name, lin.in_features + k, wide, k, split)
-            elif name == adapter.o_proj and config.o_rank:
-                empty(name, None, wide, adapter.num_heads * config.o_rank,
-                      o_rank_transform(adapter, online.get(name), config.o_rank))
+            elif name == adapter.o_proj and k:
+                empty(name, None, wide, adapter.num_heads * k, o_rank_transform(adapter, online.get(name), k))
             else:
                 empty(name, None, wide, 0, online.get(name))
         if config.kv_bits < 16:
