@@ -92,10 +92,6 @@ class Int4Kernel(Int8Kernel):
         return (supports_int8(lin) and lin.w_bits <= 4 and lin.out_features % 16 == 0
                 and int4pack_group(lin.in_features - lin.rank) is not None)
 
-    @classmethod
-    def create(cls, cache_weights: bool = True) -> "Int4Kernel":
-        return cls(cache_weights)
-
     def __init__(self, cache_weights: bool = True) -> None:
         super().__init__(cache_weights)
         self._packed: tuple[tuple, tuple[torch.Tensor, torch.Tensor, int]] | None = None
