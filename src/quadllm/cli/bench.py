@@ -14,7 +14,7 @@ from ..config import DEFAULT_RANK, ConfigError
 from ..evaluation.speed import LINEAR_BACKENDS, bench_linear, bench_model, parse_shapes, records_markdown
 from ..io.memory import peak_rss_mb
 from ..io.sources import load_model
-from ..nn.modules import QuadLinear
+from ..nn.modules import QuadHead, QuadLinear
 from ..pipelines.loading import load
 from .common import add_common, open_model, write_text
 
@@ -126,7 +126,8 @@ def _tensor_mb(model) -> float:
         if t is not None and t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
-    total += sum(m.kernel.extra_bytes() for m in model.modules() if isinstance(m, QuadLinear) and m.kernel is not None)
+    total += sum(m.kernel.extra_bytes() for m in model.modules()
+                 if isinstance(m, (QuadLinear, QuadHead)) and m.kernel is not None)
     return total / 1e6
 
 
