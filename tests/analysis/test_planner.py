@@ -80,8 +80,8 @@ def test_gains_measured_from_the_changed_layer_equal_a_whole_forward():
     config = QuantConfig(**CFG)
     original, model = _transformed(config)
     probe = random_ids(2, 12, seed=7)
+    ref = _reference(original, probe)
     with torch.no_grad():
-        ref = [original(input_ids=w[None]).logits.log_softmax(-1) for w in probe]
 
         def kl() -> float:
             got = [model(input_ids=w[None]).logits.log_softmax(-1) for w in probe]
@@ -94,6 +94,11 @@ def test_gains_measured_from_the_changed_layer_equal_a_whole_forward():
             assert base - gains[key] == pytest.approx(kl(), rel=1e-5, abs=1e-9)
             set_module_precision(model, key, None, config)
         assert kl() == pytest.approx(base, rel=1e-6)  # every linear back as it was
+
+
+def _reference(original, windows) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [original(input_ids=w[None]).logits.log_softmax(-1) for w in windows]
 
 
 def _kl(original, model, windows) -> float:
@@ -114,8 +119,7 @@ def test_taylor_gain_is_half_the_directional_derivative_of_the_kl():
     original, model = _transformed(config)
     original, model = original.double(), model.double()
     probe = random_ids(2, 12, seed=7)
-    with torch.no_grad():
-        ref = [original(input_ids=w[None]).logits.log_softmax(-1) for w in probe]
+    ref = _reference(original, probe)
     quantized = {n: m.act for n, m in model.named_modules() if hasattr(m, "act_clip_ratio")}
     for key in ("layers.0.self_attn.o_proj", "layers.1.mlp.gate_proj", "layers.0.mlp.down_proj"):
         for n, m in model.named_modules():
@@ -150,8 +154,7 @@ def test_taylor_gains_rank_linears_like_the_exact_ones():
     config = QuantConfig(**CFG)
     original, model = _transformed(config)
     probe = random_ids(4, 32, seed=7)
-    with torch.no_grad():
-        ref = [original(input_ids=w[None]).logits.log_softmax(-1) for w in probe]
+    ref = _reference(original, probe)
     b1, exact = measure_sensitivity(model, ref, probe, config, "a8", progress=False)
     b2, taylor = taylor_sensitivity(model, ref, probe, config, "a8", progress=False)
     assert b1 == pytest.approx(b2, rel=1e-6)
@@ -167,8 +170,7 @@ def test_greedy_choice_in_steps_is_a_prefix_and_leaves_the_model_as_it_was():
     lin = model.get_submodule("model.layers.0.self_attn.o_proj")
     lin.act = dataclasses.replace(lin.act, clip_ratio=0.83)  # a checkpoint's own clip
     probe = random_ids(2, 16, seed=3)
-    with torch.no_grad():
-        ref = [original(input_ids=w[None]).logits.log_softmax(-1) for w in probe]
+    ref = _reference(original, probe)
     before = _kl(original, model, probe)
     long = choose_greedy(model, ref, probe, config, "fp", Budget("modules", 6), step=2)
     short = choose_greedy(model, ref, probe, config, "fp", Budget("modules", 4), step=2)

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import get_adapter
-from ..config import ConfigError, QuantConfig, module_key, parse_setting
+from ..config import ActSpec, ConfigError, QuantConfig, module_key, parse_setting
 from ..io.files import sha256_file
 from ..evaluation.perplexity import kl_per_position
 from ..nn.modules import QuadLinear
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Budget", "Greedy", "Plan", "PlanError", "parse_budget", "read_plan", "with_plan", "choose", "choose_greedy",
            "linear_costs", "measure_sensitivity", "taylor_sensitivity", "plan_model", "plan_quantized",
-           "set_module_precision", "ESTIMATORS", "PLAN_TARGETS"]
+           "set_module_precision", "target_spec", "ESTIMATORS", "PLAN_TARGETS"]
 
 #: what a plan may give the chosen linears
 PLAN_TARGETS = ("a8", "fp")
@@ -129,18 +129,21 @@ def linear_costs(model: nn.Module, config: QuantConfig, target: str) -> dict[str
     return {k: v / total for k, v in extra.items()} if total else {}
 
 
+def target_spec(model: nn.Module, key: str, target: str | None, config: QuantConfig) -> ActSpec:
+    """The input spec of one decoder linear at the target's precision (``a8``: 8 bits at clip 1;
+    ``fp``: not quantized), or (``target`` None) the configuration's."""
+    name = key.split(".", 2)[2]
+    spec = config.act_spec(get_adapter(model).role(name), key)
+    if target is None:
+        return spec
+    bits = parse_setting(target, config.w_bits).act_bits
+    return dataclasses.replace(spec, bits=bits, clip_ratio=1.0 if bits < 16 else spec.clip_ratio,
+                               outlier_bits=spec.outlier_bits if bits < 16 else 16)
+
+
 def set_module_precision(model: nn.Module, key: str, target: str | None, config: QuantConfig) -> None:
-    """Give one decoder linear's input the target's precision (``a8``: 8 bits at clip 1; ``fp``: not
-    quantized), or (``target`` None) back the configuration's."""
-    adapter = get_adapter(model)
-    _, index, name = key.split(".", 2)
-    lin: QuadLinear = adapter.layers(model)[int(index)].get_submodule(name)
-    spec = config.act_spec(adapter.role(name), key)
-    if target is not None:
-        bits = parse_setting(target, config.w_bits).act_bits
-        spec = dataclasses.replace(spec, bits=bits, clip_ratio=1.0 if bits < 16 else spec.clip_ratio,
-                                   outlier_bits=spec.outlier_bits if bits < 16 else 16)
-    lin.act = spec
+    """Give one decoder linear's input :func:`target_spec`."""
+    _linear(model, key).act = target_spec(model, key, target, config)
 
 
 @torch.no_grad()
@@ -211,12 +214,7 @@ def taylor_sensitivity(model: nn.Module, reference: list[torch.Tensor], probe: t
     ``-½ g_j·e_j``. That is the gain, summed over the probe tokens."""
     skip = set(exclude)
     keys = [k for k in linear_costs(model, config, target) if k not in skip]
-    targets: dict[str, Any] = {}
-    for key in keys:
-        lin = _linear(model, key)
-        saved = lin.act
-        set_module_precision(model, key, target, config)
-        targets[key], lin.act = lin.act, saved
+    targets = {key: target_spec(model, key, target, config) for key in keys}
     sums = dict.fromkeys(keys, 0.0)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:

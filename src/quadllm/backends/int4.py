@@ -11,8 +11,8 @@ per-token and per-channel scales, the asymmetric zero-point term, the outlier br
 follow in float32, as in :mod:`quadllm.backends.int8`.
 
 Tolerance: the activation and weight codes are exactly ``fake``'s; each integer sum is rounded to
-bfloat16 once (a relative error of at most 2^-8, what a bfloat16 model has at every output). The
-float32 input path of the same op is exact but a slow reference kernel, and so not used.
+bfloat16 once (a relative error of at most 2^-8, what a bfloat16 model has at every output; its
+cost in perplexity is measured by scripts/decode_int4_check.py).
 
 For more than ``decode_rows`` rows (prefill) the INT8 GEMM is faster: those go through
 ``cpu-int8``'s path (which then keeps its own int8 weight layout when ``cache_weights``), as do the
@@ -94,42 +94,37 @@ class Int4Kernel(Int8Kernel):
 
     def __init__(self, cache_weights: bool = True) -> None:
         super().__init__(cache_weights)
-        self._packed: tuple[tuple, tuple[torch.Tensor, torch.Tensor, int]] | None = None
-        self._code_sums: tuple[tuple, torch.Tensor] | None = None
+        self._packed: tuple[tuple, tuple[torch.Tensor, torch.Tensor, int] | None] | None = None
 
-    def packed(self, lin: QuadLinear) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The op's layout of ``lin``'s weight codes, made once (the layer's own packed codes are
-        in another nibble order) and made again if the weight changes."""
+    def packed(self, lin: QuadLinear) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """The op's layout of ``lin``'s weight codes (the layer's own packed codes are in another
+        nibble order), or None when the op cannot take ``lin`` (:meth:`packs`): found once, and
+        again if the weight changes."""
         key = self._weight_key(lin)
         if self._packed is None or self._packed[0] != key:
-            self._packed = (key, pack_for_int4_mm(lin.codes()))
+            self._packed = (key, pack_for_int4_mm(lin.codes()) if self.packs(lin) else None)
         return self._packed[1]
 
-    def code_sums(self, lin: QuadLinear) -> torch.Tensor:
-        """The weight codes' sum per output channel (the asymmetric epilogue), kept."""
-        key = self._weight_key(lin)
-        if self._code_sums is None or self._code_sums[0] != key:
-            self._code_sums = (key, lin.codes().sum(1, dtype=torch.int32).float())
-        return self._code_sums[1]
-
     def extra_bytes(self) -> int:
-        own = 0 if self._packed is None else sum(t.numel() * t.element_size() for t in self._packed[1][:2])
+        layout = None if self._packed is None else self._packed[1]
+        own = 0 if layout is None else sum(t.numel() * t.element_size() for t in layout[:2])
         return own + super().extra_bytes()
 
     def __call__(self, lin: QuadLinear, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] > self.decode_rows or not self.packs(lin):
+        layout = self.packed(lin) if x2.shape[0] <= self.decode_rows else None
+        if layout is None:
             return super().__call__(lin, x)
+        packed, scale_zero, group = layout
         r = lin.rank
         xs = x2 if x2.dtype == torch.float32 else x2.float()
-        packed, scale_zero, group = self.packed(lin)
         if lin.act.sym:
             codes, sx = act_codes(xs[:, r:], lin.act.bits, lin.act.clip_ratio)
             y = int4_code_mm(codes, packed, scale_zero, group).float()
         else:
             codes, sx, zx = asym_act_codes(xs[:, r:], lin.act.bits, lin.act.clip_ratio)
-            y = int4_code_mm(codes, packed, scale_zero, group).float().sub_(zx * self.code_sums(lin))
+            y = int4_code_mm(codes, packed, scale_zero, group).float().sub_(zx * self.weight_sums(lin))
         y.mul_(sx).mul_(lin.scales.reshape(-1).float())
         if r:
             y.addmm_(lin.outlier_input(xs), lin.outlier_weight().t().float())

@@ -143,11 +143,11 @@ class Int8Kernel(Kernel):
             self._wt, self._key = wt, key
         return wt
 
-    def weight_sums(self, lin: QuadLinear, wt: torch.Tensor) -> torch.Tensor:
+    def weight_sums(self, lin: QuadLinear) -> torch.Tensor:
         """The weight codes' sum per output channel (asymmetric activations' epilogue), kept."""
         key = self._weight_key(lin)
         if self._sums is None or self._sums[0] != key:
-            self._sums = (key, wt.sum(0, dtype=torch.int32).float())
+            self._sums = (key, lin.codes().sum(1, dtype=torch.int32).float())
         return self._sums[1]
 
     def extra_bytes(self) -> int:
@@ -164,7 +164,7 @@ class Int8Kernel(Kernel):
             y = int8_linear(codes, sx, wt, lin.scales.reshape(-1))
         else:
             codes, sx, zx = asym_act_codes(xs[:, r:], lin.act.bits, lin.act.clip_ratio)
-            y = int8_linear(codes, sx, wt, lin.scales.reshape(-1), zx, self.weight_sums(lin, wt))
+            y = int8_linear(codes, sx, wt, lin.scales.reshape(-1), zx, self.weight_sums(lin))
         if r:  # in float (INT8 columns, --o-rank-bits 8, are rounded first: simulated, not an INT8 GEMM)
             y.addmm_(lin.outlier_input(xs), lin.outlier_weight().t().to(y.dtype))
         if lin.bias is not None:
