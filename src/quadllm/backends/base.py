@@ -60,6 +60,17 @@ class Kernel:
         and calls the kernel)."""
         return None
 
+    def prepare(self, lin: "QuadLinear") -> None:
+        """Build the weight layouts the kernel keeps for ``lin`` now. A compiled graph
+        (:mod:`quadllm.backends.compiled`) uses what is kept without checking that the weight is
+        unchanged: it is built for fixed weights, after this call."""
+
+    def decode_weight_bytes(self, lin: "QuadLinear") -> int:
+        """The bytes of ``lin``'s weights one decode call reads: by default the layer's own
+        quantized tensors (packed codes, scales, outlier columns, bias)."""
+        return sum(t.numel() * t.element_size() for t in (lin.qweight, lin.scales, lin.w_outlier, lin.bias)
+                   if t is not None)
+
     def extra_bytes(self) -> int:
         """Memory the kernel holds beyond the layer's own tensors (cached weight layouts)."""
         return 0

@@ -38,19 +38,21 @@ class HeadKernel:
     def __init__(self, table: torch.Tensor, precision: str) -> None:
         if precision not in HEAD_PRECISIONS[1:]:
             raise ValueError(f"head precision must be one of {', '.join(HEAD_PRECISIONS[1:])}, not {precision!r}")
-        if precision == "int8" and table.shape[1] % 16:
-            # the INT8 GEMM reads past the row otherwise (it crashed on widths 40, 56, 72 here)
-            raise ValueError(f"an INT8 head needs a hidden width divisible by 16, not {table.shape[1]}; use bf16")
         self.precision = precision
+        # the INT8 GEMM reads past a row whose width is not a multiple of 16 (it crashed on widths
+        # 40, 56, 72 here): such tables get zero columns, and the inputs zeros to match
+        self.pad = -table.shape[1] % 16 if precision == "int8" else 0
         with torch.no_grad():
             if precision == "bf16":
                 self.tensors: tuple[torch.Tensor, ...] = (table.detach().to(torch.bfloat16).contiguous(),)
             else:
-                self.tensors = int8_rows(table.detach())
+                self.tensors = int8_rows(F.pad(table.detach(), (0, self.pad)))
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        if self.pad:
+            x2 = F.pad(x2, (0, self.pad))
         if self.precision == "bf16":
             y = F.linear(x2, self.tensors[0])
         else:

@@ -14,19 +14,25 @@ Tolerance: the activation and weight codes are exactly ``fake``'s; each integer 
 bfloat16 once (a relative error of at most 2^-8, what a bfloat16 model has at every output; its
 cost in perplexity is measured by scripts/decode_int4_check.py).
 
+The op takes input widths divisible by 32 and output widths divisible by 16: other widths (an
+o_proj whose inputs lost ``o_rank`` columns per KV head, an output the outlier rank widened) are
+padded with zero weight codes and zero activation codes, which add nothing to any sum, and the
+padded outputs are dropped.
+
 For more than ``decode_rows`` rows (prefill) the INT8 GEMM is faster: those go through
-``cpu-int8``'s path (which then keeps its own int8 weight layout when ``cache_weights``), as do the
-linears whose widths the INT4 GEMM does not take (:meth:`Int4Kernel.packs`).
+``cpu-int8``'s path (which then keeps its own int8 weight layout when ``cache_weights``).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from ..nn.modules import QuadLinear
 from .int8 import Int8Kernel, act_codes, asym_act_codes, supports_int8
 
-__all__ = ["Int4Kernel", "int4pack_available", "int4pack_group", "pack_for_int4_mm", "int4_code_mm"]
+__all__ = ["Int4Kernel", "Int4Layout", "int4pack_available", "int4pack_group", "pack_for_int4_mm", "int4_code_mm"]
 
 #: the group sizes the op accepts, largest first (a unit scale makes any dividing one equivalent)
 GROUPS = (256, 128, 64, 32)
@@ -37,35 +43,47 @@ def int4pack_group(k: int) -> int | None:
     return next((g for g in GROUPS if k % g == 0), None)
 
 
-def pack_for_int4_mm(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Signed INT4 codes [N, K] (-8..7; N a multiple of 16, K of 32) -> (the op's packed weight, its unit scales and zero
-    points [K / G, N, 2] in bfloat16, the group size G)."""
-    n, k = codes.shape
-    group = int4pack_group(k)
-    if n % 16:
-        raise ValueError(f"the INT4 GEMM needs an output width divisible by 16, got {n}")
-    if group is None:
-        raise ValueError(f"the INT4 GEMM needs an input width divisible by 32, got {k}")
+class Int4Layout(NamedTuple):
+    """A weight in the op's layout: the packed codes, unit scales and zero points [K' / G, N', 2]
+    (bfloat16), the group size G, and the zero columns added to the inputs (K' - K; N' - N zero
+    rows pad the output, which callers slice back to N)."""
+
+    packed: torch.Tensor
+    scale_zero: torch.Tensor
+    group: int
+    pad_k: int
+
+
+def pack_for_int4_mm(codes: torch.Tensor) -> Int4Layout:
+    """Signed INT4 codes [N, K] (-8..7) in the op's layout, padded with zero codes to N' (a multiple
+    of 16) and K' (of 32)."""
     if int(codes.min()) < -8 or int(codes.max()) > 7:
         raise ValueError("INT4 codes must lie in -8..7")
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((codes.to(torch.int32) + 8).contiguous(), 1)
-    scale_zero = torch.zeros(k // group, n, 2, dtype=torch.bfloat16)
+    n, k = codes.shape
+    pad_n, pad_k = -n % 16, -k % 32
+    padded = torch.nn.functional.pad(codes.to(torch.int32), (0, pad_k, 0, pad_n))
+    group = int4pack_group(k + pad_k)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((padded + 8).contiguous(), 1)
+    scale_zero = torch.zeros((k + pad_k) // group, n + pad_n, 2, dtype=torch.bfloat16)
     scale_zero[..., 0] = 1.0
-    return packed, scale_zero, group
+    return Int4Layout(packed, scale_zero, group, pad_k)
 
 
-def int4_code_mm(codes: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int) -> torch.Tensor:
+def int4_code_mm(codes: torch.Tensor, layout: Int4Layout, n: int) -> torch.Tensor:
     """``codes @ qwᵀ`` for integer activation codes [M, K] (any dtype; exact in bfloat16 up to
-    ±256) against the packed weight: the integer sums, each rounded once to bfloat16."""
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(codes.to(torch.bfloat16), packed, group, scale_zero)
+    ±256) against the weight's ``layout``: the integer sums [M, n], each rounded once to bfloat16."""
+    a = codes.to(torch.bfloat16)
+    if layout.pad_k:
+        a = torch.nn.functional.pad(a, (0, layout.pad_k))
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, layout.packed, layout.group, layout.scale_zero)
+    return y if y.shape[1] == n else y[:, :n]
 
 
 def int4pack_available() -> bool:
     """Whether torch's CPU INT4 GEMM runs here and gives the integer sums (probed once)."""
     try:
         codes = torch.arange(-8, 8, dtype=torch.int8).repeat(16, 2)  # [16, 32]
-        packed, sz, group = pack_for_int4_mm(codes)
-        got = int4_code_mm(torch.ones(1, 32), packed, sz, group)
+        got = int4_code_mm(torch.ones(1, 32), pack_for_int4_mm(codes), 16)
         return bool(torch.equal(got.float(), codes.float().sum(1)[None]))
     except (RuntimeError, NotImplementedError, AttributeError):
         return False
@@ -87,28 +105,40 @@ class Int4Kernel(Int8Kernel):
 
     @staticmethod
     def packs(lin: QuadLinear) -> bool:
-        """Whether the INT4 GEMM takes ``lin`` (INT4 weights, input widths divisible by 32 and
-        output widths by 16); the others run ``cpu-int8``'s path at every length."""
-        return (supports_int8(lin) and lin.w_bits <= 4 and lin.out_features % 16 == 0
-                and int4pack_group(lin.in_features - lin.rank) is not None)
+        """Whether the INT4 GEMM takes ``lin`` (INT4 weights); 8-bit weights run ``cpu-int8``'s
+        path at every length."""
+        return supports_int8(lin) and lin.w_bits <= 4
 
     def __init__(self, cache_weights: bool = True) -> None:
         super().__init__(cache_weights)
-        self._packed: tuple[tuple, tuple[torch.Tensor, torch.Tensor, int] | None] | None = None
+        self._packed: tuple[tuple, Int4Layout | None] | None = None
 
-    def packed(self, lin: QuadLinear) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    def packed(self, lin: QuadLinear) -> Int4Layout | None:
         """The op's layout of ``lin``'s weight codes (the layer's own packed codes are in another
         nibble order), or None when the op cannot take ``lin`` (:meth:`packs`): found once, and
-        again if the weight changes."""
+        again if the weight changes (not checked inside a compiled graph: :meth:`prepare` found it)."""
+        if torch.compiler.is_compiling() and self._packed is not None:
+            return self._packed[1]
         key = self._weight_key(lin)
         if self._packed is None or self._packed[0] != key:
             self._packed = (key, pack_for_int4_mm(lin.codes()) if self.packs(lin) else None)
         return self._packed[1]
 
+    def prepare(self, lin: QuadLinear) -> None:
+        super().prepare(lin)
+        self.packed(lin)
+
     def extra_bytes(self) -> int:
         layout = None if self._packed is None else self._packed[1]
         own = 0 if layout is None else sum(t.numel() * t.element_size() for t in layout[:2])
         return own + super().extra_bytes()
+
+    def decode_weight_bytes(self, lin: QuadLinear) -> int:
+        layout = self.packed(lin)
+        if layout is None:
+            return super().decode_weight_bytes(lin)
+        own = sum(t.numel() * t.element_size() for t in (lin.scales, lin.w_outlier, lin.bias) if t is not None)
+        return own + sum(t.numel() * t.element_size() for t in layout[:2])
 
     def __call__(self, lin: QuadLinear, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -116,15 +146,14 @@ class Int4Kernel(Int8Kernel):
         layout = self.packed(lin) if x2.shape[0] <= self.decode_rows else None
         if layout is None:
             return super().__call__(lin, x)
-        packed, scale_zero, group = layout
-        r = lin.rank
+        r, n = lin.rank, lin.out_features
         xs = x2 if x2.dtype == torch.float32 else x2.float()
         if lin.act.sym:
             codes, sx = act_codes(xs[:, r:], lin.act.bits, lin.act.clip_ratio)
-            y = int4_code_mm(codes, packed, scale_zero, group).float()
+            y = int4_code_mm(codes, layout, n).float()
         else:
             codes, sx, zx = asym_act_codes(xs[:, r:], lin.act.bits, lin.act.clip_ratio)
-            y = int4_code_mm(codes, packed, scale_zero, group).float().sub_(zx * self.weight_sums(lin))
+            y = int4_code_mm(codes, layout, n).float().sub_(zx * self.weight_sums(lin))
         y.mul_(sx).mul_(lin.scales.reshape(-1).float())
         if r:
             y.addmm_(lin.outlier_input(xs), lin.outlier_weight().t().float())

@@ -134,7 +134,15 @@ class Int8Kernel(Kernel):
         """What the kept weight layouts were derived from: they are stale when it changes."""
         return (lin.qweight.data_ptr(), lin.qweight._version)
 
+    def prepare(self, lin: QuadLinear) -> None:
+        if self.cache_weights:
+            self.weight_t(lin)
+        if not lin.act.sym:
+            self.weight_sums(lin)
+
     def weight_t(self, lin: QuadLinear) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a graph cannot compare data pointers: prepare() kept the layout
+            return self._wt if self._wt is not None else lin.codes().t().contiguous()
         key = self._weight_key(lin)
         if self._wt is not None and self._key == key:
             return self._wt
@@ -145,6 +153,8 @@ class Int8Kernel(Kernel):
 
     def weight_sums(self, lin: QuadLinear) -> torch.Tensor:
         """The weight codes' sum per output channel (asymmetric activations' epilogue), kept."""
+        if torch.compiler.is_compiling() and self._sums is not None:
+            return self._sums[1]
         key = self._weight_key(lin)
         if self._sums is None or self._sums[0] != key:
             self._sums = (key, lin.codes().sum(1, dtype=torch.int32).float())
@@ -152,6 +162,11 @@ class Int8Kernel(Kernel):
 
     def extra_bytes(self) -> int:
         return 0 if self._wt is None else self._wt.numel() * self._wt.element_size()
+
+    def decode_weight_bytes(self, lin: QuadLinear) -> int:
+        if self._wt is None:  # unpacked from the layer's INT4 codes at every call
+            return super().decode_weight_bytes(lin)
+        return super().decode_weight_bytes(lin) - lin.qweight.numel() * lin.qweight.element_size() + self.extra_bytes()
 
     def __call__(self, lin: QuadLinear, x: torch.Tensor) -> torch.Tensor:
         r = lin.rank

@@ -5,15 +5,28 @@ from __future__ import annotations
 import copy
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..backends import HEAD_PRECISIONS, place
 from ..config import DEFAULT_RANK, ConfigError
-from ..evaluation.speed import LINEAR_BACKENDS, bench_linear, bench_model, parse_shapes, records_markdown
+from ..evaluation.llamacpp import LLAMACPP_TYPES, bench_gguf, gguf_weight_bytes, llamacpp_unavailable_reason, requantized
+from ..evaluation.speed import (
+    LINEAR_BACKENDS,
+    add_bound,
+    add_ratio,
+    bench_linear,
+    bench_model,
+    decode_weight_bytes,
+    memory_bandwidth_gbs,
+    parse_shapes,
+    records_markdown,
+)
+from ..io.checkpoint import is_checkpoint, read_meta
 from ..io.memory import peak_rss_mb
-from ..io.sources import load_model
+from ..io.sources import load_model, resolve
 from ..nn.modules import QuadHead, QuadLinear
 from ..pipelines.loading import load
 from .common import add_common, open_model, write_text
@@ -42,6 +55,12 @@ def add_parsers(sub) -> None:
                           "eval --dtype bfloat16 runs it), cpu-int8, cpu-int4 (decode reads packed INT4)")
     mod.add_argument("--heads", default="float",
                      help=f"comma-separated output head precisions for each quantized backend ({', '.join(HEAD_PRECISIONS)})")
+    mod.add_argument("--compile", action="store_true",
+                     help="also decode every variant through a compiled step (torch.compile, a static KV cache; "
+                          "tens of seconds to compile each)")
+    mod.add_argument("--llamacpp", default="",
+                     help="also time llama.cpp (pip install 'quadllm[llamacpp]') on the model's GGUF file: comma-separated "
+                          f"among source (the file as it is), {', '.join(LLAMACPP_TYPES)} (requantized by llama.cpp)")
     mod.add_argument("--repeat", type=int, default=3)
     mod.add_argument("--json", default=None, help="write the records as JSON to this file")
     add_common(mod)
@@ -85,6 +104,7 @@ def cmd_bench(args) -> int:
         heads = args.heads.split(",")
         if any(h not in HEAD_PRECISIONS for h in heads):
             raise ConfigError(f"bench model --heads {args.heads!r}: choose among {', '.join(HEAD_PRECISIONS)}")
+        ggufs = _llamacpp_files(args.llamacpp, args.model)  # refused before any model loads
         model, tok, meta, _ = open_model(args.model)
         if meta is not None:
             original = load_model((meta.get("original_model") or {}).get("spec"))[0]
@@ -100,10 +120,19 @@ def cmd_bench(args) -> int:
                     m = model if backend == "fake" and head == "float" else load(args.model)[0]
                     place(m, backend, head=head)
                     variants[backend if head == "float" else f"{backend} head-{head}"] = m
-        records = bench_model(variants, len(tok), prefill, args.decode, batches, repeat=args.repeat)
-        cols = ["variant", "phase", "batch", "tokens", "median_ms", "tokens_per_s", "speedup_vs_fp32", "kv_cache_mb",
-                "kv_cache_vs_fp32"]
-        extra = {"weights_mb": {k: round(_tensor_mb(v), 1) for k, v in variants.items()}}
+        records = bench_model(variants, len(tok), prefill, args.decode, batches, repeat=args.repeat,
+                              compile_decode=args.compile)
+        step_bytes = {k: decode_weight_bytes(v) for k, v in variants.items()}
+        for name, path in ggufs.items():
+            records += bench_gguf(path, name, len(tok), prefill, args.decode, batches, repeat=args.repeat)
+            step_bytes[name] = gguf_weight_bytes(path)[0]
+        bandwidth = memory_bandwidth_gbs()
+        add_bound(records, step_bytes, bandwidth)
+        add_ratio(records, "bf16", "vs_bf16")
+        cols = ["variant", "phase", "compiled", "batch", "tokens", "median_ms", "tokens_per_s", "speedup_vs_fp32",
+                "vs_bf16", "of_bound", "kv_cache_mb", "kv_cache_vs_fp32"]
+        extra = {"weights_mb": {k: round(_tensor_mb(v), 1) for k, v in variants.items()},
+                 "bandwidth_gbs": round(bandwidth, 2), "llamacpp_files": {k: str(v) for k, v in ggufs.items()}}
     print(records_markdown(records, cols), end="")
     out = {"records": records, **extra, "threads": torch.get_num_threads(), "torch": torch.__version__,
            "peak_memory_mb": round(peak_rss_mb()), "seconds": round(time.perf_counter() - t0, 1)}
@@ -114,6 +143,31 @@ def cmd_bench(args) -> int:
 
 #: What ``bench model --backends`` times for a checkpoint.
 MODEL_BACKENDS = ("fake", "fake-bf16", "cpu-int8", "cpu-int4")
+
+
+def _llamacpp_files(types: str, model: str | None) -> dict[str, Path]:
+    """``bench model --llamacpp``: the GGUF file of each asked type, by row name."""
+    asked = [t for t in types.split(",") if t.strip()]
+    if not asked:
+        return {}
+    unknown = [t for t in asked if t != "source" and t not in LLAMACPP_TYPES]
+    if unknown:
+        raise ConfigError(f"--llamacpp: unknown {', '.join(unknown)} (choose among source, {', '.join(LLAMACPP_TYPES)})")
+    reason = llamacpp_unavailable_reason()
+    if reason is not None:
+        raise ConfigError(f"--llamacpp: {reason}")
+    spec = model
+    if model is not None and is_checkpoint(model):
+        spec = (read_meta(model).get("original_model") or {}).get("spec")
+    source = resolve(spec)
+    if source.kind != "gguf":
+        raise ConfigError(f"--llamacpp needs a model that starts from a GGUF file; {source.spec} is a {source.kind}")
+    path = Path(source.path)
+    files = {}
+    for t in asked:
+        name = "llama.cpp " + (f"{gguf_weight_bytes(path)[1]} (the source GGUF)" if t == "source" else t)
+        files[name] = path if t == "source" else requantized(path, t)
+    return files
 
 
 def _bf16_copy(model):

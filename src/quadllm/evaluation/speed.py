@@ -27,16 +27,17 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..backends import KERNELS, TritonKernel
+from ..backends.compiled import CompiledDecoder, CompileError
 from ..config import DEFAULT_RANK, ActSpec
 from ..core.gptq import rtn_quantize
 from ..core.hadamard import OnlineTransform
 from ..nn.kv_cache import cache_kwarg, cache_nbytes, make_cache
-from ..nn.modules import QuadLinear
+from ..nn.modules import QuadEmbedding, QuadHead, QuadLinear
 
 log = logging.getLogger(__name__)
 
 __all__ = ["median_ms", "quad_linear", "bench_linear", "bench_model", "records_markdown", "parse_shapes", "top_ops",
-           "group_ops", "prefill_fn"]
+           "group_ops", "prefill_fn", "memory_bandwidth_gbs", "decode_weight_bytes", "add_bound", "add_ratio"]
 
 
 def cpu_name() -> str:
@@ -232,12 +233,33 @@ def _decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, repeat: i
     return ms, held[0]
 
 
+def _compiled_decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, repeat: int
+                                  ) -> tuple[float, int, float]:
+    """:func:`_decode_ms_per_token` through a :class:`CompiledDecoder` (static cache of the prompt
+    plus ``new_tokens``); also the seconds its first step took to compile."""
+    dec = CompiledDecoder(model, prompt.shape[1] + new_tokens + 1, batch=prompt.shape[0])
+
+    def run() -> float:
+        nxt = dec.prefill(prompt).argmax(-1, keepdim=True)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            nxt = dec.step(nxt).argmax(-1, keepdim=True)
+        return (time.perf_counter() - t0) / new_tokens
+
+    run()
+    ms = 1000 * statistics.median(run() for _ in range(repeat))
+    return ms, cache_nbytes(dec.cache), dec.compile_seconds or 0.0
+
+
 def bench_model(variants: dict[str, nn.Module], vocab: int, prefill: list[int], decode: int, batches: list[int],
-                repeat: int = 3, seed: int = 0) -> list[dict[str, Any]]:
+                repeat: int = 3, seed: int = 0, compile_decode: bool = False) -> list[dict[str, Any]]:
     """Records ``{variant, phase, batch, tokens, median_ms, tokens_per_s, speedup_vs_fp32}`` (and,
     for decoding, ``kv_cache_mb`` and ``kv_cache_vs_fp32``: the cache after the prompt of 16 and
     ``decode`` new tokens);
-    ``variants`` maps a name (the first is the float32 baseline) to a ready model."""
+    ``variants`` maps a name (the first is the float32 baseline) to a ready model. With
+    ``compile_decode`` every variant also decodes through a :class:`CompiledDecoder` (``compiled``
+    true, with ``compile_s``; its cache is static: allocated for the whole length; its
+    ``speedup_vs_fp32`` is against float32's compiled decode)."""
     g = torch.Generator().manual_seed(seed)
     records = []
     base: dict[tuple, float] = {}
@@ -260,13 +282,102 @@ def bench_model(variants: dict[str, nn.Module], vocab: int, prefill: list[int], 
                 key = ("decode", b, decode)
                 base.setdefault(key, ms)
                 kv_base.setdefault(key, kv_bytes)
-                records.append({"variant": name, "phase": "decode", "batch": b, "tokens": decode,
+                records.append({"variant": name, "phase": "decode", "compiled": False, "batch": b, "tokens": decode,
                                 "median_ms": round(ms, 3), "tokens_per_s": round(b / ms * 1000, 1),
                                 "speedup_vs_fp32": round(base[key] / ms, 3),
                                 "kv_cache_mb": round(kv_bytes / 1e6, 3),
                                 "kv_cache_vs_fp32": round(kv_bytes / kv_base[key], 3) if kv_base[key] else None})
                 log.info("%s decode b=%d: %.2f ms/token", name, b, ms)
+                if compile_decode:
+                    try:
+                        with torch.no_grad():
+                            ms, kv_bytes, compile_s = _compiled_decode_ms_per_token(model, prompt, decode, repeat)
+                    except CompileError as exc:
+                        log.warning("%s: no compiled decode (%s)", name, exc)
+                        continue
+                    key = ("decode", b, decode, "compiled")
+                    base.setdefault(key, ms)
+                    records.append({"variant": name, "phase": "decode", "compiled": True, "batch": b, "tokens": decode,
+                                    "median_ms": round(ms, 3), "tokens_per_s": round(b / ms * 1000, 1),
+                                    "speedup_vs_fp32": round(base[key] / ms, 3), "kv_cache_mb": round(kv_bytes / 1e6, 3),
+                                    "compile_s": round(compile_s, 1)})
+                    log.info("%s decode compiled b=%d: %.2f ms/token (compiled in %.0f s)", name, b, ms, compile_s)
     return records
+
+
+def memory_bandwidth_gbs(megabytes: int = 1024, repeat: int = 5) -> float:
+    """The machine's memory bandwidth as torch's threads see it: bytes read and written per second
+    by ``copy_`` between two buffers much larger than any cache (median of ``repeat``)."""
+    src = torch.ones(megabytes << 20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    seconds = []
+    for _ in range(repeat + 1):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        seconds.append(time.perf_counter() - t0)
+    return 2 * src.numel() / statistics.median(seconds[1:]) / 1e9
+
+
+def decode_weight_bytes(model: nn.Module) -> int:
+    """The weight bytes one decode step reads: every quantized linear's as its kernel reads them
+    (:meth:`Kernel.decode_weight_bytes`; the float simulation: its float weight), the head as its
+    kernel or table holds it, every other parameter and buffer, but only a row of an embedding
+    table (the head reads a tied table whole). Each tensor counts once."""
+    seen: set[int] = set()
+
+    def size(t: torch.Tensor | None) -> int:
+        if t is None or t.data_ptr() in seen:
+            return 0
+        seen.add(t.data_ptr())
+        return t.numel() * t.element_size()
+
+    head = None
+    for m in model.modules():
+        if isinstance(m, QuadHead):
+            head = m
+    total = 0
+    if head is not None:
+        total += sum(size(t) for t in (head.proj, head.bias))
+        total += head.kernel.extra_bytes() if head.kernel is not None else size(head.table())
+    for m in model.modules():
+        if isinstance(m, QuadLinear):
+            if m.kernel is not None:
+                total += m.kernel.decode_weight_bytes(m)
+            elif m.quantized:
+                total += size(m.dequantized_weight()) + size(m.w_outlier) + size(m.bias)
+            else:
+                total += size(m.weight) + size(m.bias)
+            continue
+        if isinstance(m, QuadHead):
+            continue
+        for pname, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+            if isinstance(m, (nn.Embedding, QuadEmbedding)) and pname == "weight":
+                continue  # a row per token, unless the head reads it too (counted there)
+            total += size(t)
+    return total
+
+
+def add_bound(records: list[dict[str, Any]], bytes_per_token: dict[str, int], bandwidth_gbs: float) -> None:
+    """Give each decode record of a variant in ``bytes_per_token`` the memory-bandwidth bound
+    (``bound_tokens_per_s``: every weight read once per step for the whole batch) and the share
+    of it reached (``of_bound``)."""
+    for r in records:
+        if r["phase"] == "decode" and r["variant"] in bytes_per_token:
+            weight_mb = bytes_per_token[r["variant"]] / 1e6
+            bound = r["batch"] * bandwidth_gbs * 1e3 / weight_mb
+            r.update(weight_mb_per_step=round(weight_mb, 1), bound_tokens_per_s=round(bound, 1),
+                     of_bound=round(r["tokens_per_s"] / bound, 3))
+
+
+def add_ratio(records: list[dict[str, Any]], baseline: str, field: str) -> None:
+    """``field`` = a record's tokens/s over ``baseline``'s eager record of the same phase, batch and
+    tokens (absent where the baseline has none)."""
+    ref = {(r["phase"], r["batch"], r["tokens"]): r["tokens_per_s"] for r in records
+           if r["variant"] == baseline and not r.get("compiled")}
+    for r in records:
+        key = (r["phase"], r["batch"], r["tokens"])
+        if key in ref:
+            r[field] = round(r["tokens_per_s"] / ref[key], 3)
 
 
 def records_markdown(records: list[dict[str, Any]], columns: list[str]) -> str:

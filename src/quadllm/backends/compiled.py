@@ -1,0 +1,117 @@
+"""Decoding with a static KV cache and the one-token step compiled by ``torch.compile`` (inductor).
+
+Decoding one token of a small model on a CPU is bound by the framework more than by its weights:
+eagerly, SmolLM2's step is some 16,000 operator calls (scripts/decode_int4_check.py profiles it), each
+with its Python and dispatch cost, for 16 ms of operator time. Compiled, the per-token activation
+quantization, the online transforms, norms, rotary embeddings and epilogues become a few fused C++
+loops and the step runs as one graph; the GEMMs stay the kernels' own calls (the INT4 / INT8 GEMMs
+and the head's). The step's shapes are fixed (batch and cache length), so it compiles once per
+:class:`CompiledDecoder`; the prompt runs eagerly, since its length changes from call to call.
+
+The kernels' kept weight layouts are built before compiling (:meth:`Kernel.prepare`) and used as
+they are inside the graph: a decoder is for fixed weights, so make a new one after they change.
+What compiling may change in the arithmetic (fused loops can vectorize a reduction differently)
+is measured against the eager step in the tests, never assumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+from transformers import StaticCache
+
+from ..errors import QuadllmError
+from ..nn.kv_cache import cache_kwarg, make_cache
+from ..nn.modules import QuadLinear
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CompiledDecoder", "CompileError"]
+
+
+class CompileError(QuadllmError, ValueError):
+    """A model the compiled decoder cannot run."""
+
+
+class CompiledDecoder:
+    """Greedy decoding of ``batch`` sequences of up to ``max_len`` tokens (prompt included) with a
+    static KV cache; the one-token step is compiled at its first call (tens of seconds)."""
+
+    def __init__(self, model: nn.Module, max_len: int, batch: int = 1) -> None:
+        if max_len < 2 or batch < 1:
+            raise CompileError(f"a compiled decoder needs max_len >= 2 and batch >= 1, got {max_len} and {batch}")
+        if make_cache(model) is not None:
+            raise CompileError("compiled decoding does not take the integer KV cache of this checkpoint "
+                               "(--kv-bits 4); decode it without --compile")
+        self.model = model.eval()
+        self.max_len = max_len
+        self.batch = batch
+        for m in model.modules():
+            if isinstance(m, QuadLinear) and m.kernel is not None:
+                m.kernel.prepare(m)
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.length = 0
+        self._cache_arg = cache_kwarg(model)
+        self.compile_seconds: float | None = None
+        self._step = torch.compile(model, dynamic=False, fullgraph=True)
+
+    def reset(self) -> None:
+        """Forget the sequences (the cache's memory is kept for the next ones)."""
+        self.cache.reset()
+        self.length = 0
+
+    def _check(self, ids: torch.Tensor) -> None:
+        if ids.dim() != 2 or ids.shape[0] != self.batch:
+            raise CompileError(f"this decoder takes [{self.batch}, tokens] token ids, got {tuple(ids.shape)}")
+        if self.length + ids.shape[1] > self.max_len:
+            raise CompileError(f"{self.length + ids.shape[1]} tokens exceed the decoder's max_len {self.max_len}")
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Run the prompt ``ids`` [batch, T] eagerly into the cache (after :meth:`reset`); the
+        logits of its last position [batch, vocab]."""
+        self.reset()
+        self._check(ids)
+        pos = torch.arange(ids.shape[1])
+        out = self.model(input_ids=ids, cache_position=pos, use_cache=True, **{self._cache_arg: self.cache})
+        self.length = ids.shape[1]
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """One token per sequence, ``ids`` [batch, 1], through the compiled step: the next logits."""
+        self._check(ids)
+        if ids.shape[1] != 1:
+            raise CompileError(f"step takes one token per sequence, got {ids.shape[1]}")
+        first = self.compile_seconds is None
+        t0 = time.perf_counter()
+        # once compiled, the guards (a few thousand checks of the model's attributes, about 3 ms a
+        # step on SmolLM2) are not evaluated again: the decoder is for fixed weights and shapes
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=not first):
+            out = self._step(input_ids=ids, cache_position=torch.tensor([self.length]), use_cache=True,
+                             **{self._cache_arg: self.cache})
+        if first:
+            self.compile_seconds = time.perf_counter() - t0
+            log.info("compiled the decode step (batch %d, cache %d) in %.0f s", self.batch, self.max_len,
+                     self.compile_seconds)
+        self.length += 1
+        return out.logits[:, -1]
+
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
+        """Greedy continuation of the prompts ``ids``: the new tokens [batch, <= max_new_tokens]
+        (stops early once every sequence has produced ``eos_token_id``)."""
+        logits = self.prefill(ids)
+        new, done = [], torch.zeros(self.batch, dtype=torch.bool)
+        for i in range(max_new_tokens):
+            token = logits.argmax(-1, keepdim=True)
+            new.append(token)
+            if eos_token_id is not None:
+                done |= token[:, 0] == eos_token_id
+                if bool(done.all()):
+                    break
+            if i + 1 < max_new_tokens:
+                logits = self.step(token)
+        return torch.cat(new, 1) if new else ids.new_zeros(self.batch, 0)
