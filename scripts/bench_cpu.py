@@ -12,8 +12,19 @@ and the cpu-int8 linear at M=2048, 4096x4096 is profiled (top operators), so a m
 says by how much and where the time goes.
 Writes results/bench_cpu.{json,md}; every ratio is between figures of this one run.
 
+With ``--models CKPT[,CKPT]`` (issue 22) it instead times each QUAD checkpoint beside its original
+model and llama.cpp, in one process: torch float32 and bfloat16, QUAD W4A4 on ``cpu-int8`` and on
+``cpu-int4`` with the INT8 head, each decoding eagerly and through the compiled step
+(:class:`quadllm.backends.compiled.CompiledDecoder`), and llama.cpp (``pip install
+'quadllm[llamacpp]'``) on the GGUF file the model comes from and on that file requantized to Q4_0
+and Q8_0, all with torch's thread count; prefill of 512 and 2048 tokens, decode of 128 tokens,
+batch 1 and 8, and each decode row against the memory-bandwidth bound (weight bytes read per step
+over the bandwidth of a large ``copy_``). The issue's targets are checked per model and a decode
+step of the fastest QUAD variant is profiled. Writes results/bench_cpu_models.{json,md}.
+
     python scripts/bench_cpu.py
     python scripts/bench_cpu.py --quick      # small shapes, a smoke run
+    python scripts/bench_cpu.py --models runs/smollm2/default,runs/qwen2.5-coder-0.5b/speed-rtn
 """
 
 from __future__ import annotations
@@ -109,9 +120,144 @@ def profile_prefill(variants: dict, vocab: int, tokens: int) -> dict[str, dict]:
     return out
 
 
+#: the variant whose decode and prefill the issue-22 targets judge
+QUAD_FAST = "QUAD cpu-int4 head-int8"
+
+
+def model_targets(records: list[dict], llamacpp_source: str | None) -> list[dict]:
+    """Issue 22's targets for one model, from its records (None where a row is missing)."""
+    def tps(variant, phase, batch, tokens, compiled=False):
+        return next((r["tokens_per_s"] for r in records if r["variant"] == variant and r["phase"] == phase
+                     and r["batch"] == batch and r["tokens"] == tokens and bool(r.get("compiled")) == compiled), None)
+
+    def rec(variant, phase, batch, tokens, compiled):
+        return next((r for r in records if r["variant"] == variant and r["phase"] == phase and r["batch"] == batch
+                     and r["tokens"] == tokens and bool(r.get("compiled")) == compiled), {})
+
+    decode = max((r for r in records if r["variant"] == QUAD_FAST and r["phase"] == "decode" and r["batch"] == 1),
+                 key=lambda r: r["tokens_per_s"], default=None)
+    dec, compiled = (decode["tokens_per_s"], bool(decode.get("compiled"))) if decode else (None, False)
+    tokens = decode["tokens"] if decode else None
+    ratio = (lambda a, b: a / b if a and b else None)
+    rows = [(f"decode, batch 1: {QUAD_FAST}{' (compiled)' if compiled else ''} vs llama.cpp on the source GGUF",
+             ratio(dec, tps(llamacpp_source, "decode", 1, tokens)), 1.0),
+            (f"decode, batch 1: {QUAD_FAST}{' (compiled)' if compiled else ''} vs torch bfloat16 (eager)",
+             ratio(dec, tps("bf16", "decode", 1, tokens)), 1.5),
+            (f"decode, batch 1: {QUAD_FAST}{' (compiled)' if compiled else ''} vs torch bfloat16 compiled",
+             ratio(dec, tps("bf16", "decode", 1, tokens, True)), None),
+            ("prefill 2048, batch 1: QUAD (cpu-int8 path, INT8 head) vs torch bfloat16",
+             ratio(tps(QUAD_FAST, "prefill", 1, 2048), tps("bf16", "prefill", 1, 2048)), 1.2),
+            ("decode, batch 1: share of the memory-bandwidth bound", rec(QUAD_FAST, "decode", 1, tokens, compiled).get(
+                "of_bound"), 0.5)]
+    return [{"target": t, "measured": None if v is None else round(v, 3), "goal": g,
+             "met": None if v is None or g is None else v >= g} for t, v, g in rows]
+
+
+def profile_decode_step(model, vocab: int, steps: int = 10) -> dict:
+    """Operators of one compiled decode step (batch 1, 16-token prompt), by self time."""
+    from quadllm.backends.compiled import CompiledDecoder
+
+    dec = CompiledDecoder(model, 16 + 3 * steps + 8)
+    ids = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+    token = dec.prefill(ids).argmax(-1, keepdim=True)
+    dec.step(token)
+    ops = top_ops(lambda: dec.step(token), repeat=steps, top=None, warmup=2)
+    return {"self_ms_per_step": round(sum(o["self_ms_per_call"] for o in ops), 2),
+            "operator_calls_per_step": round(sum(o["calls_per_call"] for o in ops)), "top": ops[:12]}
+
+
+def bench_models(ckpts: list[str], prefill: list[int], prefill_batches: dict[int, list[int]], decode: int,
+                 batches: list[int], repeat: int, llamacpp: list[str]) -> list[dict]:
+    """Every row of issue 22 for each checkpoint (see the module's docstring)."""
+    from quadllm.evaluation.llamacpp import bench_gguf, gguf_weight_bytes, llamacpp_unavailable_reason, requantized
+    from quadllm.evaluation.speed import add_bound, add_ratio, decode_weight_bytes, memory_bandwidth_gbs
+    from quadllm.io.checkpoint import read_meta
+    from quadllm.io.sources import resolve
+
+    out = []
+    for ckpt in ckpts:
+        spec = (read_meta(ckpt).get("original_model") or {}).get("spec")
+        t0 = time.perf_counter()
+        fp, tok, _ = load_model(spec)
+        variants = {"fp32": fp, "bf16": load_model(spec)[0].to(torch.bfloat16)}
+        for backend, head in (("cpu-int8", "float"), ("cpu-int4", "int8")):
+            m = load(ckpt)[0]
+            place(m, backend, head=head)
+            variants[f"QUAD {backend}" + ("" if head == "float" else f" head-{head}")] = m
+        vocab = len(tok)
+        records = []
+        for b in batches:  # prefill lengths per batch size; decode at every batch size
+            lengths = [t for t in prefill if b in prefill_batches.get(t, batches)]
+            records += bench_model(variants, vocab, lengths, decode, [b], repeat=repeat, compile_decode=True)
+        step_bytes = {k: decode_weight_bytes(v) for k, v in variants.items()}
+        source = resolve(spec)
+        reason = llamacpp_unavailable_reason()
+        names = {}
+        if reason is not None:
+            log.warning("llama.cpp rows skipped: %s", reason)
+        elif source.kind != "gguf":
+            log.warning("llama.cpp rows skipped: %s is not a GGUF file", source.spec)
+        else:
+            for t in llamacpp:
+                path = Path(source.path) if t == "source" else requantized(source.path, t)
+                name = f"llama.cpp {gguf_weight_bytes(path)[1]}" + (" (source GGUF)" if t == "source" else "")
+                names[t] = name
+                for b in batches:
+                    lengths = [n for n in prefill if b in prefill_batches.get(n, batches)]
+                    records += bench_gguf(path, name, vocab, lengths, decode, [b], repeat=repeat)
+                step_bytes[name] = gguf_weight_bytes(path)[0]
+        bandwidth = memory_bandwidth_gbs()
+        add_bound(records, step_bytes, bandwidth)
+        add_ratio(records, "bf16", "vs_bf16")
+        profile = profile_decode_step(variants[QUAD_FAST], vocab)
+        out.append({"checkpoint": ckpt, "model": source.title, "bandwidth_gbs": round(bandwidth, 2),
+                    "weight_mb_per_step": {k: round(v / 1e6, 1) for k, v in step_bytes.items()},
+                    "records": records, "targets": model_targets(records, names.get("source")),
+                    "decode_profile": profile, "seconds": round(time.perf_counter() - t0)})
+        log.info("%s done in %.0f s", ckpt, time.perf_counter() - t0)
+        del variants
+    return out
+
+
+def models_markdown(results: list[dict], meta: dict) -> str:
+    md = ["# CPU speed against bfloat16 and llama.cpp (issue 22)", "",
+          f"Generated by `{meta['command']}` on {meta['date']} ({meta['machine']}), {meta['seconds']:.0f} s, alone on "
+          "the machine; medians after warm-up, every ratio within this run. `compiled`: decoded through the compiled "
+          "step (static KV cache, `torch.compile`); `vs bf16`: against torch bfloat16's eager row of the same phase, "
+          "batch and length; `of bound`: the share of the memory-bandwidth bound (weight bytes a step reads over the "
+          "bandwidth of a large `copy_`, read + written).", ""]
+    for res in results:
+        md += [f"## {res['model']} (`{res['checkpoint']}`)", "",
+               f"Bandwidth {res['bandwidth_gbs']} GB/s; weight MB read per decode step: "
+               + ", ".join(f"{k} {v}" for k, v in res["weight_mb_per_step"].items()) + ".", "",
+               "| variant | phase | compiled | batch | tokens | tok/s | vs bf16 | of bound | compile s |",
+               "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in res["records"]:
+            md.append(f"| {r['variant']} | {r['phase']} | {'yes' if r.get('compiled') else '-'} | {r['batch']} | "
+                      f"{r['tokens']} | {r['tokens_per_s']} | {r.get('vs_bf16', '-')} | {r.get('of_bound', '-')} | "
+                      f"{r.get('compile_s', '-')} |")
+        md += ["", "Targets:", "", "| target | measured | goal | met |", "| --- | ---: | ---: | --- |"]
+        for t in res["targets"]:
+            measured = "-" if t["measured"] is None else f"{t['measured']:.2f}x"
+            goal = "-" if t["goal"] is None else f"{t['goal']}x"
+            verdict = "not measured" if t["measured"] is None else "-" if t["met"] is None else (
+                "yes" if t["met"] else "no")
+            md.append(f"| {t['target']} | {measured} | {goal} | {verdict} |")
+        p = res["decode_profile"]
+        md += ["", f"One compiled decode step of {QUAD_FAST} (batch 1, torch.profiler): {p['self_ms_per_step']} ms of "
+               f"operator self time in {p['operator_calls_per_step']} calls.", "",
+               records_markdown(p["top"], ["op", "self_ms_per_call", "share", "calls_per_call"])]
+    return "\n".join(md) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--models", default=None, help="comma-separated QUAD checkpoints: the issue-22 model rows instead")
+    p.add_argument("--batch8-prefill", default="512",
+                   help="prefill lengths also timed at batch 8 (the others at batch 1 only; '' for none)")
+    p.add_argument("--llamacpp", default="source,Q4_0,Q8_0")
+    p.add_argument("--models-out", default=str(ROOT / "results" / "bench_cpu_models"))
     p.add_argument("--checkpoint", default=str(ROOT / "runs" / "smollm2" / "quad-w4a4-r64"),
                    help="the SmolLM2 QUAD checkpoint (made by scripts/results_smollm2.py)")
     p.add_argument("--kv4-checkpoint", default=str(ROOT / "runs" / "smollm2" / "quad-w4a4-r64-kv4"),
@@ -122,6 +268,20 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
+    if args.models:
+        lengths = [256] if args.quick else [512, 2048]
+        b8 = [int(v) for v in args.batch8_prefill.split(",") if v.strip()]
+        results = bench_models(args.models.split(","), lengths, {t: [1, 8] if t in b8 else [1] for t in lengths},
+                               16 if args.quick else args.decode, [1, 8], 1 if args.quick else 2,
+                               [t for t in args.llamacpp.split(",") if t])
+        meta = {"command": "python scripts/bench_cpu.py " + " ".join(sys.argv[1:]), "date": dt.date.today().isoformat(),
+                "machine": machine_description(), "seconds": round(time.perf_counter() - t0, 1)}
+        out = Path(args.models_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "models": results}, indent=1) + "\n")
+        out.with_suffix(".md").write_text(models_markdown(results, meta))
+        print(out.with_suffix(".md").read_text())
+        return
     linear = bench_linear(QUICK if args.quick else SHAPES, repeat=3 if args.quick else 7,
                           min_seconds=0.2 if args.quick else 1.0)
     model_records, prefill_profile = [], {}

@@ -164,9 +164,10 @@ class Int8Kernel(Kernel):
         return 0 if self._wt is None else self._wt.numel() * self._wt.element_size()
 
     def decode_weight_bytes(self, lin: QuadLinear) -> int:
-        if self._wt is None:  # unpacked from the layer's INT4 codes at every call
-            return super().decode_weight_bytes(lin)
-        return super().decode_weight_bytes(lin) - lin.qweight.numel() * lin.qweight.element_size() + self.extra_bytes()
+        own = super().decode_weight_bytes(lin)
+        if not self.cache_weights:  # unpacked from the layer's INT4 codes at every call
+            return own
+        return own - lin.qweight.numel() * lin.qweight.element_size() + lin.out_features * (lin.in_features - lin.rank)
 
     def __call__(self, lin: QuadLinear, x: torch.Tensor) -> torch.Tensor:
         r = lin.rank

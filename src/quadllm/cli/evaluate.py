@@ -12,6 +12,8 @@ from typing import Any
 import torch
 
 from ..backends import DTYPES
+from ..backends.compiled import CompiledDecoder, CompileError
+from ..config import ConfigError
 from ..data.text import DataError, TextSource, load_text, tokenize_windows
 from ..evaluation.compare import build_rows, compare_markdown, eval_markdown
 from ..evaluation.perplexity import evaluate, evaluate_many
@@ -21,7 +23,14 @@ from ..io.checkpoint import is_checkpoint
 from ..io.memory import peak_rss_mb
 from ..io.sources import load_model, resolve
 from ..nn.kv_cache import make_cache
-from .common import TEXT_SPECS, add_backend, add_common, add_dtype, open_model, write_text
+from .common import (
+    TEXT_SPECS,
+    add_backend,
+    add_common,
+    add_dtype,
+    open_model,
+    write_text,
+)
 
 log = logging.getLogger("quadllm")
 
@@ -74,6 +83,9 @@ def add_parsers(sub) -> None:
     g.add_argument("--adapter", default=None, help="apply this fine-tuning adapter file to the checkpoint")
     g.add_argument("--json", action="store_true", help="print {text, token_ids, prompt_token_ids} as JSON (greedy "
                                                         "tokens, to compare with a server's)")
+    g.add_argument("--compile", action="store_true",
+                   help="decode through a compiled step (torch.compile and a static KV cache: faster per token on "
+                        "the CPU, tens of seconds to compile first)")
     add_backend(g)
     add_dtype(g)
     add_common(g)
@@ -234,12 +246,19 @@ def cmd_generate(args) -> int:
     else:
         ids = tok(args.prompt, return_tensors="pt").input_ids
 
-    cache = make_cache(model)  # integer K/V when the checkpoint quantizes its KV cache
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                             do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id,
-                             **({"past_key_values": cache} if cache is not None else {}))
-    new = out[0, ids.shape[1]:]
+    if args.compile:
+        try:
+            decoder = CompiledDecoder(model, ids.shape[1] + args.max_new_tokens + 1)
+        except CompileError as exc:
+            raise ConfigError(f"--compile: {exc}") from None
+        new = decoder.generate(ids, args.max_new_tokens, tok.eos_token_id)[0]
+    else:
+        cache = make_cache(model)  # integer K/V when the checkpoint quantizes its KV cache
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                                 **({"past_key_values": cache} if cache is not None else {}))
+        new = out[0, ids.shape[1]:]
     text = tok.decode(new, skip_special_tokens=True).strip()
     print(json.dumps({"text": text, "token_ids": new.tolist(), "prompt_token_ids": ids[0].tolist()})
           if args.json else text)

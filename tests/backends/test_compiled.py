@@ -1,0 +1,92 @@
+"""Compiled decoding (:class:`CompiledDecoder`): the same activation codes as the eager kernels, the
+same greedy tokens and logits as eager decoding, and clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import quantize_tiny, random_ids
+from transformers import DynamicCache
+
+from quadllm.backends import place
+from quadllm.backends.compiled import CompiledDecoder, CompileError
+from quadllm.backends.int4 import int4pack_available
+from quadllm.backends.int8 import act_codes, asym_act_codes
+from quadllm.nn.kv_cache import cache_kwarg
+
+
+@pytest.mark.parametrize("bits,clip", [(4, 1.0), (4, 0.85), (8, 0.9)])
+def test_compiled_activation_codes_are_the_eager_codes(bits, clip):
+    """The quantizer fused by inductor rounds every element as the eager ops do (codes and scales
+    bit for bit, symmetric and asymmetric)."""
+    sym = torch.compile(lambda x: act_codes(x, bits, clip), dynamic=False, fullgraph=True)
+    asym = torch.compile(lambda x: asym_act_codes(x, bits, clip), dynamic=False, fullgraph=True)
+    g = torch.Generator().manual_seed(bits)
+    for _ in range(5):
+        x = torch.randn(3, 200, generator=g) * torch.rand(3, 1, generator=g) * 10
+        for got, ref in ((sym(x), act_codes(x, bits, clip)), (asym(x), asym_act_codes(x, bits, clip))):
+            assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+def _eager_greedy(model, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    cache, name = DynamicCache(), cache_kwarg(model)
+    logits = model(input_ids=ids, use_cache=True, **{name: cache}).logits[:, -1]
+    tokens, all_logits = [], [logits]
+    for _ in range(steps):
+        tok = logits.argmax(-1, keepdim=True)
+        tokens.append(tok)
+        logits = model(input_ids=tok, use_cache=True, **{name: cache}).logits[:, -1]
+        all_logits.append(logits)
+    return torch.cat(tokens, 1), all_logits
+
+
+@pytest.mark.skipif(not int4pack_available(), reason="torch's CPU INT4 GEMM does not run here")
+def test_compiled_decoding_is_eager_decoding():
+    """cpu-int4 with an INT8 head (o-rank 4 leaves o_proj a padded width), batch 2: the compiled
+    step gives the eager step's greedy tokens and its logits to float rounding."""
+    model = quantize_tiny("llama", weights="rtn", method="quad", rank=8, o_rank=4,
+                          model_kwargs=dict(hidden_size=64, num_attention_heads=4, head_dim=16, intermediate_size=128))
+    place(model, "cpu-int4", head="int8")
+    ids = random_ids(2, 6, seed=3)
+    steps = 5
+    with torch.no_grad():
+        ref_tokens, ref_logits = _eager_greedy(model, ids, steps)
+    dec = CompiledDecoder(model, max_len=6 + steps + 1, batch=2)
+    logits = dec.prefill(ids)
+    got_logits = [logits]
+    for i in range(steps):
+        tok = logits.argmax(-1, keepdim=True)
+        assert torch.equal(tok[:, 0], ref_tokens[:, i])
+        logits = dec.step(tok)
+        got_logits.append(logits)
+    assert dec.compile_seconds is not None and dec.length == 6 + steps
+    for got, ref in zip(got_logits, ref_logits):
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+    # a second sequence reuses the compiled step and the cache
+    again = dec.generate(ids, steps)
+    assert torch.equal(again, ref_tokens)
+    with pytest.raises(CompileError, match="max_len"):
+        dec.generate(ids, 2 * steps)
+    with pytest.raises(CompileError, match=r"\[2, tokens\]"):
+        dec.prefill(ids[:1])
+
+
+def test_the_integer_kv_cache_is_refused():
+    model = quantize_tiny("llama", weights="rtn", method="quad", rank=8, kv_bits=4)
+    with pytest.raises(CompileError, match="integer KV cache"):
+        CompiledDecoder(model, max_len=16)
+    with pytest.raises(CompileError, match="max_len"):
+        CompiledDecoder(quantize_tiny("llama", weights="rtn", method="quad", rank=8), max_len=1)
+
+
+def test_generate_compile_gives_the_eager_tokens(tiny_original, capsys):
+    import json
+
+    from quadllm.cli import main
+
+    args = ["generate", str(tiny_original), "hello there", "--max-new-tokens", "4", "--json", "-q"]
+    assert main(args) == 0
+    eager = json.loads(capsys.readouterr().out)
+    assert main(args + ["--compile"]) == 0
+    compiled = json.loads(capsys.readouterr().out)
+    assert compiled["token_ids"] == eager["token_ids"] and len(eager["token_ids"]) >= 1
