@@ -13,6 +13,10 @@
 - ``auto``: ``gpu`` where a CUDA device and Triton are there, else ``cpu-int8`` where
   ``torch._int_mm`` runs, else ``fake``.
 
+Any placed model can also decode through :class:`quadllm.backends.compiled.CompiledDecoder` (a
+static KV cache and the one-token step compiled by ``torch.compile``; ``generate --compile``,
+``bench model --compile``), which removes most of the per-token framework cost on the CPU.
+
 Loading a checkpoint gives a ``fake`` model on the CPU; :func:`place` is the one step that then
 chooses the device and the kernel of every layer. Layers a kernel does not support (its
 ``supports``: weight-only ``w4a16`` inputs, activations wider than 8 bits, grouped weight scales)

@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
+import torch
 
 from ..io.files import cache_root
 
@@ -90,8 +92,6 @@ def gguf_weight_bytes(path: str | Path) -> tuple[int, str]:
     """Bytes of the tensors one decoded token reads from a GGUF file (all but the token embedding,
     of which a row is read, unless the model ties it to the output), and the types of its
     largest tensors (``Q4_1``, ``Q4_K/Q6_K``...)."""
-    import gguf
-
     reader = gguf.GGUFReader(str(path))
     names = {t.name for t in reader.tensors}
     tied = "output.weight" not in names
@@ -165,8 +165,6 @@ def bench_gguf(path: str | Path, name: str, vocab: int, prefill: list[int], deco
                repeat: int = 3, threads: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """Records ``{variant, phase, batch, tokens, median_ms, tokens_per_s}`` of llama.cpp on
     ``path`` (random token ids below ``vocab`` from ``seed``)."""
-    import torch
-
     threads = threads or torch.get_num_threads()
     rng = np.random.default_rng(seed)
     records = []
