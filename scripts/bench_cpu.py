@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from quadllm import load, place  # noqa: E402
 from quadllm.backends import Int8Kernel  # noqa: E402
+from quadllm.backends.compiled import CompileError  # noqa: E402
 from quadllm.evaluation.speed import (  # noqa: E402
     bench_linear,
     bench_model,
@@ -167,8 +168,9 @@ def profile_decode_step(model, vocab: int, steps: int = 10) -> dict:
 
 
 def bench_models(ckpts: list[str], prefill: list[int], prefill_batches: dict[int, list[int]], decode: int,
-                 batches: list[int], repeat: int, llamacpp: list[str]) -> list[dict]:
-    """Every row of issue 22 for each checkpoint (see the module's docstring)."""
+                 batches: list[int], repeat: int, llamacpp: list[str], on_model=None) -> list[dict]:
+    """Every row of issue 22 for each checkpoint (see the module's docstring); ``on_model`` is
+    called with the results so far after each checkpoint."""
     from quadllm.evaluation.llamacpp import bench_gguf, gguf_weight_bytes, llamacpp_unavailable_reason, requantized
     from quadllm.evaluation.speed import add_bound, add_ratio, decode_weight_bytes, memory_bandwidth_gbs
     from quadllm.io.checkpoint import read_meta
@@ -209,11 +211,19 @@ def bench_models(ckpts: list[str], prefill: list[int], prefill_batches: dict[int
         bandwidth = memory_bandwidth_gbs()
         add_bound(records, step_bytes, bandwidth)
         add_ratio(records, "bf16", "vs_bf16")
-        profile = profile_decode_step(variants[QUAD_FAST], vocab)
-        out.append({"checkpoint": ckpt, "model": source.title, "bandwidth_gbs": round(bandwidth, 2),
-                    "weight_mb_per_step": {k: round(v / 1e6, 1) for k, v in step_bytes.items()},
-                    "records": records, "targets": model_targets(records, names.get("source")),
-                    "decode_profile": profile, "seconds": round(time.perf_counter() - t0)})
+        res = {"checkpoint": ckpt, "model": source.name, "bandwidth_gbs": round(bandwidth, 2),
+               "weight_mb_per_step": {k: round(v / 1e6, 1) for k, v in step_bytes.items()},
+               "records": records, "targets": model_targets(records, names.get("source")), "decode_profile": None}
+        out.append(res)
+        if on_model is not None:
+            on_model(out)
+        try:
+            res["decode_profile"] = profile_decode_step(variants[QUAD_FAST], vocab)
+        except CompileError as exc:
+            log.warning("no profile of the compiled step: %s", exc)
+        res["seconds"] = round(time.perf_counter() - t0)
+        if on_model is not None:
+            on_model(out)
         log.info("%s done in %.0f s", ckpt, time.perf_counter() - t0)
         del variants
     return out
@@ -244,6 +254,8 @@ def models_markdown(results: list[dict], meta: dict) -> str:
                 "yes" if t["met"] else "no")
             md.append(f"| {t['target']} | {measured} | {goal} | {verdict} |")
         p = res["decode_profile"]
+        if p is None:
+            continue
         md += ["", f"One compiled decode step of {QUAD_FAST} (batch 1, torch.profiler): {p['self_ms_per_step']} ms of "
                f"operator self time in {p['operator_calls_per_step']} calls.", "",
                records_markdown(p["top"], ["op", "self_ms_per_call", "share", "calls_per_call"])]
@@ -271,15 +283,19 @@ def main() -> None:
     if args.models:
         lengths = [256] if args.quick else [512, 2048]
         b8 = [int(v) for v in args.batch8_prefill.split(",") if v.strip()]
-        results = bench_models(args.models.split(","), lengths, {t: [1, 8] if t in b8 else [1] for t in lengths},
-                               16 if args.quick else args.decode, [1, 8], 1 if args.quick else 2,
-                               [t for t in args.llamacpp.split(",") if t])
-        meta = {"command": "python scripts/bench_cpu.py " + " ".join(sys.argv[1:]), "date": dt.date.today().isoformat(),
-                "machine": machine_description(), "seconds": round(time.perf_counter() - t0, 1)}
         out = Path(args.models_out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "models": results}, indent=1) + "\n")
-        out.with_suffix(".md").write_text(models_markdown(results, meta))
+
+        def write(results: list[dict]) -> None:  # after each model, so a later failure keeps the earlier ones
+            meta = {"command": "python scripts/bench_cpu.py " + " ".join(sys.argv[1:]),
+                    "date": dt.date.today().isoformat(), "machine": machine_description(),
+                    "seconds": round(time.perf_counter() - t0, 1)}
+            out.with_suffix(".json").write_text(json.dumps({"meta": meta, "models": results}, indent=1) + "\n")
+            out.with_suffix(".md").write_text(models_markdown(results, meta))
+
+        bench_models(args.models.split(","), lengths, {t: [1, 8] if t in b8 else [1] for t in lengths},
+                     16 if args.quick else args.decode, [1, 8], 1 if args.quick else 2,
+                     [t for t in args.llamacpp.split(",") if t], on_model=write)
         print(out.with_suffix(".md").read_text())
         return
     linear = bench_linear(QUICK if args.quick else SHAPES, repeat=3 if args.quick else 7,

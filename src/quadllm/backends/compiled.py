@@ -21,6 +21,8 @@ import time
 
 import torch
 from torch import nn
+from torch._dynamo.exc import TorchDynamoException
+from torch._inductor.exc import InductorError
 from transformers import StaticCache
 
 from ..errors import QuadllmError
@@ -76,7 +78,8 @@ class CompiledDecoder:
         self.reset()
         self._check(ids)
         pos = torch.arange(ids.shape[1])
-        out = self.model(input_ids=ids, cache_position=pos, use_cache=True, **{self._cache_arg: self.cache})
+        out = self.model(input_ids=ids, cache_position=pos, use_cache=True, logits_to_keep=1,
+                         **{self._cache_arg: self.cache})
         self.length = ids.shape[1]
         return out.logits[:, -1]
 
@@ -90,9 +93,16 @@ class CompiledDecoder:
         t0 = time.perf_counter()
         # once compiled, the guards (a few thousand checks of the model's attributes, about 3 ms a
         # step on SmolLM2) are not evaluated again: the decoder is for fixed weights and shapes
-        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=not first):
-            out = self._step(input_ids=ids, cache_position=torch.tensor([self.length]), use_cache=True,
-                             **{self._cache_arg: self.cache})
+        try:
+            # every decoder (model, batch, cache length) is one more graph of the same forward code:
+            # dynamo's default limit of 8 per code would stop the ninth decoder of a process
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=not first), \
+                    torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 256)):
+                out = self._step(input_ids=ids, cache_position=torch.tensor([self.length]), use_cache=True,
+                                 **{self._cache_arg: self.cache})
+        except (TorchDynamoException, InductorError) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CompileError(f"torch.compile could not compile this model's decode step: {first_line}") from exc
         if first:
             self.compile_seconds = time.perf_counter() - t0
             log.info("compiled the decode step (batch %d, cache %d) in %.0f s", self.batch, self.max_len,

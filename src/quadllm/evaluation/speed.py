@@ -162,8 +162,10 @@ def bench_linear(shapes: list[tuple[int, int, int]], rank: int = DEFAULT_RANK, b
 
 
 def prefill_fn(model, ids):
-    """A no-argument call of one forward of ``model`` over ``ids`` without a KV cache."""
-    return lambda: model(input_ids=ids, use_cache=False)
+    """A no-argument call of one forward of ``model`` over ``ids`` without a KV cache, computing the
+    logits of the last position only, as a server's prefill does (llama.cpp's too): the head over
+    every position would be perplexity evaluation, not prefill."""
+    return lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
 
 def top_ops(fn: Callable[[], Any], repeat: int = 3, top: int | None = 8, warmup: int = 1) -> list[dict[str, Any]]:
