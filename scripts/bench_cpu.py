@@ -127,13 +127,12 @@ QUAD_FAST = "QUAD cpu-int4 head-int8"
 
 def model_targets(records: list[dict], llamacpp_source: str | None) -> list[dict]:
     """Issue 22's targets for one model, from its records (None where a row is missing)."""
-    def tps(variant, phase, batch, tokens, compiled=False):
-        return next((r["tokens_per_s"] for r in records if r["variant"] == variant and r["phase"] == phase
-                     and r["batch"] == batch and r["tokens"] == tokens and bool(r.get("compiled")) == compiled), None)
-
-    def rec(variant, phase, batch, tokens, compiled):
+    def rec(variant, phase, batch, tokens, compiled=False) -> dict:
         return next((r for r in records if r["variant"] == variant and r["phase"] == phase and r["batch"] == batch
                      and r["tokens"] == tokens and bool(r.get("compiled")) == compiled), {})
+
+    def tps(*key, **kw):
+        return rec(*key, **kw).get("tokens_per_s")
 
     decode = max((r for r in records if r["variant"] == QUAD_FAST and r["phase"] == "decode" and r["batch"] == 1),
                  key=lambda r: r["tokens_per_s"], default=None)
@@ -171,7 +170,7 @@ def bench_models(ckpts: list[str], prefill: list[int], prefill_batches: dict[int
                  batches: list[int], repeat: int, llamacpp: list[str], on_model=None) -> list[dict]:
     """Every row of issue 22 for each checkpoint (see the module's docstring); ``on_model`` is
     called with the results so far after each checkpoint."""
-    from quadllm.evaluation.llamacpp import bench_gguf, gguf_weight_bytes, llamacpp_unavailable_reason, requantized
+    from quadllm.evaluation.llamacpp import bench_gguf, gguf_weight_bytes, llamacpp_files, llamacpp_unavailable_reason
     from quadllm.evaluation.speed import add_bound, add_ratio, decode_weight_bytes, memory_bandwidth_gbs
     from quadllm.io.checkpoint import read_meta
     from quadllm.io.sources import resolve
@@ -194,16 +193,14 @@ def bench_models(ckpts: list[str], prefill: list[int], prefill_batches: dict[int
         step_bytes = {k: decode_weight_bytes(v) for k, v in variants.items()}
         source = resolve(spec)
         reason = llamacpp_unavailable_reason()
-        names = {}
+        names: dict[str, Path] = {}
         if reason is not None:
             log.warning("llama.cpp rows skipped: %s", reason)
         elif source.kind != "gguf":
             log.warning("llama.cpp rows skipped: %s is not a GGUF file", source.spec)
         else:
-            for t in llamacpp:
-                path = Path(source.path) if t == "source" else requantized(source.path, t)
-                name = f"llama.cpp {gguf_weight_bytes(path)[1]}" + (" (source GGUF)" if t == "source" else "")
-                names[t] = name
+            names = llamacpp_files(source.path, llamacpp)
+            for name, path in names.items():
                 for b in batches:
                     lengths = [n for n in prefill if b in prefill_batches.get(n, batches)]
                     records += bench_gguf(path, name, vocab, lengths, decode, [b], repeat=repeat)
@@ -213,7 +210,8 @@ def bench_models(ckpts: list[str], prefill: list[int], prefill_batches: dict[int
         add_ratio(records, "bf16", "vs_bf16")
         res = {"checkpoint": ckpt, "model": source.name, "bandwidth_gbs": round(bandwidth, 2),
                "weight_mb_per_step": {k: round(v / 1e6, 1) for k, v in step_bytes.items()},
-               "records": records, "targets": model_targets(records, names.get("source")), "decode_profile": None}
+               "records": records, "targets": model_targets(records, next((n for n in names if "source" in n), None)),
+               "decode_profile": None}
         out.append(res)
         if on_model is not None:
             on_model(out)

@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 
 from ..nn.modules import QuadLinear
+from .base import Kernel
 from .int8 import Int8Kernel, act_codes, asym_act_codes, supports_int8
 
 __all__ = ["Int4Kernel", "Int4Layout", "int4pack_available", "int4pack_group", "pack_for_int4_mm", "int4_code_mm"]
@@ -137,7 +138,7 @@ class Int4Kernel(Int8Kernel):
         layout = self.packed(lin)
         if layout is None:
             return super().decode_weight_bytes(lin)
-        own = sum(t.numel() * t.element_size() for t in (lin.scales, lin.w_outlier, lin.bias) if t is not None)
+        own = Kernel.decode_weight_bytes(self, lin) - lin.qweight.numel() * lin.qweight.element_size()
         return own + sum(t.numel() * t.element_size() for t in layout[:2])
 
     def __call__(self, lin: QuadLinear, x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from ..backends import HEAD_PRECISIONS, place
 from ..config import DEFAULT_RANK, ConfigError
-from ..evaluation.llamacpp import LLAMACPP_TYPES, bench_gguf, gguf_weight_bytes, llamacpp_unavailable_reason, requantized
+from ..evaluation.llamacpp import LLAMACPP_TYPES, bench_gguf, gguf_weight_bytes, llamacpp_files, llamacpp_unavailable_reason
 from ..evaluation.speed import (
     LINEAR_BACKENDS,
     add_bound,
@@ -162,12 +162,7 @@ def _llamacpp_files(types: str, model: str | None) -> dict[str, Path]:
     source = resolve(spec)
     if source.kind != "gguf":
         raise ConfigError(f"--llamacpp needs a model that starts from a GGUF file; {source.spec} is a {source.kind}")
-    path = Path(source.path)
-    files = {}
-    for t in asked:
-        name = "llama.cpp " + (f"{gguf_weight_bytes(path)[1]} (the source GGUF)" if t == "source" else t)
-        files[name] = path if t == "source" else requantized(path, t)
-    return files
+    return llamacpp_files(source.path, asked)
 
 
 def _bf16_copy(model):

@@ -30,7 +30,8 @@ from ..io.files import cache_root
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LLAMACPP_TYPES", "llamacpp_unavailable_reason", "requantized", "gguf_weight_bytes", "bench_gguf"]
+__all__ = ["LLAMACPP_TYPES", "llamacpp_unavailable_reason", "requantized", "gguf_weight_bytes", "llamacpp_files",
+           "bench_gguf"]
 
 #: the llama.cpp types :func:`requantized` makes, by name
 LLAMACPP_TYPES = {"Q4_0": 2, "Q8_0": 7}
@@ -103,6 +104,16 @@ def gguf_weight_bytes(path: str | Path) -> tuple[int, str]:
         by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + int(t.n_bytes)
     main = sorted(by_type, key=lambda k: -by_type[k])
     return total, "/".join(k for k in main if by_type[k] > 0.05 * total)
+
+
+def llamacpp_files(source: str | Path, types: list[str]) -> dict[str, Path]:
+    """The GGUF file of each asked type (``source``: the file as it is; or one of
+    :data:`LLAMACPP_TYPES`, requantized), by the name its benchmark rows get."""
+    files = {}
+    for t in types:
+        path = Path(source) if t == "source" else requantized(source, t)
+        files[f"llama.cpp {gguf_weight_bytes(path)[1]}" + (" (source GGUF)" if t == "source" else "")] = path
+    return files
 
 
 class _Context:
