@@ -123,6 +123,8 @@ def profile_prefill(variants: dict, vocab: int, tokens: int) -> dict[str, dict]:
 
 #: the variant whose decode and prefill the issue-22 targets judge
 QUAD_FAST = "QUAD cpu-int4 head-int8"
+#: the same with each linear computed alone (place(fuse=False)), to show what fusing siblings gives
+QUAD_UNFUSED = f"{QUAD_FAST} unfused"
 
 
 def model_targets(records: list[dict], llamacpp_source: str | None) -> list[dict]:
@@ -185,6 +187,9 @@ def bench_models(ckpts: list[str], prefill: list[int], prefill_batches: dict[int
             m = load(ckpt)[0]
             place(m, backend, head=head)
             variants[f"QUAD {backend}" + ("" if head == "float" else f" head-{head}")] = m
+        # the same without running q/k/v and gate/up as one GEMM each (quadllm.backends.siblings)
+        variants[QUAD_UNFUSED] = load(ckpt)[0]
+        place(variants[QUAD_UNFUSED], "cpu-int4", head="int8", fuse=False)
         vocab = len(tok)
         records = []
         for b in batches:  # prefill lengths per batch size; decode at every batch size
@@ -219,6 +224,9 @@ def bench_models(ckpts: list[str], prefill: list[int], prefill_batches: dict[int
             res["decode_profile"] = profile_decode_step(variants[QUAD_FAST], vocab)
         except CompileError as exc:
             log.warning("no profile of the compiled step: %s", exc)
+        tokens = max(prefill)
+        res["prefill_profile"] = {"tokens": tokens, "variants": profile_prefill(
+            {k: variants[k] for k in ("bf16", QUAD_FAST)}, vocab, tokens)}
         res["seconds"] = round(time.perf_counter() - t0)
         if on_model is not None:
             on_model(out)
@@ -252,12 +260,29 @@ def models_markdown(results: list[dict], meta: dict) -> str:
                 "yes" if t["met"] else "no")
             md.append(f"| {t['target']} | {measured} | {goal} | {verdict} |")
         p = res["decode_profile"]
-        if p is None:
-            continue
-        md += ["", f"One compiled decode step of {QUAD_FAST} (batch 1, torch.profiler): {p['self_ms_per_step']} ms of "
-               f"operator self time in {p['operator_calls_per_step']} calls.", "",
-               records_markdown(p["top"], ["op", "self_ms_per_call", "share", "calls_per_call"])]
+        if p is not None:
+            md += ["", f"One compiled decode step of {QUAD_FAST} (batch 1, torch.profiler): {p['self_ms_per_step']} ms "
+                   f"of operator self time in {p['operator_calls_per_step']} calls.", "",
+                   records_markdown(p["top"], ["op", "self_ms_per_call", "share", "calls_per_call"])]
+        md += prefill_profile_markdown(res.get("prefill_profile"))
     return "\n".join(md) + "\n"
+
+
+def prefill_profile_markdown(profile: dict | None) -> list[str]:
+    """One prefill per variant by operator group, and the most that speeding up everything but
+    attention could give against bfloat16 (attention runs the same SDPA kernel in every variant)."""
+    if not profile:
+        return []
+    md = ["", f"One prefill of {profile['tokens']} tokens (batch 1, torch.profiler), operator self time by group:", "",
+          "| variant | group | ms | share |", "| --- | --- | ---: | ---: |"]
+    for name, p in profile["variants"].items():
+        md += [f"| {name} | {g['group']} | {g['self_ms_per_call']} | {g['share']:.0%} |" for g in p["groups"]]
+    bf16 = profile["variants"].get("bf16")
+    attn = next((g for g in bf16["groups"] if g["group"] == "attention"), None) if bf16 else None
+    if attn and attn["share"]:
+        md += ["", f"Attention is {attn['share']:.0%} of bfloat16's prefill: a variant whose other work took no time at "
+               f"all would prefill at most {1 / attn['share']:.2f}x bfloat16's speed with the same attention."]
+    return md
 
 
 def main() -> None:

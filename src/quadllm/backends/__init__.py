@@ -22,6 +22,8 @@ chooses the device and the kernel of every layer. Layers a kernel does not suppo
 ``supports``: weight-only ``w4a16`` inputs, activations wider than 8 bits, grouped weight scales)
 keep the float simulation, and :func:`place` reports how many layers use which; a layer a kernel
 ``refuses`` (it would compute it otherwise than the checkpoint asks) stops :func:`place` with the reason.
+On the CPU kernels, the linears of a layer that read one input (q/k/v, gate/up) run as one
+(:mod:`quadllm.backends.siblings`) unless ``place(fuse=False)``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from ..arch import get_adapter
+from ..arch.base import get_submodule
 from ..errors import QuadllmError
 from ..nn.modules import QuadHead, QuadLinear
 from .base import Kernel
@@ -40,6 +43,7 @@ from .gpu import TritonKernel
 from .head import HEAD_PRECISIONS, HeadKernel
 from .int4 import Int4Kernel
 from .int8 import Int8Kernel
+from .siblings import SiblingGroup, fusable
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +74,15 @@ def resolve_backend(backend: str) -> str:
     return "cpu-int8" if int8.unavailable_reason() is None else "fake"
 
 
-def place(model: nn.Module, backend: str = "auto", cache_weights: bool = True, head: str = "float") -> dict[str, int]:
+def place(model: nn.Module, backend: str = "auto", cache_weights: bool = True, head: str = "float",
+          fuse: bool = True) -> dict[str, int]:
     """Move ``model`` to the device of ``backend`` and give every quantized linear its kernel
     (``fake``: none); returns ``{backend: number of layers}``.
 
     ``cache_weights`` (``cpu-int8``): keep each layer's transposed int8 codes instead of
     unpacking the INT4 codes at every call. ``head`` (:data:`HEAD_PRECISIONS`): the output head's
-    precision on the CPU (:mod:`quadllm.backends.head`; ``float``: the model's own)."""
+    precision on the CPU (:mod:`quadllm.backends.head`; ``float``: the model's own). ``fuse``: run
+    the linears that read one input as one where the kernel can (:mod:`quadllm.backends.siblings`)."""
     if head not in HEAD_PRECISIONS:
         raise BackendError(f"unknown head precision {head!r}; choose one of {', '.join(HEAD_PRECISIONS)}")
     name = resolve_backend(backend)
@@ -102,19 +108,37 @@ def place(model: nn.Module, backend: str = "auto", cache_weights: bool = True, h
             else:
                 m.kernel = None
                 counts["fake"] += 1
-    _place_head(model, head)
-    log.info("backend %s: %s%s", backend, ", ".join(f"{n} layers {k}" for k, n in sorted(counts.items())),
-             f"; head {head}" if head != "float" else "")
-    return dict(counts)
-
-
-def _place_head(model: nn.Module, head: str) -> None:
-    """Give the model's output head ``head``'s precision (a stock layout's ``nn.Linear`` head
-    becomes the equivalent :class:`QuadHead` first, sharing its weight)."""
     try:
         adapter = get_adapter(model)
     except QuadllmError:
         adapter = None
+    groups = _group_siblings(model, adapter, cache_weights) if fuse and kernel_cls is not None \
+        and kernel_cls.fuses_siblings and adapter is not None else 0
+    _place_head(model, adapter, head)
+    log.info("backend %s: %s%s%s", backend, ", ".join(f"{n} layers {k}" for k, n in sorted(counts.items())),
+             f"; {groups} groups of linears reading one input run as one" if groups else "",
+             f"; head {head}" if head != "float" else "")
+    return dict(counts)
+
+
+def _group_siblings(model: nn.Module, adapter, cache_weights: bool) -> int:
+    """Give the linears of each reader group (the adapter's) one :class:`SiblingGroup` where they
+    can run as one; the number of groups."""
+    n = 0
+    for layer in adapter.layers(model):
+        for group in adapter.reader_groups:
+            members = [get_submodule(layer, name) for name in group.linears]
+            if all(isinstance(m, QuadLinear) for m in members) and fusable(members) is None:
+                siblings = SiblingGroup(members, cache_weights)
+                for m in members:
+                    m.kernel.siblings = siblings
+                n += 1
+    return n
+
+
+def _place_head(model: nn.Module, adapter, head: str) -> None:
+    """Give the model's output head ``head``'s precision (a stock layout's ``nn.Linear`` head
+    becomes the equivalent :class:`QuadHead` first, sharing its weight)."""
     module = adapter.head(model) if adapter is not None else None
     if head != "float" and isinstance(module, nn.Linear):
         module = QuadHead(None, weight=module.weight, bias=module.bias)

@@ -13,6 +13,7 @@ import torch
 
 if TYPE_CHECKING:  # the modules hold kernels; kernels only read the modules' tensors
     from ..nn.modules import QuadLinear
+    from .siblings import SiblingGroup
 
 __all__ = ["Kernel"]
 
@@ -22,6 +23,10 @@ class Kernel:
 
     #: the backend's name, as ``--backend`` spells it
     name: ClassVar[str]
+    #: whether linears reading one input may run as one on this kernel (:mod:`quadllm.backends.siblings`)
+    fuses_siblings: ClassVar[bool] = False
+    #: set by :func:`quadllm.backends.place` when the layer runs with its siblings
+    siblings: "SiblingGroup | None" = None
 
     @classmethod
     def device(cls) -> str:

@@ -127,7 +127,8 @@ class Int4Kernel(Int8Kernel):
 
     def prepare(self, lin: QuadLinear) -> None:
         super().prepare(lin)
-        self.packed(lin)
+        if self.siblings is None:
+            self.packed(lin)
 
     def extra_bytes(self) -> int:
         layout = None if self._packed is None else self._packed[1]
@@ -135,18 +136,20 @@ class Int4Kernel(Int8Kernel):
         return own + super().extra_bytes()
 
     def decode_weight_bytes(self, lin: QuadLinear) -> int:
+        if self.siblings is not None:
+            return super().decode_weight_bytes(lin)
         layout = self.packed(lin)
         if layout is None:
             return super().decode_weight_bytes(lin)
         own = Kernel.decode_weight_bytes(self, lin) - lin.qweight.numel() * lin.qweight.element_size()
         return own + sum(t.numel() * t.element_size() for t in layout[:2])
 
-    def __call__(self, lin: QuadLinear, x: torch.Tensor) -> torch.Tensor:
+    def compute(self, lin: QuadLinear, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         layout = self.packed(lin) if x2.shape[0] <= self.decode_rows else None
         if layout is None:
-            return super().__call__(lin, x)
+            return super().compute(lin, x)
         r, n = lin.rank, lin.out_features
         xs = x2 if x2.dtype == torch.float32 else x2.float()
         if lin.act.sym:

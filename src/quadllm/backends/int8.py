@@ -112,6 +112,7 @@ class Int8Kernel(Kernel):
     size) instead of unpacking the INT4 codes at every call."""
 
     name = "cpu-int8"
+    fuses_siblings = True
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -135,6 +136,9 @@ class Int8Kernel(Kernel):
         return (lin.qweight.data_ptr(), lin.qweight._version)
 
     def prepare(self, lin: QuadLinear) -> None:
+        if self.siblings is not None:  # the fused layer's layouts replace this layer's own
+            self.siblings.prepare()
+            return
         if self.cache_weights:
             self.weight_t(lin)
         if not lin.act.sym:
@@ -161,15 +165,24 @@ class Int8Kernel(Kernel):
         return self._sums[1]
 
     def extra_bytes(self) -> int:
-        return 0 if self._wt is None else self._wt.numel() * self._wt.element_size()
+        shared = self.siblings.extra_bytes() if self.siblings is not None and self.siblings.owner(self) else 0
+        return shared + (0 if self._wt is None else self._wt.numel() * self._wt.element_size())
 
     def decode_weight_bytes(self, lin: QuadLinear) -> int:
+        if self.siblings is not None:  # the fused layer reads them all, counted once
+            return self.siblings.decode_weight_bytes() if self.siblings.owner(self) else 0
         own = super().decode_weight_bytes(lin)
         if not self.cache_weights:  # unpacked from the layer's INT4 codes at every call
             return own
         return own - lin.qweight.numel() * lin.qweight.element_size() + lin.out_features * (lin.in_features - lin.rank)
 
     def __call__(self, lin: QuadLinear, x: torch.Tensor) -> torch.Tensor:
+        if self.siblings is not None:
+            return self.siblings.output(lin, x)
+        return self.compute(lin, x)
+
+    def compute(self, lin: QuadLinear, x: torch.Tensor) -> torch.Tensor:
+        """``lin``'s output for ``x`` on its own (:meth:`__call__` first looks for its siblings')."""
         r = lin.rank
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])

@@ -153,7 +153,8 @@ def bench_linear(shapes: list[tuple[int, int, int]], rank: int = DEFAULT_RANK, b
             if backend == "fp32":
                 base = ms
             if base is not None:
-                rec["speedup_vs_fp32"] = round(base / ms, 3)
+                # significant digits, not decimals: a layer slowed a thousandfold (a busy machine) is not 0.0x
+                rec["speedup_vs_fp32"] = float(f"{base / ms:.4g}")
             records.append(rec)
             log.info("%s %dx%dx%d: %.3f ms", backend, m, k, n, ms)
             del layer
