@@ -91,8 +91,8 @@ class CompiledDecoder:
             raise CompileError(f"step takes one token per sequence, got {ids.shape[1]}")
         first = self.compile_seconds is None
         t0 = time.perf_counter()
-        # once compiled, the guards (a few thousand checks of the model's attributes, about 3 ms a
-        # step on SmolLM2) are not evaluated again: the decoder is for fixed weights and shapes
+        # once compiled, the guards (a few thousand checks of the model's attributes) are not evaluated
+        # again: the decoder is for fixed weights and shapes
         try:
             # every decoder (model, batch, cache length) is one more graph of the same forward code:
             # dynamo's default limit of 8 per code would stop the ninth decoder of a process

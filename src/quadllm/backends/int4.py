@@ -125,22 +125,19 @@ class Int4Kernel(Int8Kernel):
             self._packed = (key, pack_for_int4_mm(lin.codes()) if self.packs(lin) else None)
         return self._packed[1]
 
-    def prepare(self, lin: QuadLinear) -> None:
-        super().prepare(lin)
-        if self.siblings is None:
-            self.packed(lin)
+    def prepare_own(self, lin: QuadLinear) -> None:
+        super().prepare_own(lin)
+        self.packed(lin)
 
     def extra_bytes(self) -> int:
         layout = None if self._packed is None else self._packed[1]
         own = 0 if layout is None else sum(t.numel() * t.element_size() for t in layout[:2])
         return own + super().extra_bytes()
 
-    def decode_weight_bytes(self, lin: QuadLinear) -> int:
-        if self.siblings is not None:
-            return super().decode_weight_bytes(lin)
+    def own_decode_bytes(self, lin: QuadLinear) -> int:
         layout = self.packed(lin)
         if layout is None:
-            return super().decode_weight_bytes(lin)
+            return super().own_decode_bytes(lin)
         own = Kernel.decode_weight_bytes(self, lin) - lin.qweight.numel() * lin.qweight.element_size()
         return own + sum(t.numel() * t.element_size() for t in layout[:2])
 

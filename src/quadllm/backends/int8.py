@@ -135,10 +135,16 @@ class Int8Kernel(Kernel):
         """What the kept weight layouts were derived from: they are stale when it changes."""
         return (lin.qweight.data_ptr(), lin.qweight._version)
 
+    # The public calls (prepare, decode_weight_bytes, __call__) go to the sibling group when the layer
+    # has one; the *_own methods and compute are the layer alone, which subclasses extend.
     def prepare(self, lin: QuadLinear) -> None:
         if self.siblings is not None:  # the fused layer's layouts replace this layer's own
             self.siblings.prepare()
-            return
+        else:
+            self.prepare_own(lin)
+
+    def prepare_own(self, lin: QuadLinear) -> None:
+        """Build ``lin``'s own kept layouts."""
         if self.cache_weights:
             self.weight_t(lin)
         if not lin.act.sym:
@@ -171,6 +177,10 @@ class Int8Kernel(Kernel):
     def decode_weight_bytes(self, lin: QuadLinear) -> int:
         if self.siblings is not None:  # the fused layer reads them all, counted once
             return self.siblings.decode_weight_bytes() if self.siblings.owner(self) else 0
+        return self.own_decode_bytes(lin)
+
+    def own_decode_bytes(self, lin: QuadLinear) -> int:
+        """What one call of ``lin`` alone reads."""
         own = super().decode_weight_bytes(lin)
         if not self.cache_weights:  # unpacked from the layer's INT4 codes at every call
             return own
