@@ -14,13 +14,14 @@ Writes results/bench_cpu.{json,md}; every ratio is between figures of this one r
 
 With ``--models CKPT[,CKPT]`` (issue 22) it instead times each QUAD checkpoint beside its original
 model and llama.cpp, in one process: torch float32 and bfloat16, QUAD W4A4 on ``cpu-int8`` and on
-``cpu-int4`` with the INT8 head, each decoding eagerly and through the compiled step
+``cpu-int4`` with the INT8 head and with the INT4 head (its accuracy cost: scripts/head_cost.py), the
+former also with each linear alone (no sibling fusion), each decoding eagerly and through the compiled step
 (:class:`quadllm.backends.compiled.CompiledDecoder`), and llama.cpp (``pip install
 'quadllm[llamacpp]'``) on the GGUF file the model comes from and on that file requantized to Q4_0
 and Q8_0, all with torch's thread count; prefill of 512 and 2048 tokens, decode of 128 tokens,
 batch 1 and 8, and each decode row against the memory-bandwidth bound (weight bytes read per step
 over the bandwidth of a large ``copy_``). The issue's targets are checked per model and a decode
-step of the fastest QUAD variant is profiled. Writes results/bench_cpu_models.{json,md}.
+step of the INT8-head QUAD variant is profiled. Writes results/bench_cpu_models.{json,md}.
 
     python scripts/bench_cpu.py
     python scripts/bench_cpu.py --quick      # small shapes, a smoke run
@@ -125,6 +126,8 @@ def profile_prefill(variants: dict, vocab: int, tokens: int) -> dict[str, dict]:
 QUAD_FAST = "QUAD cpu-int4 head-int8"
 #: the same with each linear computed alone (place(fuse=False)), to show what fusing siblings gives
 QUAD_UNFUSED = f"{QUAD_FAST} unfused"
+#: the same with the INT4 head (its accuracy cost: scripts/head_cost.py), judged by the decode targets too
+QUAD_HEAD4 = "QUAD cpu-int4 head-int4"
 
 
 def model_targets(records: list[dict], llamacpp_source: str | None) -> list[dict]:
@@ -136,21 +139,26 @@ def model_targets(records: list[dict], llamacpp_source: str | None) -> list[dict
     def tps(*key, **kw):
         return rec(*key, **kw).get("tokens_per_s")
 
-    decode = max((r for r in records if r["variant"] == QUAD_FAST and r["phase"] == "decode" and r["batch"] == 1),
-                 key=lambda r: r["tokens_per_s"], default=None)
-    dec, compiled = (decode["tokens_per_s"], bool(decode.get("compiled"))) if decode else (None, False)
-    tokens = decode["tokens"] if decode else None
     ratio = (lambda a, b: a / b if a and b else None)
-    rows = [(f"decode, batch 1: {QUAD_FAST}{' (compiled)' if compiled else ''} vs llama.cpp on the source GGUF",
-             ratio(dec, tps(llamacpp_source, "decode", 1, tokens)), 1.0),
-            (f"decode, batch 1: {QUAD_FAST}{' (compiled)' if compiled else ''} vs torch bfloat16 (eager)",
-             ratio(dec, tps("bf16", "decode", 1, tokens)), 1.5),
-            (f"decode, batch 1: {QUAD_FAST}{' (compiled)' if compiled else ''} vs torch bfloat16 compiled",
-             ratio(dec, tps("bf16", "decode", 1, tokens, True)), None),
-            ("prefill 2048, batch 1: QUAD (cpu-int8 path, INT8 head) vs torch bfloat16",
-             ratio(tps(QUAD_FAST, "prefill", 1, 2048), tps("bf16", "prefill", 1, 2048)), 1.2),
-            ("decode, batch 1: share of the memory-bandwidth bound", rec(QUAD_FAST, "decode", 1, tokens, compiled).get(
-                "of_bound"), 0.5)]
+    rows = []
+    for variant in (QUAD_FAST, QUAD_HEAD4):
+        decode = max((r for r in records if r["variant"] == variant and r["phase"] == "decode" and r["batch"] == 1),
+                     key=lambda r: r["tokens_per_s"], default=None)
+        if decode is None and variant != QUAD_FAST:
+            continue
+        dec, compiled = (decode["tokens_per_s"], bool(decode.get("compiled"))) if decode else (None, False)
+        tokens = decode["tokens"] if decode else None
+        name = f"{variant}{' (compiled)' if compiled else ''}"
+        rows += [(f"decode, batch 1: {name} vs llama.cpp on the source GGUF",
+                  ratio(dec, tps(llamacpp_source, "decode", 1, tokens)), 1.0),
+                 (f"decode, batch 1: {name} vs torch bfloat16 (eager)", ratio(dec, tps("bf16", "decode", 1, tokens)),
+                  1.5),
+                 (f"decode, batch 1: {name} vs torch bfloat16 compiled",
+                  ratio(dec, tps("bf16", "decode", 1, tokens, True)), None),
+                 (f"decode, batch 1: {name}, share of the memory-bandwidth bound",
+                  rec(variant, "decode", 1, tokens, compiled).get("of_bound"), 0.5)]
+    rows.append(("prefill 2048, batch 1: QUAD (cpu-int8 path, INT8 head) vs torch bfloat16",
+                 ratio(tps(QUAD_FAST, "prefill", 1, 2048), tps("bf16", "prefill", 1, 2048)), 1.2))
     return [{"target": t, "measured": None if v is None else round(v, 3), "goal": g,
              "met": None if v is None or g is None else v >= g} for t, v, g in rows]
 
@@ -183,7 +191,7 @@ def bench_models(ckpts: list[str], prefill: list[int], prefill_batches: dict[int
         t0 = time.perf_counter()
         fp, tok, _ = load_model(spec)
         variants = {"fp32": fp, "bf16": load_model(spec)[0].to(torch.bfloat16)}
-        for backend, head in (("cpu-int8", "float"), ("cpu-int4", "int8")):
+        for backend, head in (("cpu-int8", "float"), ("cpu-int4", "int8"), ("cpu-int4", "int4")):
             m = load(ckpt)[0]
             place(m, backend, head=head)
             variants[f"QUAD {backend}" + ("" if head == "float" else f" head-{head}")] = m

@@ -41,12 +41,13 @@ def _eager_greedy(model, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, l
 
 
 @pytest.mark.skipif(not int4pack_available(), reason="torch's CPU INT4 GEMM does not run here")
-def test_compiled_decoding_is_eager_decoding():
-    """cpu-int4 with an INT8 head (o-rank 4 leaves o_proj a padded width), batch 2: the compiled
-    step gives the eager step's greedy tokens and its logits to float rounding."""
+@pytest.mark.parametrize("head", ["int8", "int4"])
+def test_compiled_decoding_is_eager_decoding(head):
+    """cpu-int4 with an INT8 or INT4 head (o-rank 4 leaves o_proj a padded width), batch 2: the
+    compiled step gives the eager step's greedy tokens and its logits to float rounding."""
     model = quantize_tiny("llama", weights="rtn", method="quad", rank=8, o_rank=4,
                           model_kwargs=dict(hidden_size=64, num_attention_heads=4, head_dim=16, intermediate_size=128))
-    place(model, "cpu-int4", head="int8")
+    place(model, "cpu-int4", head=head)
     ids = random_ids(2, 6, seed=3)
     steps = 5
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The output head in bfloat16 or INT8 (``place(head=...)``): the definitions, and the model's
+"""The output head in bfloat16, INT8 or INT4 (``place(head=...)``): the definitions, and the model's
 logits within their rounding."""
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import torch
 from conftest import quantize_tiny, random_ids, tiny_model
 
 from quadllm.backends import BackendError, HeadKernel, place
-from quadllm.backends.head import int8_rows
+from quadllm.backends.head import HEAD_INT4_GROUP, int4_groups, int8_rows
+from quadllm.backends.int4 import int4pack_available
+from quadllm.core.quantizers import weight_scales
 from quadllm.cli import main
 from quadllm.nn.modules import QuadHead
 
@@ -25,24 +27,50 @@ def test_int8_rows_are_symmetric_per_row_codes_with_the_gemms_scale():
     assert ((codes.float() * s - table).abs() <= 0.5 * s * (1 + 1e-6) + (table.abs() - 127 * s).clamp_min(0)).all()
 
 
-@pytest.mark.parametrize("precision,width", [("bf16", 32), ("int8", 32), ("int8", 56)])
+def test_int4_groups_are_symmetric_codes_with_the_least_error_of_six_clips():
+    g = torch.Generator().manual_seed(2)
+    table = torch.randn(48, 64, generator=g) * torch.linspace(0.01, 5, 48)[:, None]
+    table[3, :32] = 0  # an all-zero group
+    codes, scales = int4_groups(table)
+    assert codes.dtype == torch.int8 and scales.dtype == torch.bfloat16 and scales.shape == (48, 64 // HEAD_INT4_GROUP)
+    assert int(codes.min()) >= -8 and int(codes.max()) <= 7 and not bool(codes[3, :32].any())
+    s = scales.float().repeat_interleave(HEAD_INT4_GROUP, 1)
+    assert torch.equal(codes.float(), (table / s).round().clamp(-8, 7))
+    # each group's scale: one of the six shrunk absmax scales (before bfloat16), the one of least error
+    absmax = table.reshape(48, -1, HEAD_INT4_GROUP).abs().amax(-1) / 7
+    ratio = (scales.float() / absmax)[absmax > 0]
+    candidates = torch.tensor([1.0, 0.95, 0.9, 0.85, 0.8, 0.75])
+    assert ((ratio[:, None] - candidates).abs().amin(1) <= 2 ** -8 * 1.01).all()
+    err = ((codes.float() * s - table) ** 2).sum()
+    plain = weight_scales(table, 4, HEAD_INT4_GROUP, mse=False).to(torch.bfloat16).float().repeat_interleave(32, 1)
+    assert err <= (((table / plain).round().clamp(-8, 7) * plain - table) ** 2).sum()
+
+
+@pytest.mark.parametrize("precision,width", [("bf16", 32), ("int8", 32), ("int8", 56), ("int4", 64), ("int4", 56)])
 def test_head_kernel_is_its_definition(precision, width):
-    """Widths the INT8 GEMM cannot read (56: not a multiple of 16) are padded with zeros."""
+    """Widths the INT8 GEMM cannot read (56: not a multiple of 16) and INT4 widths that are not whole
+    groups of 32 are padded with zeros."""
+    if precision == "int4" and not int4pack_available():
+        pytest.skip("torch's CPU INT4 GEMM does not run on this build")
     g = torch.Generator().manual_seed(1)
-    table, x = torch.randn(64, width, generator=g), torch.randn(2, 3, width, generator=g)
-    bias = torch.randn(64, generator=g)
+    table, x = torch.randn(72, width, generator=g), torch.randn(2, 3, width, generator=g)
+    bias = torch.randn(72, generator=g)
     got = HeadKernel(table, precision)(x, bias)
     xb = x.to(torch.bfloat16).double()
     if precision == "bf16":
         ref = xb @ table.to(torch.bfloat16).double().t()
-    else:
+    elif precision == "int8":
         codes, scale = int8_rows(table)
         ref = (xb @ codes.double().t()) * scale.double()
-    assert got.shape == (2, 3, 64) and got.dtype == torch.float32
+    else:
+        codes, scales = int4_groups(torch.nn.functional.pad(table, (0, -width % HEAD_INT4_GROUP)))
+        w = codes.double() * scales.double().repeat_interleave(HEAD_INT4_GROUP, 1)
+        ref = xb @ w[:, :width].t()
+    assert got.shape == (2, 3, 72) and got.dtype == torch.float32
     # the GEMM's output is bfloat16: one rounding of each logit (and of the bf16 GEMM's partial sums)
     assert torch.allclose(got.double() - bias.double(), ref, rtol=2 ** -7, atol=1e-2)
     with pytest.raises(ValueError, match="head precision"):
-        HeadKernel(table, "int4")
+        HeadKernel(table, "int2")
 
 
 def test_place_gives_the_head_its_precision_and_takes_it_back():
@@ -50,12 +78,13 @@ def test_place_gives_the_head_its_precision_and_takes_it_back():
     ids = random_ids(2, 12, seed=4)
     with torch.no_grad():
         ref = model(ids).logits
-        for precision in ("bf16", "int8"):
+        for precision in ("bf16", "int8", "int4"):
             place(model, "fake", head=precision)
             head = next(m for m in model.modules() if isinstance(m, QuadHead))
             assert head.kernel is not None and head.kernel.precision == precision
             out = model(ids).logits
-            assert 0 < ((out - ref).norm() / ref.norm()).item() < 2e-2
+            # INT4's own rounding (about 9% of each weight, root mean square) is larger
+            assert 0 < ((out - ref).norm() / ref.norm()).item() < (6e-2 if precision == "int4" else 2e-2)
         place(model, "fake")
         assert torch.equal(model(ids).logits, ref)
     with pytest.raises(BackendError, match="head precision"):

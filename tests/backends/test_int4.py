@@ -9,7 +9,7 @@ import torch
 from conftest import quantize_tiny, random_ids
 
 from quadllm.backends import Int4Kernel, Int8Kernel, place
-from quadllm.backends.int4 import int4_code_mm, int4pack_available, int4pack_group, pack_for_int4_mm
+from quadllm.backends.int4 import int4_code_mm, int4_mm, int4pack_available, int4pack_group, pack_for_int4_mm
 from quadllm.backends.int8 import act_codes, asym_act_codes
 from quadllm.nn.modules import QuadLinear
 
@@ -33,6 +33,24 @@ def test_code_mm_is_the_integer_sum_rounded_once_to_bfloat16(n, k, act_bits):
     exact = qx.long() @ qw.long().t()  # well inside float32's exact integers
     got = int4_code_mm(qx, layout, n)
     assert got.dtype == torch.bfloat16 and torch.equal(got, exact.float().to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("n,k,group", [(40, 64, 32), (32, 128, 64), (16, 96, 32)])
+def test_group_scales_give_the_dequantized_product(n, k, group):
+    """With a scale per row and group the op computes ``a @ (codes * scales)ᵀ`` (the scales in
+    bfloat16), accumulated in float32 and rounded once to bfloat16."""
+    g = torch.Generator().manual_seed(n + k + group)
+    qw = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    scales = (torch.rand(n, k // group, generator=g) + 0.1).to(torch.bfloat16)
+    a = torch.randn(3, k, generator=g).to(torch.bfloat16)
+    layout = pack_for_int4_mm(qw, scales)
+    assert layout.group == group and layout.pad_k == 0
+    ref = a.double() @ (qw.double() * scales.double().repeat_interleave(group, 1)).t()
+    got = int4_mm(a, layout, n)
+    assert got.shape == (3, n) and got.dtype == torch.bfloat16
+    assert torch.allclose(got.double(), ref, rtol=2 ** -7, atol=1e-3 * ref.abs().max().item())
+    with pytest.raises(ValueError, match="groups of a multiple of 32"):
+        pack_for_int4_mm(qw, scales[:, :1].repeat(1, k // 16))
 
 
 def test_groups_and_codes_the_op_cannot_take():

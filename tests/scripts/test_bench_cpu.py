@@ -29,9 +29,17 @@ RECORDS = [_r("bf16", "prefill", 1, 2048, 1000.0), _r("bf16", "decode", 1, 128, 
 def test_targets_judge_the_fastest_batch1_decode_and_the_2048_prefill():
     got = [(t["measured"], t["goal"], t["met"]) for t in bc.model_targets(RECORDS, LLAMA)]
     # the compiled row (80 tok/s) is the fastest at batch 1; batch 8's share of the bound is not used
-    assert got == [(0.8, 1.0, False), (2.0, 1.5, True), (1.6, None, None), (0.7, 1.2, False), (0.3, 0.5, False)]
+    assert got == [(0.8, 1.0, False), (2.0, 1.5, True), (1.6, None, None), (0.3, 0.5, False), (0.7, 1.2, False)]
     missing = bc.model_targets(RECORDS[:3], None)
     assert all(t["measured"] is None and t["met"] is None for t in missing)
+
+
+def test_the_int4_head_variant_gets_its_own_decode_targets():
+    head4 = [_r(bc.QUAD_HEAD4, "decode", 1, 128, 120.0, True, of_bound=0.4), _r(bc.QUAD_HEAD4, "decode", 1, 128, 40.0)]
+    targets = bc.model_targets(RECORDS + head4, LLAMA)
+    mine = [(t["measured"], t["met"]) for t in targets if bc.QUAD_HEAD4 in t["target"]]
+    assert mine == [(1.2, True), (3.0, True), (2.4, None), (0.4, False)]
+    assert all("(compiled)" in t["target"] for t in targets if bc.QUAD_HEAD4 in t["target"])
 
 
 def test_models_markdown_has_every_row_and_target():

@@ -33,7 +33,8 @@ from ..nn.modules import QuadLinear
 from .base import Kernel
 from .int8 import Int8Kernel, act_codes, asym_act_codes, supports_int8
 
-__all__ = ["Int4Kernel", "Int4Layout", "int4pack_available", "int4pack_group", "pack_for_int4_mm", "int4_code_mm"]
+__all__ = ["Int4Kernel", "Int4Layout", "int4pack_available", "int4pack_group", "pack_for_int4_mm", "int4_code_mm",
+           "int4_mm"]
 
 #: the group sizes the op accepts, largest first (a unit scale makes any dividing one equivalent)
 GROUPS = (256, 128, 64, 32)
@@ -55,29 +56,43 @@ class Int4Layout(NamedTuple):
     pad_k: int
 
 
-def pack_for_int4_mm(codes: torch.Tensor) -> Int4Layout:
+def pack_for_int4_mm(codes: torch.Tensor, scales: torch.Tensor | None = None) -> Int4Layout:
     """Signed INT4 codes [N, K] (-8..7) in the op's layout, padded with zero codes to N' (a multiple
-    of 16) and K' (of 32)."""
+    of 16) and K' (of 32). Without ``scales`` every scale is 1 (the integer sums, for activation
+    codes); with ``scales`` [N, K / G] (one per row and group of G contiguous columns, G a multiple
+    of 32) the op computes ``a @ (codes * scales)ᵀ``, the scales rounded to bfloat16 (the op's)."""
     if int(codes.min()) < -8 or int(codes.max()) > 7:
         raise ValueError("INT4 codes must lie in -8..7")
     n, k = codes.shape
+    if scales is not None and (scales.dim() != 2 or scales.shape[0] != n or k % scales.shape[1]
+                               or (k // scales.shape[1]) % 32):
+        raise ValueError(f"scales {tuple(scales.shape)} do not divide codes {(n, k)} into groups of a multiple of 32")
     pad_n, pad_k = -n % 16, -k % 32
     padded = torch.nn.functional.pad(codes.to(torch.int32), (0, pad_k, 0, pad_n))
-    group = int4pack_group(k + pad_k)
+    group = int4pack_group(k + pad_k) if scales is None else k // scales.shape[1]
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((padded + 8).contiguous(), 1)
     scale_zero = torch.zeros((k + pad_k) // group, n + pad_n, 2, dtype=torch.bfloat16)
     scale_zero[..., 0] = 1.0
+    if scales is not None:
+        scale_zero[:, :n, 0] = scales.t().to(torch.bfloat16)
     return Int4Layout(packed, scale_zero, group, pad_k)
 
 
-def int4_code_mm(codes: torch.Tensor, layout: Int4Layout, n: int) -> torch.Tensor:
-    """``codes @ qwᵀ`` for integer activation codes [M, K] (any dtype; exact in bfloat16 up to
-    ±256) against the weight's ``layout``: the integer sums [M, n], each rounded once to bfloat16."""
-    a = codes.to(torch.bfloat16)
+def int4_mm(a: torch.Tensor, layout: Int4Layout, n: int) -> torch.Tensor:
+    """``a @ wᵀ`` [M, n] in bfloat16 for inputs ``a`` [M, K] (cast to bfloat16) against the
+    weight's ``layout`` (accumulated in float32 by the op)."""
+    a = a.to(torch.bfloat16)
     if layout.pad_k:
         a = torch.nn.functional.pad(a, (0, layout.pad_k))
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, layout.packed, layout.group, layout.scale_zero)
     return y if y.shape[1] == n else y[:, :n]
+
+
+def int4_code_mm(codes: torch.Tensor, layout: Int4Layout, n: int) -> torch.Tensor:
+    """``codes @ qwᵀ`` for integer activation codes [M, K] (any dtype; exact in bfloat16 up to
+    ±256) against the weight's unit-scale ``layout``: the integer sums [M, n], each rounded once to
+    bfloat16."""
+    return int4_mm(codes, layout, n)
 
 
 def int4pack_available() -> bool:

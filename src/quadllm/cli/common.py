@@ -40,8 +40,8 @@ def add_backend(p: argparse.ArgumentParser) -> None:
                    help="how a quadllm checkpoint's quantized linears run: float simulation (default), INT8 GEMM "
                         "on the CPU, Triton kernels on a CUDA device, or the fastest available")
     p.add_argument("--head", choices=HEAD_PRECISIONS, default="float",
-                   help="a quadllm checkpoint's output head on the CPU: as stored (default), a bfloat16 or a per-row "
-                        "INT8 copy (faster decoding; it changes the logits: measure it)")
+                   help="a quadllm checkpoint's output head on the CPU: as stored (default), a bfloat16, a per-row "
+                        "INT8 or a group-wise INT4 copy (faster decoding; it changes the logits: measure it)")
 
 
 def add_dtype(p: argparse.ArgumentParser) -> None:
