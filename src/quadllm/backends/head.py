@@ -10,9 +10,10 @@ table is 113 MB in float32, Qwen2.5's 151,936 x 896 is 545 MB, more than all its
   what llama.cpp's Q8_0 head costs);
 - ``int4``: symmetric INT4 weights with a bfloat16 scale per row and group of 32 columns
   (llama.cpp's Q4_0 grid), the scale chosen by a short squared-error clipping search, through
-  torch's weight-only INT4 GEMM with bfloat16 inputs (an eighth of the bytes).
+  torch's weight-only INT4 GEMM with bfloat16 inputs (about an eighth of the bytes).
 
-Neither is exact: the perplexity it costs is measured (``quadllm eval --head``), never assumed.
+None is exact: the perplexity each costs is measured (``quadllm eval --head``, scripts/head_cost.py), never
+assumed.
 The checkpoint is not changed; the float table stays (the embedding reads it).
 """
 
@@ -28,8 +29,7 @@ __all__ = ["HEAD_PRECISIONS", "HEAD_INT4_GROUP", "HeadKernel", "int4_groups", "i
 
 #: what ``--head`` may ask for (``float``: the model's own dtype, no kernel)
 HEAD_PRECISIONS = ("float", "bf16", "int8", "int4")
-#: columns per scale of the INT4 head (Q4_0's block; 64 was 5-8% faster in an ad-hoc timing, at
-#: more error)
+#: columns per scale of the INT4 head (llama.cpp's Q4_0 block)
 HEAD_INT4_GROUP = 32
 
 
