@@ -42,7 +42,8 @@ def test_int4_groups_are_symmetric_codes_with_the_least_error_of_six_clips():
     candidates = torch.tensor([1.0, 0.95, 0.9, 0.85, 0.8, 0.75])
     assert ((ratio[:, None] - candidates).abs().amin(1) <= 2 ** -8 * 1.01).all()
     err = ((codes.float() * s - table) ** 2).sum()
-    plain = weight_scales(table, 4, HEAD_INT4_GROUP, mse=False).to(torch.bfloat16).float().repeat_interleave(32, 1)
+    plain = weight_scales(table, 4, HEAD_INT4_GROUP, mse=False).to(torch.bfloat16).float().repeat_interleave(
+        HEAD_INT4_GROUP, 1)
     assert err <= (((table / plain).round().clamp(-8, 7) * plain - table) ** 2).sum()
 
 

@@ -59,23 +59,22 @@ class HeadKernel:
         if precision not in HEAD_PRECISIONS[1:]:
             raise ValueError(f"head precision must be one of {', '.join(HEAD_PRECISIONS[1:])}, not {precision!r}")
         self.precision = precision
-        # the INT8 GEMM reads past a row whose width is not a multiple of 16 (it crashed on widths
-        # 40, 56, 72 here): such tables get zero columns, and the inputs zeros to match
-        self.pad = -table.shape[1] % 16 if precision == "int8" else 0
-        # INT4: zero columns up to a whole group (a zero group's codes are 0 and add nothing)
-        if precision == "int4":
-            if not int4pack_available():
-                raise ValueError("the INT4 head needs torch's CPU INT4 GEMM (aten._weight_int4pack_mm_for_cpu), "
-                                 "which this torch build does not run; use int8")
-            self.pad = -table.shape[1] % HEAD_INT4_GROUP
+        if precision == "int4" and not int4pack_available():
+            raise ValueError("the INT4 head needs torch's CPU INT4 GEMM (aten._weight_int4pack_mm_for_cpu), "
+                             "which this torch build does not run; use int8")
+        # zero columns, and zeros in the inputs to match: the INT8 GEMM reads past a row whose width
+        # is not a multiple of 16 (it crashed on widths 40, 56, 72 here), and INT4 scales whole
+        # groups (a zero group's codes are 0 and add nothing)
+        self.pad = -table.shape[1] % {"int8": 16, "int4": HEAD_INT4_GROUP}.get(precision, 1)
         self.rows = table.shape[0]
         with torch.no_grad():
+            padded = F.pad(table.detach(), (0, self.pad)) if self.pad else table.detach()
             if precision == "bf16":
-                self.tensors: tuple[torch.Tensor, ...] = (table.detach().to(torch.bfloat16).contiguous(),)
+                self.tensors: tuple[torch.Tensor, ...] = (padded.to(torch.bfloat16).contiguous(),)
             elif precision == "int8":
-                self.tensors = int8_rows(F.pad(table.detach(), (0, self.pad)))
+                self.tensors = int8_rows(padded)
             else:
-                self.layout = pack_for_int4_mm(*int4_groups(F.pad(table.detach(), (0, self.pad))))
+                self.layout = pack_for_int4_mm(*int4_groups(padded))
                 self.tensors = (self.layout.packed, self.layout.scale_zero)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

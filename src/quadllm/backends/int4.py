@@ -25,6 +25,7 @@ For more than ``decode_rows`` rows (prefill) the INT8 GEMM is faster: those go t
 
 from __future__ import annotations
 
+from functools import cache
 from typing import NamedTuple
 
 import torch
@@ -95,6 +96,7 @@ def int4_code_mm(codes: torch.Tensor, layout: Int4Layout, n: int) -> torch.Tenso
     return int4_mm(codes, layout, n)
 
 
+@cache
 def int4pack_available() -> bool:
     """Whether torch's CPU INT4 GEMM runs here and gives the integer sums (probed once)."""
     try:
