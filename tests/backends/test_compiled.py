@@ -72,6 +72,56 @@ def test_compiled_decoding_is_eager_decoding(head):
         dec.prefill(ids[:1])
 
 
+@pytest.mark.skipif(not int4pack_available(), reason="torch's CPU INT4 GEMM does not run here")
+def test_decoders_of_two_models_each_decode_their_own_model():
+    """The compiled step runs without dynamo's guards: two decoders of the same shapes, one per model,
+    built and stepped in turn in one process, each give their own model's eager tokens and logits
+    (each compiled its own graph; none runs the other's weights)."""
+    kw = dict(weights="rtn", method="quad", rank=8, model_kwargs=dict(hidden_size=64, num_attention_heads=4,
+                                                                        head_dim=16, intermediate_size=128))
+    models = [quantize_tiny("llama", seed=s, **kw) for s in (1, 2)]
+    ids = random_ids(1, 5, seed=4)
+    decoders, refs = [], []
+    for m in models:
+        place(m, "cpu-int4", head="int8")
+        with torch.no_grad():
+            refs.append(_eager_greedy(m, ids, 3))
+        decoders.append(CompiledDecoder(m, max_len=9))
+    assert not torch.equal(refs[0][0], refs[1][0]) or not torch.allclose(refs[0][1][-1], refs[1][1][-1])
+    logits = [d.prefill(ids) for d in decoders]
+    for i in range(3):
+        for k, d in enumerate(decoders):  # interleaved: the second model's graph is compiled after the first ran
+            tok = logits[k].argmax(-1, keepdim=True)
+            assert torch.equal(tok[:, 0], refs[k][0][:, i])
+            logits[k] = d.step(tok)
+            ref = refs[k][1][i + 1]
+            assert ((logits[k] - ref).norm() / ref.norm()).item() < 1e-5
+    assert all(d.compile_seconds is not None for d in decoders)
+
+
+@pytest.mark.skipif(not int4pack_available(), reason="torch's CPU INT4 GEMM does not run here")
+def test_a_decoders_compiled_step_goes_with_it(monkeypatch):
+    """Each decoder compiles its own copy of the step's code; once the decoder is gone, so is that
+    code's function (and with it dynamo's cache of graphs for it)."""
+    import gc
+    import weakref
+
+    from quadllm.backends import compiled
+
+    made = []
+    own = compiled._own_step
+    monkeypatch.setattr(compiled, "_own_step", lambda model: made.append(own(model)) or made[-1])
+    model = quantize_tiny("llama", weights="rtn", method="quad", rank=8)
+    place(model, "cpu-int4", head="int8")
+    dec = CompiledDecoder(model, max_len=9)
+    dec.step(dec.prefill(random_ids(1, 5, seed=4)).argmax(-1, keepdim=True))
+    step = weakref.ref(made.pop())
+    assert step() is not None
+    del dec
+    gc.collect()
+    assert step() is None
+
+
 def test_the_integer_kv_cache_is_refused():
     model = quantize_tiny("llama", weights="rtn", method="quad", rank=8, kv_bits=4)
     with pytest.raises(CompileError, match="integer KV cache"):

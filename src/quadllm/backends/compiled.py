@@ -10,14 +10,22 @@ and the head's). The step's shapes are fixed (batch and cache length), so it com
 
 The kernels' kept weight layouts are built before compiling (:meth:`Kernel.prepare`) and used as
 they are inside the graph: a decoder is for fixed weights, so make a new one after they change.
+That contract lets the step run without dynamo's guards: checking the model's few thousand
+attributes and tensors before every token cost about a tenth of SmolLM2's step. Each decoder
+compiles its own copy of the step's code, so that dynamo's cache for that code holds this
+decoder's graph alone and no guard is needed to tell two decoders (or two models) apart; the
+shapes are checked by the decoder itself.
 What compiling may change in the arithmetic (fused loops can vectorize a reduction differently)
 is measured against the eager step in the tests, never assumed.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+import types
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -32,6 +40,8 @@ from ..nn.modules import QuadLinear
 log = logging.getLogger(__name__)
 
 __all__ = ["CompiledDecoder", "CompileError"]
+
+_STEP_IDS = itertools.count()
 
 
 class CompileError(QuadllmError, ValueError):
@@ -58,7 +68,8 @@ class CompiledDecoder:
         self.length = 0
         self._cache_arg = cache_kwarg(model)
         self.compile_seconds: float | None = None
-        self._step = torch.compile(model, dynamic=False, fullgraph=True)
+        self._step = torch.compile(_own_step(model), dynamic=False, fullgraph=True,
+                                   options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
 
     def reset(self) -> None:
         """Forget the sequences (the cache's memory is kept for the next ones)."""
@@ -91,15 +102,9 @@ class CompiledDecoder:
             raise CompileError(f"step takes one token per sequence, got {ids.shape[1]}")
         first = self.compile_seconds is None
         t0 = time.perf_counter()
-        # once compiled, the guards (a few thousand checks of the model's attributes) are not evaluated
-        # again: the decoder is for fixed weights and shapes
         try:
-            # every decoder (model, batch, cache length) is one more graph of the same forward code:
-            # dynamo's default limit of 8 per code would stop the ninth decoder of a process
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=not first), \
-                    torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 256)):
-                out = self._step(input_ids=ids, cache_position=torch.tensor([self.length]), use_cache=True,
-                                 **{self._cache_arg: self.cache})
+            out = self._step(input_ids=ids, cache_position=torch.tensor([self.length]), use_cache=True,
+                             **{self._cache_arg: self.cache})
         except (TorchDynamoException, InductorError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CompileError(f"torch.compile could not compile this model's decode step: {first_line}") from exc
@@ -125,3 +130,13 @@ class CompiledDecoder:
             if i + 1 < max_new_tokens:
                 logits = self.step(token)
         return torch.cat(new, 1) if new else ids.new_zeros(self.batch, 0)
+
+
+def _own_step(model: nn.Module) -> Callable:
+    """``model(**kwargs)`` behind a code object of its own: dynamo keeps its compiled graphs per code
+    object, so this one's cache holds one decoder's graph and goes away with the decoder."""
+    def step(**kwargs):
+        return model(**kwargs)
+
+    code = step.__code__.replace(co_name=f"quadllm_decode_step_{next(_STEP_IDS)}")
+    return types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)

@@ -11,7 +11,8 @@
   but the first ``rank`` input coordinates, and an INT4 weight (packed codes and scales)
   plus the full-precision outlier columns ``w_outlier``.
 - :func:`quad_attention`: transformers attention function that quantizes K and V per head and
-  token (after an online Hadamard on q and k) when an attention module asks for it.
+  token (after an online Hadamard on q and k) when an attention module asks for it, and attends
+  one decoded token without repeating grouped keys and values (:func:`one_token_gqa`).
 """
 
 from __future__ import annotations
@@ -340,7 +341,26 @@ def quad_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
     kv = getattr(module, "quad_kv", None)
     if kv is not None:
         query, key, value = kv(query, key, value)
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (groups > 1 and query.shape[2] == 1 and not kwargs.get("dropout") and not kwargs.get("output_attentions")
+            and kwargs.get("position_bias") is None and (attention_mask is None or attention_mask.shape[1] == 1)):
+        return one_token_gqa(query, key, value, attention_mask, groups, kwargs.get("scaling")), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def one_token_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                  groups: int, scale: float | None) -> torch.Tensor:
+    """Attention of one query token per sequence, ``query`` [b, heads, 1, d], over keys and values
+    with ``heads // groups`` heads [b, kv_heads, L, d]: the ``groups`` query heads of each KV head
+    become that head's query rows, so the keys and values are read as they are. Output [b, 1, heads, d].
+
+    transformers does the same when eager but repeats the keys and values to every query head under
+    ``torch.compile``, which copies the whole static cache of each layer at every decoded token.
+    ``mask`` [b, 1, 1, L] (or None) broadcasts over the query rows."""
+    b, heads, _, d = query.shape
+    out = F.scaled_dot_product_attention(query.reshape(b, heads // groups, groups, d), key, value,
+                                         attn_mask=mask, scale=scale)
+    return out.reshape(b, heads, 1, d).transpose(1, 2).contiguous()
 
 
 def register_attention() -> None:
