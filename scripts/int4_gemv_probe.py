@@ -39,6 +39,12 @@ SHAPES = [("SmolLM2", "q/k/v", 576, 960), ("SmolLM2", "o", 552, 576), ("SmolLM2"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
 
 
+def has_vnni() -> bool:
+    """Whether this CPU reports AVX512-VNNI (Linux's /proc/cpuinfo)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.is_file() and "avx512_vnni" in cpuinfo.read_text()
+
+
 def build():
     from torch.utils.cpp_extension import load
 
@@ -104,8 +110,7 @@ def main() -> int:
     p.add_argument("--out", default="results/int4_gemv_probe")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").is_file() else ""
-    if "avx512_vnni" not in flags:
+    if not has_vnni():
         print("error: this CPU has no AVX512-VNNI; the probe's kernel cannot run here", file=sys.stderr)
         return 2
     try:

@@ -14,12 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 probe = pytest.importorskip("int4_gemv_probe")
 
 
-def _has_vnni() -> bool:
-    cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.is_file() and "avx512_vnni" in cpuinfo.read_text()
-
-
-@pytest.mark.skipif(not _has_vnni() or shutil.which("ninja") is None or shutil.which("c++") is None,
+@pytest.mark.skipif(not probe.has_vnni() or shutil.which("ninja") is None or shutil.which("c++") is None,
                     reason="needs AVX512-VNNI, a C++ compiler and ninja")
 def test_the_kernel_gives_the_exact_integer_sums():
     ext = probe.build()
