@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import pack_gqa, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..config import ActSpec
@@ -356,10 +356,12 @@ def one_token_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
 
     transformers does the same when eager but repeats the keys and values to every query head under
     ``torch.compile``, which copies the whole static cache of each layer at every decoded token.
-    ``mask`` [b, 1, 1, L] (or None) broadcasts over the query rows. The packing is transformers' own
-    (``pack_gqa``)."""
+    ``mask`` [b, 1, 1, L] (or None) broadcasts over the query rows. The packing is written out rather
+    than taken from transformers' ``pack_gqa``: the vLLM plugin's environment pins a transformers
+    that does not have it."""
     b, heads, _, d = query.shape
-    out = F.scaled_dot_product_attention(pack_gqa(query, groups), key, value, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(query.reshape(b, heads // groups, groups, d), key, value,
+                                         attn_mask=mask, scale=scale)
     return out.reshape(b, heads, 1, d).transpose(1, 2).contiguous()
 
 
