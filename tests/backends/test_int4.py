@@ -1,6 +1,6 @@
 """The ``cpu-int4`` backend: torch's CPU INT4 GEMM fed with the activation codes gives the integer
-sums of ``cpu-int8`` rounded once to bfloat16, and the model the float simulation's outputs within
-that rounding."""
+sums of ``cpu-int8`` rounded once to bfloat16, the VNNI kernel gives them exactly (so every output is
+``cpu-int8``'s), and the model the float simulation's outputs within that rounding."""
 
 from __future__ import annotations
 
@@ -9,11 +9,25 @@ import torch
 from conftest import quantize_tiny, random_ids
 
 from quadllm.backends import Int4Kernel, Int8Kernel, place
-from quadllm.backends.int4 import int4_code_mm, int4_mm, int4pack_available, int4pack_group, pack_for_int4_mm
+from quadllm.backends import int4 as int4_module
+from quadllm.backends.int4 import (Int4Layout, VnniLayout, int4_code_mm, int4_mm, int4pack_available, int4pack_group,
+                                   pack_for_int4_mm)
 from quadllm.backends.int8 import act_codes, asym_act_codes
 from quadllm.nn.modules import QuadLinear
 
 pytestmark = pytest.mark.skipif(not int4pack_available(), reason="torch's CPU INT4 GEMM does not run here")
+
+
+
+@pytest.fixture(params=["vnni", "torch"])
+def kernel(request, monkeypatch):
+    """cpu-int4 on each INT4 kernel: the VNNI one (skipped where it does not run) and torch's op."""
+    if request.param == "torch":
+        monkeypatch.setattr(int4_module, "vnni_unavailable_reason", lambda: "the test asks for torch's op")
+    elif int4_module.vnni_unavailable_reason() is not None:
+        pytest.skip(f"the VNNI kernel does not run here: {int4_module.vnni_unavailable_reason()}")
+    return request.param
+
 
 #: widths the op takes (inputs multiples of 32, outputs of 16): hidden 64 + rank 16
 DIMS = dict(hidden_size=64, num_attention_heads=4, head_dim=16, intermediate_size=128)
@@ -66,19 +80,26 @@ def test_groups_and_codes_the_op_cannot_take():
     dict(method="quarot", mode="w4a8"),
     dict(method="quad", rank=16, mode="w4a4", o_rank=4),
 ])
-def test_each_linear_is_the_int8_paths_sum_rounded_once(cfg):
+def test_each_linear_is_the_int8_paths_sum_rounded_once(cfg, kernel):
     """Per linear, on the decode path: the same codes as cpu-int8 (and so fake), the integer sum
-    rounded to bfloat16, then the same float epilogue: within 2^-8 of each |sum| x scales."""
+    (rounded to bfloat16 by torch's op), then the same float epilogue: within 2^-8 of each
+    |sum| x scales, and equal with the VNNI kernel's exact sums."""
     model = quantize_tiny("llama", weights="rtn", model_kwargs=DIMS, **cfg)
     lins = [m for m in model.modules() if isinstance(m, QuadLinear)]
     # o-rank 4 x 4 heads leaves o_proj 48 quantized columns, a width the op takes padded
     assert all(Int4Kernel.supports(m) and Int4Kernel.packs(m) for m in lins)
-    assert any(Int4Kernel().packed(m).pad_k for m in lins) == bool(cfg.get("o_rank"))
+    layouts = [Int4Kernel().packed(m) for m in lins]
+    assert all(isinstance(lay, VnniLayout if kernel == "vnni" else Int4Layout) for lay in layouts)
+    if kernel == "torch":
+        assert any(lay.pad_k for lay in layouts) == bool(cfg.get("o_rank"))
     g = torch.Generator().manual_seed(5)
     for lin in lins:
         x = torch.randn(3, lin.in_features, generator=g) * 3
         int4, int8 = Int4Kernel(), Int8Kernel()
         y4, y8 = int4(lin, x), int8(lin, x)
+        if kernel == "vnni":
+            assert torch.equal(y4, y8)
+            continue
         xq = x[:, lin.rank:]
         if lin.act.sym:
             codes, sx = act_codes(xq, lin.act.bits, lin.act.clip_ratio)
@@ -90,7 +111,7 @@ def test_each_linear_is_the_int8_paths_sum_rounded_once(cfg):
         assert ((y4.double() - y8.double()).abs() <= bound + 1e-5 * y8.abs().double().max()).all()
 
 
-def test_model_outputs_match_fake_within_the_rounding_and_prefill_is_cpu_int8s():
+def test_model_outputs_match_fake_within_the_rounding_and_prefill_is_cpu_int8s(kernel):
     model = quantize_tiny("llama", weights="rtn", model_kwargs=DIMS, method="quad", rank=16, mode="w4a4")
     step = random_ids(1, 1, seed=2)  # one token: the decode path
     long = random_ids(1, Int4Kernel.decode_rows + 5, seed=3)  # past decode_rows: cpu-int8's path

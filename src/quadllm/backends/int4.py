@@ -2,7 +2,12 @@
 
 Decoding a token is bound by memory bandwidth: every weight is read once per token. ``cpu-int8``
 keeps the weight codes as int8 (a byte per weight, twice the INT4 checkpoint) for ``torch._int_mm``.
-torch's CPU weight-only INT4 GEMM (``aten._weight_int4pack_mm_for_cpu``) reads half a byte per
+Two INT4 kernels read half a byte per weight:
+
+- where the CPU has AVX512-VNNI and a C++ compiler builds it, :mod:`quadllm.backends.vnni`'s
+  ``quadllm::w4a8_mm``: the exact int32 sums of the activation codes and the weight codes, so
+  every output equals ``cpu-int8``'s;
+- elsewhere (or with ``QUADLLM_INT4_KERNEL=torch``) torch's CPU weight-only INT4 GEMM (``aten._weight_int4pack_mm_for_cpu``) reads half a byte per
 weight and expands the nibbles in registers. It computes ``A @ ((w - 8) * s + z)ᵀ`` per group;
 with the unsigned nibbles ``w = qw + 8``, ``s = 1`` and ``z = 0`` that is ``A @ qwᵀ``, and with the
 per-token activation codes as ``A`` (integers, exact in bfloat16) the result is the integer sum
@@ -10,11 +15,11 @@ per-token activation codes as ``A`` (integers, exact in bfloat16) the result is 
 per-token and per-channel scales, the asymmetric zero-point term, the outlier branch and the bias
 follow in float32, as in :mod:`quadllm.backends.int8`.
 
-Tolerance: the activation and weight codes are exactly ``fake``'s; each integer sum is rounded to
-bfloat16 once (a relative error of at most 2^-8, what a bfloat16 model has at every output; its
+Tolerance: the activation and weight codes are exactly ``fake``'s. With torch's op each integer
+sum is rounded to bfloat16 once (a relative error of at most 2^-8, what a bfloat16 model has at every output; its
 cost in perplexity is measured by scripts/decode_int4_check.py).
 
-The op takes input widths divisible by 32 and output widths divisible by 16: other widths (an
+torch's op takes input widths divisible by 32 and output widths divisible by 16: other widths (an
 o_proj whose inputs lost ``o_rank`` columns per KV head, an output the outlier rank widened) are
 padded with zero weight codes and zero activation codes, which add nothing to any sum, and the
 padded outputs are dropped.
@@ -25,6 +30,7 @@ For more than ``decode_rows`` rows (prefill) the INT8 GEMM is faster: those go t
 
 from __future__ import annotations
 
+import logging
 from functools import cache
 from typing import NamedTuple
 
@@ -33,9 +39,12 @@ import torch
 from ..nn.modules import QuadLinear
 from .base import Kernel
 from .int8 import Int8Kernel, act_codes, asym_act_codes, supports_int8
+from .vnni import pack_w4, vnni_unavailable_reason, w4a8_mm
 
-__all__ = ["Int4Kernel", "Int4Layout", "int4pack_available", "int4pack_group", "pack_for_int4_mm", "int4_code_mm",
-           "int4_mm"]
+__all__ = ["Int4Kernel", "Int4Layout", "VnniLayout", "int4pack_available", "int4pack_group", "pack_for_int4_mm",
+           "int4_code_mm", "int4_kernel_name", "int4_mm", "layout_bytes", "pack_codes"]
+
+log = logging.getLogger(__name__)
 
 #: the group sizes the op accepts, largest first (a unit scale makes any dividing one equivalent)
 GROUPS = (256, 128, 64, 32)
@@ -79,6 +88,39 @@ def pack_for_int4_mm(codes: torch.Tensor, scales: torch.Tensor | None = None) ->
     return Int4Layout(packed, scale_zero, group, pad_k)
 
 
+class VnniLayout(NamedTuple):
+    """A weight in :func:`quadllm.backends.vnni.pack_w4`'s layout (uint8 [N, K' / 2]), for
+    ``quadllm::w4a8_mm``."""
+
+    packed: torch.Tensor
+
+
+def pack_codes(codes: torch.Tensor) -> Int4Layout | VnniLayout:
+    """Signed INT4 weight codes [N, K] in the layout of the INT4 kernel that runs here: the VNNI
+    kernel's where it runs (:func:`quadllm.backends.vnni.vnni_unavailable_reason`), torch's op's
+    (unit scales) otherwise."""
+    reason = vnni_unavailable_reason()
+    if reason is None:
+        return VnniLayout(pack_w4(codes))
+    _log_fallback(reason)
+    return pack_for_int4_mm(codes)
+
+
+def int4_kernel_name() -> str:
+    """Which INT4 kernel cpu-int4's linears run here (recorded with benchmark results)."""
+    return "vnni" if vnni_unavailable_reason() is None else "torch-int4pack"
+
+
+@cache
+def _log_fallback(reason: str) -> None:
+    log.info("cpu-int4 runs torch's INT4 GEMM (sums rounded to bfloat16): %s", reason)
+
+
+def layout_bytes(layout: Int4Layout | VnniLayout) -> int:
+    """The bytes of a layout's tensors."""
+    return sum(t.numel() * t.element_size() for t in layout if isinstance(t, torch.Tensor))
+
+
 def int4_mm(a: torch.Tensor, layout: Int4Layout, n: int) -> torch.Tensor:
     """``a @ wᵀ`` [M, n] in bfloat16 for inputs ``a`` [M, K] (cast to bfloat16) against the
     weight's ``layout`` (accumulated in float32 by the op)."""
@@ -89,10 +131,12 @@ def int4_mm(a: torch.Tensor, layout: Int4Layout, n: int) -> torch.Tensor:
     return y if y.shape[1] == n else y[:, :n]
 
 
-def int4_code_mm(codes: torch.Tensor, layout: Int4Layout, n: int) -> torch.Tensor:
-    """``codes @ qwᵀ`` for integer activation codes [M, K] (any dtype; exact in bfloat16 up to
-    ±256) against the weight's unit-scale ``layout``: the integer sums [M, n], each rounded once to
-    bfloat16."""
+def int4_code_mm(codes: torch.Tensor, layout: Int4Layout | VnniLayout, n: int) -> torch.Tensor:
+    """``codes @ qwᵀ`` for integer activation codes [M, K] against the weight's :func:`pack_codes`
+    layout: the integer sums [M, n], exact in int32 from the VNNI kernel (int8 ``codes``), each
+    rounded once to bfloat16 from torch's op (any dtype; exact in bfloat16 up to ±256)."""
+    if isinstance(layout, VnniLayout):
+        return w4a8_mm(codes, layout.packed, n)
     return int4_mm(codes, layout, n)
 
 
@@ -117,8 +161,9 @@ class Int4Kernel(Int8Kernel):
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        if not int4pack_available():
-            return "torch's CPU INT4 GEMM (aten._weight_int4pack_mm_for_cpu) does not run on this torch build; use cpu-int8"
+        if vnni_unavailable_reason() is not None and not int4pack_available():
+            return (f"no INT4 kernel runs here (the VNNI kernel: {vnni_unavailable_reason()}; torch's CPU INT4 GEMM "
+                    "does not run on this torch build); use cpu-int8")
         return super().unavailable_reason()
 
     @staticmethod
@@ -129,17 +174,17 @@ class Int4Kernel(Int8Kernel):
 
     def __init__(self, cache_weights: bool = True) -> None:
         super().__init__(cache_weights)
-        self._packed: tuple[tuple, Int4Layout | None] | None = None
+        self._packed: tuple[tuple, Int4Layout | VnniLayout | None] | None = None
 
-    def packed(self, lin: QuadLinear) -> Int4Layout | None:
-        """The op's layout of ``lin``'s weight codes (the layer's own packed codes are in another
-        nibble order), or None when the op cannot take ``lin`` (:meth:`packs`): found once, and
+    def packed(self, lin: QuadLinear) -> Int4Layout | VnniLayout | None:
+        """The INT4 kernel's layout of ``lin``'s weight codes (:func:`pack_codes`; the layer's own
+        packed codes are in another nibble order), or None for 8-bit weights (:meth:`packs`): found once, and
         again if the weight changes (not checked inside a compiled graph: :meth:`prepare` found it)."""
         if torch.compiler.is_compiling() and self._packed is not None:
             return self._packed[1]
         key = self._weight_key(lin)
         if self._packed is None or self._packed[0] != key:
-            self._packed = (key, pack_for_int4_mm(lin.codes()) if self.packs(lin) else None)
+            self._packed = (key, pack_codes(lin.codes()) if self.packs(lin) else None)
         return self._packed[1]
 
     def prepare_own(self, lin: QuadLinear) -> None:
@@ -148,7 +193,7 @@ class Int4Kernel(Int8Kernel):
 
     def extra_bytes(self) -> int:
         layout = None if self._packed is None else self._packed[1]
-        own = 0 if layout is None else sum(t.numel() * t.element_size() for t in layout[:2])
+        own = 0 if layout is None else layout_bytes(layout)
         return own + super().extra_bytes()
 
     def own_decode_bytes(self, lin: QuadLinear) -> int:
@@ -156,7 +201,7 @@ class Int4Kernel(Int8Kernel):
         if layout is None:
             return super().own_decode_bytes(lin)
         own = Kernel.decode_weight_bytes(self, lin) - lin.qweight.numel() * lin.qweight.element_size()
-        return own + sum(t.numel() * t.element_size() for t in layout[:2])
+        return own + layout_bytes(layout)
 
     def compute(self, lin: QuadLinear, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -1,0 +1,116 @@
+"""An AVX512-VNNI INT4 x INT8 GEMM for the few rows of a decode step (``quadllm::w4a8_mm``).
+
+``csrc/w4a8_gemv.cpp`` computes the exact int32 sums ``x @ qwᵀ`` of INT8 activation codes ``x``
+[M, K] and INT4 weight codes ``qw`` [N, K] packed two per byte (:func:`pack_w4`). At one row it
+reads the weights 1.65-2.72x faster than torch's ``aten._weight_int4pack_mm_for_cpu``, whose sums
+are also rounded to bfloat16 (results/int4_gemv_probe.md). ``cpu-int4`` uses it where it runs.
+
+It is compiled once per machine, at first use, by ``torch.utils.cpp_extension`` (a C++ compiler and
+ninja; the build is cached under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``)
+and registered as a torch operator with a shape function, so ``torch.compile`` calls it as one
+opaque op. Where the CPU lacks VNNI, the build fails, or ``QUADLLM_INT4_KERNEL=torch`` asks for it,
+:func:`vnni_unavailable_reason` says why and ``cpu-int4`` runs torch's op instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from functools import cache
+from pathlib import Path
+
+import torch
+
+__all__ = ["KERNEL_ENV", "build_kernel", "cpu_has_vnni", "pack_w4", "vnni_unavailable_reason", "w4a8_mm"]
+
+log = logging.getLogger(__name__)
+
+#: the environment variable that picks cpu-int4's INT4 kernel: ``auto`` (default) or ``torch``
+KERNEL_ENV = "QUADLLM_INT4_KERNEL"
+SOURCE = Path(__file__).with_name("csrc") / "w4a8_gemv.cpp"
+#: -fopenmp: at::parallel_for is inline OpenMP code, serial without it; the libgomp it needs is the
+#: one torch already loaded (same soname), so the kernel shares torch's thread pool
+FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
+#: the kernel's column block and its tile of output rows
+BLOCK, TILE = 64, 4
+
+
+@cache
+def cpu_has_vnni() -> bool:
+    """Whether this CPU reports AVX512-VNNI (Linux's /proc/cpuinfo; False elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    try:
+        return "avx512_vnni" in cpuinfo.read_text()
+    except OSError:
+        return False
+
+
+def pack_w4(codes: torch.Tensor) -> torch.Tensor:
+    """Signed INT4 codes [N, K] (-8..7) in the kernel's layout, uint8 [ceil(N / 4), ceil(K / 64), 2, 64]:
+    zero codes pad N to a multiple of 4 and K to one of 64; ``packed[t, b, p, j]`` holds column
+    64b + j of row 4t + 2p (+ 8) in its low nibble and of row 4t + 2p + 1 (+ 8) in its high one.
+    (A thread then reads its tiles of four rows as one sequential stream.)"""
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be [N, K], got {tuple(codes.shape)}")
+    if codes.numel() and (int(codes.min()) < -8 or int(codes.max()) > 7):
+        raise ValueError("INT4 codes must lie in -8..7")
+    n, k = codes.shape
+    padded = torch.nn.functional.pad(codes.to(torch.int16) + 8, (0, -k % BLOCK, 0, -n % TILE), value=8)
+    rows = padded.reshape(-1, 2, 2, padded.shape[1] // BLOCK, BLOCK)  # [tile, pair, row of pair, block, j]
+    nibbles = rows[:, :, 0] | (rows[:, :, 1] << 4)  # [tile, pair, block, j]
+    return nibbles.transpose(1, 2).to(torch.uint8).contiguous()
+
+
+def w4a8_mm(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """int32 [M, n] = ``x @ qwᵀ`` for int8 codes ``x`` [M, K] and ``packed`` = :func:`pack_w4` (qw [n, K]);
+    only after :func:`vnni_unavailable_reason` returned None."""
+    return torch.ops.quadllm.w4a8_mm(x, packed, n)
+
+
+def _fake_w4a8_mm(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], n), dtype=torch.int32)
+
+
+@cache
+def _register_fake() -> None:
+    """The operator's shape function, for torch.compile (once per process: a second one is refused)."""
+    torch.library.register_fake("quadllm::w4a8_mm")(_fake_w4a8_mm)
+
+
+def build_kernel() -> str | None:
+    """Build (or find built), load and check the kernel: None, or why it cannot run. Call it through
+    :func:`vnni_unavailable_reason`, which does it once per process."""
+    from torch.utils.cpp_extension import load  # setuptools and the build machinery: only to build
+
+    t0 = time.perf_counter()
+    log.info("cpu-int4: building the AVX512-VNNI INT4 kernel (once per machine; cached)")
+    try:
+        load("quadllm_w4a8_gemv", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    except (RuntimeError, OSError, ImportError, SystemExit) as exc:  # no compiler or ninja, a read-only cache
+        lines = str(exc).strip().splitlines()
+        return f"the VNNI kernel did not build: {lines[0] if lines else type(exc).__name__}"
+    _register_fake()
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-8, 8, (13, 200), generator=g, dtype=torch.int8)
+    x = torch.randint(-128, 128, (5, 200), generator=g, dtype=torch.int8)
+    if not torch.equal(w4a8_mm(x, pack_w4(codes), 13), x.int() @ codes.int().t()):
+        return "the VNNI kernel built but gave wrong sums on this machine"
+    log.info("cpu-int4: the VNNI kernel is ready (%.1f s)", time.perf_counter() - t0)
+    return None
+
+
+_build_once = cache(build_kernel)
+
+
+def vnni_unavailable_reason() -> str | None:
+    """None where :func:`w4a8_mm` runs here and is wanted, else why not: ``QUADLLM_INT4_KERNEL``
+    (read at each call), the CPU, then the build and an exactness check (once per process)."""
+    choice = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "torch"):
+        return f"{KERNEL_ENV}={choice!r} is not one of auto, torch"
+    if choice == "torch":
+        return f"{KERNEL_ENV}=torch"
+    if not cpu_has_vnni():
+        return "this CPU has no AVX512-VNNI"
+    return _build_once()

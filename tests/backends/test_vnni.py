@@ -1,0 +1,101 @@
+"""quadllm.backends.vnni: the weight layout against its definition, the kernel's exact integer sums
+(where it builds here), the operator under torch.compile, and the reasons it does not run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quadllm.backends import vnni
+
+
+def unpack_reference(packed: torch.Tensor) -> torch.Tensor:
+    """The layout's definition read back, element by element: column 64b + j of row n is the low
+    nibble (n even) or the high one (n odd) of packed[n // 4, b, (n % 4) // 2, j], minus 8. Returns
+    the padded codes [4 x tiles, 64 x blocks]."""
+    tiles, blocks = packed.shape[:2]
+    codes = torch.empty(tiles * 4, blocks * 64, dtype=torch.int8)
+    for n in range(tiles * 4):
+        for b in range(blocks):
+            for j in range(64):
+                byte = int(packed[n // 4, b, (n % 4) // 2, j])
+                codes[n, 64 * b + j] = ((byte >> 4) if n % 2 else (byte & 0xF)) - 8
+    return codes
+
+
+@pytest.mark.parametrize("n,k", [(5, 64), (3, 1), (8, 100), (2, 200)])
+def test_pack_follows_the_layout_and_pads_with_zero_codes(n, k):
+    codes = torch.randint(-8, 8, (n, k), generator=torch.Generator().manual_seed(k), dtype=torch.int8)
+    packed = vnni.pack_w4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == ((n + 3) // 4, (k + 63) // 64, 2, 64)
+    padded = unpack_reference(packed)
+    assert torch.equal(padded[:n, :k], codes)
+    assert not padded[n:].any() and not padded[:, k:].any()
+
+
+def test_pack_refuses_codes_outside_int4():
+    with pytest.raises(ValueError, match="-8..7"):
+        vnni.pack_w4(torch.full((2, 64), 8, dtype=torch.int8))
+    with pytest.raises(ValueError, match=r"\[N, K\]"):
+        vnni.pack_w4(torch.zeros(64, dtype=torch.int8))
+
+
+needs_kernel = pytest.mark.skipif(vnni.vnni_unavailable_reason() is not None,
+                                  reason=f"the VNNI kernel does not run here: {vnni.vnni_unavailable_reason()}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,k,n", [(1, 64, 5), (3, 128, 8), (6, 192, 13), (9, 64, 4), (4, 130, 16), (2, 1, 3),
+                                   (1, 576, 960), (5, 33, 1)])
+def test_the_kernel_gives_the_exact_integer_sums(m, k, n):
+    """Every row-block (4) and column-block (4) remainder, widths off the 64-column block, the full INT8 range."""
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    codes = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    x = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    got = vnni.w4a8_mm(x, vnni.pack_w4(codes), n)
+    assert got.dtype == torch.int32 and torch.equal(got, x.int() @ codes.int().t())
+    # a non-contiguous x (a column slice, as the outlier split makes) gives the same sums
+    wide = torch.randint(-128, 128, (m, k + 3), generator=g, dtype=torch.int8)
+    assert torch.equal(vnni.w4a8_mm(wide[:, 3:], vnni.pack_w4(codes), n), wide[:, 3:].int() @ codes.int().t())
+
+
+@needs_kernel
+def test_the_kernel_refuses_a_layout_of_another_shape():
+    packed = vnni.pack_w4(torch.zeros(4, 64, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="do not fit K"):
+        vnni.w4a8_mm(torch.zeros(1, 128, dtype=torch.int8), packed, 4)
+    with pytest.raises(RuntimeError, match="do not fit n"):
+        vnni.w4a8_mm(torch.zeros(1, 64, dtype=torch.int8), packed, 5)
+
+
+@needs_kernel
+def test_the_operator_runs_in_a_compiled_graph():
+    codes = torch.randint(-8, 8, (24, 96), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
+    packed = vnni.pack_w4(codes)
+
+    def f(x):
+        q = (x / x.abs().amax(-1, keepdim=True) * 127).round().to(torch.int8)
+        return vnni.w4a8_mm(q, packed, 24).float() * 0.5
+
+    x = torch.randn(2, 96, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(torch.compile(f, fullgraph=True, dynamic=False)(x), f(x))
+
+
+def test_the_environment_and_the_cpu_decide_first(monkeypatch):
+    monkeypatch.setenv(vnni.KERNEL_ENV, "torch")
+    assert vnni.vnni_unavailable_reason() == "QUADLLM_INT4_KERNEL=torch"
+    monkeypatch.setenv(vnni.KERNEL_ENV, "fast")
+    assert "not one of auto, torch" in vnni.vnni_unavailable_reason()
+    monkeypatch.setenv(vnni.KERNEL_ENV, "auto")
+    monkeypatch.setattr(vnni, "cpu_has_vnni", lambda: False)
+    assert vnni.vnni_unavailable_reason() == "this CPU has no AVX512-VNNI"
+
+
+def test_a_failed_build_gives_its_first_line(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("Error building extension 'quadllm_w4a8_gemv'\ng++: not found")
+
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    assert vnni.build_kernel() == "the VNNI kernel did not build: Error building extension 'quadllm_w4a8_gemv'"
