@@ -99,3 +99,22 @@ def test_a_failed_build_gives_its_first_line(monkeypatch):
 
     monkeypatch.setattr(cpp_extension, "load", fail)
     assert vnni.build_kernel() == "the VNNI kernel did not build: Error building extension 'quadllm_w4a8_gemv'"
+
+
+def test_the_build_folder_follows_torch_extensions_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = vnni.build_directory()
+    assert folder.parent == tmp_path and torch.__version__ in folder.name
+
+
+def test_only_a_stale_build_lock_is_removed(tmp_path):
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    assert not vnni.clear_stale_lock(tmp_path)  # none there
+    lock.touch()
+    assert not vnni.clear_stale_lock(tmp_path) and lock.exists()  # a build under way
+    old = time.time() - vnni.STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    assert vnni.clear_stale_lock(tmp_path) and not lock.exists()

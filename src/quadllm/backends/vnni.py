@@ -1,12 +1,14 @@
 """An AVX512-VNNI INT4 x INT8 GEMM for the few rows of a decode step (``quadllm::w4a8_mm``).
 
 ``csrc/w4a8_gemv.cpp`` computes the exact int32 sums ``x @ qwᵀ`` of INT8 activation codes ``x``
-[M, K] and INT4 weight codes ``qw`` [N, K] packed two per byte (:func:`pack_w4`). At one row it
-reads the weights 1.65-2.72x faster than torch's ``aten._weight_int4pack_mm_for_cpu``, whose sums
-are also rounded to bfloat16 (results/int4_gemv_probe.md). ``cpu-int4`` uses it where it runs.
+[M, K] and INT4 weight codes ``qw`` [N, K] packed two per byte (:func:`pack_w4`), faster than
+torch's ``aten._weight_int4pack_mm_for_cpu`` at the rows of a decode step, whose sums are also
+rounded to bfloat16 (``scripts/int4_gemv_probe.py``, results/int4_gemv_probe.md). ``cpu-int4``
+uses it where it runs.
 
-It is compiled once per machine, at first use, by ``torch.utils.cpp_extension`` (a C++ compiler and
-ninja; the build is cached under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``)
+It is compiled once per machine, at first use, by ``torch.utils.cpp_extension`` (the system's C++
+compiler and ninja; the build is kept under ``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``, see :func:`build_directory`)
 and registered as a torch operator with a shape function, so ``torch.compile`` calls it as one
 opaque op. Where the CPU lacks VNNI, the build fails, or ``QUADLLM_INT4_KERNEL=torch`` asks for it,
 :func:`vnni_unavailable_reason` says why and ``cpu-int4`` runs torch's op instead.
@@ -16,19 +18,23 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from functools import cache
 from pathlib import Path
 
 import torch
 
-__all__ = ["KERNEL_ENV", "build_kernel", "cpu_has_vnni", "pack_w4", "vnni_unavailable_reason", "w4a8_mm"]
+__all__ = ["KERNEL_ENV", "build_directory", "build_kernel", "clear_stale_lock", "cpu_has_vnni", "pack_w4", "vnni_unavailable_reason", "w4a8_mm"]
 
 log = logging.getLogger(__name__)
 
 #: the environment variable that picks cpu-int4's INT4 kernel: ``auto`` (default) or ``torch``
 KERNEL_ENV = "QUADLLM_INT4_KERNEL"
 SOURCE = Path(__file__).with_name("csrc") / "w4a8_gemv.cpp"
+NAME = "quadllm_w4a8_gemv"
+#: a build lock older than this was left by a killed build (a build takes seconds)
+STALE_LOCK_S = 600.0
 #: -fopenmp: at::parallel_for is inline OpenMP code, serial without it; the libgomp it needs is the
 #: one torch already loaded (same soname), so the kernel shares torch's thread pool
 FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
@@ -78,6 +84,30 @@ def _register_fake() -> None:
     torch.library.register_fake("quadllm::w4a8_mm")(_fake_w4a8_mm)
 
 
+def build_directory() -> Path:
+    """Where the kernel is built: under ``TORCH_EXTENSIONS_DIR`` (torch's default build root without
+    it), one folder per torch and Python version, since the library links against that torch."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR", "").strip() or get_default_build_root()
+    return Path(root) / f"{NAME}-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+
+
+def clear_stale_lock(folder: Path, older_than_s: float = STALE_LOCK_S) -> bool:
+    """Remove a build lock left by a build that was killed (older than ``older_than_s``): torch's
+    builder otherwise waits for it forever. Returns whether one was removed."""
+    lock = folder / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < older_than_s:
+        return False
+    log.warning("cpu-int4: removing a stale build lock %s (%.0f s old)", lock, age)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 def build_kernel() -> str | None:
     """Build (or find built), load and check the kernel: None, or why it cannot run. Call it through
     :func:`vnni_unavailable_reason`, which does it once per process."""
@@ -86,7 +116,11 @@ def build_kernel() -> str | None:
     t0 = time.perf_counter()
     log.info("cpu-int4: building the AVX512-VNNI INT4 kernel (once per machine; cached)")
     try:
-        load("quadllm_w4a8_gemv", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        folder = build_directory()
+        folder.mkdir(parents=True, exist_ok=True)
+        clear_stale_lock(folder)
+        load(NAME, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(folder),
+             is_python_module=False, verbose=False)
     except (RuntimeError, OSError, ImportError, SystemExit) as exc:  # no compiler or ninja, a read-only cache
         lines = str(exc).strip().splitlines()
         return f"the VNNI kernel did not build: {lines[0] if lines else type(exc).__name__}"
