@@ -89,8 +89,8 @@ def pack_for_int4_mm(codes: torch.Tensor, scales: torch.Tensor | None = None) ->
 
 
 class VnniLayout(NamedTuple):
-    """A weight in :func:`quadllm.backends.vnni.pack_w4`'s layout (uint8 [N, K' / 2]), for
-    ``quadllm::w4a8_mm``."""
+    """A weight in :func:`quadllm.backends.vnni.pack_w4`'s layout (uint8 [N' / 4, K' / 64, 2, 64]),
+    for ``quadllm::w4a8_mm``."""
 
     packed: torch.Tensor
 
@@ -161,8 +161,9 @@ class Int4Kernel(Int8Kernel):
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        if vnni_unavailable_reason() is not None and not int4pack_available():
-            return (f"no INT4 kernel runs here (the VNNI kernel: {vnni_unavailable_reason()}; torch's CPU INT4 GEMM "
+        vnni_reason = vnni_unavailable_reason()
+        if vnni_reason is not None and not int4pack_available():
+            return (f"no INT4 kernel runs here (the VNNI kernel: {vnni_reason}; torch's CPU INT4 GEMM "
                     "does not run on this torch build); use cpu-int8")
         return super().unavailable_reason()
 

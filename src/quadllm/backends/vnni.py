@@ -114,7 +114,7 @@ def build_kernel() -> str | None:
     from torch.utils.cpp_extension import load  # setuptools and the build machinery: only to build
 
     t0 = time.perf_counter()
-    log.info("cpu-int4: building the AVX512-VNNI INT4 kernel (once per machine; cached)")
+    log.info("cpu-int4: building (or loading the kept build of) the AVX512-VNNI INT4 kernel")
     try:
         folder = build_directory()
         folder.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@
 // Weight layout (quadllm.backends.vnni.pack_w4): uint8 [N/4, Kp/64, 2, 64] (N rounded up to 4, Kp = K
 // to 64): tiles of four output rows whose 64-column blocks follow each other, so a thread reads its
 // tiles as one sequential stream, which the hardware prefetchers follow (a decode step streams every
-// weight from memory; four separate row streams per tile were read markedly slower). A block holds
+// weight from memory). A block holds
 // two 64-byte vectors, rows 0/1 and rows 2/3 of the tile: byte j of a vector holds the first row's
 // code for column j (+ 8) in its low nibble and the second row's in its high one, so two masks and a
 // shift give both rows' 64 codes in the order of the activations. The unsigned nibbles make each
