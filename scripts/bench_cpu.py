@@ -14,18 +14,22 @@ Writes results/bench_cpu.{json,md}; every ratio is between figures of this one r
 
 With ``--models CKPT[,CKPT]`` (issue 22) it instead times each QUAD checkpoint beside its original
 model and llama.cpp, in one process: torch float32 and bfloat16, QUAD W4A4 on ``cpu-int8`` and on
-``cpu-int4`` with the INT8 head and with the INT4 head (its accuracy cost: scripts/head_cost.py), the
-former also with each linear alone (no sibling fusion), each decoding eagerly and through the compiled step
+``cpu-int4`` with each head of ``--heads`` (weight-only INT8, W8A8, INT4; their accuracy cost:
+scripts/head_cost.py), the W8A8 one also with each linear alone (no sibling fusion), each decoding eagerly and through the compiled step
 (:class:`quadllm.backends.compiled.CompiledDecoder`), and llama.cpp (``pip install
 'quadllm[llamacpp]'``) on the GGUF file the model comes from and on that file requantized to Q4_0
 and Q8_0, all with torch's thread count; prefill of 512 and 2048 tokens, decode of 128 tokens,
 batch 1 and 8, and each decode row against the memory-bandwidth bound (weight bytes read per step
 over the bandwidth of a large ``copy_``). The issue's targets are checked per model and a decode
-step of the INT8-head QUAD variant is profiled. Writes results/bench_cpu_models.{json,md}.
+step of the W8A8-head QUAD variant is profiled. Writes results/bench_cpu_models.{json,md}; ``--lengths``,
+``--batches``, ``--heads``, ``--llamacpp ''``, ``--no-unfused`` and ``--no-profile`` narrow it (a
+shorter run, e.g. to compare heads; the targets are judged on what was timed).
 
     python scripts/bench_cpu.py
     python scripts/bench_cpu.py --quick      # small shapes, a smoke run
     python scripts/bench_cpu.py --models runs/smollm2/default,runs/qwen2.5-coder-0.5b/speed-rtn
+    python scripts/bench_cpu.py --models runs/smollm2/default,runs/qwen2.5-coder-0.5b/speed-rtn --lengths '' \
+        --batches 1 --heads int8,w8a8 --llamacpp source --no-unfused --no-profile --models-out results/bench_cpu_heads
 """
 
 from __future__ import annotations
@@ -123,15 +127,22 @@ def profile_prefill(variants: dict, vocab: int, tokens: int) -> dict[str, dict]:
     return out
 
 
-#: the variant whose decode and prefill the issue-22 targets judge
-QUAD_FAST = "QUAD cpu-int4 head-int8"
+#: the head of the variant whose prefill the issue-22 targets judge, and whose decode step is profiled
+FAST_HEAD = "w8a8"
+#: cpu-int4's heads timed by default (each judged by the decode targets; accuracy: scripts/head_cost.py)
+HEADS = ("int8", "w8a8", "int4")
+
+
+def quad_variant(head: str) -> str:
+    return f"QUAD cpu-int4 head-{head}"
+
+
+QUAD_FAST = quad_variant(FAST_HEAD)
 #: the same with each linear computed alone (place(fuse=False)), to show what fusing siblings gives
 QUAD_UNFUSED = f"{QUAD_FAST} unfused"
-#: the same with the INT4 head (its accuracy cost: scripts/head_cost.py), judged by the decode targets too
-QUAD_HEAD4 = "QUAD cpu-int4 head-int4"
 
 
-def model_targets(records: list[dict], llamacpp_source: str | None) -> list[dict]:
+def model_targets(records: list[dict], llamacpp_source: str | None, heads=HEADS) -> list[dict]:
     """Issue 22's targets for one model, from its records (None where a row is missing)."""
     def rec(variant, phase, batch, tokens, compiled=False) -> dict:
         return next((r for r in records if r["variant"] == variant and r["phase"] == phase and r["batch"] == batch
@@ -142,7 +153,7 @@ def model_targets(records: list[dict], llamacpp_source: str | None) -> list[dict
 
     ratio = (lambda a, b: a / b if a and b else None)
     rows = []
-    for variant in (QUAD_FAST, QUAD_HEAD4):
+    for variant in map(quad_variant, heads):
         decode = max((r for r in records if r["variant"] == variant and r["phase"] == "decode" and r["batch"] == 1),
                      key=lambda r: r["tokens_per_s"], default=None)
         if decode is None and variant != QUAD_FAST:
@@ -158,7 +169,7 @@ def model_targets(records: list[dict], llamacpp_source: str | None) -> list[dict
                   ratio(dec, tps("bf16", "decode", 1, tokens, True)), None),
                  (f"decode, batch 1: {name}, share of the memory-bandwidth bound",
                   rec(variant, "decode", 1, tokens, compiled).get("of_bound"), 0.5)]
-    rows.append(("prefill 2048, batch 1: QUAD (cpu-int8 path, INT8 head) vs torch bfloat16",
+    rows.append((f"prefill 2048, batch 1: {QUAD_FAST} (cpu-int8's GEMMs) vs torch bfloat16",
                  ratio(tps(QUAD_FAST, "prefill", 1, 2048), tps("bf16", "prefill", 1, 2048)), 1.2))
     return [{"target": t, "measured": None if v is None else round(v, 3), "goal": g,
              "met": None if v is None or g is None else v >= g} for t, v, g in rows]
@@ -178,7 +189,8 @@ def profile_decode_step(model, vocab: int, steps: int = 10) -> dict:
 
 
 def bench_models(ckpts: list[str], prefill: list[int], prefill_batches: dict[int, list[int]], decode: int,
-                 batches: list[int], repeat: int, llamacpp: list[str], on_model=None) -> list[dict]:
+                 batches: list[int], repeat: int, llamacpp: list[str], on_model=None, heads=HEADS,
+                 unfused: bool = True, profile: bool = True) -> list[dict]:
     """Every row of issue 22 for each checkpoint (see the module's docstring); ``on_model`` is
     called with the results so far after each checkpoint."""
     from quadllm.evaluation.llamacpp import bench_gguf, gguf_weight_bytes, llamacpp_files, llamacpp_unavailable_reason
@@ -192,13 +204,14 @@ def bench_models(ckpts: list[str], prefill: list[int], prefill_batches: dict[int
         t0 = time.perf_counter()
         fp, tok, _ = load_model(spec)
         variants = {"fp32": fp, "bf16": load_model(spec)[0].to(torch.bfloat16)}
-        for backend, head in (("cpu-int8", "float"), ("cpu-int4", "int8"), ("cpu-int4", "int4")):
-            m = load(ckpt)[0]
-            place(m, backend, head=head)
-            variants[f"QUAD {backend}" + ("" if head == "float" else f" head-{head}")] = m
-        # the same without running q/k/v and gate/up as one GEMM each (quadllm.backends.siblings)
-        variants[QUAD_UNFUSED] = load(ckpt)[0]
-        place(variants[QUAD_UNFUSED], "cpu-int4", head="int8", fuse=False)
+        variants["QUAD cpu-int8"] = load(ckpt)[0]
+        place(variants["QUAD cpu-int8"], "cpu-int8")
+        for head in heads:
+            variants[quad_variant(head)] = load(ckpt)[0]
+            place(variants[quad_variant(head)], "cpu-int4", head=head)
+        if unfused:  # the same without running q/k/v and gate/up as one GEMM each (quadllm.backends.siblings)
+            variants[QUAD_UNFUSED] = load(ckpt)[0]
+            place(variants[QUAD_UNFUSED], "cpu-int4", head=FAST_HEAD, fuse=False)
         vocab = len(tok)
         records = []
         for b in batches:  # prefill lengths per batch size; decode at every batch size
@@ -224,18 +237,24 @@ def bench_models(ckpts: list[str], prefill: list[int], prefill_batches: dict[int
         add_ratio(records, "bf16", "vs_bf16")
         res = {"checkpoint": ckpt, "model": source.name, "bandwidth_gbs": round(bandwidth, 2),
                "weight_mb_per_step": {k: round(v / 1e6, 1) for k, v in step_bytes.items()},
-               "records": records, "targets": model_targets(records, next((n for n in names if "source" in n), None)),
+               "records": records, "targets": model_targets(records, next((n for n in names if "source" in n), None),
+                                                            heads),
                "decode_profile": None}
         out.append(res)
         if on_model is not None:
             on_model(out)
+        if not profile or QUAD_FAST not in variants:
+            res["seconds"] = round(time.perf_counter() - t0)
+            del variants
+            continue
         try:
             res["decode_profile"] = profile_decode_step(variants[QUAD_FAST], vocab)
         except CompileError as exc:
             log.warning("no profile of the compiled step: %s", exc)
-        tokens = max(prefill)
-        res["prefill_profile"] = {"tokens": tokens, "variants": profile_prefill(
-            {k: variants[k] for k in ("bf16", QUAD_FAST)}, vocab, tokens)}
+        if prefill:
+            tokens = max(prefill)
+            res["prefill_profile"] = {"tokens": tokens, "variants": profile_prefill(
+                {k: variants[k] for k in ("bf16", QUAD_FAST)}, vocab, tokens)}
         res["seconds"] = round(time.perf_counter() - t0)
         if on_model is not None:
             on_model(out)
@@ -301,7 +320,12 @@ def main() -> None:
     p.add_argument("--models", default=None, help="comma-separated QUAD checkpoints: the issue-22 model rows instead")
     p.add_argument("--batch8-prefill", default="512",
                    help="prefill lengths also timed at batch 8 (the others at batch 1 only; '' for none)")
-    p.add_argument("--llamacpp", default="source,Q4_0,Q8_0")
+    p.add_argument("--llamacpp", default="source,Q4_0,Q8_0", help="llama.cpp's files ('' for none)")
+    p.add_argument("--lengths", default="512,2048", help="--models: prefill lengths ('' for none)")
+    p.add_argument("--batches", default="1,8", help="--models: batch sizes")
+    p.add_argument("--heads", default=",".join(HEADS), help="--models: cpu-int4's heads")
+    p.add_argument("--no-unfused", action="store_true", help="--models: no row without sibling fusion")
+    p.add_argument("--no-profile", action="store_true", help="--models: no profiles of the decode step and prefill")
     p.add_argument("--models-out", default=str(ROOT / "results" / "bench_cpu_models"))
     p.add_argument("--checkpoint", default=str(ROOT / "runs" / "smollm2" / "quad-w4a4-r64"),
                    help="the SmolLM2 QUAD checkpoint (made by scripts/results_smollm2.py)")
@@ -314,7 +338,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     if args.models:
-        lengths = [256] if args.quick else [512, 2048]
+        lengths = [256] if args.quick else [int(v) for v in args.lengths.split(",") if v.strip()]
+        heads = tuple(h for h in args.heads.split(",") if h)
         b8 = [int(v) for v in args.batch8_prefill.split(",") if v.strip()]
         out = Path(args.models_out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -328,8 +353,9 @@ def main() -> None:
             out.with_suffix(".md").write_text(models_markdown(results, meta))
 
         bench_models(args.models.split(","), lengths, {t: [1, 8] if t in b8 else [1] for t in lengths},
-                     16 if args.quick else args.decode, [1, 8], 1 if args.quick else 2,
-                     [t for t in args.llamacpp.split(",") if t], on_model=write)
+                     16 if args.quick else args.decode, [int(b) for b in args.batches.split(",")],
+                     1 if args.quick else 2, [t for t in args.llamacpp.split(",") if t], on_model=write, heads=heads,
+                     unfused=not args.no_unfused, profile=not args.no_profile)
         print(out.with_suffix(".md").read_text())
         return
     linear = bench_linear(QUICK if args.quick else SHAPES, repeat=3 if args.quick else 7,

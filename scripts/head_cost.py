@@ -70,8 +70,10 @@ def render(table: list[dict], commands: list[str], invocation: str = "python scr
     lines += [f"- `{c}`" for c in commands]
     lines += ["", "WikiText-2 test, the first windows of 2048 tokens; every row runs `cpu-int4` (its prefill path: the "
               "INT8 GEMMs), so within a checkpoint only the head differs. `float` is the stored head; `bf16` a bfloat16 "
-              "copy; `int8` per-row INT8 (llama.cpp's Q8_0 is per 32); `int4` INT4 per row and group of 32 columns "
-              "with a clipping search (llama.cpp's Q4_0 grid).", "",
+              "copy; `int8` per-row INT8 weights, bfloat16 inputs (llama.cpp's Q8_0 is per 32); `w8a8` per-row INT8 "
+              "weights of the table rotated by a random Hadamard matrix, and the rotated input in INT8 per token "
+              "(exact integer sums); `int4` INT4 per row and group of 32 columns with a clipping search (llama.cpp's "
+              "Q4_0 grid).", "",
               "| checkpoint | head | ppl | vs stored head | KL(FP ‖ model) | KL change | top-1 agreement | windows |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in table:

@@ -1,6 +1,6 @@
 """cpu-int4's two INT4 kernels on the GEMMs of a decode step: the AVX512-VNNI one against torch's (issue 22)
 
-``quadllm::w4a8_mm`` (:mod:`quadllm.backends.vnni`, ``src/quadllm/backends/csrc/w4a8_gemv.cpp``)
+``quadllm::w4a8_mm`` (:mod:`quadllm.backends.vnni`, ``src/quadllm/backends/csrc/vnni_gemv.cpp``)
 computes ``x @ qwᵀ`` for INT8 activation codes ``x`` [M, K] and INT4 weight codes ``qw`` [N, K]
 packed two per byte, exactly in int32 (``vpdpbusd``), split over torch's threads by output rows. It
 is checked against ``x.int() @ qw.int().t()`` on every shape before it is timed.

@@ -1,4 +1,4 @@
-"""The output head in bfloat16, INT8 or INT4 (``place(head=...)``): the definitions, and the model's
+"""The output head in bfloat16, INT8 (weights only, or W8A8) or INT4 (``place(head=...)``): the definitions, and the model's
 logits within their rounding."""
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import torch
 from conftest import quantize_tiny, random_ids, tiny_model
 
 from quadllm.backends import BackendError, HeadKernel, place
-from quadllm.backends.head import HEAD_INT4_GROUP, int4_groups, int8_rows
+from quadllm.backends import vnni
+from quadllm.backends.head import HEAD_DECODE_ROWS, HEAD_INT4_GROUP, HEAD_ROTATION_SEED, int4_groups, int8_rows
+from quadllm.core.hadamard import random_hadamard
 from quadllm.backends.int4 import int4pack_available
 from quadllm.core.quantizers import weight_scales
 from quadllm.cli import main
@@ -74,12 +76,48 @@ def test_head_kernel_is_its_definition(precision, width):
         HeadKernel(table, "int2")
 
 
+@pytest.mark.parametrize("kernel", ["vnni", "torch"])
+@pytest.mark.parametrize("width,tokens", [(48, 3), (56, 3), (56, HEAD_DECODE_ROWS + 5)])
+def test_w8a8_head_is_its_definition(kernel, width, tokens, monkeypatch):
+    """The rotated table's per-row INT8 codes against the rotated input's per-token INT8 codes: the
+    integer sums exact on both kernels (so both give the same logits), scaled in float32; past
+    HEAD_DECODE_ROWS rows the VNNI layout's codes go through torch's INT8 GEMM."""
+    if kernel == "vnni" and vnni.vnni_unavailable_reason() is not None:
+        pytest.skip(f"the VNNI kernel does not run here: {vnni.vnni_unavailable_reason()}")
+    if kernel == "torch":
+        monkeypatch.setenv(vnni.KERNEL_ENV, "torch")
+    g = torch.Generator().manual_seed(3)
+    table, x = torch.randn(70, width, generator=g), torch.randn(2, tokens, width, generator=g)
+    x[..., 5] *= 30  # an outlier channel, as the final norm's output has
+    bias = torch.randn(70, generator=g)
+    head = HeadKernel(table, "w8a8")
+    assert head.vnni == (kernel == "vnni")
+    got = head(x, bias)
+    r = random_hadamard(width, HEAD_ROTATION_SEED).float()
+    codes, scale = int8_rows(table @ r.t(), torch.float32)
+    assert scale.dtype == torch.float32
+    xr = x.reshape(-1, width) @ r.t()
+    xs = (xr.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-8)
+    xq = (xr / xs).round().clamp(-128, 127)
+    sums = xq.double() @ codes.double().t()
+    ref = (sums * xs.double() * scale.double()).reshape(2, tokens, 70)
+    assert got.shape == (2, tokens, 70) and got.dtype == torch.float32
+    assert torch.allclose(got.double() - bias.double(), ref, rtol=1e-6, atol=1e-5)
+    # against the float head: INT8 on both sides; the rotation keeps the outlier channel from
+    # taking every other column's resolution (per-token INT8 of the unrotated input is worse)
+    exact = x @ table.t()
+    err = ((got - bias - exact).norm() / exact.norm()).item()
+    plain = (torch.round(x / (x.abs().amax(-1, keepdim=True) / 127)) * (x.abs().amax(-1, keepdim=True) / 127)) \
+        @ (int8_rows(table, torch.float32)[0].float() * int8_rows(table, torch.float32)[1][:, None]).t()
+    assert err < 0.5 * ((plain - exact).norm() / exact.norm()).item()
+
+
 def test_place_gives_the_head_its_precision_and_takes_it_back():
     model = quantize_tiny("llama", weights="rtn", method="quad", rank=8)
     ids = random_ids(2, 12, seed=4)
     with torch.no_grad():
         ref = model(ids).logits
-        for precision in ("bf16", "int8", "int4"):
+        for precision in ("bf16", "int8", "w8a8", "int4"):
             place(model, "fake", head=precision)
             head = next(m for m in model.modules() if isinstance(m, QuadHead))
             assert head.kernel is not None and head.kernel.precision == precision
@@ -113,6 +151,14 @@ def test_eval_with_an_int8_head_records_it(tiny_original, tmp_path):
     assert main(["eval", str(ckpt), "--head", "int8", "--data", str(text), "--max-windows", "1", "--seqlen", "32",
                  "--json", str(out), "-q"]) == 0
     assert json.loads(out.read_text())["head"] == "int8"
+    # the W8A8 head on cpu-int4; a kernel choice it does not know is a one-line error (exit 2)
+    assert main(["eval", str(ckpt), "--head", "w8a8", "--backend", "cpu-int4", "--data", str(text), "--max-windows",
+                 "1", "--seqlen", "32", "--json", str(out), "-q"]) == 0
+    assert json.loads(out.read_text())["head"] == "w8a8"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(vnni.KERNEL_ENV, "fastest")
+        assert main(["eval", str(ckpt), "--head", "w8a8", "--backend", "cpu-int4", "--data", str(text),
+                     "--max-windows", "1", "--seqlen", "32", "-q"]) == 2
     # an original model has no quadllm head: refused
     assert main(["eval", str(tiny_original), "--head", "int8", "--data", str(text), "--max-windows", "1",
                  "--seqlen", "32", "-q"]) == 2

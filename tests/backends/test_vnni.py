@@ -33,6 +33,24 @@ def test_pack_follows_the_layout_and_pads_with_zero_codes(n, k):
     assert not padded[n:].any() and not padded[:, k:].any()
 
 
+@pytest.mark.parametrize("n,k", [(5, 64), (3, 1), (8, 100), (1, 200)])
+def test_pack_w8_follows_the_layout_and_pads_with_zero_codes(n, k):
+    """Column 64b + j of row n is packed[n // 4, b, n % 4, j] - 128."""
+    codes = torch.randint(-128, 128, (n, k), generator=torch.Generator().manual_seed(k), dtype=torch.int8)
+    packed = vnni.pack_w8(codes)
+    tiles, blocks = (n + 3) // 4, (k + 63) // 64
+    assert packed.dtype == torch.uint8 and packed.shape == (tiles, blocks, 4, 64)
+    padded = torch.empty(tiles * 4, blocks * 64, dtype=torch.int16)
+    for row in range(tiles * 4):
+        for b in range(blocks):
+            for j in range(64):
+                padded[row, 64 * b + j] = int(packed[row // 4, b, row % 4, j]) - 128
+    assert torch.equal(padded[:n, :k], codes.to(torch.int16))
+    assert not padded[n:].any() and not padded[:, k:].any()
+    with pytest.raises(ValueError, match="int8"):
+        vnni.pack_w8(codes.int())
+
+
 def test_pack_refuses_codes_outside_int4():
     with pytest.raises(ValueError, match="-8..7"):
         vnni.pack_w4(torch.full((2, 64), 8, dtype=torch.int8))
@@ -60,12 +78,28 @@ def test_the_kernel_gives_the_exact_integer_sums(m, k, n):
 
 
 @needs_kernel
+@pytest.mark.parametrize("m,k,n", [(1, 64, 5), (3, 128, 8), (6, 192, 13), (2, 1, 3), (1, 896, 1001), (5, 33, 1)])
+def test_the_int8_kernel_gives_the_exact_integer_sums(m, k, n):
+    """Both operands over the full INT8 range (-128 too), every remainder, a non-contiguous x."""
+    g = torch.Generator().manual_seed(m * 1000 + k + 7)
+    codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    x = torch.randint(-128, 128, (m, k + 2), generator=g, dtype=torch.int8)[:, 2:]
+    got = vnni.w8a8_mm(x, vnni.pack_w8(codes), n)
+    assert got.dtype == torch.int32 and torch.equal(got, x.int() @ codes.int().t())
+    extreme = torch.full((n, k), -128, dtype=torch.int8)  # the largest magnitudes the sums can reach
+    assert torch.equal(vnni.w8a8_mm(torch.full((m, k), -128, dtype=torch.int8), vnni.pack_w8(extreme), n),
+                       torch.full((m, n), 128 * 128 * k, dtype=torch.int32))
+
+
+@needs_kernel
 def test_the_kernel_refuses_a_layout_of_another_shape():
     packed = vnni.pack_w4(torch.zeros(4, 64, dtype=torch.int8))
     with pytest.raises(RuntimeError, match="do not fit K"):
         vnni.w4a8_mm(torch.zeros(1, 128, dtype=torch.int8), packed, 4)
     with pytest.raises(RuntimeError, match="do not fit n"):
         vnni.w4a8_mm(torch.zeros(1, 64, dtype=torch.int8), packed, 5)
+    with pytest.raises(RuntimeError, match=r"packed must be contiguous uint8 \[N/4, K/64, 4, 64\]"):
+        vnni.w8a8_mm(torch.zeros(1, 64, dtype=torch.int8), packed, 4)  # an INT4 layout
 
 
 @needs_kernel
@@ -73,9 +107,11 @@ def test_the_operator_runs_in_a_compiled_graph():
     codes = torch.randint(-8, 8, (24, 96), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
     packed = vnni.pack_w4(codes)
 
+    packed8 = vnni.pack_w8(codes * 16)
+
     def f(x):
         q = (x / x.abs().amax(-1, keepdim=True) * 127).round().to(torch.int8)
-        return vnni.w4a8_mm(q, packed, 24).float() * 0.5
+        return vnni.w4a8_mm(q, packed, 24).float() * 0.5 + vnni.w8a8_mm(q, packed8, 24).float()
 
     x = torch.randn(2, 96, generator=torch.Generator().manual_seed(2))
     assert torch.equal(torch.compile(f, fullgraph=True, dynamic=False)(x), f(x))
@@ -85,7 +121,8 @@ def test_the_environment_and_the_cpu_decide_first(monkeypatch):
     monkeypatch.setenv(vnni.KERNEL_ENV, "torch")
     assert vnni.vnni_unavailable_reason() == "QUADLLM_INT4_KERNEL=torch"
     monkeypatch.setenv(vnni.KERNEL_ENV, "fast")
-    assert "not one of auto, torch" in vnni.vnni_unavailable_reason()
+    with pytest.raises(vnni.KernelChoiceError, match="not one of auto, torch"):
+        vnni.vnni_unavailable_reason()
     monkeypatch.setenv(vnni.KERNEL_ENV, "auto")
     monkeypatch.setattr(vnni, "cpu_has_vnni", lambda: False)
     assert vnni.vnni_unavailable_reason() == "this CPU has no AVX512-VNNI"
@@ -95,10 +132,10 @@ def test_a_failed_build_gives_its_first_line(monkeypatch):
     from torch.utils import cpp_extension
 
     def fail(*args, **kwargs):
-        raise RuntimeError("Error building extension 'quadllm_w4a8_gemv'\ng++: not found")
+        raise RuntimeError("Error building extension 'quadllm_vnni_gemv'\ng++: not found")
 
     monkeypatch.setattr(cpp_extension, "load", fail)
-    assert vnni.build_kernel() == "the VNNI kernel did not build: Error building extension 'quadllm_w4a8_gemv'"
+    assert vnni.build_kernel() == "the VNNI kernel did not build: Error building extension 'quadllm_vnni_gemv'"
 
 
 def test_the_build_folder_follows_torch_extensions_dir(monkeypatch, tmp_path):

@@ -35,11 +35,11 @@ def test_targets_judge_the_fastest_batch1_decode_and_the_2048_prefill():
 
 
 def test_the_int4_head_variant_gets_its_own_decode_targets():
-    head4 = [_r(bc.QUAD_HEAD4, "decode", 1, 128, 120.0, True, of_bound=0.4), _r(bc.QUAD_HEAD4, "decode", 1, 128, 40.0)]
+    head4 = [_r(bc.quad_variant("int4"), "decode", 1, 128, 120.0, True, of_bound=0.4), _r(bc.quad_variant("int4"), "decode", 1, 128, 40.0)]
     targets = bc.model_targets(RECORDS + head4, LLAMA)
-    mine = [(t["measured"], t["met"]) for t in targets if bc.QUAD_HEAD4 in t["target"]]
+    mine = [(t["measured"], t["met"]) for t in targets if bc.quad_variant("int4") in t["target"]]
     assert mine == [(1.2, True), (3.0, True), (2.4, None), (0.4, False)]
-    assert all("(compiled)" in t["target"] for t in targets if bc.QUAD_HEAD4 in t["target"])
+    assert all("(compiled)" in t["target"] for t in targets if bc.quad_variant("int4") in t["target"])
 
 
 def test_models_markdown_has_every_row_and_target():

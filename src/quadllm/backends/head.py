@@ -8,6 +8,13 @@ table is 113 MB in float32, Qwen2.5's 151,936 x 896 is 545 MB, more than all its
 - ``int8``: per-row symmetric INT8 weights (``round(w / s)``, ``s = max|w| / 127`` rounded to
   bfloat16) through torch's weight-only INT8 GEMM with bfloat16 inputs (a quarter of the bytes;
   what llama.cpp's Q8_0 head costs);
+- ``w8a8``: the ``int8`` weights' grid, but on a rotated table (``W Rᵀ``, ``R`` a random Hadamard
+  matrix), and the rotated input ``x Rᵀ`` quantized to INT8 per token (symmetric, no clipping),
+  so the sums are exact integers: :func:`quadllm.backends.vnni.w8a8_mm` (AVX512-VNNI) where it
+  runs (up to :data:`HEAD_DECODE_ROWS` rows; beyond, ``torch._int_mm`` on an INT8 copy of the codes
+  made at the first such call and kept), else ``torch._int_mm``, the same sums. The rotation spreads the input's outlier channels
+  over all columns before the per-token scale is taken (without it the logits' KL from the stored
+  head is about twice as large); it costs a d x d float matmul per token;
 - ``int4``: symmetric INT4 weights with a bfloat16 scale per row and group of 32 columns
   (llama.cpp's Q4_0 grid), the scale chosen by a short squared-error clipping search, through
   torch's weight-only INT4 GEMM with bfloat16 inputs (about an eighth of the bytes).
@@ -22,21 +29,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..core.hadamard import random_hadamard
 from ..core.quantizers import quantize_weight, weight_scales
 from .int4 import int4_mm, int4pack_available, pack_for_int4_mm
+from .int8 import act_codes
+from .vnni import pack_w8, vnni_unavailable_reason, w8a8_mm
 
-__all__ = ["HEAD_PRECISIONS", "HEAD_INT4_GROUP", "HeadKernel", "int4_groups", "int8_rows"]
+__all__ = ["HEAD_PRECISIONS", "HEAD_DECODE_ROWS", "HEAD_INT4_GROUP", "HEAD_ROTATION_SEED", "HeadKernel", "int4_groups", "int8_rows"]
 
 #: what ``--head`` may ask for (``float``: the model's own dtype, no kernel)
-HEAD_PRECISIONS = ("float", "bf16", "int8", "int4")
+HEAD_PRECISIONS = ("float", "bf16", "int8", "w8a8", "int4")
 #: columns per scale of the INT4 head (llama.cpp's Q4_0 block)
 HEAD_INT4_GROUP = 32
+#: the seed of the w8a8 head's random Hadamard signs (fixed: a placement is then reproducible)
+HEAD_ROTATION_SEED = 0
+#: rows up to which the w8a8 head runs the VNNI kernel (a GEMV kernel: beyond, torch's INT8 GEMM is faster)
+HEAD_DECODE_ROWS = 32
 
 
-def int8_rows(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric INT8 codes [V, d] and scales [V] (bfloat16, as the GEMM takes them) of a
-    float table, rounded with the scale the GEMM will use."""
-    scale = (table.float().abs().amax(1) / 127).clamp_min(1e-12).to(torch.bfloat16)
+def int8_rows(table: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric INT8 codes [V, d] and scales [V] (``scale_dtype``: bfloat16 is what torch's
+    weight-only GEMM takes) of a float table, rounded with the scale the GEMM will use."""
+    scale = (table.float().abs().amax(1) / 127).clamp_min(1e-12).to(scale_dtype)
     codes = (table.float() / scale.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return codes, scale
 
@@ -53,7 +67,7 @@ def int4_groups(table: torch.Tensor, group: int = HEAD_INT4_GROUP) -> tuple[torc
 
 
 class HeadKernel:
-    """The logits ``x @ Wᵀ (+ b)`` of a head in ``precision`` (``bf16``, ``int8`` or ``int4``)."""
+    """The logits ``x @ Wᵀ (+ b)`` of a head in ``precision`` (``bf16``, ``int8``, ``w8a8`` or ``int4``)."""
 
     def __init__(self, table: torch.Tensor, precision: str) -> None:
         if precision not in HEAD_PRECISIONS[1:]:
@@ -67,18 +81,29 @@ class HeadKernel:
         # groups (a zero group's codes are 0 and add nothing)
         self.pad = -table.shape[1] % {"int8": 16, "int4": HEAD_INT4_GROUP}.get(precision, 1)
         self.rows = table.shape[0]
+        self.vnni = precision == "w8a8" and vnni_unavailable_reason() is None
+        self._gemm_codes: torch.Tensor | None = None  # w8a8 with VNNI: the codes [K, V] for many rows
         with torch.no_grad():
             padded = F.pad(table.detach(), (0, self.pad)) if self.pad else table.detach()
             if precision == "bf16":
                 self.tensors: tuple[torch.Tensor, ...] = (padded.to(torch.bfloat16).contiguous(),)
             elif precision == "int8":
                 self.tensors = int8_rows(padded)
+            elif precision == "w8a8":
+                rotation = random_hadamard(table.shape[1], HEAD_ROTATION_SEED).float()
+                codes, scale = int8_rows(padded.float() @ rotation.t(), torch.float32)
+                self.tensors = (pack_w8(codes) if self.vnni else codes.t().contiguous(), scale, rotation)
             else:
                 self.layout = pack_for_int4_mm(*int4_groups(padded))
                 self.tensors = (self.layout.packed, self.layout.scale_zero)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
+        if self.precision == "w8a8":
+            y = self._w8a8(x.reshape(-1, x.shape[-1])).to(x.dtype)
+            if bias is not None:
+                y = y + bias.to(y.dtype)
+            return y.reshape(*lead, y.shape[-1])
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
         if self.pad:
             x2 = F.pad(x2, (0, self.pad))
@@ -93,5 +118,30 @@ class HeadKernel:
             y = y + bias.to(y.dtype)
         return y.reshape(*lead, y.shape[-1])
 
+    def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
+        weights, scale, rotation = self.tensors
+        codes, x_scale = act_codes(x.float() @ rotation.t(), 8)
+        if not self.vnni:
+            acc = torch._int_mm(codes, weights)
+        elif codes.shape[0] <= HEAD_DECODE_ROWS:
+            acc = w8a8_mm(codes, weights, self.rows)
+        else:
+            acc = torch._int_mm(codes, self._many_rows_codes())
+        return acc.float().mul_(x_scale).mul_(scale)
+
+    def _many_rows_codes(self) -> torch.Tensor:
+        """The VNNI layout's codes as int8 [K, V] (a view of a [V, K] copy) for torch's GEMM."""
+        if self._gemm_codes is None:
+            packed, k = self.tensors[0], self.tensors[2].shape[0]
+            rows = (packed ^ 0x80).view(torch.int8).permute(0, 2, 1, 3).reshape(-1, packed.shape[1] * packed.shape[3])
+            self._gemm_codes = rows[:self.rows, :k].contiguous().t()
+        return self._gemm_codes
+
     def extra_bytes(self) -> int:
+        """The bytes this copy of the head holds."""
+        extra = 0 if self._gemm_codes is None else self._gemm_codes.numel()
+        return extra + self.decode_bytes()
+
+    def decode_bytes(self) -> int:
+        """The bytes a decode step (up to :data:`HEAD_DECODE_ROWS` rows) reads."""
         return sum(t.numel() * t.element_size() for t in self.tensors)

@@ -1,17 +1,20 @@
-"""An AVX512-VNNI INT4 x INT8 GEMM for the few rows of a decode step (``quadllm::w4a8_mm``).
+"""AVX512-VNNI INT4 x INT8 and INT8 x INT8 GEMMs for the few rows of a decode step
+(``quadllm::w4a8_mm``, ``quadllm::w8a8_mm``).
 
-``csrc/w4a8_gemv.cpp`` computes the exact int32 sums ``x @ qwᵀ`` of INT8 activation codes ``x``
-[M, K] and INT4 weight codes ``qw`` [N, K] packed two per byte (:func:`pack_w4`), faster than
+``csrc/vnni_gemv.cpp`` computes the exact int32 sums ``x @ qwᵀ`` of INT8 activation codes ``x``
+[M, K] and weight codes ``qw`` [N, K]: INT4 packed two per byte (:func:`pack_w4`), faster than
 torch's ``aten._weight_int4pack_mm_for_cpu`` at the rows of a decode step, whose sums are also
-rounded to bfloat16 (``scripts/int4_gemv_probe.py``, results/int4_gemv_probe.md). ``cpu-int4``
-uses it where it runs.
+rounded to bfloat16 (``scripts/int4_gemv_probe.py``, results/int4_gemv_probe.md), or INT8
+(:func:`pack_w8`). ``cpu-int4`` uses the first where it runs, the ``w8a8`` head
+(:mod:`quadllm.backends.head`) the second.
 
 It is compiled once per machine, at first use, by ``torch.utils.cpp_extension`` (the system's C++
 compiler and ninja; the build is kept under ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``, see :func:`build_directory`)
 and registered as a torch operator with a shape function, so ``torch.compile`` calls it as one
 opaque op. Where the CPU lacks VNNI, the build fails, or ``QUADLLM_INT4_KERNEL=torch`` asks for it,
-:func:`vnni_unavailable_reason` says why and ``cpu-int4`` runs torch's op instead.
+:func:`vnni_unavailable_reason` says why and ``cpu-int4`` runs torch's op instead (the head:
+``torch._int_mm``, the same sums).
 """
 
 from __future__ import annotations
@@ -25,14 +28,18 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["KERNEL_ENV", "build_directory", "build_kernel", "clear_stale_lock", "cpu_has_vnni", "pack_w4", "vnni_unavailable_reason", "w4a8_mm"]
+from ..errors import QuadllmError
+
+__all__ = ["KERNEL_ENV", "KernelChoiceError", "build_directory", "build_kernel", "clear_stale_lock", "cpu_has_vnni",
+           "pack_w4", "pack_w8", "vnni_unavailable_reason", "w4a8_mm", "w8a8_mm"]
 
 log = logging.getLogger(__name__)
 
-#: the environment variable that picks cpu-int4's INT4 kernel: ``auto`` (default) or ``torch``
+#: the environment variable that picks the kernels of cpu-int4 and the w8a8 head: ``auto`` (default:
+#: this module's where they run) or ``torch``
 KERNEL_ENV = "QUADLLM_INT4_KERNEL"
-SOURCE = Path(__file__).with_name("csrc") / "w4a8_gemv.cpp"
-NAME = "quadllm_w4a8_gemv"
+SOURCE = Path(__file__).with_name("csrc") / "vnni_gemv.cpp"
+NAME = "quadllm_vnni_gemv"
 #: a build lock older than this was left by a killed build (a build takes seconds)
 STALE_LOCK_S = 600.0
 #: -fopenmp: at::parallel_for is inline OpenMP code, serial without it; the libgomp it needs is the
@@ -68,20 +75,42 @@ def pack_w4(codes: torch.Tensor) -> torch.Tensor:
     return nibbles.transpose(1, 2).to(torch.uint8).contiguous()
 
 
+def pack_w8(codes: torch.Tensor) -> torch.Tensor:
+    """Signed INT8 codes [N, K] (-128..127) in the kernel's layout, uint8 [ceil(N / 4), ceil(K / 64), 4, 64]:
+    zero codes pad N to a multiple of 4 and K to one of 64; ``packed[t, b, r, j]`` holds column
+    64b + j of row 4t + r, + 128."""
+    if codes.dim() != 2 or codes.dtype != torch.int8:
+        raise ValueError(f"codes must be int8 [N, K], got {codes.dtype} {tuple(codes.shape)}")
+    n, k = codes.shape
+    padded = torch.nn.functional.pad(codes.to(torch.int16) + 128, (0, -k % BLOCK, 0, -n % TILE), value=128)
+    return padded.reshape(-1, TILE, padded.shape[1] // BLOCK, BLOCK).transpose(1, 2).to(torch.uint8).contiguous()
+
+
+class KernelChoiceError(QuadllmError, ValueError):
+    """``QUADLLM_INT4_KERNEL`` names no kernel."""
+
+
 def w4a8_mm(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     """int32 [M, n] = ``x @ qwᵀ`` for int8 codes ``x`` [M, K] and ``packed`` = :func:`pack_w4` (qw [n, K]);
     only after :func:`vnni_unavailable_reason` returned None."""
     return torch.ops.quadllm.w4a8_mm(x, packed, n)
 
 
-def _fake_w4a8_mm(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+def w8a8_mm(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """int32 [M, n] = ``x @ qwᵀ`` for int8 codes ``x`` [M, K] and ``packed`` = :func:`pack_w8` (qw [n, K]);
+    only after :func:`vnni_unavailable_reason` returned None. K up to 65,000 (int32 sums)."""
+    return torch.ops.quadllm.w8a8_mm(x, packed, n)
+
+
+def _fake_mm(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], n), dtype=torch.int32)
 
 
 @cache
 def _register_fake() -> None:
-    """The operator's shape function, for torch.compile (once per process: a second one is refused)."""
-    torch.library.register_fake("quadllm::w4a8_mm")(_fake_w4a8_mm)
+    """The operators' shape functions, for torch.compile (once per process: a second one is refused)."""
+    for op in ("quadllm::w4a8_mm", "quadllm::w8a8_mm"):
+        torch.library.register_fake(op)(_fake_mm)
 
 
 def build_directory() -> Path:
@@ -114,7 +143,7 @@ def build_kernel() -> str | None:
     from torch.utils.cpp_extension import load  # setuptools and the build machinery: only to build
 
     t0 = time.perf_counter()
-    log.info("cpu-int4: building (or loading the kept build of) the AVX512-VNNI INT4 kernel")
+    log.info("building (or loading the kept build of) quadllm's AVX512-VNNI kernels")
     try:
         folder = build_directory()
         folder.mkdir(parents=True, exist_ok=True)
@@ -128,9 +157,11 @@ def build_kernel() -> str | None:
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(-8, 8, (13, 200), generator=g, dtype=torch.int8)
     x = torch.randint(-128, 128, (5, 200), generator=g, dtype=torch.int8)
-    if not torch.equal(w4a8_mm(x, pack_w4(codes), 13), x.int() @ codes.int().t()):
+    codes8 = torch.randint(-128, 128, (13, 200), generator=g, dtype=torch.int8)
+    if not (torch.equal(w4a8_mm(x, pack_w4(codes), 13), x.int() @ codes.int().t())
+            and torch.equal(w8a8_mm(x, pack_w8(codes8), 13), x.int() @ codes8.int().t())):
         return "the VNNI kernel built but gave wrong sums on this machine"
-    log.info("cpu-int4: the VNNI kernel is ready (%.1f s)", time.perf_counter() - t0)
+    log.info("the VNNI kernels are ready (%.1f s)", time.perf_counter() - t0)
     return None
 
 
@@ -138,11 +169,12 @@ _build_once = cache(build_kernel)
 
 
 def vnni_unavailable_reason() -> str | None:
-    """None where :func:`w4a8_mm` runs here and is wanted, else why not: ``QUADLLM_INT4_KERNEL``
-    (read at each call), the CPU, then the build and an exactness check (once per process)."""
+    """None where :func:`w4a8_mm` and :func:`w8a8_mm` run here and are wanted, else why not:
+    ``QUADLLM_INT4_KERNEL`` (read at each call; a value it does not know raises
+    :class:`KernelChoiceError`), the CPU, then the build and an exactness check (once per process)."""
     choice = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
     if choice not in ("auto", "torch"):
-        return f"{KERNEL_ENV}={choice!r} is not one of auto, torch"
+        raise KernelChoiceError(f"{KERNEL_ENV}={choice!r} is not one of auto, torch")
     if choice == "torch":
         return f"{KERNEL_ENV}=torch"
     if not cpu_has_vnni():

@@ -341,7 +341,7 @@ def decode_weight_bytes(model: nn.Module) -> int:
     total = 0
     if head is not None:
         total += sum(size(t) for t in (head.proj, head.bias))
-        total += head.kernel.extra_bytes() if head.kernel is not None else size(head.table())
+        total += head.kernel.decode_bytes() if head.kernel is not None else size(head.table())
     for m in model.modules():
         if isinstance(m, QuadLinear):
             if m.kernel is not None:
