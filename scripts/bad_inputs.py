@@ -26,12 +26,13 @@ import torch  # noqa: E402
 from conftest import quantize_tiny, tiny_model, tiny_tokenizer  # noqa: E402
 
 from quadllm import save  # noqa: E402
+from quadllm.cli.invocation import child_argv  # noqa: E402
 from quadllm.evaluation.tasks.sandbox import run_python  # noqa: E402
 
 
 def cli(*args: str, cwd: Path) -> tuple[int, str, float]:
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "quadllm.cli", *args, "-q"], capture_output=True, text=True, cwd=cwd)
+    r = subprocess.run(child_argv(*args, "-q"), capture_output=True, text=True, cwd=cwd)
     lines = [line for line in r.stderr.splitlines() if line.strip() and "it/s]" not in line]
     return r.returncode, (lines[-1] if lines else r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""), \
         time.perf_counter() - t0
@@ -124,7 +125,7 @@ def cases(work: Path, m: dict[str, Path]):
     other = work / "other-base"
     save(quantize_tiny("llama", seed=1, method="quad", rank=8, weights="rtn"), tiny_tokenizer(), other)
     ft = work / "ft.safetensors"
-    code = subprocess.run([sys.executable, "-m", "quadllm.cli", "finetune", str(ckpt), "--data", str(tok),
+    code = subprocess.run([*child_argv("finetune", str(ckpt)), "--data", str(tok),
                            "--max-steps", "1", "--max-seqlen", "32", "--loss", "ce", "--adapter-only", "--out",
                            str(ft), "-q"], capture_output=True, text=True).returncode
     if code == 0:

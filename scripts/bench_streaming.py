@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from make_random_llama8b import llama3_8b_config, write  # noqa: E402
 from results_smollm2 import portable, run_child  # noqa: E402
 
+from quadllm.cli.invocation import child_argv, shown  # noqa: E402
 from quadllm.evaluation.speed import machine_description  # noqa: E402
 
 log = logging.getLogger("bench_streaming")
@@ -53,9 +54,9 @@ def main() -> None:
         write(model_dir, llama3_8b_config(args.layers, 4096, 14336, 32, 8, 128256), seed=0)
         log.info("wrote %s in %.0f s", model_dir, time.perf_counter() - t0)
     out = work / f"{model_dir.name}-quad-r{args.rank}-{args.weights}"
-    cmd = [sys.executable, "-m", "quadllm.cli", "quantize", "--model", str(model_dir), "--streaming", "on",
-           "--rank", str(args.rank), "--weights", args.weights, "--calib", "wikitext2", "--calib-samples",
-           str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen), "--out", str(out), "-q"]
+    cmd = child_argv("quantize", "--model", str(model_dir), "--streaming", "on",
+                     "--rank", str(args.rank), "--weights", args.weights, "--calib", "wikitext2", "--calib-samples",
+           str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen), "--out", str(out), "-q")
     log.info("running: %s", " ".join(cmd[1:]))
     t0 = time.perf_counter()
     proc = run_child(cmd, cwd=Path.cwd())
@@ -67,7 +68,7 @@ def main() -> None:
     total_mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     record = {
         "command": "python scripts/bench_streaming.py " + " ".join(sys.argv[1:]),
-        "quantize_command": "quadllm " + " ".join(cmd[3:]),
+        "quantize_command": shown(cmd),
         "date": dt.date.today().isoformat(), "machine": machine_description(),
         "machine_memory_gb": round(total_mem / 2**30, 1), "layers": args.layers,
         "model_safetensors_gb": round(summary["original_file_mb"] / 1e3, 2),

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 import quadllm  # noqa: E402
 from quadllm.analysis.calibration_select import select_calibration  # noqa: E402
+from quadllm.cli.invocation import child_argv  # noqa: E402
 from quadllm.data.text import load_text, sample_calibration, tokenize_windows  # noqa: E402
 from quadllm.evaluation.perplexity import evaluate_many  # noqa: E402
 from quadllm.evaluation.speed import machine_description  # noqa: E402
@@ -77,9 +78,9 @@ def main() -> int:
                         (f"selected: {selection.spec}", selection.spec)):
         out = runs / f"calib-select-{re.sub(r'[^a-z0-9.]+', '-', spec.lower())}"
         if not (is_checkpoint(out) and read_meta(out)["quant_config"]["calib"] == spec):
-            cmd = [sys.executable, "-m", "quadllm.cli", "quantize", "--model", args.model, "--rank", str(args.rank),
-                   "--calib", spec, "--calib-samples", str(args.calib_samples), "--calib-seqlen", "512",
-                   "--seed", str(args.seed), "--layout", "quadllm", "--out", str(out), "-q"]
+            cmd = child_argv("quantize", "--model", args.model, "--rank", str(args.rank), "--calib", spec,
+                             "--calib-samples", str(args.calib_samples), "--calib-seqlen", "512",
+                             "--seed", str(args.seed), "--layout", "quadllm", "--out", str(out), "-q")
             if args.data_dir:
                 cmd += ["--data-dir", args.data_dir]
             log.info("%s", shlex.join(cmd))

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import ARCHS, random_ids, tiny_model, tiny_tokenizer  # noqa: E402
 
 from quadllm import QuantConfig, quantize, save  # noqa: E402
+from quadllm.cli.invocation import child_argv  # noqa: E402
 from quadllm.io.checkpoint import weights_hash  # noqa: E402
 from quadllm.pipelines.streaming import quantize_streaming  # noqa: E402
 
@@ -68,7 +69,7 @@ def tiny_rows(work: Path) -> dict[str, str]:
 def smollm2_rows(work: Path) -> dict[str, str]:
     flags = ["--method", "quad", "--rank", "64", "--mode", "w4a4", "--weights", "gptq", "--calib", "wikitext2",
              "--calib-samples", "32", "--calib-seqlen", "512", "--seed", "0"]
-    cli = [sys.executable, "-m", "quadllm.cli", "quantize", "--layout", "quadllm", "-q"]  # streaming's layout
+    cli = child_argv("quantize", "--layout", "quadllm", "-q")  # streaming's layout
     subprocess.run([*cli, *flags, "--streaming", "off", "--out", str(work / "smol-mem")], check=True)
     from quadllm.io.sources import gguf_cache_dir, resolve
 

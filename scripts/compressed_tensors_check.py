@@ -34,6 +34,7 @@ from results_smollm2 import model_slug, model_title, portable, results_stem  # n
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import quadllm  # noqa: E402
+from quadllm.cli.invocation import child_argv  # noqa: E402
 from quadllm.data.text import load_text  # noqa: E402
 from quadllm.evaluation.perplexity import evaluate_many, tokenize_windows  # noqa: E402
 from quadllm.integrations.compressed_tensors import load_exported  # noqa: E402
@@ -56,7 +57,7 @@ def run(cmd: list[str]) -> float:
 def measure(args) -> dict:
     """Quantize (unless the checkpoints exist), export, load back and evaluate: the results record."""
     work = Path(args.work or ROOT / "runs" / model_slug(args.model))
-    cli = [sys.executable, "-m", "quadllm.cli"]
+    cli = child_argv()
     cases = {}
     for name, (quant_flags, export_flags) in CASES.items():
         tag = "quarot-w4a4-ct-grid" if quant_flags else "quarot-w4a4"

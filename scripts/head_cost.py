@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from quadllm.backends.head import HEAD_PRECISIONS  # noqa: E402
+from quadllm.cli.invocation import child_argv, shown  # noqa: E402
 from quadllm.evaluation.speed import machine_description  # noqa: E402
 
 #: what the table keeps of each eval's JSON
@@ -37,12 +37,8 @@ KEPT = ("ppl", "kl", "top1_agreement", "reference_ppl", "windows", "seqlen", "ba
 
 def command(ckpt: str, head: str, windows: int) -> list[str]:
     """The quadllm command that measures ``head`` on ``ckpt`` (without its ``--json``)."""
-    return [sys.executable, "-m", "quadllm.cli", "eval", ckpt, "--data", "wikitext2", "--max-windows", str(windows),
-            "--reference", "--backend", "cpu-int4", "--head", head]
-
-
-def shown(cmd: list[str]) -> str:
-    return "quadllm " + shlex.join(cmd[3:])
+    return child_argv("eval", ckpt, "--data", "wikitext2", "--max-windows", str(windows), "--reference", "--backend",
+                      "cpu-int4", "--head", head)
 
 
 def json_path(work: Path, ckpt: str, head: str) -> Path:

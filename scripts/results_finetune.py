@@ -44,6 +44,7 @@ from results_smollm2 import (  # noqa: E402
 
 import quadllm  # noqa: E402
 from quadllm import load  # noqa: E402
+from quadllm.cli.invocation import child_argv  # noqa: E402
 from quadllm.data.text import load_text, tokenize_windows  # noqa: E402
 from quadllm.evaluation.perplexity import evaluate_many  # noqa: E402
 from quadllm.evaluation.speed import machine_description  # noqa: E402
@@ -84,7 +85,7 @@ def finetune_rows(lrs: dict[str, float], loss: str, base: str = BASE,
 def finetune_row(name: str, dirname: str, flags: list[str], base: Path, args, steps: int | None = None,
                  eval_every: int | None = None) -> dict:
     out = Path(args.work) / dirname
-    cmd = [sys.executable, "-m", "quadllm.cli", "finetune", str(base), *flags, "--loss", args.loss, "--data",
+    cmd = [*child_argv("finetune", str(base)), *flags, "--loss", args.loss, "--data",
            "wikitext2",
            "--max-steps", str(steps or args.max_steps), "--batch-size", str(args.batch_size), "--max-seqlen",
            str(args.max_seqlen), "--val-fraction", str(args.val_fraction), "--eval-every",

@@ -43,6 +43,7 @@ from quadllm import load  # noqa: E402
 from quadllm.arch import get_adapter  # noqa: E402
 from quadllm.cli.app import build_parser  # noqa: E402
 from quadllm.cli.common import config_from_args  # noqa: E402
+from quadllm.cli.invocation import child_argv, shown  # noqa: E402
 from quadllm.config import RECIPE_OFF, QuantConfig  # noqa: E402
 from quadllm.core.affine import affine_macs  # noqa: E402
 from quadllm.data.text import load_text, tokenize_windows  # noqa: E402
@@ -195,7 +196,7 @@ def quantize_row(name: str, flags: list[str], args) -> dict:
                                                   "--calib-seqlen", str(args.calib_seqlen)]
     # quadllm's own layout, which every row of the tables was measured in (the stock layout's FP16 tables
     # make a neighbouring model, results/smollm2_stock_layout.md)
-    cmd = [sys.executable, "-m", "quadllm.cli", "quantize", "--model", args.model, *flags, *weights, *calib,
+    cmd = [*child_argv("quantize", "--model", args.model), *flags, *weights, *calib,
            *size, "--seed", str(args.seed), "--layout", "quadllm", "--out", str(out), "-q"]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
@@ -309,7 +310,7 @@ def run_cli_cached(name: str, cmd: list[str], out: Path, force: bool) -> dict:
     if r.returncode != 0:
         raise SystemExit(f"{name} failed:\n{r.stderr[-4000:]}")
     summary = json.loads(r.stdout)
-    summary["command"] = "quadllm " + " ".join(cmd[3:])
+    summary["command"] = shown(cmd)
     summary = portable(summary)
     summary_file.write_text(json.dumps(summary, indent=2))
     return summary
@@ -318,14 +319,14 @@ def run_cli_cached(name: str, cmd: list[str], out: Path, force: bool) -> dict:
 def run_cli(label: str, args: list[str], ok: tuple[int, ...] = (0,)) -> dict:
     """``quadllm ARGS`` in its own process, timed: ``{command, exit_code, wall_seconds, stdout}``;
     an exit code outside ``ok`` stops the script with the command's stderr."""
-    cmd = [sys.executable, "-m", "quadllm.cli", *args]
-    log.info("%s: quadllm %s", label, " ".join(args))
+    cmd = child_argv(*args)
+    log.info("%s: %s", label, shown(cmd))
     t0 = time.perf_counter()
     r = run_child(cmd)
     seconds = round(time.perf_counter() - t0, 1)
     if r.returncode not in ok:
         raise SystemExit(f"{label} failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
-    return {"command": "quadllm " + " ".join(args), "exit_code": r.returncode, "wall_seconds": seconds,
+    return {"command": shown(cmd), "exit_code": r.returncode, "wall_seconds": seconds,
             "stdout": r.stdout}
 
 

@@ -52,6 +52,7 @@ from results_smollm2 import (  # noqa: E402
 )
 
 from quadllm.backends import BACKENDS, DTYPES  # noqa: E402
+from quadllm.cli.invocation import child_argv, shown  # noqa: E402
 from quadllm.evaluation.compare import build_rows, compare_markdown, mean_paired_difference, papers_average  # noqa: E402
 from quadllm.evaluation.speed import machine_description  # noqa: E402
 from quadllm.evaluation.tasks.scores import GENERATION_TASKS  # noqa: E402
@@ -140,7 +141,7 @@ def run_cell(model: str, spec: str, task: str, limit: int, parts: Path, args) ->
     out = cell_file(parts, model, task)
     samples = samples_file(out)
     tmp = out.with_suffix(".json.tmp")
-    cmd = [sys.executable, "-m", "quadllm.cli", "eval", spec, "--tasks", task, "--limit", str(limit),
+    cmd = [*child_argv("eval", spec), "--tasks", task, "--limit", str(limit),
            "--seed", str(args.seed), "--json", str(tmp), "--samples", str(samples), "-q"]
     if args.batch_size != 8:
         cmd += ["--batch-size", str(args.batch_size)]
@@ -158,7 +159,7 @@ def run_cell(model: str, spec: str, task: str, limit: int, parts: Path, args) ->
         raise SystemExit(f"{model} on {task} failed:\n{r.stderr[-4000:]}")
     result = json.loads(tmp.read_text())
     result.pop("samples_file", None)
-    result["command"] = "quadllm " + " ".join(cmd[3:]).replace(str(tmp), str(out))
+    result["command"] = shown(cmd).replace(str(tmp), str(out))
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
     result["date"] = dt.date.today().isoformat()
     result["machine"] = machine_description()
