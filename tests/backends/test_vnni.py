@@ -51,6 +51,18 @@ def test_pack_w8_follows_the_layout_and_pads_with_zero_codes(n, k):
         vnni.pack_w8(codes.int())
 
 
+@pytest.mark.parametrize("n,r", [(16, 64), (5, 72), (33, 1)])
+def test_pack_f16_follows_the_layout(n, r):
+    """Column k of row 16b + j is packed[b, k, j]; rows past N are zero; float16 holds the values or not."""
+    w = torch.randn(n, r, generator=torch.Generator().manual_seed(n)).half().float()
+    packed = vnni.pack_f16(w)
+    assert packed.dtype == torch.float16 and packed.shape == ((n + 15) // 16, r, 16)
+    for row in range(packed.shape[0] * 16):
+        got = packed[row // 16, :, row % 16].float()
+        assert torch.equal(got, w[row]) if row < n else not got.any()
+    assert vnni.holds_in_f16(w) and not vnni.holds_in_f16(w + 1e-6)
+
+
 def test_pack_refuses_codes_outside_int4():
     with pytest.raises(ValueError, match="-8..7"):
         vnni.pack_w4(torch.full((2, 64), 8, dtype=torch.int8))
@@ -92,6 +104,22 @@ def test_the_int8_kernel_gives_the_exact_integer_sums(m, k, n):
 
 
 @needs_kernel
+@pytest.mark.parametrize("m,r,n", [(1, 64, 576), (3, 72, 1000), (6, 64, 17), (5, 1, 3), (9, 8, 32)])
+def test_the_float16_kernel_gives_the_products_summed_in_float32(m, r, n):
+    """Against float64 sums of the same products: within float32 rounding (r additions); exact for
+    small integers, whose float32 sums are exact in any order."""
+    g = torch.Generator().manual_seed(m + r + n)
+    w = torch.randn(n, r, generator=g).half().float()
+    x = torch.randn(m, r + 2, generator=g)[:, 2:]  # a column slice, as the outlier split makes
+    got = vnni.f16_mm(x, vnni.pack_f16(w), n)
+    ref = x.double() @ w.double().t()
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    assert ((got.double() - ref).abs() <= 2 ** -23 * r * (x.abs().double() @ w.abs().double().t()) + 1e-30).all()
+    wi, xi = torch.randint(-50, 50, (n, r), generator=g).float(), torch.randint(-50, 50, (m, r), generator=g).float()
+    assert torch.equal(vnni.f16_mm(xi, vnni.pack_f16(wi), n), xi @ wi.t())
+
+
+@needs_kernel
 def test_the_kernel_refuses_a_layout_of_another_shape():
     packed = vnni.pack_w4(torch.zeros(4, 64, dtype=torch.int8))
     with pytest.raises(RuntimeError, match="do not fit K"):
@@ -109,9 +137,12 @@ def test_the_operator_runs_in_a_compiled_graph():
 
     packed8 = vnni.pack_w8(codes * 16)
 
+    packed16 = vnni.pack_f16(codes.float()[:, :8])
+
     def f(x):
         q = (x / x.abs().amax(-1, keepdim=True) * 127).round().to(torch.int8)
-        return vnni.w4a8_mm(q, packed, 24).float() * 0.5 + vnni.w8a8_mm(q, packed8, 24).float()
+        return (vnni.w4a8_mm(q, packed, 24).float() * 0.5 + vnni.w8a8_mm(q, packed8, 24).float()
+                + vnni.f16_mm(x[:, :8], packed16, 24))
 
     x = torch.randn(2, 96, generator=torch.Generator().manual_seed(2))
     assert torch.equal(torch.compile(f, fullgraph=True, dynamic=False)(x), f(x))

@@ -24,6 +24,11 @@ o_proj whose inputs lost ``o_rank`` columns per KV head, an output the outlier r
 padded with zero weight codes and zero activation codes, which add nothing to any sum, and the
 padded outputs are dropped.
 
+The outlier columns: with the VNNI kernels, where the layer's outlier weights are float16 values
+(checkpoints store them in float16; a freshly quantized or fine-tuned float32 weight may not be),
+``quadllm::f16_mm`` reads a float16 copy (half the bytes of the float32 ``addmm``) with the same
+products; only the order of the float32 additions differs. Otherwise the float32 ``addmm``.
+
 For more than ``decode_rows`` rows (prefill) the INT8 GEMM is faster: those go through
 ``cpu-int8``'s path (which then keeps its own int8 weight layout when ``cache_weights``).
 """
@@ -39,7 +44,7 @@ import torch
 from ..nn.modules import QuadLinear
 from .base import Kernel
 from .int8 import Int8Kernel, act_codes, asym_act_codes, supports_int8
-from .vnni import pack_w4, vnni_unavailable_reason, w4a8_mm
+from .vnni import f16_mm, holds_in_f16, pack_f16, pack_w4, vnni_unavailable_reason, w4a8_mm
 
 __all__ = ["Int4Kernel", "Int4Layout", "VnniLayout", "int4pack_available", "int4pack_group", "pack_for_int4_mm",
            "int4_code_mm", "int4_kernel_name", "int4_mm", "layout_bytes", "pack_codes"]
@@ -176,6 +181,7 @@ class Int4Kernel(Int8Kernel):
     def __init__(self, cache_weights: bool = True) -> None:
         super().__init__(cache_weights)
         self._packed: tuple[tuple, Int4Layout | VnniLayout | None] | None = None
+        self._outlier16: tuple[tuple, torch.Tensor | None] | None = None
 
     def packed(self, lin: QuadLinear) -> Int4Layout | VnniLayout | None:
         """The INT4 kernel's layout of ``lin``'s weight codes (:func:`pack_codes`; the layer's own
@@ -188,13 +194,32 @@ class Int4Kernel(Int8Kernel):
             self._packed = (key, pack_codes(lin.codes()) if self.packs(lin) else None)
         return self._packed[1]
 
+    def outlier16(self, lin: QuadLinear) -> torch.Tensor | None:
+        """:func:`quadllm.backends.vnni.pack_f16`'s copy of ``lin``'s outlier weight, or None where
+        the VNNI kernels do not run or float16 does not hold it exactly: found once, and again if
+        the weight changes (not checked inside a compiled graph, as :meth:`packed`)."""
+        if torch.compiler.is_compiling() and self._outlier16 is not None:
+            return self._outlier16[1]
+        w = lin.w_outlier
+        key = (w.data_ptr(), w._version, lin.act.outlier_bits) if w is not None else None
+        if self._outlier16 is None or self._outlier16[0] != key:
+            copy = None
+            if lin.rank and vnni_unavailable_reason() is None:
+                weight = lin.outlier_weight().detach()
+                copy = pack_f16(weight) if holds_in_f16(weight) else None
+            self._outlier16 = (key, copy)
+        return self._outlier16[1]
+
     def prepare_own(self, lin: QuadLinear) -> None:
         super().prepare_own(lin)
         self.packed(lin)
+        self.outlier16(lin)
 
     def extra_bytes(self) -> int:
         layout = None if self._packed is None else self._packed[1]
         own = 0 if layout is None else layout_bytes(layout)
+        if self._outlier16 is not None and self._outlier16[1] is not None:
+            own += self._outlier16[1].numel() * 2
         return own + super().extra_bytes()
 
     def own_decode_bytes(self, lin: QuadLinear) -> int:
@@ -202,6 +227,8 @@ class Int4Kernel(Int8Kernel):
         if layout is None:
             return super().own_decode_bytes(lin)
         own = Kernel.decode_weight_bytes(self, lin) - lin.qweight.numel() * lin.qweight.element_size()
+        if lin.w_outlier is not None and self.outlier16(lin) is not None:  # read in float16, not as held
+            own -= lin.w_outlier.numel() * (lin.w_outlier.element_size() - 2)
         return own + layout_bytes(layout)
 
     def compute(self, lin: QuadLinear, x: torch.Tensor) -> torch.Tensor:
@@ -220,7 +247,11 @@ class Int4Kernel(Int8Kernel):
             y = int4_code_mm(codes, layout, n).float().sub_(zx * self.weight_sums(lin))
         y.mul_(sx).mul_(lin.scales.reshape(-1).float())
         if r:
-            y.addmm_(lin.outlier_input(xs), lin.outlier_weight().t().float())
+            w16 = self.outlier16(lin)
+            if w16 is not None:
+                y.add_(f16_mm(lin.outlier_input(xs), w16, n))
+            else:
+                y.addmm_(lin.outlier_input(xs), lin.outlier_weight().t().float())
         if lin.bias is not None:
             y += lin.bias.float()
         return y.to(x.dtype).reshape(*lead, y.shape[-1])

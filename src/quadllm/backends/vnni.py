@@ -1,12 +1,15 @@
 """AVX512-VNNI INT4 x INT8 and INT8 x INT8 GEMMs for the few rows of a decode step
-(``quadllm::w4a8_mm``, ``quadllm::w8a8_mm``).
+(``quadllm::w4a8_mm``, ``quadllm::w8a8_mm``), and a float32 x float16 one for the outlier columns
+(``quadllm::f16_mm``).
 
 ``csrc/vnni_gemv.cpp`` computes the exact int32 sums ``x @ qwᵀ`` of INT8 activation codes ``x``
 [M, K] and weight codes ``qw`` [N, K]: INT4 packed two per byte (:func:`pack_w4`), faster than
 torch's ``aten._weight_int4pack_mm_for_cpu`` at the rows of a decode step, whose sums are also
 rounded to bfloat16 (``scripts/int4_gemv_probe.py``, results/int4_gemv_probe.md), or INT8
 (:func:`pack_w8`). ``cpu-int4`` uses the first where it runs, the ``w8a8`` head
-(:mod:`quadllm.backends.head`) the second.
+(:mod:`quadllm.backends.head`) the second. :func:`f16_mm` multiplies float32 inputs by float16
+weights (:func:`pack_f16`): cpu-int4's outlier columns, which checkpoints store in float16, read
+at half the bytes of a float32 copy with the same products.
 
 It is compiled once per machine, at first use, by ``torch.utils.cpp_extension`` (the system's C++
 compiler and ninja; the build is kept under ``TORCH_EXTENSIONS_DIR``, by default
@@ -31,7 +34,7 @@ import torch
 from ..errors import QuadllmError
 
 __all__ = ["KERNEL_ENV", "KernelChoiceError", "build_directory", "build_kernel", "clear_stale_lock", "cpu_has_vnni",
-           "pack_w4", "pack_w8", "vnni_unavailable_reason", "w4a8_mm", "w8a8_mm"]
+           "f16_mm", "holds_in_f16", "pack_f16", "pack_w4", "pack_w8", "vnni_unavailable_reason", "w4a8_mm", "w8a8_mm"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ STALE_LOCK_S = 600.0
 FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
 #: the kernel's column block and its tile of output rows
 BLOCK, TILE = 64, 4
+#: the output columns of one block of f16_mm's layout
+F16_BLOCK = 16
 
 
 @cache
@@ -86,6 +91,23 @@ def pack_w8(codes: torch.Tensor) -> torch.Tensor:
     return padded.reshape(-1, TILE, padded.shape[1] // BLOCK, BLOCK).transpose(1, 2).to(torch.uint8).contiguous()
 
 
+def pack_f16(weight: torch.Tensor) -> torch.Tensor:
+    """Float weights [N, r] in :func:`f16_mm`'s layout, half [ceil(N / 16), r, 16]: ``packed[b, k, j]``
+    is column k of row 16b + j in float16 (zero rows pad N). Values that float16 does not hold
+    exactly are rounded: check first where that matters (:func:`holds_in_f16`)."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [N, r], got {tuple(weight.shape)}")
+    n, r = weight.shape
+    padded = torch.nn.functional.pad(weight.detach().to(torch.float16), (0, 0, 0, -n % F16_BLOCK))
+    return padded.reshape(-1, F16_BLOCK, r).transpose(1, 2).contiguous()
+
+
+def holds_in_f16(weight: torch.Tensor) -> bool:
+    """Whether float16 holds every value of ``weight`` exactly (so :func:`pack_f16` loses nothing)."""
+    w = weight.detach()
+    return bool(torch.equal(w.to(torch.float16).to(w.dtype), w))
+
+
 class KernelChoiceError(QuadllmError, ValueError):
     """``QUADLLM_INT4_KERNEL`` names no kernel."""
 
@@ -102,8 +124,18 @@ def w8a8_mm(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     return torch.ops.quadllm.w8a8_mm(x, packed, n)
 
 
+def f16_mm(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """float32 [M, n] = ``x @ wᵀ`` for float32 ``x`` [M, r] and ``packed`` = :func:`pack_f16` (w [n, r]);
+    only after :func:`vnni_unavailable_reason` returned None."""
+    return torch.ops.quadllm.f16_mm(x, packed, n)
+
+
 def _fake_mm(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], n), dtype=torch.int32)
+
+
+def _fake_f16_mm(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], n), dtype=torch.float32)
 
 
 @cache
@@ -111,6 +143,7 @@ def _register_fake() -> None:
     """The operators' shape functions, for torch.compile (once per process: a second one is refused)."""
     for op in ("quadllm::w4a8_mm", "quadllm::w8a8_mm"):
         torch.library.register_fake(op)(_fake_mm)
+    torch.library.register_fake("quadllm::f16_mm")(_fake_f16_mm)
 
 
 def build_directory() -> Path:
@@ -158,8 +191,11 @@ def build_kernel() -> str | None:
     codes = torch.randint(-8, 8, (13, 200), generator=g, dtype=torch.int8)
     x = torch.randint(-128, 128, (5, 200), generator=g, dtype=torch.int8)
     codes8 = torch.randint(-128, 128, (13, 200), generator=g, dtype=torch.int8)
+    # small integers: f16_mm's float32 sums are then exact in any order
+    w16, xf = codes.to(torch.float16), x.float()
     if not (torch.equal(w4a8_mm(x, pack_w4(codes), 13), x.int() @ codes.int().t())
-            and torch.equal(w8a8_mm(x, pack_w8(codes8), 13), x.int() @ codes8.int().t())):
+            and torch.equal(w8a8_mm(x, pack_w8(codes8), 13), x.int() @ codes8.int().t())
+            and torch.equal(f16_mm(xf, pack_f16(w16), 13), xf @ w16.float().t())):
         return "the VNNI kernel built but gave wrong sums on this machine"
     log.info("the VNNI kernels are ready (%.1f s)", time.perf_counter() - t0)
     return None

@@ -15,6 +15,12 @@
 // The unsigned weights make each sum 8 (INT4) or 128 (INT8) * sum(x) too large, corrected once per row
 // of x. Columns past K and rows past N hold code 0; the columns are read against zero activations
 // (masked loads), the rows are not written.
+//
+// quadllm::f16_mm: float32 x [M, r] times float16 weights [N, r] (the outlier columns, stored in
+// float16 by checkpoints) -> float32 [M, N], for the same few rows. Layout (pack_f16): half
+// [N/16, r, 16], each block of 16 output columns contiguous; a column of x is broadcast and
+// multiplied into 16 outputs at once (no horizontal sums). The products are exact in float32; only
+// the order of the float32 additions differs from a float32 GEMM's.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -122,14 +128,58 @@ at::Tensor w8a8_mm(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
   return wxa8_mm<8>("w8a8_mm", x, packed, n);
 }
 
+template <int MB>
+void f16_block(const float* x, const uint16_t* w, float* y, int64_t m0, int64_t b, int64_t r, int64_t N) {
+  const uint16_t* wb = w + b * r * 16;
+  __m512 acc[MB];
+  for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < r; ++k) {
+    const __m512 wv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + k * 16)));
+    for (int i = 0; i < MB; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(x[(m0 + i) * r + k]), wv, acc[i]);
+  }
+  const int64_t cols = std::min<int64_t>(16, N - b * 16);
+  const __mmask16 keep = __mmask16((1u << cols) - 1);
+  for (int i = 0; i < MB; ++i) _mm512_mask_storeu_ps(y + (m0 + i) * N + b * 16, keep, acc[i]);
+}
+
+// x float32 [M, r], packed half [ceil(N/16), r, 16] -> float32 [M, n] = x @ wᵀ
+at::Tensor f16_mm(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "f16_mm: x must be float32 [M, r]");
+  TORCH_CHECK(packed.scalar_type() == at::kHalf && packed.dim() == 3 && packed.size(2) == 16 &&
+              packed.is_contiguous(), "f16_mm: packed must be contiguous float16 [N/16, r, 16]");
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0), r = xc.size(1), N = n, blocks = packed.size(0);
+  TORCH_CHECK(packed.size(1) == r, "f16_mm: packed has ", packed.size(1), " columns, x has ", r);
+  TORCH_CHECK((N + 15) / 16 == blocks, "f16_mm: packed blocks ", blocks, " do not fit n = ", N);
+  at::Tensor out = at::empty({M, N}, xc.options());
+  const float* xs = xc.data_ptr<float>();
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::Half>());
+  float* y = out.data_ptr<float>();
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t m0 = 0;
+      for (; m0 + 4 <= M; m0 += 4) f16_block<4>(xs, w, y, m0, b, r, N);
+      switch (M - m0) {
+        case 3: f16_block<3>(xs, w, y, m0, b, r, N); break;
+        case 2: f16_block<2>(xs, w, y, m0, b, r, N); break;
+        case 1: f16_block<1>(xs, w, y, m0, b, r, N); break;
+        default: break;
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(quadllm, m) {
   m.def("w4a8_mm(Tensor x, Tensor packed, int n) -> Tensor");
   m.def("w8a8_mm(Tensor x, Tensor packed, int n) -> Tensor");
+  m.def("f16_mm(Tensor x, Tensor packed, int n) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(quadllm, CPU, m) {
   m.impl("w4a8_mm", &w4a8_mm);
   m.impl("w8a8_mm", &w8a8_mm);
+  m.impl("f16_mm", &f16_mm);
 }
