@@ -41,7 +41,8 @@ def add_backend(p: argparse.ArgumentParser) -> None:
                         "on the CPU, Triton kernels on a CUDA device, or the fastest available")
     p.add_argument("--head", choices=HEAD_PRECISIONS, default="float",
                    help="a quadllm checkpoint's output head on the CPU: as stored (default), a bfloat16, a per-row "
-                        "INT8 or a group-wise INT4 copy (faster decoding; it changes the logits: measure it)")
+                        "INT8 (bfloat16 inputs), a W8A8 (rotated, INT8 inputs per token) or a group-wise INT4 copy "
+                        "(faster decoding; it changes the logits: measure it)")
 
 
 def add_dtype(p: argparse.ArgumentParser) -> None:
