@@ -19,6 +19,7 @@ shape alternate over 7 rounds, medians. Writes ``--out``.md / .json.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import os
@@ -81,9 +82,10 @@ def probe_heads(rows: list[int], seed: int, stream_mb: float) -> list[dict]:
     for model, vocab, hidden in HEADS:
         table = torch.randn(vocab, hidden, generator=g) * 0.05
         copies = max(2, int(stream_mb * 1e6 // (vocab * hidden)))  # INT8: a byte per weight
-        kinds = {"int8": [head_kernel(table, "int8", True) for _ in range(copies)],
-                 "w8a8 vnni": [head_kernel(table, "w8a8", True) for _ in range(copies)],
-                 "w8a8 torch._int_mm": [head_kernel(table, "w8a8", False) for _ in range(copies)]}
+        # one placement per kind, then copies of its tensors (the w8a8 placement rotates the whole table)
+        firsts = {"int8": head_kernel(table, "int8", True), "w8a8 vnni": head_kernel(table, "w8a8", True),
+                  "w8a8 torch._int_mm": head_kernel(table, "w8a8", False)}
+        kinds = {k: [first] + [copy.deepcopy(first) for _ in range(copies - 1)] for k, first in firsts.items()}
         assert all(k.vnni for k in kinds["w8a8 vnni"]) and not any(k.vnni for k in kinds["w8a8 torch._int_mm"])
         del table
         for m in rows:
