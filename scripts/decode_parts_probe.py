@@ -18,14 +18,10 @@ shape alternate over 7 rounds, medians. Writes ``--out``.md / .json.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import datetime as dt
-import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,9 +29,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from int4_gemv_probe import probe_parser, run_probe, timed  # noqa: E402
+
 from quadllm.backends.head import HeadKernel  # noqa: E402
-from quadllm.backends.vnni import KERNEL_ENV, f16_mm, pack_f16, vnni_unavailable_reason  # noqa: E402
-from quadllm.evaluation.speed import machine_description  # noqa: E402
+from quadllm.backends.vnni import KERNEL_ENV, f16_mm, pack_f16  # noqa: E402
 
 #: (model, vocabulary, hidden) of the heads
 HEADS = [("SmolLM2", 49152, 576), ("Qwen-0.5B", 151936, 896)]
@@ -44,22 +43,14 @@ OUTLIERS = [("SmolLM2", "q/k/v", 960, 72), ("SmolLM2", "o", 648, 72), ("SmolLM2"
             ("Qwen-0.5B", "q/k/v", 1152, 70), ("Qwen-0.5B", "o", 966, 112), ("Qwen-0.5B", "gate/up", 9728, 70)]
 
 
-def _timed(fn, calls: int) -> float:
-    """Microseconds per call of ``fn(i)`` for i in range(calls)."""
-    t0 = time.perf_counter()
-    for i in range(calls):
-        fn(i)
-    return (time.perf_counter() - t0) / calls * 1e6
-
-
 def alternate(fns: dict, calls: int, rounds: int = 7) -> dict[str, float]:
     """Median microseconds per call of each function, the functions alternating within each round."""
     for f in fns.values():
-        _timed(f, calls)
+        timed(f, calls)
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
-            times[k].append(_timed(f, calls))
+            times[k].append(timed(f, calls))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -155,32 +146,16 @@ def render(rows: list[dict], meta: dict) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", default="1,8", help="comma-separated activation rows (tokens per step)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stream-mb", type=float, default=256.0, help="MB of weight copies to stream through")
+    p = probe_parser(__doc__.split("\n")[0], "results/decode_parts_probe")
     p.add_argument("--parts", default="head,outliers")
-    p.add_argument("--out", default="results/decode_parts_probe")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    reason = vnni_unavailable_reason()
-    if reason is not None:
-        print(f"error: the VNNI kernels do not run here: {reason}", file=sys.stderr)
-        return 2
-    rows_arg = [int(r) for r in args.rows.split(",")]
     parts = args.parts.split(",")
-    rows = (probe_heads(rows_arg, args.seed, args.stream_mb) if "head" in parts else []) + \
-        (probe_outliers(rows_arg, args.seed, args.stream_mb) if "outliers" in parts else [])
-    meta = {"invocation": f"python scripts/decode_parts_probe.py --rows {args.rows} --threads {args.threads} "
-                          f"--seed {args.seed} --stream-mb {args.stream_mb:g} --parts {args.parts}",
-            "date": dt.date.today().isoformat(), "machine": machine_description(), "seed": args.seed,
-            "stream_mb": args.stream_mb}
-    text = render(rows, meta)
-    Path(args.out).with_suffix(".md").write_text(text)
-    Path(args.out).with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
-    print(text)
-    return 0
+
+    def measure(rows: list[int], seed: int, stream_mb: float) -> list[dict]:
+        return (probe_heads(rows, seed, stream_mb) if "head" in parts else []) + \
+            (probe_outliers(rows, seed, stream_mb) if "outliers" in parts else [])
+
+    return run_probe(args, "decode_parts_probe.py", measure, render, f" --parts {args.parts}")
 
 
 if __name__ == "__main__":

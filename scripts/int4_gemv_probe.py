@@ -44,7 +44,7 @@ SHAPES = [("SmolLM2", "q/k/v", 576, 960), ("SmolLM2", "o", 552, 576), ("SmolLM2"
           ("Qwen-0.5B", "gate/up", 896, 9728), ("Qwen-0.5B", "down", 4864, 896), ("4096", "square", 4096, 4096)]
 
 
-def _timed(fn, calls: int) -> float:
+def timed(fn, calls: int) -> float:
     """Microseconds per call of ``fn(i)`` for i in range(calls)."""
     t0 = time.perf_counter()
     for i in range(calls):
@@ -74,11 +74,11 @@ def probe(rows: list[int], seed: int, stream_mb: float) -> list[dict]:
                 torch_op = lambda i: int4_code_mm(x, layouts[pick(i)], n)  # noqa: E731
                 calls = 200 if setting == "cached" else copies
                 for f in (vnni, torch_op):
-                    _timed(f, calls)
+                    timed(f, calls)
                 a, b = [], []
                 for _ in range(7):  # alternating, so that a slow moment of the machine hits both
-                    a.append(_timed(vnni, calls))
-                    b.append(_timed(torch_op, calls))
+                    a.append(timed(vnni, calls))
+                    b.append(timed(torch_op, calls))
                 va, vb = statistics.median(a), statistics.median(b)
                 out.append({"model": model, "linear": linear, "k": k, "n": n, "rows": m, "setting": setting,
                             "exact": exact, "torch_op_sums_exact": torch_exact,
@@ -106,29 +106,40 @@ def render(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def probe_parser(description: str, out: str) -> argparse.ArgumentParser:
+    """The options the kernel probes share (``--rows``, ``--threads``, ``--seed``, ``--stream-mb``, ``--out``)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--rows", default="1,8", help="comma-separated activation rows (tokens per step)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stream-mb", type=float, default=256.0, help="MB of weight copies in the streamed setting")
-    p.add_argument("--out", default="results/int4_gemv_probe")
-    args = p.parse_args()
+    p.add_argument("--out", default=out)
+    return p
+
+
+def run_probe(args, script: str, measure, render_fn, extra: str = "") -> int:
+    """Check the VNNI kernels run, ``measure(rows, seed, stream_mb)``, and write ``--out``.md / .json
+    with the invocation that reruns it (``extra``: the script's own options, as typed)."""
     torch.set_num_threads(args.threads)
     reason = vnni_unavailable_reason()
     if reason is not None:
-        print(f"error: the VNNI kernel does not run here: {reason}", file=sys.stderr)
+        print(f"error: the VNNI kernels do not run here: {reason}", file=sys.stderr)
         return 2
-    rows = probe([int(r) for r in args.rows.split(",")], args.seed, args.stream_mb)
-    meta = {"invocation": f"python scripts/int4_gemv_probe.py --rows {args.rows} --threads {args.threads} "
-                          f"--seed {args.seed} --stream-mb {args.stream_mb:g}",
+    rows = measure([int(r) for r in args.rows.split(",")], args.seed, args.stream_mb)
+    meta = {"invocation": f"python scripts/{script} --rows {args.rows} --threads {args.threads} "
+                          f"--seed {args.seed} --stream-mb {args.stream_mb:g}{extra}",
             "date": dt.date.today().isoformat(), "machine": machine_description(), "seed": args.seed,
             "stream_mb": args.stream_mb}
-    text = render(rows, meta)
+    text = render_fn(rows, meta)
     Path(args.out).with_suffix(".md").write_text(text)
     Path(args.out).with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     print(text)
     return 0
+
+
+def main() -> int:
+    args = probe_parser(__doc__.split("\n")[0], "results/int4_gemv_probe").parse_args()
+    return run_probe(args, "int4_gemv_probe.py", probe, render)
 
 
 if __name__ == "__main__":

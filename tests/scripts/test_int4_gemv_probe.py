@@ -25,7 +25,7 @@ def test_a_small_probe_runs_and_its_kernel_is_exact(monkeypatch):
     if probe.vnni_unavailable_reason() is not None:
         pytest.skip(f"the VNNI kernel does not run here: {probe.vnni_unavailable_reason()}")
     monkeypatch.setattr(probe, "SHAPES", [("t", "x", 130, 10)])
-    monkeypatch.setattr(probe, "_timed", lambda fn, calls: [fn(0), fn(calls - 1)] and 1.0)
+    monkeypatch.setattr(probe, "timed", lambda fn, calls: [fn(0), fn(calls - 1)] and 1.0)
     rows = probe.probe([1, 3], seed=0, stream_mb=0.01)
     assert [(r["rows"], r["setting"]) for r in rows] == [(1, "cached"), (1, "streamed"), (3, "cached"), (3, "streamed")]
     assert all(r["exact"] for r in rows)
