@@ -13,8 +13,9 @@ table is 113 MB in float32, Qwen2.5's 151,936 x 896 is 545 MB, more than all its
   so the sums are exact integers: :func:`quadllm.backends.vnni.w8a8_mm` (AVX512-VNNI) where it
   runs (up to :data:`HEAD_DECODE_ROWS` rows; beyond, ``torch._int_mm`` on an INT8 copy of the codes
   made at the first such call and kept), else ``torch._int_mm``, the same sums. The rotation spreads the input's outlier channels
-  over all columns before the per-token scale is taken (without it the logits' KL from the stored
-  head is about twice as large); it costs a d x d float matmul per token;
+  over all columns before the per-token scale is taken (tests/backends/test_head.py checks that it
+  at least halves the error on an input with an outlier channel); it costs a d x d float matmul
+  per token;
 - ``int4``: symmetric INT4 weights with a bfloat16 scale per row and group of 32 columns
   (llama.cpp's Q4_0 grid), the scale chosen by a short squared-error clipping search, through
   torch's weight-only INT4 GEMM with bfloat16 inputs (about an eighth of the bytes).
