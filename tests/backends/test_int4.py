@@ -116,8 +116,7 @@ def test_each_linear_is_the_int8_paths_sum_rounded_once(cfg, kernel):
 
 @pytest.mark.parametrize("cfg", [dict(mode="w4a4"), dict(mode="w4a4", act_sym=False), dict(mode="w4a4", o_rank=4)])
 def test_float16_outlier_weights_are_read_in_float16(cfg, kernel):
-    """Outlier weights that float16 holds (quantization rounds them to float16, as checkpoints store
-    them): with the VNNI kernels a float16 copy, the same products summed in another order (within
+    """Outlier weights that float16 holds (as a loaded checkpoint's, stored in float16): with the VNNI kernels a float16 copy, the same products summed in another order (within
     float32 rounding of cpu-int8's), and a decode step reads 2 bytes per outlier weight; torch's op
     keeps the float32 addmm, and so does a weight float16 does not hold."""
     model = quantize_tiny("llama", weights="rtn", model_kwargs=DIMS, method="quad", rank=16, **cfg)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..core.hadamard import random_hadamard
 from ..core.quantizers import quantize_weight, weight_scales
 from .int4 import int4_mm, int4pack_available, pack_for_int4_mm
-from .int8 import act_codes
+from .int8 import act_codes, scale_sums
 from .vnni import pack_w8, vnni_unavailable_reason, w8a8_mm
 
 __all__ = ["HEAD_PRECISIONS", "HEAD_DECODE_ROWS", "HEAD_INT4_GROUP", "HEAD_ROTATION_SEED", "HeadKernel", "int4_groups", "int8_rows"]
@@ -100,15 +100,14 @@ class HeadKernel:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
-        if self.precision == "w8a8":
-            y = self._w8a8(x.reshape(-1, x.shape[-1])).to(x.dtype)
-            if bias is not None:
-                y = y + bias.to(y.dtype)
-            return y.reshape(*lead, y.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.precision != "w8a8":
+            x2 = x2.to(torch.bfloat16)
         if self.pad:
             x2 = F.pad(x2, (0, self.pad))
-        if self.precision == "bf16":
+        if self.precision == "w8a8":
+            y = self._w8a8(x2)
+        elif self.precision == "bf16":
             y = F.linear(x2, self.tensors[0])
         elif self.precision == "int4":
             y = int4_mm(x2, self.layout, self.rows)
@@ -128,7 +127,7 @@ class HeadKernel:
             acc = w8a8_mm(codes, weights, self.rows)
         else:
             acc = torch._int_mm(codes, self._many_rows_codes())
-        return acc.float().mul_(x_scale).mul_(scale)
+        return scale_sums(acc, x_scale, scale)
 
     def _many_rows_codes(self) -> torch.Tensor:
         """The VNNI layout's codes as int8 [K, V] (a view of a [V, K] copy) for torch's GEMM."""

@@ -43,7 +43,7 @@ import torch
 
 from ..nn.modules import QuadLinear
 from .base import Kernel
-from .int8 import Int8Kernel, act_codes, asym_act_codes, supports_int8
+from .int8 import Int8Kernel, act_codes, asym_act_codes, scale_sums, supports_int8
 from .vnni import f16_mm, holds_in_f16, pack_f16, pack_w4, vnni_unavailable_reason, w4a8_mm
 
 __all__ = ["Int4Kernel", "Int4Layout", "VnniLayout", "int4pack_available", "int4pack_group", "pack_for_int4_mm",
@@ -241,11 +241,10 @@ class Int4Kernel(Int8Kernel):
         xs = x2 if x2.dtype == torch.float32 else x2.float()
         if lin.act.sym:
             codes, sx = act_codes(xs[:, r:], lin.act.bits, lin.act.clip_ratio)
-            y = int4_code_mm(codes, layout, n).float()
+            y = scale_sums(int4_code_mm(codes, layout, n), sx, lin.scales.reshape(-1))
         else:
             codes, sx, zx = asym_act_codes(xs[:, r:], lin.act.bits, lin.act.clip_ratio)
-            y = int4_code_mm(codes, layout, n).float().sub_(zx * self.weight_sums(lin))
-        y.mul_(sx).mul_(lin.scales.reshape(-1).float())
+            y = scale_sums(int4_code_mm(codes, layout, n), sx, lin.scales.reshape(-1), zx, self.weight_sums(lin))
         if r:
             w16 = self.outlier16(lin)
             if w16 is not None:

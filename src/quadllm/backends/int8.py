@@ -21,7 +21,7 @@ from ..core.quantizers import asym_params, qrange, row_absmax
 from ..nn.modules import QuadLinear
 from .base import Kernel
 
-__all__ = ["act_codes", "asym_act_codes", "int8_linear", "int_mm_available", "supports_int8", "Int8Kernel"]
+__all__ = ["act_codes", "asym_act_codes", "int8_linear", "scale_sums", "int_mm_available", "supports_int8", "Int8Kernel"]
 
 
 def act_codes(x: torch.Tensor, bits: int, clip_ratio: float = 1.0,
@@ -77,7 +77,13 @@ def int8_linear(codes: torch.Tensor, act_scale: torch.Tensor, weight_t: torch.Te
     ``weight_sums`` [N] (``weight_t``'s column sums) for asymmetric codes. Returns float [M, N] in
     the dtype of ``act_scale``.
     """
-    acc = torch._int_mm(codes, weight_t)
+    return scale_sums(torch._int_mm(codes, weight_t), act_scale, weight_scale, act_zero, weight_sums)
+
+
+def scale_sums(acc: torch.Tensor, act_scale: torch.Tensor, weight_scale: torch.Tensor,
+               act_zero: torch.Tensor | None = None, weight_sums: torch.Tensor | None = None) -> torch.Tensor:
+    """The float epilogue of integer sums ``acc`` [M, N] (int32, or floats holding integers):
+    ``(acc - act_zero * weight_sums) * act_scale * weight_scale``, in the dtype of ``act_scale``."""
     if act_scale.dtype == torch.float32 and acc.dtype == torch.int32 and acc.is_contiguous():
         # int32 -> float32 in place: same element size, each element read before it is written,
         # so no second [M, N] buffer is allocated (and page-faulted in) at every call
