@@ -122,6 +122,57 @@ def test_a_decoders_compiled_step_goes_with_it(monkeypatch):
     assert step() is None
 
 
+@pytest.mark.skipif(not int4pack_available(), reason="torch's CPU INT4 GEMM does not run here")
+def test_the_cpp_wrapper_gives_the_python_wrappers_logits():
+    """The step through inductor's C++ wrapper (the default) and through its Python wrapper: the
+    same kernels in the same order, so the same logits, bit for bit."""
+    model = quantize_tiny("llama", weights="rtn", method="quad", rank=8)
+    place(model, "cpu-int4", head="w8a8")
+    ids = random_ids(1, 5, seed=6)
+    out = {}
+    for cpp in (True, False):
+        dec = CompiledDecoder(model, max_len=8, cpp_wrapper=cpp)
+        tok = dec.prefill(ids).argmax(-1, keepdim=True)
+        out[cpp] = torch.stack([dec.step(tok), dec.step(tok)])
+        assert dec.cpp_wrapper is cpp
+    assert torch.equal(out[True], out[False])
+
+
+@pytest.mark.skipif(not int4pack_available(), reason="torch's CPU INT4 GEMM does not run here")
+def test_a_cpp_wrapper_that_does_not_build_falls_back_to_python(monkeypatch, caplog):
+    """A first step whose C++ wrapper fails to build is compiled again with the Python wrapper,
+    said in the log; a failure of the Python wrapper is still a CompileError."""
+    from torch._inductor.exc import InductorError
+
+    from quadllm.backends import compiled
+
+    real = compiled._compiled_step
+
+    def fake(model, cpp_wrapper):
+        if not cpp_wrapper:
+            return real(model, False)
+
+        def broken(**kwargs):
+            raise InductorError(RuntimeError("no compiler for the wrapper"), None)
+        return broken
+
+    monkeypatch.setattr(compiled, "_compiled_step", fake)
+    model = quantize_tiny("llama", weights="rtn", method="quad", rank=8)
+    place(model, "cpu-int4", head="int8")
+    ids = random_ids(1, 5, seed=7)
+    ref = CompiledDecoder(model, max_len=8, cpp_wrapper=False)
+    want = ref.step(ref.prefill(ids).argmax(-1, keepdim=True))
+    dec = CompiledDecoder(model, max_len=8)
+    with caplog.at_level("WARNING", logger="quadllm.backends.compiled"):
+        got = dec.step(dec.prefill(ids).argmax(-1, keepdim=True))
+    assert torch.equal(got, want) and dec.cpp_wrapper is False
+    assert "Python wrapper" in caplog.text
+    monkeypatch.setattr(compiled, "_compiled_step", lambda model, cpp_wrapper: fake(model, True))
+    with pytest.raises(CompileError, match="could not compile"):
+        dec2 = CompiledDecoder(model, max_len=8)
+        dec2.step(dec2.prefill(ids).argmax(-1, keepdim=True))
+
+
 def test_the_integer_kv_cache_is_refused():
     model = quantize_tiny("llama", weights="rtn", method="quad", rank=8, kv_bits=4)
     with pytest.raises(CompileError, match="integer KV cache"):

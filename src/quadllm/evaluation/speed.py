@@ -237,9 +237,10 @@ def _decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, repeat: i
 
 
 def _compiled_decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, repeat: int
-                                  ) -> tuple[float, int, float]:
+                                  ) -> tuple[float, int, float, str]:
     """:func:`_decode_ms_per_token` through a :class:`CompiledDecoder` (static cache of the prompt
-    plus ``new_tokens``); also the seconds its first step took to compile."""
+    plus ``new_tokens``); also the seconds its first step took to compile and the wrapper it runs
+    through ("cpp", or "python" where the C++ one did not build)."""
     dec = CompiledDecoder(model, prompt.shape[1] + new_tokens + 1, batch=prompt.shape[0])
 
     def run() -> float:
@@ -251,7 +252,7 @@ def _compiled_decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, 
 
     run()
     ms = 1000 * statistics.median(run() for _ in range(repeat))
-    return ms, cache_nbytes(dec.cache), dec.compile_seconds or 0.0
+    return ms, cache_nbytes(dec.cache), dec.compile_seconds or 0.0, "cpp" if dec.cpp_wrapper else "python"
 
 
 def bench_model(variants: dict[str, nn.Module], vocab: int, prefill: list[int], decode: int, batches: list[int],
@@ -261,7 +262,7 @@ def bench_model(variants: dict[str, nn.Module], vocab: int, prefill: list[int], 
     ``decode`` new tokens);
     ``variants`` maps a name (the first is the float32 baseline) to a ready model. With
     ``compile_decode`` every variant also decodes through a :class:`CompiledDecoder` (``compiled``
-    true, with ``compile_s``; its cache is static: allocated for the whole length; its
+    true, with ``compile_s`` and ``wrapper``: inductor's "cpp" or "python"; its cache is static: allocated for the whole length; its
     ``speedup_vs_fp32`` is against float32's compiled decode)."""
     g = torch.Generator().manual_seed(seed)
     records = []
@@ -294,7 +295,7 @@ def bench_model(variants: dict[str, nn.Module], vocab: int, prefill: list[int], 
                 if compile_decode:
                     try:
                         with torch.no_grad():
-                            ms, kv_bytes, compile_s = _compiled_decode_ms_per_token(model, prompt, decode, repeat)
+                            ms, kv_bytes, compile_s, wrapper = _compiled_decode_ms_per_token(model, prompt, decode, repeat)
                     except CompileError as exc:
                         log.warning("%s: no compiled decode (%s)", name, exc)
                         continue
@@ -303,7 +304,7 @@ def bench_model(variants: dict[str, nn.Module], vocab: int, prefill: list[int], 
                     records.append({"variant": name, "phase": "decode", "compiled": True, "batch": b, "tokens": decode,
                                     "median_ms": round(ms, 3), "tokens_per_s": round(b / ms * 1000, 1),
                                     "speedup_vs_fp32": round(base[key] / ms, 3), "kv_cache_mb": round(kv_bytes / 1e6, 3),
-                                    "compile_s": round(compile_s, 1)})
+                                    "compile_s": round(compile_s, 1), "wrapper": wrapper})
                     log.info("%s decode compiled b=%d: %.2f ms/token (compiled in %.0f s)", name, b, ms, compile_s)
     return records
 
