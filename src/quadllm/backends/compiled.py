@@ -21,8 +21,8 @@ is measured against the eager step in the tests, never assumed.
 
 The step runs through inductor's C++ wrapper (``cpp_wrapper``) rather than its Python one: a
 decode step of a small model is hundreds of calls (SmolLM2: 120 INT4 GEMMs, 90 outlier GEMMs,
-attention, the fused loops), and the Python wrapper's cost per call was the largest part of the
-graph's self time in the decode profile. The entry and the kernels are built separately
+attention, the fused loops), each of which the Python wrapper calls from Python
+(``scripts/compile_wrapper_probe.py`` times the two wrappers against each other). The entry and the kernels are built separately
 (``cpp_wrapper_build_separate``), which inductor offers to keep the entry's compile short; the
 compile seconds each run paid are in the benchmarks' results files. The logits are the same either way (the same kernels in the same
 order; tested). Where the C++ wrapper cannot be built, the step falls back to the Python wrapper
@@ -116,25 +116,29 @@ class CompiledDecoder:
         kwargs = {"input_ids": ids, "cache_position": torch.tensor([self.length]), "use_cache": True,
                   self._cache_arg: self.cache}
         try:
-            try:
-                out = self._step(**kwargs)
-            except (TorchDynamoException, InductorError) as exc:
-                if not (first and self.cpp_wrapper):
-                    raise
-                log.warning("the C++ wrapper of the decode step did not build (%s); using the Python wrapper",
-                            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-                self.cpp_wrapper = False
-                self._step = _compiled_step(self.model, False)
-                out = self._step(**kwargs)
+            out = self._call_step(kwargs, first)
         except (TorchDynamoException, InductorError) as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CompileError(f"torch.compile could not compile this model's decode step: {first_line}") from exc
+            raise CompileError(f"torch.compile could not compile this model's decode step: {_first_line(exc)}") from exc
         if first:
             self.compile_seconds = time.perf_counter() - t0
             log.info("compiled the decode step (batch %d, cache %d) in %.0f s", self.batch, self.max_len,
                      self.compile_seconds)
         self.length += 1
         return out.logits[:, -1]
+
+    def _call_step(self, kwargs: dict, first: bool):
+        """The compiled step; a first call whose C++ wrapper does not build compiles again with the
+        Python wrapper."""
+        try:
+            return self._step(**kwargs)
+        except (TorchDynamoException, InductorError) as exc:
+            if not (first and self.cpp_wrapper):
+                raise
+            log.warning("the C++ wrapper of the decode step did not build (%s); using the Python wrapper",
+                        _first_line(exc))
+            self.cpp_wrapper = False
+            self._step = _compiled_step(self.model, False)
+            return self._step(**kwargs)
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
         """Greedy continuation of the prompts ``ids``: the new tokens [batch, <= max_new_tokens]
@@ -151,6 +155,11 @@ class CompiledDecoder:
             if i + 1 < max_new_tokens:
                 logits = self.step(token)
         return torch.cat(new, 1) if new else ids.new_zeros(self.batch, 0)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _compiled_step(model: nn.Module, cpp_wrapper: bool) -> Callable:
